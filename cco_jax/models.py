@@ -1,0 +1,213 @@
+"""ResNets whose logits decompose exactly into per-pixel maps (METHOD.md §5).
+
+`create_model(name, num_classes, cam_faithful=True)` builds a Flax linen ResNet
+whose `apply(variables, images, train=...)` returns `(logits, cams)`:
+`logits` `(B, C)` from global average pooling and a dense head, and `cams`
+`(B, H, W, C)` = `cco_jax.cams.hirescam(features, head_kernel)`, so that
+`cams.sum((1, 2)) + bias == logits`.
+
+`cam_faithful=True` applies the method's three changes:
+  1. the last stage does not downsample (224 px in -> 14 x 14 maps, not 7 x 7);
+  2. the head has no bias;
+  3. the last block ends without BatchNorm and ReLU (activations may be < 0).
+`cam_faithful=False` is the cross-entropy control with all three put back; its
+maps are still exact once the bias is added.
+
+The head always runs in float32, whatever `dtype` the backbone computes in, so
+the identity holds to float32 rounding even for bfloat16 backbones.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cco_jax import cams as cams_lib
+
+ModuleDef = Any
+
+STAGE_SIZES = {
+    'resnet18': (2, 2, 2, 2),
+    'resnet34': (3, 4, 6, 3),
+    'resnet50': (3, 4, 6, 3),
+    'resnet101': (3, 4, 23, 3),
+    'resnet152': (3, 8, 36, 3),
+}
+BOTTLENECK = {'resnet18': False, 'resnet34': False, 'resnet50': True,
+              'resnet101': True, 'resnet152': True}
+
+
+class ResidualBlock(nn.Module):
+  """Basic two-conv residual block (ResNet-18/34)."""
+  filters: int
+  conv: ModuleDef
+  norm: ModuleDef
+  strides: int = 1
+  final_norm_and_relu: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    residual = x
+    y = self.conv(self.filters, (3, 3), (self.strides, self.strides))(x)
+    y = nn.relu(self.norm()(y))
+    y = self.conv(self.filters, (3, 3))(y)
+    if self.final_norm_and_relu:
+      y = self.norm(scale_init=nn.initializers.zeros_init())(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters, (1, 1), (self.strides, self.strides),
+                           name='conv_proj')(residual)
+      residual = self.norm(name='norm_proj')(residual)
+    y = residual + y
+    return nn.relu(y) if self.final_norm_and_relu else y
+
+
+class BottleneckBlock(nn.Module):
+  """Bottleneck residual block (ResNet-50/101/152); output has 4x filters."""
+  filters: int
+  conv: ModuleDef
+  norm: ModuleDef
+  strides: int = 1
+  final_norm_and_relu: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    residual = x
+    y = nn.relu(self.norm()(self.conv(self.filters, (1, 1))(x)))
+    y = self.conv(self.filters, (3, 3), (self.strides, self.strides))(y)
+    y = nn.relu(self.norm()(y))
+    y = self.conv(self.filters * 4, (1, 1))(y)
+    if self.final_norm_and_relu:
+      y = self.norm(scale_init=nn.initializers.zeros_init())(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters * 4, (1, 1), (self.strides, self.strides),
+                           name='conv_proj')(residual)
+      residual = self.norm(name='norm_proj')(residual)
+    y = residual + y
+    return nn.relu(y) if self.final_norm_and_relu else y
+
+
+class CamHead(nn.Module):
+  """Global average pooling + dense, returning logits and all-class HiResCAMs.
+
+  The logits are computed the ordinary way (pool, then dense) and the maps by
+  `cams.hirescam`, so the logit-sum identity is a property of the model that
+  tests can check, not a definition.
+  """
+  num_classes: int
+  use_bias: bool
+
+  @nn.compact
+  def __call__(self, features):
+    features = features.astype(jnp.float32)
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (features.shape[-1], self.num_classes), jnp.float32)
+    logits = features.mean((1, 2)) @ kernel
+    if self.use_bias:
+      logits = logits + self.param('bias', nn.initializers.zeros_init(),
+                                   (self.num_classes,), jnp.float32)
+    return logits, cams_lib.hirescam(features, kernel)
+
+
+class ResNet(nn.Module):
+  """ResNet v1.5 with a CAM head.
+
+  Attributes:
+    stage_sizes: blocks per stage.
+    block_cls: `ResidualBlock` or `BottleneckBlock`.
+    num_classes: classes of the head.
+    num_filters: width of the first stage (64 for the standard nets).
+    cam_faithful: apply the method's three changes (module docstring).
+    stem: 'imagenet' (7x7/2 conv + 3x3/2 max-pool, /4) or 'small'
+      (3x3/1 conv, no pool; for low-resolution inputs).
+    dtype: computation dtype of the backbone (parameters stay float32).
+    bn_axis_name: mapped axis over which BatchNorm averages batch statistics
+      in training (e.g. 'batch' inside `pmap`), so replicas stay identical and
+      a sharded batch normalises exactly like the whole batch; None outside.
+  """
+  stage_sizes: Sequence[int]
+  block_cls: ModuleDef
+  num_classes: int
+  num_filters: int = 64
+  cam_faithful: bool = True
+  stem: str = 'imagenet'
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+                             param_dtype=jnp.float32)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                             momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+                             param_dtype=jnp.float32,
+                             axis_name=self.bn_axis_name if train else None)
+    x = x.astype(self.dtype)
+    if self.stem == 'imagenet':
+      x = conv(self.num_filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)],
+               name='conv_init')(x)
+      x = nn.relu(norm(name='bn_init')(x))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+    elif self.stem == 'small':
+      x = conv(self.num_filters, (3, 3), name='conv_init')(x)
+      x = nn.relu(norm(name='bn_init')(x))
+    else:
+      raise ValueError(f"stem must be 'imagenet' or 'small'; got {self.stem!r}.")
+    last_stage = len(self.stage_sizes) - 1
+    for i, block_size in enumerate(self.stage_sizes):
+      for j in range(block_size):
+        downsample = i > 0 and j == 0 and not (self.cam_faithful and i == last_stage)
+        is_last_block = i == last_stage and j == block_size - 1
+        x = self.block_cls(
+            self.num_filters * 2**i, conv=conv, norm=norm,
+            strides=2 if downsample else 1,
+            final_norm_and_relu=not (self.cam_faithful and is_last_block))(x)
+    return CamHead(self.num_classes, use_bias=not self.cam_faithful, name='head')(x)
+
+
+def create_model(name: str, num_classes: int, *, cam_faithful: bool = True,
+                 dtype: Any = jnp.float32, num_filters: int = 64,
+                 stem: str = 'imagenet',
+                 stage_sizes: Sequence[int] | None = None,
+                 bn_axis_name: str | None = None) -> ResNet:
+  """Builds a ResNet by name.
+
+  Args:
+    name: one of `STAGE_SIZES` ('resnet18', 'resnet34', 'resnet50', ...).
+    num_classes: number of output classes (2 for species, 37 for breeds).
+    cam_faithful: the method's architecture (True) or the CE control (False).
+    dtype: backbone computation dtype, e.g. `jnp.bfloat16`; params are float32.
+    num_filters: first-stage width (64 standard; 16-32 for a CPU model).
+    stem: 'imagenet' or 'small' (see `ResNet`).
+    stage_sizes: override the blocks per stage (depth), e.g. (1, 1, 1, 1).
+    bn_axis_name: see `ResNet`; the train step passes its pmap axis name.
+
+  Returns:
+    An un-initialised `ResNet` module. Initialise with
+    `model.init(rng, images, train=False)`.
+  """
+  if name not in STAGE_SIZES:
+    raise ValueError(f'Unknown model {name!r}; choose one of {sorted(STAGE_SIZES)}.')
+  if num_classes < 1:
+    raise ValueError(f'num_classes must be >= 1; got {num_classes}.')
+  block = BottleneckBlock if BOTTLENECK[name] else ResidualBlock
+  return ResNet(stage_sizes=tuple(stage_sizes or STAGE_SIZES[name]), block_cls=block,
+                num_classes=num_classes, num_filters=num_filters,
+                cam_faithful=cam_faithful, stem=stem, dtype=dtype,
+                bn_axis_name=bn_axis_name)
+
+
+def cam_size(model: ResNet, image_size: int) -> tuple[int, int]:
+  """The `(H, W)` of the model's maps for square `image_size` inputs (no FLOPs)."""
+  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  (_, cams), _ = jax.eval_shape(
+      lambda x: model.init_with_output(jax.random.key(0), x, train=False), images)
+  return tuple(cams.shape[1:3])
+
+
+def head_bias(variables) -> jax.Array | None:
+  """The head's bias, or None for a bias-free (faithful) head."""
+  return variables['params']['head'].get('bias')
