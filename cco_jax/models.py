@@ -37,6 +37,8 @@ STAGE_SIZES = {
     'resnet101': (3, 4, 23, 3),
     'resnet152': (3, 8, 36, 3),
 }
+# Single 3x3-conv stems for low-resolution inputs, by their stride.
+STEM_STRIDES = {'small': 1, 'strided': 2}
 BOTTLENECK = {'resnet18': False, 'resnet34': False, 'resnet50': True,
               'resnet101': True, 'resnet152': True}
 
@@ -121,8 +123,8 @@ class ResNet(nn.Module):
     num_classes: classes of the head.
     num_filters: width of the first stage (64 for the standard nets).
     cam_faithful: apply the method's three changes (module docstring).
-    stem: 'imagenet' (7x7/2 conv + 3x3/2 max-pool, /4) or 'small'
-      (3x3/1 conv, no pool; for low-resolution inputs).
+    stem: 'imagenet' (7x7/2 conv + 3x3/2 max-pool, /4), 'strided' (3x3/2
+      conv, /2) or 'small' (3x3/1 conv, /1); the last two suit small inputs.
     dtype: computation dtype of the backbone (parameters stay float32).
     bn_axis_name: mapped axis over which BatchNorm averages batch statistics
       in training (e.g. 'batch' inside `pmap`), so replicas stay identical and
@@ -151,11 +153,13 @@ class ResNet(nn.Module):
                name='conv_init')(x)
       x = nn.relu(norm(name='bn_init')(x))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
-    elif self.stem == 'small':
-      x = conv(self.num_filters, (3, 3), name='conv_init')(x)
+    elif self.stem in STEM_STRIDES:
+      stride = STEM_STRIDES[self.stem]
+      x = conv(self.num_filters, (3, 3), (stride, stride), name='conv_init')(x)
       x = nn.relu(norm(name='bn_init')(x))
     else:
-      raise ValueError(f"stem must be 'imagenet' or 'small'; got {self.stem!r}.")
+      raise ValueError(f"stem must be one of 'imagenet', {sorted(STEM_STRIDES)}; "
+                       f'got {self.stem!r}.')
     last_stage = len(self.stage_sizes) - 1
     for i, block_size in enumerate(self.stage_sizes):
       for j in range(block_size):
@@ -181,7 +185,7 @@ def create_model(name: str, num_classes: int, *, cam_faithful: bool = True,
     cam_faithful: the method's architecture (True) or the CE control (False).
     dtype: backbone computation dtype, e.g. `jnp.bfloat16`; params are float32.
     num_filters: first-stage width (64 standard; 16-32 for a CPU model).
-    stem: 'imagenet' or 'small' (see `ResNet`).
+    stem: 'imagenet', 'strided' or 'small' (see `ResNet`).
     stage_sizes: override the blocks per stage (depth), e.g. (1, 1, 1, 1).
     bn_axis_name: see `ResNet`; the train step passes its pmap axis name.
 

@@ -1,0 +1,370 @@
+"""The training loop: config + workdir in, trained model and records out.
+
+`train_and_evaluate(config, workdir)` runs in named phases:
+  1. `build` the model, objective, optimizer and data iterators from the config;
+  2. `restore_or_create` the state (resuming from `workdir/checkpoints`);
+  3. `check_identity` of the logit-sum identity (at start and after a restore);
+  4. the step loop, with periodic logging, evaluation, figures and checkpoints;
+  5. a final evaluation on validation, test and (species models) Cats-vs-Dogs.
+
+Everything it writes lands in `workdir`: `metrics.jsonl`, `tensorboard/`,
+`config.json`, `checkpoints/`, `figures/`. A "step" is one call of the train
+step (one micro-batch when `accumulation_steps > 1`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import jax_utils
+
+from cco_jax import checkpointing
+from cco_jax import figures
+from cco_jax import input_pipeline
+from cco_jax import losses
+from cco_jax import metric_writers
+from cco_jax import models
+from cco_jax import optimizers
+from cco_jax import train_step as step_lib
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+class IdentityViolation(RuntimeError):
+  """The model's maps no longer sum to its logits."""
+
+
+class NonFiniteLoss(FloatingPointError):
+  """A step produced a non-finite loss or gradient."""
+
+
+# ----------------------------------------------------------------------------
+# Phase 1: build everything the config describes.
+# ----------------------------------------------------------------------------
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int,
+                 bn_axis_name: str | None = None) -> models.ResNet:
+  """The model of `config.model`."""
+  if config.model.dtype not in DTYPES:
+    raise ValueError(f'Unknown model.dtype {config.model.dtype!r}; choose one of '
+                     f'{sorted(DTYPES)}.')
+  return models.create_model(
+      config.model.name, num_classes, cam_faithful=config.model.cam_faithful,
+      dtype=DTYPES[config.model.dtype], num_filters=config.model.num_filters,
+      stem=config.model.stem, stage_sizes=tuple(config.model.stage_sizes) or None,
+      bn_axis_name=bn_axis_name)
+
+
+def create_objective(config: ml_collections.ConfigDict) -> losses.Objective:
+  """The objective of `config.loss`."""
+  weights = losses.LossWeights(
+      ce_weight=config.loss.ce_weight, ace_weight=config.loss.ace_weight,
+      kld_weight=config.loss.kld_weight, cam_scale=config.loss.cam_scale,
+      mask_scale=config.loss.mask_scale,
+      divergence_form=config.loss.divergence_form,
+      label_smoothing=config.loss.label_smoothing)
+  return losses.make_objective(config.loss.name, weights,
+                               log_all_terms=config.loss.log_all_terms)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """Durations in steps (train-step calls), resolved from the config."""
+  micro_batch_size: int
+  steps_per_epoch: int
+  num_train_steps: int
+  log_every: int
+  eval_every: int
+  checkpoint_every: int
+
+
+def resolve_schedule(config: ml_collections.ConfigDict, num_train_examples: int
+                     ) -> Schedule:
+  """Turns epochs / steps / cadences of the config into step counts."""
+  if config.batch_size % config.accumulation_steps:
+    raise ValueError(f'batch_size={config.batch_size} must be divisible by '
+                     f'accumulation_steps={config.accumulation_steps}.')
+  micro = config.batch_size // config.accumulation_steps
+  devices = jax.device_count()
+  if micro % devices:
+    raise ValueError(
+        f'The micro-batch batch_size/accumulation_steps = {micro} must be divisible '
+        f'by the number of devices ({devices}); change config.batch_size or '
+        'config.accumulation_steps.')
+  steps_per_epoch = max(1, num_train_examples // micro)
+  total = (config.num_train_steps if config.num_train_steps > 0
+           else int(round(config.num_epochs * steps_per_epoch)))
+  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
+  ckpt_every = config.checkpoint_every_steps if config.checkpoint_every_steps > 0 else eval_every
+  return Schedule(micro, steps_per_epoch, total, max(1, config.log_every_steps),
+                  eval_every, ckpt_every)
+
+
+@dataclasses.dataclass
+class Setup:
+  """What phase 1 builds."""
+  model: models.ResNet
+  num_classes: int
+  cam_size: tuple[int, int]
+  schedule: Schedule
+  tx: Any
+  train_iter: Any
+  p_train_step: Callable
+  p_eval_step: Callable
+  p_predict: Callable
+
+
+def build(config: ml_collections.ConfigDict) -> Setup:
+  """Phase 1: model, objective, optimizer, compiled steps and the train data."""
+  num_classes = input_pipeline.num_classes(config.data)
+  model = create_model(config, num_classes, bn_axis_name=step_lib.AXIS_NAME)
+  cam_size = models.cam_size(model, config.data.image_size)
+  schedule = resolve_schedule(config, input_pipeline.num_examples(config.data, 'train'))
+  tx = optimizers.create_optimizer(
+      config.optimizer, max(1, schedule.steps_per_epoch // config.accumulation_steps),
+      max(1, schedule.num_train_steps // config.accumulation_steps),
+      config.accumulation_steps)
+  train_iter = input_pipeline.create_train_iterator(
+      config.data, cam_size=cam_size, global_batch_size=schedule.micro_batch_size,
+      num_devices=jax.local_device_count(), seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  return Setup(model=model, num_classes=num_classes, cam_size=cam_size,
+               schedule=schedule, tx=tx, train_iter=train_iter,
+               p_train_step=step_lib.pmapped_train_step(create_objective(config)),
+               p_eval_step=step_lib.pmapped_eval_step(),
+               p_predict=jax.pmap(step_lib.predict_step))
+
+
+def eval_iterator(config: ml_collections.ConfigDict, setup: Setup, split: str,
+                  **kwargs) -> Iterator[dict]:
+  return input_pipeline.create_eval_iterator(
+      config.data, split, cam_size=setup.cam_size,
+      global_batch_size=config.eval_batch_size,
+      num_devices=jax.local_device_count(), **kwargs)
+
+
+# ----------------------------------------------------------------------------
+# Phase 2: a fresh or restored state.
+# ----------------------------------------------------------------------------
+
+def restore_or_create(config, setup: Setup, manager) -> tuple[Any, jax.Array, int]:
+  """Phase 2: the unreplicated state, the RNG and the first step to run."""
+  rng = jax.random.key(config.seed)
+  rng, init_rng = jax.random.split(rng)
+  state = step_lib.create_train_state(init_rng, setup.model, config.data.image_size,
+                                      setup.tx)
+  if manager.latest_step() is None:
+    return state, rng, 0
+  state, rng, data_state, step = checkpointing.restore(manager, state)
+  setup.train_iter.set_state(data_state)
+  logging.info('Resumed from step %d of %s.', step, manager.directory)
+  return state, rng, step
+
+
+# ----------------------------------------------------------------------------
+# Phase 3 and evaluation.
+# ----------------------------------------------------------------------------
+
+def evaluate(p_eval_step: Callable, state, batches: Iterator[dict]) -> dict:
+  """Means over a split: accuracy, ce, pixel influence and background share."""
+  totals = None
+  identity = 0.0
+  for batch in batches:
+    sums = jax.tree.map(lambda x: np.asarray(x[0]), p_eval_step(state, _device_batch(batch)))
+    identity = max(identity, float(sums.pop('identity_error')))
+    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+  if totals is None:
+    raise ValueError('The evaluation split is empty.')
+  count = max(float(totals['count']), 1.0)
+  return {
+      'accuracy': float(totals['correct']) / count,
+      'ce': float(totals['ce']) / count,
+      'influence_net': float(totals['net']) / count,
+      'influence_fg': float(totals['fg']) / count,
+      'influence_bg': float(totals['bg']) / count,
+      'bg_share': float(totals['bg']) / max(float(totals['net']), 1e-12),
+      'identity_error': identity,
+      'count': int(count),
+  }
+
+
+def check_identity(config, setup: Setup, state, when: str) -> float:
+  """Phase 3: max relative |sum of maps + bias - logits| on a validation batch."""
+  batch = next(iter(eval_iterator(config, setup, 'validation')))
+  error = float(np.max(setup.p_eval_step(state, _device_batch(batch))['identity_error']))
+  logging.info('Logit-sum identity %s: max relative error %.3g (tolerance %.3g).',
+               when, error, config.identity_tolerance)
+  if not error <= config.identity_tolerance:
+    raise IdentityViolation(
+        f'The logit-sum identity fails {when}: max |sum(maps) + bias - logits| / '
+        f'(max|logits| + 1) = {error:.3g} > identity_tolerance = '
+        f'{config.identity_tolerance:.3g}. The maps no longer explain the logits: '
+        'check the head (pooling + dense only) and the compute dtype.')
+  return error
+
+
+def _device_batch(batch: dict) -> dict:
+  """Drops host-only entries (strings) before a batch goes to the devices."""
+  return {k: v for k, v in batch.items() if np.asarray(v).dtype.kind in 'biuf'}
+
+
+def prefetch_with_state(iterator, size: int = 2):
+  """Yields `(device_batch, iterator_state_after_it)`, `size` batches ahead.
+
+  Copying batches to the devices ahead of time hides the transfer; pairing
+  each with the iterator's state right after it lets a checkpoint record the
+  position of the last batch actually trained on, not of the prefetched ones.
+  """
+  devices = jax.local_devices()
+  queue = collections.deque()
+
+  def enqueue(n):
+    for _ in range(n):
+      try:
+        batch = _device_batch(next(iterator))
+      except StopIteration:
+        return
+      placed = jax.tree.map(lambda x: jax.device_put_sharded(list(x), devices), batch)
+      queue.append((placed, iterator.get_state()))
+
+  enqueue(size)
+  while queue:
+    yield queue.popleft()
+    enqueue(1)
+
+
+# ----------------------------------------------------------------------------
+# Phase 4: the loop.
+# ----------------------------------------------------------------------------
+
+class Run:
+  """Holds what the loop's phases share: config, setup, writers, manager."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    self.config = config
+    self.workdir = workdir
+    self.is_chief = jax.process_index() == 0
+    self.setup = build(config)
+    self.manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
+    self.writer = metric_writers.MetricWriter(workdir, enabled=self.is_chief)
+    self._figure_batch = None
+
+  def save_config(self) -> None:
+    if self.is_chief:
+      with open(os.path.join(self.workdir, 'config.json'), 'w') as f:
+        f.write(self.config.to_json_best_effort(indent=2))
+
+  def evaluate_split(self, state, split: str, **kwargs) -> dict:
+    return evaluate(self.setup.p_eval_step, state,
+                    eval_iterator(self.config, self.setup, split, **kwargs))
+
+  def save_figures(self, state, step: int) -> None:
+    if not self.is_chief or not self.config.num_figure_examples:
+      return
+    if self._figure_batch is None:
+      self._figure_batch = next(iter(eval_iterator(self.config, self.setup, 'validation')))
+    batch = self._figure_batch
+    logits, cams = self.setup.p_predict(state, batch['image'])
+    n = self.config.num_figure_examples
+    flat = lambda x: np.asarray(x).reshape((-1,) + np.shape(x)[2:])[:n]
+    figures.save_cam_grid(
+        os.path.join(self.workdir, 'figures', f'cams_step_{step:07d}.png'),
+        flat(batch['image']), flat(batch['mask']), flat(cams), flat(batch['label']),
+        predictions=flat(logits).argmax(-1),
+        class_names=input_pipeline.class_names(self.config.data))
+    figures.save_learning_curves(os.path.join(self.workdir, 'figures', 'learning_curves.png'),
+                                 metric_writers.read_metrics(self.workdir))
+
+  def checkpoint(self, state, rng, step: int, data_state, metrics: dict | None) -> None:
+    checkpointing.save(self.manager, step, jax_utils.unreplicate(state), rng,
+                       data_state, metrics)
+
+
+def _summarise(step_metrics: list[dict], first_step: int) -> dict:
+  """Means of the logged steps' metrics; raises on a non-finite step."""
+  stacked = jax.tree.map(lambda *x: np.stack([np.asarray(v)[0] for v in x]), *step_metrics)
+  bad = np.flatnonzero(stacked['nonfinite'] > 0)
+  if bad.size:
+    raise NonFiniteLoss(f'Non-finite loss or gradient at step {first_step + int(bad[0]) + 1}.')
+  stacked.pop('nonfinite')
+  return {f'train_{k}': float(np.mean(v)) for k, v in stacked.items()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains, evaluates and checkpoints as `config` says; returns final metrics."""
+  os.makedirs(workdir, exist_ok=True)
+  run = Run(config, workdir)
+  run.save_config()
+  setup, schedule = run.setup, run.setup.schedule
+  state, rng, start_step = restore_or_create(config, setup, run.manager)
+  state = jax_utils.replicate(state)
+  identity = check_identity(config, setup, state,
+                            'after restore' if start_step else 'at initialisation')
+  run.writer.write(start_step, {'identity_error': identity})
+  logging.info('Training steps %d..%d (%d per epoch, micro-batch %d) on %d devices.',
+               start_step, schedule.num_train_steps, schedule.steps_per_epoch,
+               schedule.micro_batch_size, jax.device_count())
+
+  progress = metric_writers.ProgressLogger(schedule.num_train_steps, start_step)
+  batches = prefetch_with_state(setup.train_iter)
+  pending, pending_from = [], start_step
+  step = start_step
+  try:
+    for step in range(start_step + 1, schedule.num_train_steps + 1):
+      batch, data_state = next(batches)
+      state, metrics = setup.p_train_step(state, batch)
+      pending.append(metrics)
+      last = step == schedule.num_train_steps
+      if step % schedule.log_every == 0 or last:
+        summary = _summarise(pending, pending_from)
+        pending, pending_from = [], step
+        summary['train_steps_per_second'] = progress.log(
+            step, f"loss {summary['train_loss']:.4f} acc {summary['train_accuracy']:.3f}")
+        run.writer.write(step, summary)
+      eval_metrics = None
+      if step % schedule.eval_every == 0 or last:
+        eval_metrics = {f'eval_{k}': v for k, v in
+                        run.evaluate_split(state, 'validation').items()}
+        run.writer.write(step, eval_metrics)
+        run.save_figures(state, step)
+      if step % schedule.checkpoint_every == 0 or last:
+        run.checkpoint(state, rng, step, data_state, eval_metrics)
+  except NonFiniteLoss as e:
+    raise NonFiniteLoss(
+        f'{e} The state was not updated by that step; training stopped. The last '
+        f'good checkpoint (step {run.manager.latest_step()}) is kept in '
+        f'{run.manager.directory}. Lower the learning rate or check the data.') from None
+
+  final = final_evaluation(run, state, step)
+  run.writer.close()
+  return final
+
+
+# ----------------------------------------------------------------------------
+# Phase 5: final evaluation.
+# ----------------------------------------------------------------------------
+
+def final_evaluation(run: Run, state, step: int) -> dict:
+  """Validation, test and, for species models, Cats-vs-Dogs accuracy."""
+  results = {}
+  splits = ['validation', 'test']
+  if run.config.eval_ood and run.config.data.task == 'species':
+    splits.append('ood')
+  for split in splits:
+    metrics = run.evaluate_split(state, split)
+    results.update({f'{split}_{k}': v for k, v in metrics.items()})
+  run.writer.write(step, results)
+  if run.is_chief:
+    with open(os.path.join(run.workdir, 'final_metrics.json'), 'w') as f:
+      json.dump({'step': step, **results}, f, indent=2)
+  logging.info('Final metrics at step %d: %s', step, json.dumps(results))
+  return results

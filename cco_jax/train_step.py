@@ -1,0 +1,136 @@
+"""Pure train and eval steps, written for `jax.pmap` over a named axis.
+
+`train_step(state, batch, *, objective, axis_name)` computes the objective on
+the per-pixel maps of one device's shard, averages gradients and metrics over
+`axis_name` with `lax.pmean`, and applies the optimizer. BatchNorm statistics
+are synchronised through the model's `bn_axis_name` (the same axis), so every
+replica holds identical parameters and statistics, and a sharded step equals
+the same step on one device with the whole batch.
+
+A non-finite loss or gradient leaves the state unchanged and raises the
+`nonfinite` metric, which the loop turns into an error naming the step.
+
+Batches are dicts: `image` `(b, S, S, 3)` float, `mask` `(b, H, W)` in [0, 1]
+at CAM resolution, `label` `(b,)` int; eval batches add `weight` `(b,)`
+(0 for padding). Under pmap each gets a leading device axis.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+from cco_jax import cams as cams_lib
+from cco_jax import losses
+
+AXIS_NAME = 'batch'
+
+
+class TrainState(train_state.TrainState):
+  """Parameters, optimizer state and step, plus BatchNorm statistics."""
+  batch_stats: Any = None
+
+
+def create_train_state(rng: jax.Array, model: flax.linen.Module, image_size: int,
+                       tx: optax.GradientTransformation) -> TrainState:
+  """Initialises a model and its optimizer (unreplicated, on the host's device)."""
+  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  variables = jax.jit(functools.partial(model.init, train=False))(rng, images)
+  return TrainState.create(apply_fn=model.apply, params=variables['params'],
+                           batch_stats=variables.get('batch_stats', {}), tx=tx)
+
+
+def _all_finite(*trees) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for t in trees for x in jax.tree.leaves(t)]
+  return jnp.all(jnp.stack(leaves))
+
+
+def train_step(state: TrainState, batch: dict, *, objective: losses.Objective,
+               axis_name: str | None = AXIS_NAME) -> tuple[TrainState, dict]:
+  """One (micro-)step of gradient descent on `objective`.
+
+  Args:
+    state: the replica's `TrainState`.
+    batch: the replica's shard: `image`, `mask`, `label` (module docstring).
+    objective: `(logits, cams, labels, mask) -> (loss, metrics)`, from
+      `losses.make_objective`.
+    axis_name: the mapped axis to average over, or None on a single device.
+
+  Returns:
+    The new state and a dict of scalar metrics (loss, ce, ace, kld, accuracy,
+    grad_norm, nonfinite), averaged over the axis.
+  """
+  def loss_fn(params):
+    (logits, cams), updates = state.apply_fn(
+        {'params': params, 'batch_stats': state.batch_stats}, batch['image'],
+        train=True, mutable=['batch_stats'])
+    loss, metrics = objective(logits, cams, batch['label'], batch['mask'])
+    return loss, (updates['batch_stats'], metrics, logits)
+
+  grads, (batch_stats, metrics, logits) = jax.grad(loss_fn, has_aux=True)(state.params)
+  metrics = dict(metrics, accuracy=jnp.mean(jnp.argmax(logits, -1) == batch['label']))
+  if axis_name is not None:
+    grads = jax.lax.pmean(grads, axis_name)
+    metrics = jax.lax.pmean(metrics, axis_name)
+  finite = _all_finite(metrics['loss'], grads)
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  new_state = jax.tree.map(functools.partial(jnp.where, finite), new_state, state)
+  metrics['grad_norm'] = optax.global_norm(grads)
+  metrics['nonfinite'] = 1.0 - finite.astype(jnp.float32)
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict, *, axis_name: str | None = AXIS_NAME
+              ) -> dict:
+  """Sums of evaluation quantities over a (padded) batch shard.
+
+  Returns weighted sums (divide by `count` after summing over batches):
+  `count`, `correct`, `ce`, pixel influence `net`/`fg`/`bg`, and the maximum
+  relative identity error `identity_error` (a max, not a sum).
+  """
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  logits, cams = state.apply_fn(variables, batch['image'], train=False)
+  weight = batch['weight']
+  labels = batch['label']
+  ce = losses.cross_entropy(logits, labels)
+  influence = cams_lib.pixel_influence(cams_lib.contrastive_cams(cams, labels),
+                                       batch['mask'])
+  bias = state.params['head'].get('bias')
+  scale = jnp.max(jnp.abs(logits)) + 1.0
+  sums = {
+      'count': weight.sum(),
+      'correct': (weight * (jnp.argmax(logits, -1) == labels)).sum(),
+      'ce': (weight * ce).sum(),
+      **{k: (weight * v).sum() for k, v in influence.items()},
+  }
+  identity = cams_lib.identity_error(logits, cams, bias) / scale
+  if axis_name is not None:
+    sums = jax.lax.psum(sums, axis_name)
+    identity = jax.lax.pmax(identity, axis_name)
+  sums['identity_error'] = identity
+  return sums
+
+
+def predict_step(state: TrainState, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Logits `(b, C)` and maps `(b, H, W, C)` of a batch (inference mode)."""
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  return state.apply_fn(variables, images, train=False)
+
+
+def pmapped_train_step(objective: losses.Objective) -> Callable:
+  """`train_step` pmapped over local devices, the state's buffers donated."""
+  return jax.pmap(functools.partial(train_step, objective=objective,
+                                    axis_name=AXIS_NAME),
+                  axis_name=AXIS_NAME, donate_argnums=(0,))
+
+
+def pmapped_eval_step() -> Callable:
+  """`eval_step` pmapped over local devices."""
+  return jax.pmap(functools.partial(eval_step, axis_name=AXIS_NAME),
+                  axis_name=AXIS_NAME)

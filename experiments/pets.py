@@ -1,0 +1,44 @@
+r"""Trains a contrastive (or cross-entropy control) classifier on Oxford-IIIT Pet.
+
+  python -m experiments.pets --config=experiments/configs/pets.py:cpu \
+      --workdir=/tmp/pets_cpu \
+      --config.data.manual_dir=../shared/data/oxford-iiit-pet-sample \
+      --config.data.ood_manual_dir=../shared/data/cats-vs-dogs-sample
+
+Running again with the same --workdir resumes from its last checkpoint.
+On several hosts, start the same command on each with --jax_distributed (or
+set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID); on Cloud
+TPU pods --jax_distributed alone suffices.
+"""
+
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from cco_jax import train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and figures.')
+flags.DEFINE_bool('jax_distributed', False,
+                  'Call jax.distributed.initialize() (multi-host runs).')
+config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
+                                lock_config=True)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if FLAGS.jax_distributed or os.environ.get('JAX_COORDINATOR_ADDRESS'):
+    jax.distributed.initialize()
+  logging.info('JAX process %d/%d, local devices: %s', jax.process_index(),
+               jax.process_count(), jax.local_devices())
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)
