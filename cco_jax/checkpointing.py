@@ -40,10 +40,11 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, rng: jax.Array,
          data_state: dict, metrics: dict | None = None) -> None:
   """Saves an unreplicated `state`, the RNG key and the iterator state."""
   rng_data = np.asarray(jax.random.key_data(rng))
+  data = {'iterator': data_state, 'rng_impl': str(jax.random.key_impl(rng))}
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(jax.device_get(state)),
       rng=ocp.args.StandardSave({'key_data': rng_data}),
-      data=ocp.args.JsonSave(data_state)), metrics=metrics, force=True)
+      data=ocp.args.JsonSave(data)), metrics=metrics, force=True)
   manager.wait_until_finished()
 
 
@@ -62,5 +63,7 @@ def restore(manager: ocp.CheckpointManager, template_state: Any, step: int | Non
       state=ocp.args.StandardRestore(abstract),
       rng=ocp.args.StandardRestore(),
       data=ocp.args.JsonRestore()))
-  rng = jax.random.wrap_key_data(np.asarray(restored['rng']['key_data'], np.uint32))
-  return restored['state'], rng, restored['data'], step
+  data = restored['data']
+  rng = jax.random.wrap_key_data(np.asarray(restored['rng']['key_data'], np.uint32),
+                                 impl=data['rng_impl'])
+  return restored['state'], rng, data['iterator'], step

@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from flax import jax_utils
 
 from cco_jax import checkpointing
 from cco_jax import figures
@@ -158,7 +157,7 @@ def eval_iterator(config: ml_collections.ConfigDict, setup: Setup, split: str,
 
 def restore_or_create(config, setup: Setup, manager) -> tuple[Any, jax.Array, int]:
   """Phase 2: the unreplicated state, the RNG and the first step to run."""
-  rng = jax.random.key(config.seed)
+  rng = jax.random.key(config.seed, impl=config.rng_impl or None)
   rng, init_rng = jax.random.split(rng)
   state = step_lib.create_train_state(init_rng, setup.model, config.data.image_size,
                                       setup.tx)
@@ -179,7 +178,7 @@ def evaluate(p_eval_step: Callable, state, batches: Iterator[dict]) -> dict:
   totals = None
   identity = 0.0
   for batch in batches:
-    sums = jax.tree.map(lambda x: np.asarray(x[0]), p_eval_step(state, _device_batch(batch)))
+    sums = jax.tree.map(lambda x: np.asarray(x[0]), p_eval_step(state, step_lib.shard(_device_batch(batch))))
     identity = max(identity, float(sums.pop('identity_error')))
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
   if totals is None:
@@ -200,7 +199,7 @@ def evaluate(p_eval_step: Callable, state, batches: Iterator[dict]) -> dict:
 def check_identity(config, setup: Setup, state, when: str) -> float:
   """Phase 3: max relative |sum of maps + bias - logits| on a validation batch."""
   batch = next(iter(eval_iterator(config, setup, 'validation')))
-  error = float(np.max(setup.p_eval_step(state, _device_batch(batch))['identity_error']))
+  error = float(np.max(setup.p_eval_step(state, step_lib.shard(_device_batch(batch)))['identity_error']))
   logging.info('Logit-sum identity %s: max relative error %.3g (tolerance %.3g).',
                when, error, config.identity_tolerance)
   if not error <= config.identity_tolerance:
@@ -224,7 +223,6 @@ def prefetch_with_state(iterator, size: int = 2):
   each with the iterator's state right after it lets a checkpoint record the
   position of the last batch actually trained on, not of the prefetched ones.
   """
-  devices = jax.local_devices()
   queue = collections.deque()
 
   def enqueue(n):
@@ -233,8 +231,7 @@ def prefetch_with_state(iterator, size: int = 2):
         batch = _device_batch(next(iterator))
       except StopIteration:
         return
-      placed = jax.tree.map(lambda x: jax.device_put_sharded(list(x), devices), batch)
-      queue.append((placed, iterator.get_state()))
+      queue.append((step_lib.shard(batch), iterator.get_state()))
 
   enqueue(size)
   while queue:
@@ -285,7 +282,7 @@ class Run:
                                  metric_writers.read_metrics(self.workdir))
 
   def checkpoint(self, state, rng, step: int, data_state, metrics: dict | None) -> None:
-    checkpointing.save(self.manager, step, jax_utils.unreplicate(state), rng,
+    checkpointing.save(self.manager, step, step_lib.unreplicate(state), rng,
                        data_state, metrics)
 
 
@@ -306,7 +303,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   run.save_config()
   setup, schedule = run.setup, run.setup.schedule
   state, rng, start_step = restore_or_create(config, setup, run.manager)
-  state = jax_utils.replicate(state)
+  state = step_lib.replicate(state)
   identity = check_identity(config, setup, state,
                             'after restore' if start_step else 'at initialisation')
   run.writer.write(start_step, {'identity_error': identity})

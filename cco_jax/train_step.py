@@ -23,6 +23,7 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training import train_state
 
@@ -42,8 +43,11 @@ def create_train_state(rng: jax.Array, model: flax.linen.Module, image_size: int
   """Initialises a model and its optimizer (unreplicated, on the host's device)."""
   images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   variables = jax.jit(functools.partial(model.init, train=False))(rng, images)
-  return TrainState.create(apply_fn=model.apply, params=variables['params'],
-                           batch_stats=variables.get('batch_stats', {}), tx=tx)
+  state = TrainState.create(apply_fn=model.apply, params=variables['params'],
+                            batch_stats=variables.get('batch_stats', {}), tx=tx)
+  # A typed step counter: the step's output then has the input's types and a
+  # second call does not retrace.
+  return state.replace(step=jnp.zeros((), jnp.int32))
 
 
 def _all_finite(*trees) -> jax.Array:
@@ -81,7 +85,7 @@ def train_step(state: TrainState, batch: dict, *, objective: losses.Objective,
   finite = _all_finite(metrics['loss'], grads)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   new_state = jax.tree.map(functools.partial(jnp.where, finite), new_state, state)
-  metrics['grad_norm'] = optax.global_norm(grads)
+  metrics['grad_norm'] = optax.tree.norm(grads)
   metrics['nonfinite'] = 1.0 - finite.astype(jnp.float32)
   return new_state, metrics
 
@@ -121,6 +125,35 @@ def predict_step(state: TrainState, images: jax.Array) -> tuple[jax.Array, jax.A
   """Logits `(b, C)` and maps `(b, H, W, C)` of a batch (inference mode)."""
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   return state.apply_fn(variables, images, train=False)
+
+
+def _device_sharding() -> jax.sharding.NamedSharding:
+  """Leading axis over the local devices, named like the pmap axis.
+
+  pmap returns arrays sharded over a mesh axis named `AXIS_NAME`; placing
+  inputs the same way means the second call hits the first call's cache
+  instead of retracing and recompiling.
+  """
+  mesh = jax.sharding.Mesh(jax.local_devices(), (AXIS_NAME,))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS_NAME))
+
+
+def replicate(tree):
+  """Copies every leaf to each local device (leading axis = devices)."""
+  sharding, n = _device_sharding(), jax.local_device_count()
+  return jax.tree.map(
+      lambda x: jax.device_put(jnp.broadcast_to(x, (n,) + jnp.shape(x)), sharding), tree)
+
+
+def unreplicate(tree):
+  """The first replica of every leaf, as host-side numpy arrays."""
+  return jax.tree.map(lambda x: np.asarray(x[0]), tree)
+
+
+def shard(tree):
+  """Places `(D, b, ...)` host arrays so that device d holds `[d]`."""
+  sharding = _device_sharding()
+  return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
 
 
 def pmapped_train_step(objective: losses.Objective) -> Callable:

@@ -30,6 +30,7 @@ from etils import epath
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from cco_jax.datasets.oxford_iiit_pet import code_path_property
 from cco_jax.datasets.oxford_iiit_pet import ordered_parallel_map
 from cco_jax.datasets.oxford_iiit_pet import rgb_jpeg_bytes
 
@@ -110,6 +111,7 @@ class CatsVsDogsOod(tfds.core.GeneratorBasedBuilder):
       f'Optional. Place the extracted archive in the manual directory: '
       f'{LAYOUT}. Without it the archive is downloaded.')
   MANUAL_DIR_HINT = MANUAL_DIR_HINT
+  code_path = code_path_property
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -128,6 +130,7 @@ class CatsVsDogsOod(tfds.core.GeneratorBasedBuilder):
         supervised_keys=('image', 'species'),
         homepage='https://www.microsoft.com/en-us/download/details.aspx?id=54765',
         metadata=tfds.core.MetadataDict(),
+        disable_shuffling=True,  # Records in file order: Cat/0.jpg first.
     )
 
   def _pet_images(self, dl_manager: tfds.download.DownloadManager

@@ -15,8 +15,10 @@ Features of one example:
   species            ClassLabel(['cat', 'dog']): SPECIES - 1.
   file_name          Text, e.g. 'Abyssinian_100.jpg'.
 
-Splits: 'train' = `annotations/trainval.txt`, 'test' = `annotations/test.txt`.
-A validation set is carved from 'train' by the input pipeline, not here.
+Splits: 'train' = `annotations/trainval.txt`, 'test' = `annotations/test.txt`,
+stored in list order (no TFDS shuffling: record i is line i of the list, and
+``info.metadata['splits'][split]`` holds the file names and breed labels in that
+order). A validation set is carved from 'train' by the input pipeline, not here.
 
 Source: with no manual directory the official archives are downloaded
 (`IMAGES_URL`, `ANNOTATIONS_URL`, about 800 MB). A manual directory must hold the
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import inspect
 import io
 import itertools
 import os
@@ -157,19 +160,26 @@ def read_split_list(path: os.PathLike[str] | str) -> list[ListEntry]:
     line = line.strip()
     if not line or line.startswith('#'):
       continue
-    fields = line.split()
-    try:
-      name, class_id, species = fields[0], int(fields[1]), int(fields[2])
-      if len(fields) != 4 or not 1 <= class_id <= len(BREEDS) or species not in (
-          1, 2):
-        raise ValueError
-    except (IndexError, ValueError):
+    entry = _parse_line(line)
+    if entry is None:
       raise ValueError(
           f'{os.fspath(path)}:{line_number}: expected "NAME CLASS-ID SPECIES '
           f'BREED-ID" with CLASS-ID in 1..{len(BREEDS)} and SPECIES in 1..2, '
-          f'got {line!r}. Expected the official layout: {LAYOUT}.') from None
-    entries.append(ListEntry(name=name, label=class_id - 1, species=species - 1))
+          f'got {line!r}. Expected the official layout: {LAYOUT}.')
+    entries.append(entry)
   return entries
+
+
+def _parse_line(line: str) -> ListEntry | None:
+  """'NAME CLASS-ID SPECIES BREED-ID' -> ListEntry, or None if malformed."""
+  try:
+    name, class_id, species, _ = line.split()
+    class_id, species = int(class_id), int(species)
+  except ValueError:
+    return None
+  if not 1 <= class_id <= len(BREEDS) or species not in (1, 2):
+    return None
+  return ListEntry(name=name, label=class_id - 1, species=species - 1)
 
 
 def rgb_jpeg_bytes(data: bytes, *, quality: int = JPEG_QUALITY
@@ -244,6 +254,16 @@ def ordered_parallel_map(fn: Callable[[_T], _S], items: Iterable[_T], *,
       yield from pool.map(fn, chunk)
 
 
+def _code_path(cls) -> epath.Path:
+  return epath.Path(inspect.getfile(cls))
+
+
+# TFDS 4.9.10 locates a builder's source through `importlib_resources`, a
+# package it does not install on Python >= 3.9, unless the builder lives in a
+# zip app; builders outside TFDS's own tree therefore set `code_path` directly.
+code_path_property = tfds.core.utils.classproperty(classmethod(_code_path))
+
+
 def _image_size(jpeg: bytes) -> tuple[int, int]:
   with Image.open(io.BytesIO(jpeg)) as image:
     return image.size
@@ -259,6 +279,7 @@ class OxfordIiitPetMasks(tfds.core.GeneratorBasedBuilder):
       f'directory: {LAYOUT}. Without it the archives are downloaded.')
   # Where users set the manual directory; quoted in error messages.
   MANUAL_DIR_HINT = MANUAL_DIR_HINT
+  code_path = code_path_property
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -285,6 +306,7 @@ class OxfordIiitPetMasks(tfds.core.GeneratorBasedBuilder):
             'booktitle = {IEEE Conference on Computer Vision and Pattern '
             'Recognition}, year = {2012}}'),
         metadata=tfds.core.MetadataDict(),
+        disable_shuffling=True,
     )
 
   def _source_dirs(self, dl_manager: tfds.download.DownloadManager
@@ -308,12 +330,16 @@ class OxfordIiitPetMasks(tfds.core.GeneratorBasedBuilder):
     images_dir, annotations_dir = self._source_dirs(dl_manager)
     self.info.metadata['reencoded_images'] = []
     self.info.metadata['fixed_trimaps'] = []
-    return {
-        split: self._generate_examples(
-            images_dir, annotations_dir / 'trimaps',
-            read_split_list(annotations_dir / list_file))
-        for split, list_file in SPLIT_FILES.items()
-    }
+    self.info.metadata['splits'] = {}
+    splits = {}
+    for split, list_file in SPLIT_FILES.items():
+      entries = read_split_list(annotations_dir / list_file)
+      self.info.metadata['splits'][split] = {
+          'file_names': [f'{e.name}.jpg' for e in entries],
+          'labels': [e.label for e in entries]}
+      splits[split] = self._generate_examples(
+          images_dir, annotations_dir / 'trimaps', entries)
+    return splits
 
   def _generate_examples(self, images_dir: epath.Path, trimaps_dir: epath.Path,
                          entries: list[ListEntry]):

@@ -54,6 +54,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   """The `binary` setting; variants change a few fields of it."""
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # PRNG implementation ('' = JAX's default, threefry2x32). 'rbg' compiles far
+  # faster on CPU (jax 0.10.2: ~2.6 s per parameter shape for threefry).
+  config.rng_impl = ''
   config.data = get_data_config()
 
   config.model = ml_collections.ConfigDict()
@@ -133,6 +136,7 @@ def _cpu():
   config.num_epochs = 20.0
   config.log_every_steps = 10
   config.num_figure_examples = 6
+  config.rng_impl = 'rbg'
   return config
 
 

@@ -1,0 +1,370 @@
+"""Property tests for `cco_jax.models`: the logit-sum identity and the faithful changes.
+
+Models are tiny (4-8 filters, 16-32 px, 'small' stem unless the stem is the point)
+and get *random* variables drawn with numpy from the shapes `init` would produce
+(`jax.eval_shape`): no threefry kernels to compile, and every BatchNorm scale/shift,
+running statistic and head bias is non-zero, so a test that forgot the bias or a
+BatchNorm could not pass by accident (flax's init zeroes the head bias and the last
+BatchNorm scale of every block).
+
+Rounding bound used for the identity (float32, unit roundoff u = eps/2 = 2**-24):
+both the logits (`mean_hw(A) @ W + b`) and the map sums (`sum_hw einsum(A, W)/HW + b`)
+are sums of the H*W*F products A[h,w,f] W[f,c] / (H W) evaluated along chains of at
+most n = H*W + F + 2 floating-point operations, and for any summation order
+`|fl(sum) - sum| <= n u sum|terms|` (Higham, Thm 3.1, first order). Writing
+`S[b,c] = sum_{h,w,f} |A W| / (H W)`, the two sides therefore differ by at most
+`2 n u (S + |b|)`. That bound is rigorous (typical errors are ~sqrt(n) times
+smaller) yet ~1e-4 of S at these sizes: orders of magnitude below what a missing
+bias (|b| ~ 1), a wrong normalisation (factor H or W) or a wrong channel contraction
+would cause. The bfloat16 model computes its head in float32 on the bfloat16 features
+(cast exactly), so the same float32 bound applies to it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import zlib
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+
+from cco_jax import cams as cams_lib
+from cco_jax import models
+
+U32 = np.finfo(np.float32).eps / 2  # unit roundoff of float32, 2**-24 ~ 6e-8.
+NUM_DEVICES = 4  # tests/conftest.py forces 4 virtual CPU devices.
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+def _is_block(module, _method_name) -> bool:
+  return isinstance(module, (models.ResidualBlock, models.BottleneckBlock))
+
+
+@functools.lru_cache(maxsize=None)
+def _variable_shapes(model: models.ResNet, image_shape: tuple[int, ...]):
+  images = jax.ShapeDtypeStruct(image_shape, jnp.float32)
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+
+
+def random_variables(model: models.ResNet, image_shape, seed: int):
+  """Random variables with the structure of `model.init`, all entries non-trivial."""
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name, shape = path[-1].key, leaf.shape
+    if name == 'kernel':  # LeCun-normal: keeps activations O(1) through depth.
+      value = rng.normal(size=shape) / math.sqrt(math.prod(shape[:-1]))
+    elif name in ('scale', 'var'):
+      value = rng.uniform(0.5, 1.5, size=shape)
+    elif name == 'bias' and path[-2].key == 'head':
+      value = rng.normal(size=shape)
+    else:  # BatchNorm shift and running mean.
+      value = 0.1 * rng.normal(size=shape)
+    return np.asarray(value, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, _variable_shapes(model, tuple(image_shape)))
+
+
+def random_images(shape, seed: int) -> np.ndarray:
+  return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def apply_with_features(model, variables, images, train: bool):
+  """`(logits, cams, features)`; features = the last block's output (head input)."""
+  mutable = ['batch_stats'] if train else []
+  (logits, cams), state = model.apply(variables, images, train=train, mutable=mutable,
+                                      capture_intermediates=_is_block)
+  blocks = state['intermediates']
+  last = max(blocks, key=lambda name: int(name.rsplit('_', 1)[1]))
+  return logits, cams, blocks[last]['__call__'][0]
+
+
+def assert_logit_sum_identity(logits, cams, features, kernel, bias):
+  """`cams.sum((1,2)) + bias == logits` within the rigorous float32 bound above."""
+  a = np.asarray(features, np.float64)
+  w = np.asarray(kernel, np.float64)
+  b = np.zeros(w.shape[1]) if bias is None else np.asarray(bias, np.float64)
+  _, height, width, channels = a.shape
+  terms = np.einsum('bhwf,fc->bc', np.abs(a), np.abs(w)) / (height * width)
+  n = height * width + channels + 2
+  tol = 2 * n * U32 * (terms + np.abs(b))
+  recon = np.asarray(cams, np.float64).sum((1, 2)) + b
+  err = np.abs(recon - np.asarray(logits, np.float64))
+  assert np.all(err <= tol), (
+      f'logit-sum identity violated: max err {err.max():.3g}, '
+      f'max err/tol {(err / tol).max():.3g}')
+  # The bound must be meaningful: far below the size of the logits' terms.
+  assert np.all(tol <= 1e-3 * (terms + np.abs(b))), 'tolerance too loose to test'
+
+
+# Real depths at tiny width. The ResNet-101 pair is the expensive one to compile,
+# so it runs at the smallest width; resnet34 and resnet101 use real stage sizes too.
+IDENTITY_CONFIGS = {
+    # name: (num_filters, image size, batch, num_classes)
+    'resnet18': (8, 24, 3, 5),
+    'resnet34': (4, 16, 2, 3),
+    'resnet50': (4, 16, 2, 2),
+    'resnet101': (4, 16, 2, 4),
+}
+
+
+# ---------------------------------------------------------------------------
+# The logit-sum identity, every architecture, jit / no-jit / pmap
+# ---------------------------------------------------------------------------
+
+class LogitSumIdentityTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+  @parameterized.product(
+      name=tuple(IDENTITY_CONFIGS), cam_faithful=(True, False), train=(False, True))
+  def test_identity(self, name, cam_faithful, train):
+    self.assertEqual(jax.device_count(), NUM_DEVICES)
+    filters, size, batch, classes = IDENTITY_CONFIGS[name]
+    model = models.create_model(name, classes, cam_faithful=cam_faithful,
+                                num_filters=filters, stem='small')
+    shape = (batch, size, size, 3)
+    seed = zlib.crc32(f'{name}/{cam_faithful}/{train}'.encode())
+    variables = random_variables(model, shape, seed)
+
+    @self.variant
+    def forward(variables, images):
+      return apply_with_features(model, variables, images, train)
+
+    logits, cams, features = forward(variables, random_images(shape, seed))
+    chex.assert_shape(logits, (batch, classes))
+    chex.assert_shape(cams, (batch, *features.shape[1:3], classes))
+    head = variables['params']['head']
+    assert_logit_sum_identity(logits, cams, features, head['kernel'], head.get('bias'))
+    # The identity must fail without the bias (the control's bias is ~N(0, 1)).
+    if not cam_faithful:
+      with self.assertRaises(AssertionError):
+        assert_logit_sum_identity(logits, cams, features, head['kernel'], None)
+
+  @chex.variants(with_jit=True)
+  @parameterized.product(name=('resnet18', 'resnet50'), cam_faithful=(True, False))
+  def test_identity_bfloat16(self, name, cam_faithful):
+    filters, size, batch, classes = IDENTITY_CONFIGS[name]
+    model = models.create_model(name, classes, cam_faithful=cam_faithful,
+                                num_filters=filters, stem='small', dtype=jnp.bfloat16,
+                                stage_sizes=(1, 1, 1, 1))
+    shape = (batch, size, size, 3)
+    variables = random_variables(model, shape, seed=7)
+
+    @self.variant
+    def forward(variables, images):
+      return apply_with_features(model, variables, images, train=False)
+
+    logits, cams, features = forward(variables, random_images(shape, 8))
+    self.assertEqual(features.dtype, jnp.bfloat16)  # the backbone really is bf16,
+    self.assertEqual(logits.dtype, jnp.float32)     # the head is float32.
+    self.assertEqual(cams.dtype, jnp.float32)
+    head = variables['params']['head']
+    assert_logit_sum_identity(logits, cams, features, head['kernel'], head.get('bias'))
+
+  def test_identity_error_helper_on_model(self):
+    model = models.create_model('resnet18', 3, cam_faithful=False, num_filters=4,
+                                stem='small', stage_sizes=(1, 1, 1, 1))
+    shape = (2, 16, 16, 3)
+    variables = random_variables(model, shape, seed=3)
+    logits, cams = model.apply(variables, random_images(shape, 4), train=False)
+    bias = models.head_bias(variables)
+    self.assertLess(float(cams_lib.identity_error(logits, cams, bias)), 1e-5)
+    # Without the bias the error is exactly the largest |bias| entry (up to rounding).
+    np.testing.assert_allclose(cams_lib.identity_error(logits, cams),
+                               np.abs(bias).max(), rtol=1e-4)
+
+
+class SyncBatchNormTest(chex.TestCase):
+  """`bn_axis_name`: a batch sharded over pmap normalises like the whole batch."""
+
+  def test_sharded_batch_matches_whole_batch(self):
+    self.assertEqual(jax.device_count(), NUM_DEVICES)
+    shape = (2 * NUM_DEVICES, 16, 16, 3)
+    kwargs = dict(num_filters=4, stem='small', stage_sizes=(1, 1, 1, 1))
+    whole = models.create_model('resnet18', 3, **kwargs)
+    sharded = models.create_model('resnet18', 3, bn_axis_name='batch', **kwargs)
+    variables = random_variables(whole, shape, seed=11)
+    images = random_images(shape, 12)
+
+    (logits, cams), state = jax.jit(
+        lambda v, x: whole.apply(v, x, train=True, mutable=['batch_stats']))(
+            variables, images)
+    replicated = jax.tree.map(lambda x: np.stack([x] * NUM_DEVICES), variables)
+    (p_logits, p_cams), p_state = jax.pmap(
+        lambda v, x: sharded.apply(v, x, train=True, mutable=['batch_stats']),
+        axis_name='batch')(replicated, images.reshape(NUM_DEVICES, 2, *shape[1:]))
+
+    np.testing.assert_allclose(p_logits.reshape(logits.shape), logits, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(p_cams.reshape(cams.shape), cams, rtol=1e-4, atol=1e-5)
+    # Replicas agree with each other and with the whole-batch statistics.
+    chex.assert_trees_all_close(
+        jax.tree.map(lambda x: x[0], p_state), state, rtol=1e-4, atol=1e-6)
+    chex.assert_trees_all_close(
+        jax.tree.map(lambda x: x[-1], p_state), state, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# The three faithful changes (METHOD.md §5)
+# ---------------------------------------------------------------------------
+
+ALL_NAMES = ('resnet18', 'resnet34', 'resnet50', 'resnet101')
+
+
+class FaithfulArchitectureTest(parameterized.TestCase):
+
+  @parameterized.product(name=ALL_NAMES, num_classes=(2, 37))
+  def test_faithful_head_has_no_bias(self, name, num_classes):
+    shape = (1, 16, 16, 3)
+    for cam_faithful in (True, False):
+      model = models.create_model(name, num_classes, cam_faithful=cam_faithful,
+                                  num_filters=4, stem='small')
+      variables = random_variables(model, shape, seed=0)
+      head = variables['params']['head']
+      width = 4 * 2**3 * (4 if models.BOTTLENECK[name] else 1)
+      self.assertEqual(head['kernel'].shape, (width, num_classes))
+      if cam_faithful:
+        self.assertEqual(set(head), {'kernel'})
+        self.assertIsNone(models.head_bias(variables))
+      else:
+        self.assertEqual(set(head), {'kernel', 'bias'})
+        self.assertEqual(models.head_bias(variables).shape, (num_classes,))
+
+  @parameterized.parameters(*ALL_NAMES)
+  def test_imagenet_stem_224_gives_14x14_vs_7x7(self, name):
+    faithful = models.create_model(name, 37, cam_faithful=True, num_filters=4)
+    control = models.create_model(name, 37, cam_faithful=False, num_filters=4)
+    self.assertEqual(models.cam_size(faithful, 224), (14, 14))
+    self.assertEqual(models.cam_size(control, 224), (7, 7))
+
+  @parameterized.parameters(('resnet18', 'small', 32, 8), ('resnet18', 'imagenet', 64, 4),
+                            ('resnet50', 'small', 16, 4), ('resnet50', 'imagenet', 96, 6))
+  def test_maps_are_twice_the_controls_resolution(self, name, stem, size, expected):
+    faithful = models.create_model(name, 2, cam_faithful=True, num_filters=4, stem=stem)
+    control = models.create_model(name, 2, cam_faithful=False, num_filters=4, stem=stem)
+    self.assertEqual(models.cam_size(faithful, size), (expected, expected))
+    self.assertEqual(models.cam_size(control, size), (expected // 2, expected // 2))
+
+  def test_cam_size_matches_the_applied_model(self):
+    for cam_faithful in (True, False):
+      model = models.create_model('resnet18', 3, cam_faithful=cam_faithful, num_filters=4,
+                                  stem='small', stage_sizes=(1, 1, 1, 1))
+      shape = (2, 24, 24, 3)
+      _, cams = model.apply(random_variables(model, shape, 1), random_images(shape, 2),
+                            train=False)
+      self.assertEqual(cams.shape[1:3], models.cam_size(model, 24))
+
+  @parameterized.product(name=('resnet18', 'resnet50'), train=(False, True))
+  def test_last_block_can_be_negative_control_is_nonnegative(self, name, train):
+    shape = (2, 16, 16, 3)
+    outputs = {}
+    for cam_faithful in (True, False):
+      model = models.create_model(name, 3, cam_faithful=cam_faithful, num_filters=4,
+                                  stem='small', stage_sizes=(1, 1, 1, 1))
+      variables = random_variables(model, shape, seed=5)
+      _, _, features = apply_with_features(model, variables, random_images(shape, 6), train)
+      outputs[cam_faithful] = np.asarray(features)
+    # Faithful: no final ReLU, so the head sees negative activations (and negative
+    # pooled features); control: ReLU output, so everything is >= 0.
+    self.assertLess(outputs[True].min(), 0.0)
+    self.assertLess(outputs[True].mean((1, 2)).min(), 0.0)
+    self.assertGreaterEqual(outputs[False].min(), 0.0)
+    self.assertGreaterEqual(outputs[False].mean((1, 2)).min(), 0.0)
+
+  @parameterized.parameters(*ALL_NAMES)
+  def test_faithful_drops_exactly_one_batchnorm(self, name):
+    shape = (1, 16, 16, 3)
+    counts = {}
+    for cam_faithful in (True, False):
+      model = models.create_model(name, 2, cam_faithful=cam_faithful, num_filters=4,
+                                  stem='small')
+      stats = random_variables(model, shape, 0)['batch_stats']
+      counts[cam_faithful] = len(jax.tree.leaves(stats)) // 2  # mean and var each.
+    self.assertEqual(counts[False] - counts[True], 1)
+
+
+# ---------------------------------------------------------------------------
+# HiResCAM of a real head equals its autodiff definition
+# ---------------------------------------------------------------------------
+
+def grad_times_activation(head_fn, features):
+  """`M_c = sum_f d s_c / dA * A`, per example, by reverse-mode autodiff."""
+  def one(a):  # a: (H, W, F) -> jacobian (C, H, W, F)
+    return jax.jacrev(lambda x: head_fn(x[None])[0])(a)
+  jac = jax.vmap(one)(features)                          # (B, C, H, W, F)
+  return jnp.einsum('bchwf,bhwf->bhwc', jac, features)
+
+
+class CamHeadTest(parameterized.TestCase):
+
+  @parameterized.product(shape=((1, 1, 1, 1), (2, 3, 5, 7), (3, 4, 4, 16)),
+                         num_classes=(1, 2, 6), use_bias=(True, False))
+  def test_cams_are_gradient_times_activation(self, shape, num_classes, use_bias):
+    rng = np.random.default_rng(sum(shape) + num_classes)
+    features = rng.normal(size=shape).astype(np.float32)
+    head = models.CamHead(num_classes, use_bias=use_bias)
+    params = {'kernel': rng.normal(size=(shape[-1], num_classes)).astype(np.float32)}
+    if use_bias:
+      params['bias'] = rng.normal(size=(num_classes,)).astype(np.float32)
+    logits, cams = head.apply({'params': params}, features)
+    expected = grad_times_activation(
+        lambda a: head.apply({'params': params}, a)[0], features)
+    np.testing.assert_allclose(cams, expected, rtol=1e-5, atol=1e-6)
+    assert_logit_sum_identity(logits, cams, features, params['kernel'], params.get('bias'))
+
+  @parameterized.product(name=('resnet18', 'resnet50'), cam_faithful=(True, False))
+  def test_model_cams_are_gradient_times_activation(self, name, cam_faithful):
+    model = models.create_model(name, 4, cam_faithful=cam_faithful, num_filters=4,
+                                stem='small', stage_sizes=(1, 1, 1, 1))
+    shape = (2, 16, 16, 3)
+    variables = random_variables(model, shape, seed=9)
+    logits, cams, features = apply_with_features(
+        model, variables, random_images(shape, 10), train=False)
+    head = models.CamHead(4, use_bias=not cam_faithful)
+    head_vars = {'params': variables['params']['head']}
+    kernel = variables['params']['head']['kernel']
+    # The model's logits are its head applied to the captured features ...
+    np.testing.assert_allclose(head.apply(head_vars, features)[0], logits, rtol=1e-6,
+                               atol=1e-6)
+    # ... and its maps are HiResCAM: grad(logit_c, features) * features, summed over F.
+    expected = grad_times_activation(lambda a: head.apply(head_vars, a)[0], features)
+    scale = np.abs(np.asarray(cams)).max()
+    np.testing.assert_allclose(cams, expected, rtol=1e-5, atol=1e-6 * scale)
+    np.testing.assert_allclose(cams, cams_lib.hirescam(features, kernel), rtol=1e-6,
+                               atol=1e-7 * scale)
+
+
+# ---------------------------------------------------------------------------
+# Construction errors
+# ---------------------------------------------------------------------------
+
+class CreateModelErrorsTest(parameterized.TestCase):
+
+  @parameterized.parameters('resnet9', 'ResNet50', 'vit')
+  def test_unknown_name_lists_choices(self, name):
+    with pytest.raises(ValueError, match=rf"Unknown model '{name}'.*resnet101.*resnet50"):
+      models.create_model(name, 2)
+
+  @parameterized.parameters(0, -3)
+  def test_bad_num_classes(self, num_classes):
+    with pytest.raises(ValueError, match=rf'num_classes must be >= 1; got {num_classes}'):
+      models.create_model('resnet18', num_classes)
+
+  def test_unknown_stem(self):
+    model = models.create_model('resnet18', 2, stem='cifar')
+    with pytest.raises(ValueError, match="stem must be 'imagenet' or 'small'; got 'cifar'"):
+      models.cam_size(model, 32)
+
+  def test_stage_sizes_override(self):
+    model = models.create_model('resnet101', 2, stage_sizes=(1, 1, 1, 1))
+    self.assertEqual(model.stage_sizes, (1, 1, 1, 1))
+    self.assertIs(model.block_cls, models.BottleneckBlock)
+    self.assertEqual(models.create_model('resnet34', 2).stage_sizes, (3, 4, 6, 3))
+    self.assertIs(models.create_model('resnet34', 2).block_cls, models.ResidualBlock)
