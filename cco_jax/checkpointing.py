@@ -38,8 +38,14 @@ def create_manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, rng: jax.Array,
          data_state: dict, metrics: dict | None = None) -> None:
-  """Saves an unreplicated `state`, the RNG key and the iterator state."""
+  """Saves an unreplicated `state`, the RNG key and the iterator state.
+
+  `data_state` is what the iterator's `get_state()` returned: JSON-compatible
+  data, or JSON text as `str`/`bytes` (restored as `str`).
+  """
   rng_data = np.asarray(jax.random.key_data(rng))
+  if isinstance(data_state, bytes):
+    data_state = data_state.decode()
   data = {'iterator': data_state, 'rng_impl': str(jax.random.key_impl(rng))}
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(jax.device_get(state)),

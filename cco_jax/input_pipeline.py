@@ -825,7 +825,9 @@ def create_train_iterator(data_config: ml_collections.ConfigDict, *,
           keys=('image', 'mask', 'label') + ('index',) * with_index)))
   fingerprint = {
       'num_examples': len(source),
-      'global_batch_size': global_batch_size, 'num_devices': num_devices,
+      # Not num_devices: batch k holds the same examples however many local
+      # devices split it, so a checkpoint restores on another device count.
+      'global_batch_size': global_batch_size,
       'process_index': process_index, 'process_count': process_count,
       'seed': seed, 'cam_size': list(cam_size),
       **{key: data_config.get(key) for key in _CONTENT_FIELDS}}

@@ -7,7 +7,7 @@ are synchronised through the model's `bn_axis_name` (the same axis), so every
 replica holds identical parameters and statistics, and a sharded step equals
 the same step on one device with the whole batch.
 
-A non-finite loss or gradient leaves the state unchanged and raises the
+A non-finite loss, gradient or updated parameter leaves the state unchanged and raises the
 `nonfinite` metric, which the loop turns into an error naming the step.
 
 Batches are dicts: `image` `(b, S, S, 3)` float, `mask` `(b, H, W)` in [0, 1]
@@ -82,8 +82,8 @@ def train_step(state: TrainState, batch: dict, *, objective: losses.Objective,
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
     metrics = jax.lax.pmean(metrics, axis_name)
-  finite = _all_finite(metrics['loss'], grads)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  finite = _all_finite(metrics['loss'], grads, new_state.params)
   new_state = jax.tree.map(functools.partial(jnp.where, finite), new_state, state)
   metrics['grad_norm'] = optax.tree.norm(grads)
   metrics['nonfinite'] = 1.0 - finite.astype(jnp.float32)

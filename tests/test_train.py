@@ -1,0 +1,143 @@
+"""The training loop end to end: resume, non-finite guard, the real entry point."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+import data_fixtures
+from data_fixtures import synthetic_cvd_dir, synthetic_data_dir, synthetic_pets_dir  # pylint: disable=unused-import
+from cco_jax import checkpointing
+from cco_jax import train
+from cco_jax import train_step as step_lib
+from experiments.configs import pets as pets_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(pets_dir, cvd_dir, data_dir, **overrides):
+  """The `cpu` variant shrunk to seconds: 32 px, width 4, 4x4 maps."""
+  config = pets_config.get_config('cpu')
+  with config.unlocked():
+    config.data.manual_dir = str(pets_dir)
+    config.data.ood_manual_dir = str(cvd_dir)
+    config.data.tfds_data_dir = str(data_dir)
+    config.data.image_size = 32
+    config.model.num_filters = 4
+    config.batch_size = 8
+    config.eval_batch_size = 16
+    config.log_every_steps = 2
+    config.eval_every_steps = 2
+    config.num_figure_examples = 2
+    for key, value in overrides.items():
+      target = config
+      *path, last = key.split('.')
+      for part in path:
+        target = target[part]
+      target[last] = value
+  return config
+
+
+def _restore_params(workdir, config, step=None):
+  setup = train.build(config)
+  manager = checkpointing.create_manager(str(workdir), config.keep_checkpoints)
+  template = step_lib.create_train_state(jax.random.key(0, impl=config.rng_impl or None),
+                                         setup.model, config.data.image_size, setup.tx)
+  state, _, _, restored_step = checkpointing.restore(manager, template, step)
+  return state, restored_step
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path, synthetic_pets_dir,
+                                              synthetic_cvd_dir, synthetic_data_dir):
+  dirs = (synthetic_pets_dir, synthetic_cvd_dir, synthetic_data_dir)
+  straight = tmp_path / 'straight'
+  train.train_and_evaluate(tiny_config(*dirs, num_train_steps=6), str(straight))
+
+  resumed = tmp_path / 'resumed'
+  train.train_and_evaluate(tiny_config(*dirs, num_train_steps=3), str(resumed))
+  train.train_and_evaluate(tiny_config(*dirs, num_train_steps=6), str(resumed))
+
+  config = tiny_config(*dirs, num_train_steps=6)
+  a, step_a = _restore_params(straight, config)
+  b, step_b = _restore_params(resumed, config)
+  assert step_a == step_b == 6
+  chex.assert_trees_all_equal(a.params, b.params)
+  chex.assert_trees_all_equal(a.batch_stats, b.batch_stats)
+  chex.assert_trees_all_equal(a.opt_state, b.opt_state)
+
+  records = [json.loads(line) for line in open(resumed / 'metrics.jsonl')]
+  train_steps = [r['step'] for r in records if 'train_loss' in r]
+  assert train_steps == sorted(set(train_steps)), 'a step was logged twice'
+  assert (resumed / 'final_metrics.json').exists()
+  assert list((resumed / 'figures').glob('cams_step_*.png'))
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(
+    tmp_path, synthetic_pets_dir, synthetic_cvd_dir, synthetic_data_dir):
+  dirs = (synthetic_pets_dir, synthetic_cvd_dir, synthetic_data_dir)
+  workdir = tmp_path / 'run'
+  train.train_and_evaluate(tiny_config(*dirs, num_train_steps=2), str(workdir))
+  config = tiny_config(*dirs, num_train_steps=6)
+  with config.unlocked():
+    config.optimizer.learning_rate = float('inf')
+  with pytest.raises(train.NonFiniteLoss, match=r'step 3\b.*last good checkpoint \(step 2\)'):
+    train.train_and_evaluate(config, str(workdir))
+  manager = checkpointing.create_manager(str(workdir))
+  assert manager.latest_step() == 2
+
+
+@pytest.mark.skipif(not data_fixtures.REAL_PETS.exists(),
+                    reason='shared/data is absent (a fresh clone)')
+def test_entry_point_on_shared_sample_writes_and_resumes(tmp_path):
+  """`python -m experiments.pets` on the real sample, 2 devices, then resumed."""
+  workdir = tmp_path / 'pets_cpu'
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_PLATFORMS='cpu')
+
+  def run(steps):
+    command = [
+        sys.executable, '-m', 'experiments.pets',
+        '--config=experiments/configs/pets.py:cpu', f'--workdir={workdir}',
+        f'--config.data.manual_dir={data_fixtures.REAL_PETS}',
+        f'--config.data.ood_manual_dir={data_fixtures.REAL_CATS_VS_DOGS}',
+        f'--config.data.tfds_data_dir={tmp_path / "tfds"}',
+        '--config.data.image_size=32', '--config.model.num_filters=8',
+        f'--config.num_train_steps={steps}', '--config.log_every_steps=2',
+        '--config.eval_every_steps=2', '--config.num_figure_examples=2',
+    ]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stderr
+
+  run(2)
+  log = run(4)
+  assert 'Resumed from step 2' in log
+  records = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+  assert [r['step'] for r in records if 'train_loss' in r] == [2, 4]
+  assert all(np.isfinite(r['train_loss']) for r in records if 'train_loss' in r)
+  final = json.loads((workdir / 'final_metrics.json').read_text())
+  assert final['test_count'] == 391 and final['ood_count'] == 2000
+  assert 0.0 <= final['ood_accuracy'] <= 1.0
+  steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  assert steps[-1] == 4
+  assert (workdir / 'figures' / 'learning_curves.png').stat().st_size > 0
+  assert list((workdir / 'figures').glob('cams_step_*.png'))
+  assert list((workdir / 'tensorboard').iterdir())
+  config = json.loads((workdir / 'config.json').read_text())
+  assert config['num_train_steps'] == 4
+
+
+def test_misspelt_config_key_is_an_error():
+  result = subprocess.run(
+      [sys.executable, '-m', 'experiments.pets', '--config=experiments/configs/pets.py:cpu',
+       '--workdir=/tmp/unused', '--config.data.manul_dir=x'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert 'manul_dir' in result.stderr
