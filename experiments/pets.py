@@ -11,6 +11,7 @@ set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID); on Cloud
 TPU pods --jax_distributed alone suffices.
 """
 
+import logging as logging_lib
 import os
 
 from absl import app
@@ -30,9 +31,17 @@ config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+class _QuietOrbax(logging_lib.Filter):
+  """Drops Orbax's per-save INFO chatter; its warnings and errors still show."""
+
+  def filter(self, record):
+    return record.levelno > logging_lib.INFO or '/orbax/' not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietOrbax())
   if FLAGS.jax_distributed or os.environ.get('JAX_COORDINATOR_ADDRESS'):
     jax.distributed.initialize()
   logging.info('JAX process %d/%d, local devices: %s', jax.process_index(),

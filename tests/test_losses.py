@@ -115,7 +115,7 @@ def margin_atol(cams):
 
 
 SHAPES = ((1, 1, 1, 2), (2, 3, 5, 4), (3, 7, 7, 2), (4, 14, 14, 37))
-CASES = [(shape, seed) for shape in SHAPES for seed in (0, 1)]
+CASES = [(shape, seed) for seed, shape in enumerate(SHAPES)]
 
 
 # ---------------------------------------------------------------------------
@@ -366,10 +366,10 @@ class CamDivergenceTest(chex.TestCase):
       np.testing.assert_allclose(out, expected, rtol=1e-6)
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(*[(shape, seed, soft, form) for shape, seed in CASES
-                              for soft in (False, True) for form in ('talk', 'paper')])
-  def test_matches_reference(self, shape, seed, soft, form):
-    cams, labels, mask = random_case(seed, shape, soft_mask=soft)
+  @parameterized.parameters(*[(shape, seed, form) for shape, seed in CASES
+                              for form in ('talk', 'paper')])
+  def test_matches_reference(self, shape, seed, form):
+    cams, labels, mask = random_case(seed, shape, soft_mask=seed % 2 == 1)
     scales = ((10.0, 50.0), (50.0, 1.0))[form == 'paper']  # talk's and paper's settings
     fn = self.variant(lambda c, y, m: losses.cam_divergence(c, y, m, *scales, form=form))
     out = fn(cams, labels, mask)
@@ -385,7 +385,7 @@ class CamDivergenceTest(chex.TestCase):
                                np_cam_divergence(cams, labels, mask, 10.0, 50.0, 'talk'),
                                rtol=RTOL)
 
-  @parameterized.parameters(*[(shape, seed, form) for shape, seed in CASES[2:6]
+  @parameterized.parameters(*[(shape, seed, form) for shape, seed in CASES[1:3]
                               for form in ('talk', 'paper')])
   def test_target_term_carries_no_gradient(self, shape, seed, form):
     cams, labels, mask = random_case(seed, shape, soft_mask=True)
@@ -409,7 +409,7 @@ class CamDivergenceTest(chex.TestCase):
     np.testing.assert_allclose(float(full(cams)) - float(reduced(cams)), constant,
                                rtol=1e-4, atol=1e-4)
 
-  @parameterized.parameters(('talk', 1.0), ('paper', 1.0), ('talk', 1e3), ('paper', 1e3))
+  @parameterized.parameters(('talk', 1e3), ('paper', 1e3))
   def test_gradient_finite_for_extreme_inputs(self, form, scale):
     cams, labels, mask = random_case(5, (3, 5, 5, 4), scale=scale)
     mask[0] = 0.0  # empty foreground
@@ -576,13 +576,12 @@ class MakeObjectiveTest(chex.TestCase):
     np.testing.assert_allclose(loss, 1.0 * ace + 1e-3 * kld, rtol=RTOL)
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(*[(name, weights, seed)
-                              for name in ('ce', 'ace', 'ace_kld', 'ce_kld')
-                              for weights, seed in ((None, 0), (CUSTOM, 1))])
-  def test_loss_is_weighted_sum_of_term_means(self, name, weights, seed):
-    weights_or_default = weights or losses.LossWeights()
-    logits, cams, labels, mask = objective_inputs(seed)
-    objective = losses.make_objective(name, weights)
+  @parameterized.parameters('ce', 'ace', 'ace_kld', 'ce_kld')
+  def test_loss_is_weighted_sum_of_term_means(self, name):
+    # Non-default weights, temperatures, form and smoothing: each must be used.
+    weights_or_default = CUSTOM
+    logits, cams, labels, mask = objective_inputs(1)
+    objective = losses.make_objective(name, CUSTOM)
     loss, metrics = self.variant(objective)(logits, cams, labels, mask)
     means = term_means(weights_or_default, logits, cams, labels, mask)
     used = losses.OBJECTIVES[name]
