@@ -35,7 +35,10 @@ def check_labels(labels, num_classes: int, batch: int, name: str = 'labels') -> 
         f'{name} must be integer class indices, got dtype {labels.dtype}; pass '
         'class ids, not one-hot vectors.')
   if _is_concrete(labels) and labels.size:
-    lo, hi = int(np.min(labels)), int(np.max(labels))
+    # On a host copy: np.min(jax_array) calls jax_array.min(), which a jit trace
+    # stages even for a concrete array closed over by the traced function.
+    values = np.asarray(labels)
+    lo, hi = int(values.min()), int(values.max())
     if lo < 0 or hi >= num_classes:
       raise ValueError(
           f'{name} must lie in [0, {num_classes}) for {num_classes} classes; got '
@@ -61,7 +64,8 @@ def check_cams_and_mask(cams, fg_mask, name: str = 'fg_mask') -> None:
         'resolution. Resize it to the CAM grid (input_pipeline does this when '
         'given the model\'s cam_size).')
   if _is_concrete(fg_mask) and fg_mask.size:
-    lo, hi = float(np.min(fg_mask)), float(np.max(fg_mask))
+    values = np.asarray(fg_mask)  # host copy, as in check_labels
+    lo, hi = float(values.min()), float(values.max())
     if lo < 0 or hi > 1:
       raise ValueError(
           f'{name} values must lie in [0, 1] (1 = object); got [{lo}, {hi}]. '

@@ -101,14 +101,18 @@ class HiResCamTest(chex.TestCase):
     rng = np.random.default_rng(7 + sum(shape))
     features = jnp.asarray(rng.normal(size=shape), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(shape[-1], num_classes)), jnp.float32)
-    expected = []
-    for c in range(num_classes):  # one backward pass per class, summed over the batch
-      grad = jax.grad(lambda a: logits_of(a, kernel)[:, c].sum())(features)
-      expected.append((grad * features).sum(-1))
-    expected = jnp.stack(expected, -1)
-    # And the same through the full Jacobian.
-    jac = jax.jacrev(lambda a: logits_of(a, kernel))(features)   # (B, C, B, H, W, F)
-    via_jac = jnp.einsum('bcbhwf,bhwf->bhwc', jac, features)
+
+    @jax.jit  # one compile instead of one per primitive (eager mode)
+    def by_autodiff(features, kernel):
+      per_class = []
+      for c in range(num_classes):  # one backward pass per class, summed over the batch
+        grad = jax.grad(lambda a: logits_of(a, kernel)[:, c].sum())(features)
+        per_class.append((grad * features).sum(-1))
+      # And the same through the full Jacobian, (B, C, B, H, W, F).
+      jac = jax.jacrev(lambda a: logits_of(a, kernel))(features)
+      return jnp.stack(per_class, -1), jnp.einsum('bcbhwf,bhwf->bhwc', jac, features)
+
+    expected, via_jac = by_autodiff(features, kernel)
     cams = cams_lib.hirescam(features, kernel)
     np.testing.assert_allclose(cams, expected, rtol=RTOL, atol=1e-6)
     np.testing.assert_allclose(cams, via_jac, rtol=RTOL, atol=1e-6)
@@ -177,6 +181,24 @@ class ContrastiveCamsTest(chex.TestCase):
       jax.jit(cams_lib.contrastive_cams)(cams, np.zeros(3, np.int32))
     # ... value checks are skipped for tracers (no host sync in compiled code).
     jax.jit(cams_lib.contrastive_cams)(cams, labels)
+
+  def test_concrete_arrays_closed_over_under_jit(self):
+    """Regression: labels/masks that are concrete jax arrays captured by a jitted
+    function used to crash the value checks (np.min staged a jnp.min on them)."""
+    cams, labels, mask = random_case(0, (2, 3, 3, 4))
+    labels, mask = jnp.asarray(labels), jnp.asarray(mask)
+    contrastive = jax.jit(lambda c: cams_lib.contrastive_cams(c, labels))(cams)
+    np.testing.assert_allclose(contrastive, np_contrastive(cams, labels), atol=1e-6)
+    out = jax.jit(lambda k: cams_lib.pixel_influence(k, mask))(contrastive)
+    np.testing.assert_allclose(out['net'], np_pixel_influence(contrastive, mask)['net'],
+                               rtol=RTOL)
+    # They are concrete, so they are still checked.
+    bad_labels, bad_mask = jnp.array([0, 4]), 2 * mask
+    with pytest.raises(ValueError, match=r'labels must lie in \[0, 4\).*got values in '
+                       r'\[0, 4\]'):
+      jax.jit(lambda c: cams_lib.contrastive_cams(c, bad_labels))(cams)
+    with pytest.raises(ValueError, match=r'fg_mask values must lie in \[0, 1\]'):
+      jax.jit(lambda k: cams_lib.pixel_influence(k, bad_mask))(contrastive)
 
 
 class LabelAndCamErrorsTest(parameterized.TestCase):
