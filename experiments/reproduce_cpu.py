@@ -50,6 +50,12 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASETS = ('species', 'spurious')
 VARIANTS = {'cpu_ce': 'CE control', 'cpu_ace': 'ACE', 'cpu': 'ACE + divergence'}
+# Every variant the table can name (--variants), e.g. the paper-scale ones that
+# experiments/gpu_reproduce.sh trains on a GPU.
+LABELS = {**VARIANTS, 'binary_ce': 'CE control (ResNet-50)',
+          'binary': 'ACE + divergence (ResNet-50)',
+          'breeds_ce': 'CE control (ResNet-50, 37 breeds)',
+          'breeds': 'ACE + divergence (ResNet-50, 37 breeds)'}
 REPORT = 'report.json'
 CROSS_REPORT = 'report_spurious_reversed.json'
 
@@ -63,6 +69,9 @@ _CVD_DIR = flags.DEFINE_string('cvd_dir', '../shared/data/cats-vs-dogs-sample',
                                'Cats-vs-Dogs (PetImages/{Cat,Dog}).')
 _ONLY = flags.DEFINE_list('only', [], 'Subset: dataset names (species, spurious) '
                           'and/or variant names (cpu_ce, cpu_ace, cpu).')
+_VARIANTS = flags.DEFINE_list('variants', list(VARIANTS), 'Variants of '
+                              'experiments/configs/pets.py to train, among '
+                              f'{sorted(LABELS)}.')
 _OVERRIDE = flags.DEFINE_multi_string('override', [], 'Extra training config '
                                       'overrides KEY=VALUE (without "config.").')
 _CORRELATION = flags.DEFINE_float('correlation', 0.9,
@@ -84,18 +93,24 @@ class RunSpec:
     return f'{self.dataset}_{self.variant}_s{self.seed}'
 
 
-def select_runs(only: list[str], seeds: list[int]) -> list[RunSpec]:
-  """The runs of `DATASETS` x `VARIANTS` x `seeds` that `only` selects.
+def select_runs(only: list[str], seeds: list[int],
+                variants: list[str] | tuple[str, ...] = tuple(VARIANTS)) -> list[RunSpec]:
+  """The runs of `DATASETS` x `variants` x `seeds` that `only` selects.
 
   Raises:
-    ValueError: an `only` name that is neither a dataset nor a variant.
+    ValueError: an `only` name that is neither a dataset nor a variant, or an
+      unknown variant.
   """
-  unknown = set(only) - set(DATASETS) - set(VARIANTS)
+  unknown_variants = set(variants) - set(LABELS)
+  if unknown_variants:
+    raise ValueError(f'--variants names {sorted(unknown_variants)} are unknown; '
+                     f'choose among {sorted(LABELS)}.')
+  unknown = set(only) - set(DATASETS) - set(variants)
   if unknown:
     raise ValueError(f'--only names {sorted(unknown)} are unknown; use datasets '
-                     f'{DATASETS} and/or variants {tuple(VARIANTS)}.')
+                     f'{DATASETS} and/or variants {tuple(variants)}.')
   datasets = [d for d in DATASETS if d in only] or list(DATASETS)
-  variants = [v for v in VARIANTS if v in only] or list(VARIANTS)
+  variants = [v for v in variants if v in only] or list(variants)
   return [RunSpec(d, v, s) for d in datasets for v in variants for s in seeds]
 
 
@@ -219,11 +234,11 @@ def aggregate(records: list[dict]) -> list[dict]:
   """Mean and sample std (ddof=1; 0 for one seed) per dataset and variant."""
   rows = []
   for dataset in DATASETS:
-    for variant in VARIANTS:
+    for variant in dict.fromkeys(r['variant'] for r in records):
       group = [r for r in records if r['dataset'] == dataset and r['variant'] == variant]
       if not group:
         continue
-      row = {'dataset': dataset, 'variant': variant, 'objective': VARIANTS[variant],
+      row = {'dataset': dataset, 'variant': variant, 'objective': LABELS[variant],
              'seeds': [r['seed'] for r in group]}
       for key, _ in COLUMNS + (('relative_foreground_sensitivity', ''),
                                ('bg_share_mean_of_images', '')):
@@ -278,7 +293,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   out = os.path.abspath(_OUT.value)
-  specs = select_runs(_ONLY.value, [int(s) for s in _SEEDS.value])
+  specs = select_runs(_ONLY.value, [int(s) for s in _SEEDS.value], _VARIANTS.value)
   spurious_dir = None
   if any(s.dataset == 'spurious' for s in specs) or os.path.exists(
       dataset_dir('spurious', out, _PETS_DIR.value)):
