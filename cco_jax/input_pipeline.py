@@ -212,8 +212,9 @@ def prepare_dataset(name: str, *, manual_dir: str = '',
         manual_dir=manual_dir or None))
     return builder
   recorded = _recorded_source(builder)
-  if manual_dir and recorded != os.path.realpath(os.path.expanduser(
-      manual_dir)):
+  same = lambda a, b: os.path.realpath(os.path.expanduser(a)) == os.path.realpath(
+      os.path.expanduser(b))
+  if manual_dir and not same(recorded, manual_dir):
     raise ValueError(
         f'{builder.data_dir} already holds {builder.name} prepared from '
         f'{recorded!r}, not from manual_dir {manual_dir!r}. Use another data '
