@@ -36,7 +36,9 @@ Presets:
   gpu    step: ResNet-50 @224 (--dtype, bfloat16 for mixed precision), batch
          80 with 37 and 2 classes, and 37 classes at batch 192 (ACE +
          divergence only). cams: features (80, 14, 14, 2048); network batch 8.
-  --smoke  tiny models and few repeats, for tests and a first check anywhere.
+  --smoke  a tiny ResNet (CE and ACE + divergence only), tiny maps, a 32 px loop
+         and 2 repeats: checks that everything runs (each step still takes
+         ~20 s to compile on a busy 2-core CPU), not speed.
 
 On CPU, `experiments.cpu_tuning`'s XLA flag is applied (as `experiments.pets`
 does) unless --nocpu_xla_tuning; --compare_cpu_xla times every objective both
@@ -69,10 +71,12 @@ import optax
 from cco_jax import cams as cams_lib
 from cco_jax import losses
 from cco_jax import models
-from cco_jax import train
 from cco_jax import train_step as step_lib
 from experiments import cpu_tuning
-from experiments.configs import pets as pets_config
+
+# `cco_jax.train` (input pipeline: TFDS, Grain) and the configs (ml_collections)
+# are imported where the `cpu` preset and the loop need them, so that the `gpu`
+# preset runs on an image with only jax, flax and optax.
 
 _SHARED = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
 SECTIONS = ('step', 'cams', 'loop')
@@ -148,8 +152,13 @@ class Preset:
   loop_overrides: dict = dataclasses.field(default_factory=dict)
 
 
+def _pets_config(variant: str):
+  from experiments.configs import pets as pets_config  # pylint: disable=g-import-not-at-top
+  return pets_config.get_config(variant)
+
+
 def _config_setting(variant: str, label: str, **overrides) -> StepSetting:
-  config = pets_config.get_config(variant)
+  config = _pets_config(variant)
   model = config.model
   fields = dict(label=label, name=f'config:{variant}', image_size=config.data.image_size,
                 batch=config.batch_size, num_classes=2, num_filters=model.num_filters,
@@ -163,9 +172,8 @@ def preset(name: str, smoke: bool) -> Preset:
   if smoke:
     tiny = dict(num_filters=8, stem='strided', stage_sizes=(1, 1, 1, 1))
     return Preset(
-        steps=(StepSetting('tiny_resnet18', 'resnet18', 32, 4, 2, **tiny),
-               _config_setting('cpu', 'cpu_config', image_size=32, batch=4,
-                               num_filters=4, objectives=('ce', 'ace_kld'))),
+        steps=(StepSetting('tiny_resnet18', 'resnet18', 32, 4, 2,
+                           objectives=('ce', 'ace_kld'), **tiny),),
         cams=CamSetting('resnet50', 32, batch=2, network_batch=1, classes=(2, 5), **tiny),
         sections=SECTIONS, repeats=2, loop_steps=3,
         loop_overrides={'data.image_size': 32, 'model.num_filters': 4, 'batch_size': 8,
@@ -207,7 +215,7 @@ def build_model(setting: StepSetting | CamSetting, dtype=jnp.float32) -> models.
   """The setting's faithful model (CamSettings get 2 classes; callers clone)."""
   name = setting.name
   if name.startswith('config:'):
-    name = pets_config.get_config(name.split(':', 1)[1]).model.name
+    name = _pets_config(name.split(':', 1)[1]).model.name
   return models.create_model(name, getattr(setting, 'num_classes', 2),
                              dtype=dtype, num_filters=setting.num_filters,
                              stem=setting.stem, stage_sizes=setting.stage_sizes or None)
@@ -506,7 +514,7 @@ def time_cams(setting: CamSetting, repeats: int) -> dict:
 # ----------------------------------------------------------------------------
 
 def loop_config(pets_dir: str, tfds_data_dir: str, overrides: dict):
-  config = pets_config.get_config('cpu')
+  config = _pets_config('cpu')
   with config.unlocked():
     config.data.manual_dir = pets_dir
     config.data.tfds_data_dir = tfds_data_dir
@@ -521,6 +529,7 @@ def loop_config(pets_dir: str, tfds_data_dir: str, overrides: dict):
 
 def time_loop(config, steps: int, rounds: int = 3) -> dict:
   """Images/s: input pipeline alone, step alone, and both as `train` runs them."""
+  from cco_jax import train  # pylint: disable=g-import-not-at-top
   load_start = loadavg()
   setup, build_s, _ = timed(lambda: train.build(config))
   state = step_lib.create_train_state(jax.random.key(config.seed, impl=config.rng_impl or None),
@@ -664,14 +673,19 @@ def run(chosen: Preset, settings: Sequence[StepSetting], sections: Sequence[str]
         repeats: int, *, added_flags: str = '', dtype=jnp.float32,
         objectives: Sequence[str] | None = None, compare_cpu_xla: bool = False,
         peak_tflops: float = 0.0, pets_dir: str = '', tfds_data_dir: str = '',
-        loop_steps: int | None = None) -> dict:
-  """Runs the sections; returns the results (also what `main` writes as JSON)."""
+        loop_steps: int | None = None, compiler_options: dict | None = None) -> dict:
+  """Runs the sections; returns the results (also what `main` writes as JSON).
+
+  `compiler_options` (XLA debug options) apply to the timed steps' compilation,
+  e.g. a lower optimisation level to make a smoke test compile faster.
+  """
   results = {'environment': environment(added_flags),
              'settings': {'sections': list(sections), 'repeats': repeats,
                           'dtype': jnp.dtype(dtype).name,
                           'compare_cpu_xla': compare_cpu_xla, 'peak_tflops': peak_tflops}}
-  variants = ({'xla_default': {}, 'cpu_tuned': cpu_tuning.COMPILER_OPTIONS}
-              if compare_cpu_xla else None)
+  variants = ({'xla_default': dict(compiler_options or {}),
+               'cpu_tuned': {**(compiler_options or {}), **cpu_tuning.COMPILER_OPTIONS}}
+              if compare_cpu_xla else {'': dict(compiler_options or {})})
   if 'step' in sections:
     results['step'] = []
     for setting in settings:
