@@ -90,6 +90,8 @@ from cco_jax.datasets import DatasetEntry
 from cco_jax.datasets import oxford_iiit_pet
 
 Batch = dict[str, np.ndarray]
+# Length of an endless Grain source (batches are drawn lazily by index).
+_ENDLESS = 2**62
 Example = dict[str, Any]
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -573,9 +575,16 @@ class _Decoded:
 
 @dataclasses.dataclass(frozen=True)
 class _Cached:
-  """Examples decoded and squashed once, held as arrays (a Grain source)."""
+  """Examples decoded and squashed once, held as arrays (a Grain source).
+
+  Items carry the arrays themselves ('image_array', 'fg_array') and the CAM
+  mask of the whole image ('cam_mask', empty masks already all ones), so an
+  uncropped training example needs no Pillow work at all (`_train_example`);
+  a cropped one is rendered from the (S, S) copies as usual.
+  """
   images: np.ndarray  # uint8 (N, S, S, 3)
   fgs: np.ndarray | None  # uint8 (N, S, S) in {0, 1}; None without masks.
+  cam_masks: np.ndarray  # float32 (N, h, w): `cam_mask` of the full image.
   labels: np.ndarray  # int32 (N,)
   indices: np.ndarray  # int32 (N,): positions in the pipeline split.
   file_names: tuple[str, ...]
@@ -584,10 +593,91 @@ class _Cached:
     return len(self.labels)
 
   def __getitem__(self, i: int) -> Example:
-    return {'image': Image.fromarray(self.images[i]),
-            'fg': None if self.fgs is None else Image.fromarray(self.fgs[i]),
+    return {'image_array': self.images[i],
+            'fg_array': None if self.fgs is None else self.fgs[i],
+            'cam_mask': self.cam_masks[i],
             'label': int(self.labels[i]), 'index': int(self.indices[i]),
             'file_name': self.file_names[i]}
+
+
+def _as_images(example: Example) -> Example:
+  """A `_Cached` item as `decode` returns examples (Pillow images)."""
+  fg = example['fg_array']
+  return {'image': Image.fromarray(example['image_array']),
+          'fg': None if fg is None else Image.fromarray(fg),
+          'label': example['label'], 'index': example['index'],
+          'file_name': example['file_name']}
+
+
+def _cached_model_input(example: Example, *, normalize: bool, flip: bool) -> Example:
+  """`to_model_input` of an uncropped `_Cached` item, by array operations only.
+
+  Equal, bit for bit, to rendering `_as_images(example)` with the full box:
+  the cached image already has the model's size and the CAM mask was made from
+  the same cached foreground.
+  """
+  image, mask = example['image_array'], example['cam_mask']
+  if flip:
+    image, mask = image[:, ::-1], mask[:, ::-1]
+  image = image.astype(np.float32) * np.float32(1 / 255)
+  if normalize:
+    image = (image - IMAGENET_MEAN) / IMAGENET_STD
+  return {'image': image, 'mask': np.ascontiguousarray(mask),
+          'label': np.int32(example['label']), 'index': np.int32(example['index']),
+          'file_name': example['file_name']}
+
+
+@dataclasses.dataclass(frozen=True)
+class _CachedBatches:
+  """Uncropped training batches from a `_Cached` source, one array gather each.
+
+  Batch k (a Grain source of endless length) holds examples
+  k*b .. (k+1)*b - 1 of the stream of epochs, epoch e being the permutation
+  `default_rng([shuffle_seed, e]).permutation(n)` of the cache, and its flips
+  come from `default_rng([augment_seed, k])`: a pure function of k, so resuming
+  at batch k needs nothing else. Rendering is `_cached_model_input`'s
+  arithmetic on the whole batch at once (no per-example Python work), which
+  keeps the input's share of a 2-core CPU small (docs/benchmarks/training.md).
+  """
+  cached: _Cached
+  batch_size: int  # Examples per host and batch.
+  num_devices: int
+  shuffle_seed: int
+  augment_seed: int
+  flip: bool
+  normalize: bool
+  keys: tuple[str, ...]
+
+  def __len__(self) -> int:
+    return _ENDLESS
+
+  def positions(self, k: int) -> np.ndarray:
+    """Positions in the cache of batch k's examples, int64 (b,)."""
+    n = len(self.cached)
+    stream = np.arange(k * self.batch_size, (k + 1) * self.batch_size)
+    epochs = stream // n
+    positions = np.empty(self.batch_size, np.int64)
+    for epoch in np.unique(epochs):
+      chosen = epochs == epoch
+      order = np.random.default_rng([self.shuffle_seed, int(epoch)]).permutation(n)
+      positions[chosen] = order[stream[chosen] % n]
+    return positions
+
+  def __getitem__(self, k: int) -> Batch:
+    positions = self.positions(k)
+    images = self.cached.images[positions]
+    masks = self.cached.cam_masks[positions]
+    if self.flip:
+      flips = np.random.default_rng([self.augment_seed, k]).random(self.batch_size) < 0.5
+      images[flips] = images[flips, :, ::-1]
+      masks[flips] = masks[flips, :, ::-1]
+    images = images.astype(np.float32) * np.float32(1 / 255)
+    if self.normalize:
+      images = (images - IMAGENET_MEAN) / IMAGENET_STD
+    batch = {'image': images, 'mask': masks, 'label': self.cached.labels[positions],
+             'index': self.cached.indices[positions]}
+    return {key: batch[key].reshape(self.num_devices, -1, *batch[key].shape[1:])
+            for key in self.keys}
 
 
 def _read_options(prefetch: int) -> grain.ReadOptions:
@@ -603,7 +693,8 @@ def _squash_to_arrays(example: Example, *, size: int) -> Example:
                                                Image.Resampling.NEAREST)}
 
 
-def _cache(decoded: _Decoded, image_size: int) -> _Cached:
+def _cache(decoded: _Decoded, image_size: int, *, cam_size: tuple[int, int],
+           mask_resize: str) -> _Cached:
   """Decodes and squashes every example once (in order, with threads)."""
   squashed = grain.MapDataset.source(decoded).map(
       functools.partial(_squash_to_arrays, size=image_size))
@@ -611,9 +702,15 @@ def _cache(decoded: _Decoded, image_size: int) -> _Cached:
   logging.info('Cached %d decoded examples (%.0f MB).', len(examples),
                len(examples) * image_size**2 * 4 / 1e6)
   has_fg = examples[0]['fg'] is not None
+  cam_masks = []
+  for e in examples:
+    mask = cam_mask(None if e['fg'] is None else Image.fromarray(e['fg']), cam_size,
+                    mask_resize)
+    cam_masks.append(mask if mask.any() else np.ones_like(mask))
   return _Cached(
       images=np.stack([e['image'] for e in examples]),
       fgs=np.stack([e['fg'] for e in examples]) if has_fg else None,
+      cam_masks=np.stack(cam_masks),
       labels=np.array([e['label'] for e in examples], np.int32),
       indices=np.array([e['index'] for e in examples], np.int32),
       file_names=tuple(e['file_name'] for e in examples))
@@ -691,10 +788,17 @@ def _train_example(example: Example, rng: np.random.Generator, *,
                    data_config: ml_collections.ConfigDict,
                    cam_size: tuple[int, int]) -> Example:
   """Draws this example's crop box and flip, then renders it."""
-  box = (random_crop_box(*example['image'].size, rng)
-         if data_config.augment_crop else FULL_BOX)
+  cached = 'image_array' in example
+  if cached:
+    height, width = example['image_array'].shape[:2]
+  else:
+    width, height = example['image'].size
+  box = (random_crop_box(width, height, rng) if data_config.augment_crop else FULL_BOX)
   flip = bool(data_config.augment_flip and rng.random() < 0.5)
-  return to_model_input(example, image_size=data_config.image_size,
+  if cached and box == FULL_BOX:
+    return _cached_model_input(example, normalize=data_config.normalize, flip=flip)
+  return to_model_input(_as_images(example) if cached else example,
+                        image_size=data_config.image_size,
                         cam_size=cam_size, mask_resize=data_config.mask_resize,
                         normalize=data_config.normalize, with_pixel_mask=False,
                         box=box, flip=flip)
@@ -812,18 +916,25 @@ def create_train_iterator(data_config: ml_collections.ConfigDict, *,
                      data_config.boundary_is_foreground,
                      draft_size=_draft_size(data_config, training=True))
   if data_config.get('cache_decoded', False):
-    decoded = _cache(decoded, data_config.image_size)
+    decoded = _cache(decoded, data_config.image_size, cam_size=cam_size,
+                     mask_resize=data_config.mask_resize)
   shuffle_seed, augment_seed = _derived_seeds(
       seed, data_config.get('shuffle_seed_offset', 0))
-  batches = (
-      grain.MapDataset.source(decoded)
-      .shuffle(seed=shuffle_seed)
-      .repeat()  # Endless; each epoch is shuffled with a new permutation.
-      .random_map(functools.partial(_train_example, data_config=data_config,
-                                    cam_size=cam_size), seed=augment_seed)
-      .batch(per_host, drop_remainder=True, batch_fn=functools.partial(
-          _stack_for_devices, num_devices=num_devices,
-          keys=('image', 'mask', 'label') + ('index',) * with_index)))
+  keys = ('image', 'mask', 'label') + ('index',) * with_index
+  if isinstance(decoded, _Cached) and not data_config.augment_crop:
+    batches = grain.MapDataset.source(_CachedBatches(
+        decoded, batch_size=per_host, num_devices=num_devices,
+        shuffle_seed=shuffle_seed, augment_seed=augment_seed,
+        flip=data_config.augment_flip, normalize=data_config.normalize, keys=keys))
+  else:
+    batches = (
+        grain.MapDataset.source(decoded)
+        .shuffle(seed=shuffle_seed)
+        .repeat()  # Endless; each epoch is shuffled with a new permutation.
+        .random_map(functools.partial(_train_example, data_config=data_config,
+                                      cam_size=cam_size), seed=augment_seed)
+        .batch(per_host, drop_remainder=True, batch_fn=functools.partial(
+            _stack_for_devices, num_devices=num_devices, keys=keys)))
   fingerprint = {
       'num_examples': len(source),
       # Not num_devices: batch k holds the same examples however many local

@@ -31,7 +31,10 @@ Sections (--sections, default all of the preset's):
 Presets:
   cpu    step: create_model('resnet18', num_classes=2) at 128 px, batch 32;
          the `cpu` config's model (64 px, batch 32); ResNet-50 @224, batch 8,
-         37 classes. cams: ResNet-50 @224 features (8, 14, 14, 2048), C = 2
+         37 classes; and, CE only, the two ResNets as the CE control
+         (cam_faithful=False: the unchanged architecture, whose last stage
+         downsamples, a quarter of the last stage's FLOPs), to compare with
+         `experiments.benchmark_torch --stock`. cams: ResNet-50 @224 features (8, 14, 14, 2048), C = 2
          and 37; whole network at batch 1. loop: `cpu` config.
   gpu    step: ResNet-50 @224 (--dtype, bfloat16 for mixed precision), batch
          80 with 37 and 2 classes, and 37 classes at batch 192 (ACE +
@@ -126,6 +129,9 @@ class StepSetting:
   stem: str = 'imagenet'
   stage_sizes: tuple[int, ...] = ()
   objectives: tuple[str, ...] = OBJECTIVES
+  # False: the CE control (last stage downsamples, head bias, final BN + ReLU),
+  # i.e. the unchanged torchvision architecture the PyTorch figures match.
+  cam_faithful: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,8 +187,12 @@ def preset(name: str, smoke: bool) -> Preset:
   if name == 'cpu':
     return Preset(
         steps=(StepSetting('resnet18_128', 'resnet18', 128, 32, 2),
+               StepSetting('resnet18_128_control', 'resnet18', 128, 32, 2,
+                           objectives=('ce',), cam_faithful=False),
                _config_setting('cpu', 'cpu_config'),
-               StepSetting('resnet50_224_b8_c37', 'resnet50', 224, 8, 37)),
+               StepSetting('resnet50_224_b8_c37', 'resnet50', 224, 8, 37),
+               StepSetting('resnet50_224_b8_c37_control', 'resnet50', 224, 8, 37,
+                           objectives=('ce',), cam_faithful=False)),
         cams=CamSetting('resnet50', 224, batch=8, network_batch=1, classes=(2, 37)),
         sections=SECTIONS, repeats=7, loop_steps=20)
   return Preset(
@@ -217,6 +227,7 @@ def build_model(setting: StepSetting | CamSetting, dtype=jnp.float32) -> models.
   if name.startswith('config:'):
     name = _pets_config(name.split(':', 1)[1]).model.name
   return models.create_model(name, getattr(setting, 'num_classes', 2),
+                             cam_faithful=getattr(setting, 'cam_faithful', True),
                              dtype=dtype, num_filters=setting.num_filters,
                              stem=setting.stem, stage_sizes=setting.stage_sizes or None)
 
@@ -610,6 +621,7 @@ def print_tables(results: dict) -> None:
     setting = entry['setting']
     print(f"\n[step] {setting['label']}: {setting['name']} @{setting['image_size']} px, "
           f"batch {setting['batch']}, {setting['num_classes']} classes, "
+          f"{'' if setting.get('cam_faithful', True) else 'CE control architecture, '}"
           f"{entry['dtype']}, maps {entry['cam_size']}, median of {entry['repeats']}, "
           f"load {entry['loadavg_start']} -> {entry['loadavg_end']}")
     print(f"  {'objective':22s} {'median s':>9s} {'img/s':>8s} {'/ CE':>6s} "

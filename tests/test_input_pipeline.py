@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+from PIL import Image
 import pytest
 
 from cco_jax import input_pipeline as ip
@@ -133,8 +134,12 @@ def test_normalize_uses_imagenet_statistics(synthetic_config):
       rtol=1e-5, atol=1e-5)
 
 
-def test_same_seed_same_batches_and_epochs_reshuffled(synthetic_config):
-  config = synthetic_config(augment_flip=True, augment_crop=True)
+@pytest.mark.parametrize('path', [
+    dict(augment_crop=True),  # Per-example rendering (Pillow).
+    dict(cache_decoded=True, augment_crop=False),  # Whole-batch gathers (_CachedBatches).
+], ids=['per_example', 'cached_batches'])
+def test_same_seed_same_batches_and_epochs_reshuffled(synthetic_config, path):
+  config = synthetic_config(augment_flip=True, **path)
   # 24 = 8 batches of 3 examples = almost one epoch of NUM_TRAIN = 27.
   make = lambda seed: ip.create_train_iterator(
       config, cam_size=CAM, global_batch_size=9, num_devices=3, seed=seed,
@@ -152,8 +157,12 @@ def test_same_seed_same_batches_and_epochs_reshuffled(synthetic_config):
   assert not np.array_equal(other_indices, epochs[0])
 
 
-def test_state_restores_mid_epoch_exactly(synthetic_config):
-  config = synthetic_config(augment_flip=True, augment_crop=True)
+@pytest.mark.parametrize('path', [
+    dict(augment_crop=True),  # Per-example rendering (Pillow).
+    dict(cache_decoded=True, augment_crop=False),  # Whole-batch gathers (_CachedBatches).
+], ids=['per_example', 'cached_batches'])
+def test_state_restores_mid_epoch_exactly(synthetic_config, path):
+  config = synthetic_config(augment_flip=True, **path)
   make = lambda: ip.create_train_iterator(
       config, cam_size=CAM, global_batch_size=8, num_devices=2, seed=5)
   original = make()
@@ -190,10 +199,11 @@ def test_worker_processes_give_the_same_batches(synthetic_config):
     workers.close()
 
 
-def test_cache_decoded_matches_shapes_and_is_deterministic(synthetic_config):
+@pytest.mark.parametrize('crop', [True, False])
+def test_cache_decoded_matches_shapes_and_is_deterministic(synthetic_config, crop):
   make = lambda: ip.create_train_iterator(
       synthetic_config(cache_decoded=True, augment_flip=True,
-                       augment_crop=True, mask_resize='area'),
+                       augment_crop=crop, mask_resize='area'),
       cam_size=CAM, global_batch_size=4, num_devices=1, seed=0, with_index=True)
   a, b = _take(make(), 2), _take(make(), 2)
   for x, y in zip(a, b):
@@ -202,6 +212,65 @@ def test_cache_decoded_matches_shapes_and_is_deterministic(synthetic_config):
   assert a[0]['image'].shape == (1, 4, 32, 32, 3)
   _check_alignment(a)
 
+
+
+@pytest.mark.parametrize('mask_resize', ['nearest', 'area'])
+@pytest.mark.parametrize('size,cam', [(32, (4, 4)), (24, (3, 5))])
+def test_cached_array_path_equals_the_pillow_path(mask_resize, size, cam):
+  # The uncropped cached path skips Pillow; it must render exactly what
+  # `to_model_input` renders from the same cached copy, flipped or not.
+  rng = np.random.default_rng(size)
+  n = 6
+  fgs = np.zeros((n, size, size), np.uint8)
+  for i in range(n - 1):  # The last foreground stays empty: its mask -> ones.
+    top, left = rng.integers(0, size // 2, 2)
+    fgs[i, top:top + rng.integers(2, size // 2), left:left + rng.integers(2, size // 2)] = 1
+  images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+  source = [{'image': Image.fromarray(images[i]), 'fg': Image.fromarray(fgs[i]),
+             'label': i % 2, 'index': i,
+             'file_name': f'{i}.jpg'} for i in range(n)]
+
+  class _List:
+    def __len__(self):
+      return n
+
+    def __getitem__(self, i):
+      return source[i]
+
+  cached = ip._cache(_List(), size, cam_size=cam, mask_resize=mask_resize)
+  assert cached.cam_masks.shape == (n, *cam)
+  np.testing.assert_array_equal(cached.cam_masks[-1], np.ones(cam, np.float32))
+  for i in range(n):
+    item = cached[i]
+    for flip in (False, True):
+      for normalize in (False, True):
+        fast = ip._cached_model_input(item, normalize=normalize, flip=flip)
+        slow = ip.to_model_input(ip._as_images(item), image_size=size, cam_size=cam,
+                                 mask_resize=mask_resize, normalize=normalize,
+                                 with_pixel_mask=False, flip=flip)
+        for key in ('image', 'mask', 'label', 'index'):
+          assert fast[key].dtype == slow[key].dtype, key
+          np.testing.assert_array_equal(fast[key], slow[key], err_msg=key)
+  # Whole batches render each example as `_cached_model_input` does.
+  batches = ip._CachedBatches(cached, batch_size=4, num_devices=2, shuffle_seed=3,
+                              augment_seed=4, flip=True, normalize=True,
+                              keys=('image', 'mask', 'label', 'index'))
+  flipped = 0
+  for k in range(5):  # 20 examples: three epochs of 6 and part of a fourth.
+    batch = batches[k]
+    assert batch['image'].shape == (2, 2, size, size, 3)
+    positions = batches.positions(k)
+    for row, position in enumerate(positions):
+      got = {key: value.reshape(4, *value.shape[2:])[row] for key, value in batch.items()}
+      candidates = [ip._cached_model_input(cached[position], normalize=True, flip=f)
+                    for f in (False, True)]
+      matches = [all(np.array_equal(got[key], c[key]) for key in got) for c in candidates]
+      assert any(matches), (k, row)
+      flipped += matches[1] and not matches[0]
+  assert 0 < flipped < 20
+  stream = np.concatenate([batches.positions(k) for k in range(3)])  # Two epochs.
+  for epoch in np.split(stream, 2):
+    np.testing.assert_array_equal(np.sort(epoch), np.arange(n))
 
 # ----------------------------------------------------------------------------
 # Masks.
