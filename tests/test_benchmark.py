@@ -1,0 +1,79 @@
+"""The benchmark's smoke mode runs and reports what docs/benchmarks/training.md reads.
+
+Speed is never asserted; only the structure of the results, and that the
+reference it compares against (per-class autodiff HiResCAM, through the head
+and through the whole network) yields the same maps as the one-pass einsum.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments import benchmark
+
+
+@pytest.fixture(scope='module')
+def smoke_results():
+  chosen = benchmark.preset('cpu', smoke=True)
+  # Optimisation level 0 compiles the steps ~1.5x faster; speed is not tested.
+  results = benchmark.run(chosen, chosen.steps, ('step', 'cams'), repeats=1,
+                          compiler_options={'xla_backend_optimization_level': 0})
+  json.dumps(results)  # What main() writes must be JSON.
+  return results
+
+
+def test_step_section_times_each_objective_and_its_ratio_to_ce(smoke_results):
+  (entry,) = smoke_results['step']
+  assert entry['setting']['label'] == 'tiny_resnet18'
+  rows = entry['objectives']
+  assert set(rows) == {'ce', 'ace_kld'}
+  for row in rows.values():
+    assert row['median_s'] > 0 and row['compile_s'] > 0 and row['lower_s'] > 0
+    assert row['images_per_s'] == pytest.approx(entry['setting']['batch'] / row['median_s'])
+    assert row['gflops_per_step'] > 0
+    assert np.isfinite(row['loss_last'])
+  assert rows['ce']['ratio_to_ce'] == 1.0
+  assert rows['ace_kld']['ratio_to_ce'] == pytest.approx(
+      rows['ace_kld']['median_s'] / rows['ce']['median_s'])
+
+
+def test_einsum_maps_equal_autodiff_maps(smoke_results):
+  cams = smoke_results['cams']
+  assert set(cams['features']) == {'2', '5'}
+  for row in cams['features'].values():
+    assert row['max_rel_err_loop'] < 1e-5
+    assert row['max_rel_err_vmap'] < 1e-5
+    assert row['einsum_s'] > 0 and row['autodiff_head_loop_s'] > 0
+  network = cams['network']
+  assert set(network['classes']) == {'2', '5'}
+  for count, row in network['classes'].items():
+    assert row['backward_passes'] == int(count)
+    assert row['max_rel_err'] < 1e-5
+    assert row['autodiff_total_s'] > row['backwards_s'] > 0
+
+
+def test_environment_records_versions_and_load(smoke_results):
+  env = smoke_results['environment']
+  for key in ('jax', 'jaxlib', 'flax', 'backend', 'cpus', 'xla_flags', 'loadavg_start',
+              'loadavg_end'):
+    assert key in env
+
+
+def test_autodiff_reference_on_a_known_head():
+  # One pixel, one channel per class: the map is A * W / (H W) exactly.
+  features = np.arange(1.0, 9.0, dtype=np.float32).reshape(1, 2, 2, 2)
+  kernel = np.array([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]], np.float32)
+  maps = np.asarray(benchmark.autodiff_maps_loop(features, kernel))
+  expected = np.einsum('bhwf,fc->bhwc', features, kernel) / 4
+  np.testing.assert_allclose(maps, expected, rtol=1e-6)
+  np.testing.assert_allclose(benchmark.autodiff_maps_vmap(features, kernel), expected,
+                             rtol=1e-6)
+
+
+def test_unknown_model_spec_is_a_usage_error():
+  chosen = benchmark.preset('cpu', smoke=False)
+  assert benchmark.parse_setting('resnet50:224:80:37', chosen.steps).batch == 80
+  assert benchmark.parse_setting('resnet18_128', chosen.steps).image_size == 128
+  with pytest.raises(Exception, match='neither a preset label'):
+    benchmark.parse_setting('vgg:1:2:3', chosen.steps)
