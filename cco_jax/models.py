@@ -129,6 +129,42 @@ def _max_pool_bwd(window, stride, residuals, g):
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
+class Conv(nn.Conv):
+  """`nn.Conv` that computes 1x1 convolutions as one matrix product.
+
+  With `pointwise_as_dot` (the default) a 1x1 kernel (any stride, 'SAME' or
+  'VALID' padding, no dilation or groups) runs as `x[:, ::s, ::s] @ kernel`;
+  other kernels go to `nn.Conv` unchanged. Same parameters (the class keeps
+  the name `Conv`, so the parameter tree is `Conv_0`, ... as with `nn.Conv`),
+  same values up to float summation order. Why: XLA's CPU backend computes a
+  convolution's weight gradient after transposing activations and gradients
+  (batch last), and in ResNet-50 those transposes took ~1.2 of a 5.1 s step;
+  a matrix product's gradients need no transposes (docs/benchmarks/training.md).
+  """
+  pointwise_as_dot: bool = True
+
+  @nn.compact
+  def __call__(self, inputs):
+    strides = self.strides or (1, 1)
+    strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
+    pointwise = (self.pointwise_as_dot and tuple(self.kernel_size) == (1, 1)
+                 and inputs.ndim == 4 and self.feature_group_count == 1
+                 and self.padding in ('SAME', 'VALID')
+                 and all(d in (None, 1, (1, 1)) for d in (self.input_dilation,
+                                                          self.kernel_dilation)))
+    if not pointwise:
+      return nn.Conv.__call__(self, inputs)
+    kernel = self.param('kernel', self.kernel_init,
+                        (1, 1, inputs.shape[-1], self.features), self.param_dtype)
+    x = inputs[:, ::strides[0], ::strides[1], :]
+    bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel[0, 0], bias, dtype=self.dtype)
+    batch, height, width, channels = x.shape
+    y = (x.reshape(-1, channels) @ kernel).reshape(batch, height, width, self.features)
+    return y if bias is None else y + bias
+
+
 class ResidualBlock(nn.Module):
   """Basic two-conv residual block (ResNet-18/34)."""
   filters: int
@@ -215,6 +251,8 @@ class ResNet(nn.Module):
     bn_axis_name: mapped axis over which BatchNorm averages batch statistics
       in training (e.g. 'batch' inside `pmap`), so replicas stay identical and
       a sharded batch normalises exactly like the whole batch; None outside.
+    pointwise_as_dot: run 1x1 convolutions as matrix products (`Conv`); the
+      parameters are the same either way.
   """
   stage_sizes: Sequence[int]
   block_cls: ModuleDef
@@ -224,11 +262,13 @@ class ResNet(nn.Module):
   stem: str = 'imagenet'
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  pointwise_as_dot: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             param_dtype=jnp.float32)
+    conv = functools.partial(Conv, use_bias=False, dtype=self.dtype,
+                             param_dtype=jnp.float32,
+                             pointwise_as_dot=self.pointwise_as_dot)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=0.9, epsilon=1e-5, dtype=self.dtype,
                              param_dtype=jnp.float32,
@@ -262,7 +302,8 @@ def create_model(name: str, num_classes: int, *, cam_faithful: bool = True,
                  dtype: Any = jnp.float32, num_filters: int = 64,
                  stem: str = 'imagenet',
                  stage_sizes: Sequence[int] | None = None,
-                 bn_axis_name: str | None = None) -> ResNet:
+                 bn_axis_name: str | None = None,
+                 pointwise_as_dot: bool = True) -> ResNet:
   """Builds a ResNet by name.
 
   Args:
@@ -274,6 +315,7 @@ def create_model(name: str, num_classes: int, *, cam_faithful: bool = True,
     stem: 'imagenet', 'strided' or 'small' (see `ResNet`).
     stage_sizes: override the blocks per stage (depth), e.g. (1, 1, 1, 1).
     bn_axis_name: see `ResNet`; the train step passes its pmap axis name.
+    pointwise_as_dot: see `ResNet` (False: every convolution is `nn.Conv`).
 
   Returns:
     An un-initialised `ResNet` module. Initialise with
@@ -287,7 +329,7 @@ def create_model(name: str, num_classes: int, *, cam_faithful: bool = True,
   return ResNet(stage_sizes=tuple(stage_sizes or STAGE_SIZES[name]), block_cls=block,
                 num_classes=num_classes, num_filters=num_filters,
                 cam_faithful=cam_faithful, stem=stem, dtype=dtype,
-                bn_axis_name=bn_axis_name)
+                bn_axis_name=bn_axis_name, pointwise_as_dot=pointwise_as_dot)
 
 
 def cam_size(model: ResNet, image_size: int) -> tuple[int, int]:

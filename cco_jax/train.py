@@ -60,7 +60,8 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int,
       config.model.name, num_classes, cam_faithful=config.model.cam_faithful,
       dtype=DTYPES[config.model.dtype], num_filters=config.model.num_filters,
       stem=config.model.stem, stage_sizes=tuple(config.model.stage_sizes) or None,
-      bn_axis_name=bn_axis_name)
+      bn_axis_name=bn_axis_name,
+      pointwise_as_dot=config.model.get('pointwise_as_dot', True))
 
 
 def create_objective(config: ml_collections.ConfigDict) -> losses.Objective:

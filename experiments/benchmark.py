@@ -106,6 +106,9 @@ _CPU_XLA_TUNING = flags.DEFINE_bool('cpu_xla_tuning', True,
 _COMPARE_CPU_XLA = flags.DEFINE_bool(
     'compare_cpu_xla', False, 'Time each objective compiled without and with the CPU '
     'tuning (implies --nocpu_xla_tuning for the process-wide flag).')
+_POINTWISE_AS_DOT = flags.DEFINE_bool(
+    'pointwise_as_dot', True, 'Models run 1x1 convolutions as matrix products '
+    '(`models.Conv`, the default); --nopointwise_as_dot times plain nn.Conv.')
 _PETS_DIR = flags.DEFINE_string('pets_dir', str(_SHARED / 'oxford-iiit-pet-sample'),
                                 'Oxford-IIIT Pet sample (official layout) for the loop.')
 _TFDS_DATA_DIR = flags.DEFINE_string('tfds_data_dir', '', 'Prepared data for the loop; '
@@ -221,15 +224,17 @@ def parse_setting(spec: str, settings: Sequence[StepSetting]) -> StepSetting:
   return StepSetting(spec.replace(':', '_'), name, size, batch, classes)
 
 
-def build_model(setting: StepSetting | CamSetting, dtype=jnp.float32) -> models.ResNet:
-  """The setting's faithful model (CamSettings get 2 classes; callers clone)."""
+def build_model(setting: StepSetting | CamSetting, dtype=jnp.float32,
+                pointwise_as_dot: bool = True) -> models.ResNet:
+  """The setting's model (CamSettings get 2 classes; callers clone)."""
   name = setting.name
   if name.startswith('config:'):
     name = _pets_config(name.split(':', 1)[1]).model.name
   return models.create_model(name, getattr(setting, 'num_classes', 2),
                              cam_faithful=getattr(setting, 'cam_faithful', True),
                              dtype=dtype, num_filters=setting.num_filters,
-                             stem=setting.stem, stage_sizes=setting.stage_sizes or None)
+                             stem=setting.stem, stage_sizes=setting.stage_sizes or None,
+                             pointwise_as_dot=pointwise_as_dot)
 
 
 # ----------------------------------------------------------------------------
@@ -303,10 +308,10 @@ def compile_step(state, batch, objective: str, compiler_options: dict | None):
 
 def time_steps(setting: StepSetting, objectives: Sequence[str], repeats: int, *,
                dtype=jnp.float32, xla_variants: dict[str, dict] | None = None,
-               peak_tflops: float = 0.0) -> dict:
+               peak_tflops: float = 0.0, pointwise_as_dot: bool = True) -> dict:
   """Median step time of each (XLA variant, objective), taking turns step by step."""
   xla_variants = xla_variants or {'': {}}
-  model = build_model(setting, dtype)
+  model = build_model(setting, dtype, pointwise_as_dot)
   tx = optax.adam(1e-3)
   state0 = step_lib.create_train_state(_key(), model, setting.image_size, tx)
   batch = synthetic_batch(model, setting.image_size, setting.batch, setting.num_classes)
@@ -351,6 +356,7 @@ def time_steps(setting: StepSetting, objectives: Sequence[str], repeats: int, *,
     results[key] = row
   del runs
   return {'setting': dataclasses.asdict(setting), 'dtype': jnp.dtype(dtype).name,
+          'pointwise_as_dot': pointwise_as_dot,
           'cam_size': list(models.cam_size(model, setting.image_size)),
           'loadavg_start': load_start, 'loadavg_end': loadavg(), 'repeats': repeats,
           'objectives': results}
@@ -622,7 +628,8 @@ def print_tables(results: dict) -> None:
     print(f"\n[step] {setting['label']}: {setting['name']} @{setting['image_size']} px, "
           f"batch {setting['batch']}, {setting['num_classes']} classes, "
           f"{'' if setting.get('cam_faithful', True) else 'CE control architecture, '}"
-          f"{entry['dtype']}, maps {entry['cam_size']}, median of {entry['repeats']}, "
+          f"{entry['dtype']}, {'1x1 as dot' if entry.get('pointwise_as_dot', True) else '1x1 by nn.Conv'}, "
+          f"maps {entry['cam_size']}, median of {entry['repeats']}, "
           f"load {entry['loadavg_start']} -> {entry['loadavg_end']}")
     print(f"  {'objective':22s} {'median s':>9s} {'img/s':>8s} {'/ CE':>6s} "
           f"{'CPU s':>7s} {'compile s':>9s} {'GFLOP':>8s} {'TFLOP/s':>8s}"
@@ -685,7 +692,8 @@ def run(chosen: Preset, settings: Sequence[StepSetting], sections: Sequence[str]
         repeats: int, *, added_flags: str = '', dtype=jnp.float32,
         objectives: Sequence[str] | None = None, compare_cpu_xla: bool = False,
         peak_tflops: float = 0.0, pets_dir: str = '', tfds_data_dir: str = '',
-        loop_steps: int | None = None, compiler_options: dict | None = None) -> dict:
+        loop_steps: int | None = None, compiler_options: dict | None = None,
+        pointwise_as_dot: bool = True) -> dict:
   """Runs the sections; returns the results (also what `main` writes as JSON).
 
   `compiler_options` (XLA debug options) apply to the timed steps' compilation,
@@ -694,7 +702,8 @@ def run(chosen: Preset, settings: Sequence[StepSetting], sections: Sequence[str]
   results = {'environment': environment(added_flags),
              'settings': {'sections': list(sections), 'repeats': repeats,
                           'dtype': jnp.dtype(dtype).name,
-                          'compare_cpu_xla': compare_cpu_xla, 'peak_tflops': peak_tflops}}
+                          'compare_cpu_xla': compare_cpu_xla, 'peak_tflops': peak_tflops,
+                          'pointwise_as_dot': pointwise_as_dot}}
   variants = ({'xla_default': dict(compiler_options or {}),
                'cpu_tuned': {**(compiler_options or {}), **cpu_tuning.COMPILER_OPTIONS}}
               if compare_cpu_xla else {'': dict(compiler_options or {})})
@@ -704,7 +713,8 @@ def run(chosen: Preset, settings: Sequence[StepSetting], sections: Sequence[str]
       chosen_objectives = tuple(objectives or setting.objectives)
       print(f'[step] {setting.label} {chosen_objectives} ...', flush=True)
       results['step'].append(time_steps(setting, chosen_objectives, repeats, dtype=dtype,
-                                        xla_variants=variants, peak_tflops=peak_tflops))
+                                        xla_variants=variants, peak_tflops=peak_tflops,
+                                        pointwise_as_dot=pointwise_as_dot))
   if 'cams' in sections:
     print('[cams] ...', flush=True)
     results['cams'] = time_cams(chosen.cams, repeats)
@@ -743,7 +753,8 @@ def main(argv):
                 added_flags=added, dtype=jnp.dtype(_DTYPE.value).type,
                 objectives=_OBJECTIVES.value, compare_cpu_xla=_COMPARE_CPU_XLA.value,
                 peak_tflops=_PEAK_TFLOPS.value, pets_dir=_PETS_DIR.value,
-                tfds_data_dir=_TFDS_DATA_DIR.value, loop_steps=_LOOP_STEPS.value)
+                tfds_data_dir=_TFDS_DATA_DIR.value, loop_steps=_LOOP_STEPS.value,
+                pointwise_as_dot=_POINTWISE_AS_DOT.value)
   print_tables(results)
   Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)
   Path(_OUT.value).write_text(json.dumps(results, indent=2))

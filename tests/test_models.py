@@ -399,6 +399,63 @@ class MaxPoolTest(parameterized.TestCase):
                                      x)[1](g)[0])(x, g), expected)
 
 
+class PointwiseConvTest(parameterized.TestCase):
+  """`models.Conv` computes 1x1 convolutions as matrix products: same params, values."""
+
+  @parameterized.parameters(((2, 7, 9, 3), 5, 1, False, 'SAME'),
+                            ((3, 8, 8, 4), 6, 2, False, 'SAME'),
+                            ((2, 9, 5, 2), 3, 2, True, 'SAME'),
+                            ((1, 11, 6, 5), 4, 3, True, 'VALID'),
+                            ((2, 6, 7, 3), 2, (2, 1), False, 'VALID'))
+  def test_value_and_gradients_equal_nn_conv(self, shape, features, strides, use_bias,
+                                             padding):
+    rng = np.random.default_rng(sum(shape) + features)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    kwargs = dict(features=features, kernel_size=(1, 1), strides=strides,
+                  use_bias=use_bias, padding=padding)
+    dot_conv, reference = models.Conv(**kwargs), nn.Conv(**kwargs)
+    shapes = jax.eval_shape(reference.init, jax.random.key(0), x)
+    self.assertEqual(jax.tree.map(lambda a: a.shape, jax.eval_shape(dot_conv.init,
+                                                                    jax.random.key(0), x)),
+                     jax.tree.map(lambda a: a.shape, shapes))
+    variables = jax.tree.map(
+        lambda a: jnp.asarray(rng.normal(size=a.shape), jnp.float32), shapes)
+    y, vjp = jax.vjp(lambda v, x: dot_conv.apply(v, x), variables, x)
+    expected, expected_vjp = jax.vjp(lambda v, x: reference.apply(v, x), variables, x)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+    g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+    for got, want in zip(jax.tree.leaves(vjp(g)), jax.tree.leaves(expected_vjp(g))):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+  def test_other_kernels_and_the_switch_use_nn_conv_exactly(self):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32)
+    for conv in (models.Conv(4, (3, 3), strides=2),
+                 models.Conv(4, (1, 1), strides=2, pointwise_as_dot=False)):
+      variables = conv.init(jax.random.key(1), x)
+      reference = nn.Conv(4, conv.kernel_size, strides=2)
+      np.testing.assert_array_equal(conv.apply(variables, x),
+                                    reference.apply(variables, x))
+
+  @parameterized.parameters('resnet18', 'resnet50')
+  def test_models_with_and_without_share_variables_and_outputs(self, name):
+    make = lambda flag: models.create_model(name, 3, num_filters=4, stem='small',
+                                            stage_sizes=(1, 1, 1, 1),
+                                            pointwise_as_dot=flag)
+    images = jnp.asarray(np.random.default_rng(1).random((2, 16, 16, 3)), jnp.float32)
+    variables = make(False).init(jax.random.key(2), images, train=False)
+    shapes = jax.eval_shape(lambda: make(True).init(jax.random.key(2), images,
+                                                    train=False))
+    self.assertEqual(jax.tree.map(lambda a: a.shape, shapes),
+                     jax.tree.map(lambda a: a.shape, variables))
+    for train in (False, True):
+      kwargs = dict(train=train, mutable=['batch_stats']) if train else dict(train=False)
+      got = make(True).apply(variables, images, **kwargs)
+      want = make(False).apply(variables, images, **kwargs)
+      for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------
 # Construction errors
 # ---------------------------------------------------------------------------
