@@ -54,6 +54,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import platform
 import shutil
@@ -83,6 +84,7 @@ from experiments import cpu_tuning
 
 _SHARED = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
 SECTIONS = ('step', 'cams', 'loop')
+MAX_REPEATS = 200
 OBJECTIVES = ('ce', 'ace', 'ace_kld')
 
 _PRESET = flags.DEFINE_enum('preset', 'cpu', ['cpu', 'gpu'], 'Which settings to time.')
@@ -90,6 +92,9 @@ _SMOKE = flags.DEFINE_bool('smoke', False, 'Tiny models, few repeats (tests, fir
 _OUT = flags.DEFINE_string('out', '/tmp/benchmark.json', 'Where to write the JSON results.')
 _REPEATS = flags.DEFINE_integer('repeats', None, 'Timed steps per objective (default: '
                                 'preset).')
+_MIN_SECONDS = flags.DEFINE_float(
+    'min_seconds', 10.0, 'Time at least this many seconds of steps per objective '
+    f'(more repeats for short steps, at most {MAX_REPEATS}); 0 = exactly --repeats.')
 _MODELS = flags.DEFINE_list(
     'models', None, "Step settings to run: labels of the preset's settings (e.g. "
     "resnet18_128,cpu_config) or NAME:SIZE:BATCH:CLASSES (e.g. resnet50:224:80:37).")
@@ -308,8 +313,13 @@ def compile_step(state, batch, objective: str, compiler_options: dict | None):
 
 def time_steps(setting: StepSetting, objectives: Sequence[str], repeats: int, *,
                dtype=jnp.float32, xla_variants: dict[str, dict] | None = None,
-               peak_tflops: float = 0.0, pointwise_as_dot: bool = True) -> dict:
-  """Median step time of each (XLA variant, objective), taking turns step by step."""
+               peak_tflops: float = 0.0, pointwise_as_dot: bool = True,
+               min_seconds: float = 0.0) -> dict:
+  """Median step time of each (XLA variant, objective), taking turns step by step.
+
+  Times max(`repeats`, `min_seconds` / warm-up step time) steps of each (at
+  most `MAX_REPEATS`).
+  """
   xla_variants = xla_variants or {'': {}}
   model = build_model(setting, dtype, pointwise_as_dot)
   tx = optax.adam(1e-3)
@@ -324,9 +334,12 @@ def time_steps(setting: StepSetting, objectives: Sequence[str], repeats: int, *,
           'compiled': compiled, 'state': jax.tree.map(jnp.copy, state0),
           'lower_s': lower_s, 'compile_s': compile_s, 'flops': _flops(compiled),
           'wall': [], 'cpu': []}
+  warm_up = []
   for run in runs.values():  # Warm-up, excluded.
-    run['state'], _ = run['compiled'](run['state'], batch)
-    _block(run['state'])
+    (run['state'], _), wall, _ = timed(lambda r=run: r['compiled'](r['state'], batch))
+    warm_up.append(wall)
+  # Short steps are noisy: take at least `min_seconds` of steps per objective.
+  repeats = max(repeats, min(MAX_REPEATS, math.ceil(min_seconds / max(min(warm_up), 1e-6))))
   for _ in range(repeats):
     for run in runs.values():
       (run['state'], metrics), wall, cpu = timed(lambda r=run: r['compiled'](r['state'], batch))
@@ -693,7 +706,7 @@ def run(chosen: Preset, settings: Sequence[StepSetting], sections: Sequence[str]
         objectives: Sequence[str] | None = None, compare_cpu_xla: bool = False,
         peak_tflops: float = 0.0, pets_dir: str = '', tfds_data_dir: str = '',
         loop_steps: int | None = None, compiler_options: dict | None = None,
-        pointwise_as_dot: bool = True) -> dict:
+        pointwise_as_dot: bool = True, min_seconds: float = 0.0) -> dict:
   """Runs the sections; returns the results (also what `main` writes as JSON).
 
   `compiler_options` (XLA debug options) apply to the timed steps' compilation,
@@ -714,7 +727,8 @@ def run(chosen: Preset, settings: Sequence[StepSetting], sections: Sequence[str]
       print(f'[step] {setting.label} {chosen_objectives} ...', flush=True)
       results['step'].append(time_steps(setting, chosen_objectives, repeats, dtype=dtype,
                                         xla_variants=variants, peak_tflops=peak_tflops,
-                                        pointwise_as_dot=pointwise_as_dot))
+                                        pointwise_as_dot=pointwise_as_dot,
+                                        min_seconds=min_seconds))
   if 'cams' in sections:
     print('[cams] ...', flush=True)
     results['cams'] = time_cams(chosen.cams, repeats)
@@ -754,7 +768,7 @@ def main(argv):
                 objectives=_OBJECTIVES.value, compare_cpu_xla=_COMPARE_CPU_XLA.value,
                 peak_tflops=_PEAK_TFLOPS.value, pets_dir=_PETS_DIR.value,
                 tfds_data_dir=_TFDS_DATA_DIR.value, loop_steps=_LOOP_STEPS.value,
-                pointwise_as_dot=_POINTWISE_AS_DOT.value)
+                pointwise_as_dot=_POINTWISE_AS_DOT.value, min_seconds=_MIN_SECONDS.value)
   print_tables(results)
   Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)
   Path(_OUT.value).write_text(json.dumps(results, indent=2))
