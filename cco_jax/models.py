@@ -165,6 +165,23 @@ class Conv(nn.Conv):
     return y if bias is None else y + bias
 
 
+def _residual_output(block: nn.Module, residual: jax.Array, y: jax.Array) -> jax.Array:
+  """A block's tail: final BN (zero-initialised scale), projection shortcut, add, ReLU.
+
+  Called inside `block`'s compact `__call__`, so the submodules it creates are
+  the block's (`BatchNorm_k`, `conv_proj`, `norm_proj`). The final BN and ReLU
+  are skipped where `block.final_norm_and_relu` is False (the faithful last block).
+  """
+  if block.final_norm_and_relu:
+    y = block.norm(scale_init=nn.initializers.zeros_init())(y)
+  if residual.shape != y.shape:
+    residual = block.conv(y.shape[-1], (1, 1), (block.strides, block.strides),
+                          name='conv_proj')(residual)
+    residual = block.norm(name='norm_proj')(residual)
+  y = residual + y
+  return nn.relu(y) if block.final_norm_and_relu else y
+
+
 class ResidualBlock(nn.Module):
   """Basic two-conv residual block (ResNet-18/34)."""
   filters: int
@@ -179,14 +196,7 @@ class ResidualBlock(nn.Module):
     y = self.conv(self.filters, (3, 3), (self.strides, self.strides))(x)
     y = nn.relu(self.norm()(y))
     y = self.conv(self.filters, (3, 3))(y)
-    if self.final_norm_and_relu:
-      y = self.norm(scale_init=nn.initializers.zeros_init())(y)
-    if residual.shape != y.shape:
-      residual = self.conv(self.filters, (1, 1), (self.strides, self.strides),
-                           name='conv_proj')(residual)
-      residual = self.norm(name='norm_proj')(residual)
-    y = residual + y
-    return nn.relu(y) if self.final_norm_and_relu else y
+    return _residual_output(self, residual, y)
 
 
 class BottleneckBlock(nn.Module):
@@ -204,14 +214,7 @@ class BottleneckBlock(nn.Module):
     y = self.conv(self.filters, (3, 3), (self.strides, self.strides))(y)
     y = nn.relu(self.norm()(y))
     y = self.conv(self.filters * 4, (1, 1))(y)
-    if self.final_norm_and_relu:
-      y = self.norm(scale_init=nn.initializers.zeros_init())(y)
-    if residual.shape != y.shape:
-      residual = self.conv(self.filters * 4, (1, 1), (self.strides, self.strides),
-                           name='conv_proj')(residual)
-      residual = self.norm(name='norm_proj')(residual)
-    y = residual + y
-    return nn.relu(y) if self.final_norm_and_relu else y
+    return _residual_output(self, residual, y)
 
 
 class CamHead(nn.Module):

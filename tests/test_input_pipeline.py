@@ -16,6 +16,11 @@ from data_fixtures import synthetic_data_dir  # noqa: F401 (fixture)
 from data_fixtures import synthetic_pets_dir  # noqa: F401 (fixture)
 
 CAM = (4, 4)
+# The two ways training batches are rendered.
+TRAIN_PATHS = pytest.mark.parametrize('path', [
+    dict(augment_crop=True),  # Per-example rendering (Pillow).
+    dict(cache_decoded=True, augment_crop=False),  # Whole-batch gathers (_CachedBatches).
+], ids=['per_example', 'cached_batches'])
 NUM_TRAIN = df.NUM_TRAINVAL - len(df.SYNTHETIC_BREEDS)  # One per breed held out.
 
 
@@ -134,10 +139,7 @@ def test_normalize_uses_imagenet_statistics(synthetic_config):
       rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('path', [
-    dict(augment_crop=True),  # Per-example rendering (Pillow).
-    dict(cache_decoded=True, augment_crop=False),  # Whole-batch gathers (_CachedBatches).
-], ids=['per_example', 'cached_batches'])
+@TRAIN_PATHS
 def test_same_seed_same_batches_and_epochs_reshuffled(synthetic_config, path):
   config = synthetic_config(augment_flip=True, **path)
   # 24 = 8 batches of 3 examples = almost one epoch of NUM_TRAIN = 27.
@@ -157,10 +159,7 @@ def test_same_seed_same_batches_and_epochs_reshuffled(synthetic_config, path):
   assert not np.array_equal(other_indices, epochs[0])
 
 
-@pytest.mark.parametrize('path', [
-    dict(augment_crop=True),  # Per-example rendering (Pillow).
-    dict(cache_decoded=True, augment_crop=False),  # Whole-batch gathers (_CachedBatches).
-], ids=['per_example', 'cached_batches'])
+@TRAIN_PATHS
 def test_state_restores_mid_epoch_exactly(synthetic_config, path):
   config = synthetic_config(augment_flip=True, **path)
   make = lambda: ip.create_train_iterator(
