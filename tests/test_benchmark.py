@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from experiments import benchmark
+from experiments import benchmark_lib as benchmark
 
 
 @pytest.fixture(scope='module')
@@ -19,7 +19,7 @@ def smoke_results():
   # Optimisation level 0 compiles the steps ~1.5x faster; speed is not tested.
   results = benchmark.run(chosen, chosen.steps, ('step', 'cams'), repeats=1,
                           compiler_options={'xla_backend_optimization_level': 0})
-  json.dumps(results)  # What main() writes must be JSON.
+  json.dumps(results)  # What the entry point writes must be JSON.
   return results
 
 
