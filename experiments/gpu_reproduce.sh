@@ -23,6 +23,6 @@ export PYTHONUNBUFFERED=1
 python3 -m experiments.reproduce_cpu --out="$out" --only=species \
   --variants=binary_ce,binary --seeds="$seeds" --epochs="$epochs" \
   --pets_dir=.gpu_bundle/pets --cvd_dir=.gpu_bundle/cvd \
-  --override=model.dtype=bfloat16 --override=data.num_workers=8 \
+  --override=model.dtype=bfloat16 \
   --override=log_every_steps=20 2>&1 | grep -vE "orbax|checkpoint_manager|event_tracking"
 cp "$out/table.md" "$out/table.json" "${OUT:-/tmp}/" 2>/dev/null || true

@@ -46,7 +46,12 @@ def get_data_config() -> ml_collections.ConfigDict:
   data.num_workers = 0
   data.prefetch = 2
   data.shuffle_seed_offset = 0
-  data.cache_decoded = False
+  # Decode and squash each training image once and keep it in RAM (~150 kB at
+  # 224 px: ~0.5 GB for Pets trainval); uncropped batches are then one array
+  # gather (~1 % of a CPU step, thousands of images/s at 224 px): without it,
+  # JPEG decoding (~150 images/s per core) would starve a GPU. Set False for
+  # data that does not fit in RAM (then use num_workers for parallel decoding).
+  data.cache_decoded = True
   return data
 
 
@@ -132,7 +137,6 @@ def _cpu():
   config.model.stem = 'strided'
   config.model.stage_sizes = (1, 1, 1, 1)
   config.data.image_size = 64
-  config.data.cache_decoded = True
   config.batch_size = 32
   config.eval_batch_size = 64
   config.num_epochs = 20.0
