@@ -26,7 +26,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from cco_jax import validation
+from cco_jax import checks
 
 Array = jax.Array
 
@@ -49,8 +49,8 @@ def hirescam(features: Array, kernel: Array) -> Array:
     >>> hirescam(a, w).sum((1, 2))      # == mean-pooled features @ w
     Array([[3., 3., 3., 3.]], dtype=float32)
   """
-  validation.check_rank(features, 4, 'features', '(B, H, W, F)')
-  validation.check_rank(kernel, 2, 'kernel', '(F, C)')
+  checks.check_rank(features, 4, 'features', '(B, H, W, F)')
+  checks.check_rank(kernel, 2, 'kernel', '(F, C)')
   if features.shape[-1] != kernel.shape[0]:
     raise ValueError(
         f'features has {features.shape[-1]} channels (shape {features.shape}) '
@@ -73,7 +73,7 @@ def contrastive_cams(cams: Array, labels: Array) -> Array:
   Returns:
     `(B, H, W, C)` contrastive maps.
   """
-  validation.check_cams_and_labels(cams, labels)
+  checks.check_cams_and_labels(cams, labels)
   target = jnp.take_along_axis(cams, labels[:, None, None, None], axis=-1)
   return target - cams
 
@@ -91,7 +91,7 @@ def pixel_influence(contrastive: Array, fg_mask: Array) -> Mapping[str, Array]:
   Returns:
     A dict of `(B,)` arrays with keys `net`, `fg`, `bg`.
   """
-  validation.check_cams_and_mask(contrastive, fg_mask)
+  checks.check_cams_and_mask(contrastive, fg_mask)
   magnitude = jnp.abs(contrastive).sum(-1)
   mask = fg_mask.astype(magnitude.dtype)
   fg = (mask * magnitude).sum((1, 2))
@@ -110,8 +110,8 @@ def identity_error(logits: Array, cams: Array, bias: Array | None = None) -> Arr
   Returns:
     A scalar: the maximum absolute error over the batch and classes.
   """
-  validation.check_rank(logits, 2, 'logits', '(B, C)')
-  validation.check_rank(cams, 4, 'cams', '(B, H, W, C)')
+  checks.check_rank(logits, 2, 'logits', '(B, C)')
+  checks.check_rank(cams, 4, 'cams', '(B, H, W, C)')
   recon = cams.astype(jnp.float32).sum((1, 2))
   if bias is not None:
     recon = recon + bias.astype(jnp.float32)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from cco_jax import cams as cams_lib
-from cco_jax import validation
+from cco_jax import checks
 
 Array = jax.Array
 
@@ -43,7 +43,7 @@ def cross_entropy(logits: Array, labels: Array, label_smoothing: float = 0.0) ->
     >>> cross_entropy(jnp.zeros((1, 4)), jnp.array([2]))   # log 4
     Array([1.3862944], dtype=float32)
   """
-  validation.check_logits_and_labels(logits, labels)
+  checks.check_logits_and_labels(logits, labels)
   if not 0.0 <= label_smoothing < 1.0:
     raise ValueError(f'label_smoothing must lie in [0, 1); got {label_smoothing}.')
   num_classes = logits.shape[-1]
@@ -68,7 +68,7 @@ def ablated_margins(cams: Array, labels: Array, fg_mask: Array) -> Array:
   Returns:
     `(B, C)` margins `d`.
   """
-  validation.check_cams_and_mask(cams, fg_mask)
+  checks.check_cams_and_mask(cams, fg_mask)
   contrastive = cams_lib.contrastive_cams(cams, labels)
   mask = fg_mask.astype(contrastive.dtype)[..., None]
   foreground = (mask * contrastive).sum((1, 2))
@@ -124,7 +124,7 @@ def cam_divergence(cams: Array, labels: Array, fg_mask: Array,
   """
   if form not in ('talk', 'paper'):
     raise ValueError(f"form must be 'talk' or 'paper'; got {form!r}.")
-  validation.check_cams_and_mask(cams, fg_mask)
+  checks.check_cams_and_mask(cams, fg_mask)
   contrastive = cams_lib.contrastive_cams(cams, labels)
   batch, height, width, num_classes = contrastive.shape
   mask = fg_mask.astype(contrastive.dtype).reshape(batch, height * width)
@@ -152,9 +152,9 @@ def ablated_binary_cross_entropy(cams: Array, targets: Array, fg_masks: Array) -
   Returns:
     `(B,)` per-example losses, averaged over classes.
   """
-  validation.check_rank(cams, 4, 'cams', '(B, H, W, C)')
-  validation.check_same_shape(fg_masks, cams, 'fg_masks', 'cams')
-  validation.check_rank(targets, 2, 'targets', '(B, C)')
+  checks.check_rank(cams, 4, 'cams', '(B, H, W, C)')
+  checks.check_same_shape(fg_masks, cams, 'fg_masks', 'cams')
+  checks.check_rank(targets, 2, 'targets', '(B, C)')
   if tuple(targets.shape) != (cams.shape[0], cams.shape[-1]):
     raise ValueError(
         f'targets has shape {tuple(targets.shape)}; expected (B, C) = '

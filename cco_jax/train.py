@@ -179,7 +179,7 @@ def evaluate(p_eval_step: Callable, state, batches: Iterator[dict]) -> dict:
   totals = None
   identity = 0.0
   for batch in batches:
-    sums = jax.tree.map(lambda x: np.asarray(x[0]), p_eval_step(state, step_lib.shard(_device_batch(batch))))
+    sums = jax.tree.map(lambda x: np.asarray(x[0]), p_eval_step(state, step_lib.shard(device_batch(batch))))
     identity = max(identity, float(sums.pop('identity_error')))
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
   if totals is None:
@@ -200,7 +200,7 @@ def evaluate(p_eval_step: Callable, state, batches: Iterator[dict]) -> dict:
 def check_identity(config, setup: Setup, state, when: str) -> float:
   """Phase 3: max relative |sum of maps + bias - logits| on a validation batch."""
   batch = next(iter(eval_iterator(config, setup, 'validation')))
-  error = float(np.max(setup.p_eval_step(state, step_lib.shard(_device_batch(batch)))['identity_error']))
+  error = float(np.max(setup.p_eval_step(state, step_lib.shard(device_batch(batch)))['identity_error']))
   logging.info('Logit-sum identity %s: max relative error %.3g (tolerance %.3g).',
                when, error, config.identity_tolerance)
   if not error <= config.identity_tolerance:
@@ -212,7 +212,7 @@ def check_identity(config, setup: Setup, state, when: str) -> float:
   return error
 
 
-def _device_batch(batch: dict) -> dict:
+def device_batch(batch: dict) -> dict:
   """Drops host-only entries (strings) before a batch goes to the devices."""
   return {k: v for k, v in batch.items() if np.asarray(v).dtype.kind in 'biuf'}
 
@@ -229,7 +229,7 @@ def prefetch_with_state(iterator, size: int = 2):
   def enqueue(n):
     for _ in range(n):
       try:
-        batch = _device_batch(next(iterator))
+        batch = device_batch(next(iterator))
       except StopIteration:
         return
       queue.append((step_lib.shard(batch), iterator.get_state()))
@@ -287,7 +287,7 @@ class Run:
                        data_state, metrics)
 
 
-def _summarise(step_metrics: list[dict], first_step: int) -> dict:
+def summarise_metrics(step_metrics: list[dict], first_step: int) -> dict:
   """Means of the logged steps' metrics; raises on a non-finite step."""
   stacked = jax.tree.map(lambda *x: np.stack([np.asarray(v)[0] for v in x]), *step_metrics)
   bad = np.flatnonzero(stacked['nonfinite'] > 0)
@@ -323,7 +323,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       pending.append(metrics)
       last = step == schedule.num_train_steps
       if step % schedule.log_every == 0 or last:
-        summary = _summarise(pending, pending_from)
+        summary = summarise_metrics(pending, pending_from)
         pending, pending_from = [], step
         summary['train_steps_per_second'] = progress.log(
             step, f"loss {summary['train_loss']:.4f} acc {summary['train_accuracy']:.3f}")

@@ -6,7 +6,7 @@ r"""Trains a contrastive (or cross-entropy control) classifier on Oxford-IIIT Pe
       --config.data.ood_manual_dir=../shared/data/cats-vs-dogs-sample
 
 Running again with the same --workdir resumes from its last checkpoint.
-On CPU, `experiments.cpu_tuning` adds an XLA flag that keeps convolutions off
+On CPU, `cco_jax.runtime` adds an XLA flag that keeps convolutions off
 YNNPACK (about 2x faster steps with jaxlib 0.10.2; same numerics, see
 docs/benchmarks/training.md); set CCO_CPU_XLA_TUNING=0 to run without it.
 On several hosts, start the same command on each with --jax_distributed (or
@@ -17,10 +17,10 @@ TPU pods --jax_distributed alone suffices.
 import logging as logging_lib
 import os
 
-from experiments import cpu_tuning
+from cco_jax import runtime
 
 # XLA reads XLA_FLAGS once, when JAX starts its backends: set them first.
-_CPU_XLA_FLAGS = cpu_tuning.apply()
+_CPU_XLA_FLAGS = runtime.apply()
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position

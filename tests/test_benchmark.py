@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from experiments import benchmark_lib as benchmark
+from experiments.benchmarks import training_lib as benchmark
 
 
 @pytest.fixture(scope='module')

@@ -14,7 +14,7 @@ from cco_jax import evaluation as ev
 from cco_jax import input_pipeline
 from cco_jax import train
 from experiments import evaluate as evaluate_cli
-from experiments import reproduce_cpu
+from experiments import reproduce
 
 S = 8
 CAM = (2, 2)
@@ -327,19 +327,19 @@ def test_config_json_restores_tuples(tmp_path):
 
 
 def test_reproduce_selects_runs_and_aggregates():
-  specs = reproduce_cpu.select_runs(['spurious', 'cpu_ace'], [0, 1])
+  specs = reproduce.select_runs(['spurious', 'cpu_ace'], [0, 1])
   assert [s.name for s in specs] == ['spurious_cpu_ace_s0', 'spurious_cpu_ace_s1']
-  assert len(reproduce_cpu.select_runs([], [0, 1, 2])) == 18
+  assert len(reproduce.select_runs([], [0, 1, 2])) == 18
   with pytest.raises(ValueError, match='unknown'):
-    reproduce_cpu.select_runs(['pets'], [0])
-  records = [{key: None for key, _ in reproduce_cpu.COLUMNS} | {
+    reproduce.select_runs(['pets'], [0])
+  records = [{key: None for key, _ in reproduce.COLUMNS} | {
       'dataset': 'spurious', 'variant': 'cpu_ace', 'seed': s,
       'spurious_reversed_accuracy': acc, 'relative_foreground_sensitivity': None,
       'bg_share_mean_of_images': None} for s, acc in ((0, 0.5), (1, 0.7))]
-  (row,) = reproduce_cpu.aggregate(records)
+  (row,) = reproduce.aggregate(records)
   assert row['spurious_reversed_accuracy']['mean'] == pytest.approx(0.6)
   assert row['spurious_reversed_accuracy']['std'] == pytest.approx(np.std([0.5, 0.7], ddof=1))
   assert row['ood_accuracy'] is None
-  table = reproduce_cpu.markdown_table([row], {'platform': 'x', 'cpu_count': 2,
+  table = reproduce.markdown_table([row], {'platform': 'x', 'cpu_count': 2,
                                                'jax': '0', 'devices': 'cpu'}, 60.0)
   assert '0.600 ± 0.141' in table and '| spurious | ACE |' in table

@@ -36,6 +36,7 @@ from absl.testing import parameterized
 
 from cco_jax import cams as cams_lib
 from cco_jax import models
+from cco_jax import ops
 
 U32 = np.finfo(np.float32).eps / 2  # unit roundoff of float32, 2**-24 ~ 6e-8.
 NUM_DEVICES = 4  # tests/conftest.py forces 4 virtual CPU devices.
@@ -377,7 +378,7 @@ class CamHeadTest(parameterized.TestCase):
 
 
 class MaxPoolTest(parameterized.TestCase):
-  """`models.max_pool` is `nn.max_pool` with a bit-identical, faster CPU gradient."""
+  """`ops.max_pool` is `nn.max_pool` with a bit-identical, faster CPU gradient."""
 
   @parameterized.parameters(((2, 7, 9, 3), 3, 2), ((3, 16, 16, 4), 3, 2),
                             ((2, 10, 11, 4), 2, 2), ((2, 9, 9, 2), 3, 1),
@@ -390,17 +391,17 @@ class MaxPoolTest(parameterized.TestCase):
                                       padding='SAME')
     y = reference(x)
     g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
-    value, vjp = jax.vjp(lambda x: models.max_pool(x, window, stride), x)
+    value, vjp = jax.vjp(lambda x: ops.max_pool(x, window, stride), x)
     expected = jax.jit(lambda x, g: jax.vjp(reference, x)[1](g)[0])(x, g)
     np.testing.assert_array_equal(value, y)
     np.testing.assert_array_equal(vjp(g)[0], expected)
     np.testing.assert_array_equal(
-        jax.jit(lambda x, g: jax.vjp(lambda x: models.max_pool(x, window, stride),
+        jax.jit(lambda x, g: jax.vjp(lambda x: ops.max_pool(x, window, stride),
                                      x)[1](g)[0])(x, g), expected)
 
 
 class PointwiseConvTest(parameterized.TestCase):
-  """`models.Conv` computes 1x1 convolutions as matrix products: same params, values."""
+  """`ops.Conv` computes 1x1 convolutions as matrix products: same params, values."""
 
   @parameterized.parameters(((2, 7, 9, 3), 5, 1, False, 'SAME'),
                             ((3, 8, 8, 4), 6, 2, False, 'SAME'),
@@ -413,7 +414,7 @@ class PointwiseConvTest(parameterized.TestCase):
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)
     kwargs = dict(features=features, kernel_size=(1, 1), strides=strides,
                   use_bias=use_bias, padding=padding)
-    dot_conv, reference = models.Conv(**kwargs), nn.Conv(**kwargs)
+    dot_conv, reference = ops.Conv(**kwargs), nn.Conv(**kwargs)
     shapes = jax.eval_shape(reference.init, jax.random.key(0), x)
     self.assertEqual(jax.tree.map(lambda a: a.shape, jax.eval_shape(dot_conv.init,
                                                                     jax.random.key(0), x)),
@@ -430,8 +431,8 @@ class PointwiseConvTest(parameterized.TestCase):
   def test_other_kernels_and_the_switch_use_nn_conv_exactly(self):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32)
-    for conv in (models.Conv(4, (3, 3), strides=2),
-                 models.Conv(4, (1, 1), strides=2, pointwise_as_dot=False)):
+    for conv in (ops.Conv(4, (3, 3), strides=2),
+                 ops.Conv(4, (1, 1), strides=2, pointwise_as_dot=False)):
       variables = conv.init(jax.random.key(1), x)
       reference = nn.Conv(4, conv.kernel_size, strides=2)
       np.testing.assert_array_equal(conv.apply(variables, x),

@@ -14,6 +14,7 @@ import pytest
 import data_fixtures
 from data_fixtures import synthetic_cvd_dir, synthetic_data_dir, synthetic_pets_dir  # pylint: disable=unused-import
 from cco_jax import checkpointing
+from cco_jax import configuration
 from cco_jax import train
 from cco_jax import train_step as step_lib
 from experiments.configs import pets as pets_config
@@ -35,13 +36,7 @@ def tiny_config(pets_dir, cvd_dir, data_dir, **overrides):
     config.log_every_steps = 2
     config.eval_every_steps = 2
     config.num_figure_examples = 2
-    for key, value in overrides.items():
-      target = config
-      *path, last = key.split('.')
-      for part in path:
-        target = target[part]
-      target[last] = value
-  return config
+  return configuration.apply_overrides(config, overrides)
 
 
 def _restore_params(workdir, config, step=None):

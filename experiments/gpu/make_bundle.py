@@ -5,11 +5,11 @@ A lent H100/H200 receives at most 64 MiB of code and data. The Pets sample
 and trimap shrunk to at most --max_side pixels (the model squashes to 224 px
 anyway), and the Cats-vs-Dogs sample (already 180 px) is copied as it is:
 
-    python -m experiments.make_gpu_bundle --out=.gpu_bundle \
+    python -m experiments.gpu.make_bundle --out=.gpu_bundle \
         --pets_dir=../shared/data/oxford-iiit-pet-sample \
         --cvd_dir=../shared/data/cats-vs-dogs-sample
 
-Then `experiments/gpu_reproduce.sh` trains on it (docs/gpu.md). Images that
+Then `experiments/gpu/reproduce.sh` trains on it (docs/gpu.md). Images that
 are not RGB JPEGs (the sample's GIF and RGBA PNG) are converted, as the TFDS
 builder would; names, splits and list files are kept.
 """

@@ -1,6 +1,6 @@
 r"""Benchmarks the TF-free data path: preparing, and reading to batches.
 
-    python -m experiments.benchmark_input \
+    python -m experiments.benchmarks.input_pipeline \
         [--manual_dir=../shared/data/oxford-iiit-pet-sample] \
         [--ood_manual_dir=../shared/data/cats-vs-dogs-sample] \
         [--workers=0,1,2] [--image_size=224] [--output=/tmp/input_benchmark.json]
@@ -35,7 +35,7 @@ import tensorflow_datasets as tfds
 
 from cco_jax import input_pipeline
 
-_SHARED = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
+_SHARED = Path(__file__).resolve().parents[2].parent / 'shared' / 'data'
 _MANUAL_DIR = flags.DEFINE_string(
     'manual_dir', str(_SHARED / 'oxford-iiit-pet-sample'),
     'Oxford-IIIT Pet in the official layout.')

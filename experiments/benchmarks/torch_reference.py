@@ -1,7 +1,7 @@
 r"""The PyTorch reference the issue compares the JAX train step against (optional).
 
     pip install torch torchvision          # NOT a dependency of cco-jax
-    python -m experiments.benchmark_torch --model=resnet18 --size=128 --batch=32 \
+    python -m experiments.benchmarks.torch_reference --model=resnet18 --size=128 --batch=32 \
         --classes=2 --threads=2
 
 Times one training step (forward, loss, backward, Adam) of a torchvision ResNet
@@ -10,7 +10,7 @@ no final BatchNorm/ReLU in the last block; METHOD.md section 5), on random image
 labels and masks, for cross-entropy and for ACE + 1e-3 x divergence written the
 way the reference PyTorch code does (maps by an einsum of the last activations
 with the head kernel). Warm-up excluded, median of --repeats, objectives taking
-turns. Prints a table like `experiments.benchmark` and writes JSON.
+turns. Prints a table like `experiments.benchmarks.training` and writes JSON.
 
 It needs only torch, torchvision and numpy; it imports nothing from cco_jax, so
 it runs in a separate virtual environment.

@@ -1,8 +1,8 @@
-"""The measurements behind `python -m experiments.benchmark` (no absl flags here).
+"""The measurements behind `python -m experiments.benchmarks.training` (no absl flags here).
 
 Step times of CE / ACE / ACE + divergence, all-class maps by one einsum versus
 per-class autodiff, and the training loop versus the step alone; see
-`experiments/benchmark.py`'s docstring for what each section measures and the
+`experiments/benchmarks/training.py`'s docstring for what each section measures and the
 presets. Keeping the flags in the entry point lets tests and other tools import
 these functions next to other entry points without flag-name clashes.
 """
@@ -29,16 +29,17 @@ import numpy as np
 import optax
 
 from cco_jax import cams as cams_lib
+from cco_jax import configuration
 from cco_jax import losses
 from cco_jax import models
 from cco_jax import train_step as step_lib
-from experiments import cpu_tuning
+from cco_jax import runtime
 
 # `cco_jax.train` (input pipeline: TFDS, Grain) and the configs (ml_collections)
 # are imported where the `cpu` preset and the loop need them, so that the `gpu`
 # preset runs on an image with only jax, flax and optax.
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / 'shared' / 'data'
 SECTIONS = ('step', 'cams', 'loop')
 MAX_REPEATS = 200
 OBJECTIVES = ('ce', 'ace', 'ace_kld')
@@ -467,17 +468,9 @@ def time_cams(setting: CamSetting, repeats: int) -> dict:
 # ----------------------------------------------------------------------------
 
 def loop_config(pets_dir: str, tfds_data_dir: str, overrides: dict):
-  config = _pets_config('cpu')
-  with config.unlocked():
-    config.data.manual_dir = pets_dir
-    config.data.tfds_data_dir = tfds_data_dir
-    for key, value in overrides.items():
-      target = config
-      *path, last = key.split('.')
-      for part in path:
-        target = target[part]
-      target[last] = value
-  return config
+  return configuration.apply_overrides(
+      _pets_config('cpu'), {'data.manual_dir': pets_dir,
+                            'data.tfds_data_dir': tfds_data_dir, **overrides})
 
 
 def time_loop(config, steps: int, rounds: int = 3) -> dict:
@@ -488,7 +481,7 @@ def time_loop(config, steps: int, rounds: int = 3) -> dict:
   state = step_lib.create_train_state(jax.random.key(config.seed, impl=config.rng_impl or None),
                                       setup.model, config.data.image_size, setup.tx)
   state = step_lib.replicate(state)
-  fixed = step_lib.shard(train._device_batch(next(setup.train_iter)))  # pylint: disable=protected-access
+  fixed = step_lib.shard(train.device_batch(next(setup.train_iter)))
   (state, _), first_s, _ = timed(lambda: setup.p_train_step(state, fixed))
   images_per_step = setup.schedule.micro_batch_size
   log_every = setup.schedule.log_every
@@ -509,7 +502,7 @@ def time_loop(config, steps: int, rounds: int = 3) -> dict:
       state, metrics = setup.p_train_step(state, batch)
       pending.append(metrics)
       if step % log_every == 0 or step == steps:
-        train._summarise(pending, 0)  # pylint: disable=protected-access
+        train.summarise_metrics(pending, 0)
         pending = []
     _block(state)
 
@@ -625,7 +618,7 @@ def run(chosen: Preset, settings: Sequence[StepSetting], sections: Sequence[str]
                           'compare_cpu_xla': compare_cpu_xla, 'peak_tflops': peak_tflops,
                           'pointwise_as_dot': pointwise_as_dot}}
   variants = ({'xla_default': dict(compiler_options or {}),
-               'cpu_tuned': {**(compiler_options or {}), **cpu_tuning.COMPILER_OPTIONS}}
+               'cpu_tuned': {**(compiler_options or {}), **runtime.COMPILER_OPTIONS}}
               if compare_cpu_xla else {'': dict(compiler_options or {})})
   if 'step' in sections:
     results['step'] = []

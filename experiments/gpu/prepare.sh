@@ -3,7 +3,7 @@
 # GPU machine lacks into .whl/ and pack the data samples into .gpu_bundle/.
 # Both folders are git-ignored; name them in the device tool's `carry`. See docs/gpu.md.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 python=${PYTHON:-python3}
 # The GPU image has jax, flax, optax, chex, orbax, absl, etils, pillow, numpy,
 # matplotlib, protobuf, pyarrow, psutil, requests, tqdm, wrapt, cloudpickle, pyyaml.
@@ -22,5 +22,5 @@ for wheel in "${wheels[@]}"; do
     --platform manylinux2014_x86_64 --platform any -d .whl "$wheel" || \
   "$python" -m pip download -q --no-deps --no-binary=:none: -d .whl "$wheel"
 done
-"$python" -m experiments.make_gpu_bundle --out=.gpu_bundle "$@"
+"$python" -m experiments.gpu.make_bundle --out=.gpu_bundle "$@"
 du -sh .whl .gpu_bundle

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Train-step speed on one lent GPU (H100/H200), from the repo root, one command:
-#   bash experiments/gpu_benchmark.sh            # ~5 minutes, results in $OUT (or /tmp)
-#   bash experiments/gpu_benchmark.sh --smoke    # tiny models, any machine (CPU too)
-# Runs `experiments.benchmark --preset=gpu`: ResNet-50 @224 in bfloat16 (float32
+#   bash experiments/gpu/benchmark.sh            # ~5 minutes, results in $OUT (or /tmp)
+#   bash experiments/gpu/benchmark.sh --smoke    # tiny models, any machine (CPU too)
+# Runs `experiments.benchmarks.training --preset=gpu`: ResNet-50 @224 in bfloat16 (float32
 # parameters, float32 head), Adam, CE / ACE / ACE + 1e-3 x divergence at batch 80
 # (37 and 2 classes) and ACE + divergence at batch 192; prints images/s and model
 # FLOP utilisation (FLOPs per step from XLA's cost analysis of the compiled step,
@@ -11,10 +11,10 @@
 # Peak assumed: dense bfloat16 tensor-core throughput at boost clock, no sparsity:
 # 989 TFLOP/s for H100 SXM and H200, 756 for H100 PCIe; other GPUs: no MFU.
 # Installs nothing from the internet: if this Python's JAX has no GPU backend,
-# wheels in .whl/ (jax[cuda12] and friends, see experiments/gpu_prepare.sh) are
+# wheels in .whl/ (jax[cuda12] and friends, see experiments/gpu/prepare.sh) are
 # installed offline into /tmp/site.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 python=${PYTHON:-python3}
 out=${OUT:-/tmp}/gpu_benchmark
 mkdir -p "$out"
@@ -29,7 +29,7 @@ done
 export PYTHONUNBUFFERED=1
 
 if [ "$smoke" = 1 ]; then
-  "$python" -m experiments.benchmark --smoke --dtype=bfloat16 --sections=step,cams \
+  "$python" -m experiments.benchmarks.training --smoke --dtype=bfloat16 --sections=step,cams \
     --repeats=2 --out="$out/smoke.json" ${extra[@]+"${extra[@]}"}
   exit 0
 fi
@@ -51,11 +51,11 @@ echo "GPU: ${name:-none found}; peak assumed for MFU: ${peak} TFLOP/s (bf16 dens
 "$python" -c "import jax; print('jax', jax.__version__, jax.devices())"
 
 start=$SECONDS
-"$python" -m experiments.benchmark --preset=gpu --dtype=bfloat16 --sections=step \
+"$python" -m experiments.benchmarks.training --preset=gpu --dtype=bfloat16 --sections=step \
   --peak_tflops="$peak" --out="$out/step.json" ${extra[@]+"${extra[@]}"}
 left=$((300 - (SECONDS - start)))
 if [ "$left" -gt 60 ]; then
-  timeout "$left" "$python" -m experiments.benchmark --preset=gpu --sections=cams \
+  timeout "$left" "$python" -m experiments.benchmarks.training --preset=gpu --sections=cams \
     --out="$out/cams.json" || echo "cams section stopped after ${left} s (time budget)"
 else
   echo "Skipping the cams section: the step section used the time budget."

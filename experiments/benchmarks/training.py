@@ -1,8 +1,8 @@
 r"""Speed of the train step (CE, ACE, ACE + divergence), of the maps, and of the loop.
 
-    python -m experiments.benchmark --preset=cpu --out=/tmp/benchmark_cpu.json
-    python -m experiments.benchmark --preset=gpu --dtype=bfloat16 --out=...
-    python -m experiments.benchmark --smoke --out=/tmp/smoke.json   # ~1 min, any machine
+    python -m experiments.benchmarks.training --preset=cpu --out=/tmp/benchmark_cpu.json
+    python -m experiments.benchmarks.training --preset=gpu --dtype=bfloat16 --out=...
+    python -m experiments.benchmarks.training --smoke --out=/tmp/smoke.json   # ~1 min, any machine
 
 Sections (--sections, default all of the preset's):
   step  Train-step time of the library's `train_step` (jit, buffers donated,
@@ -34,7 +34,7 @@ Presets:
          37 classes; and, CE only, the two ResNets as the CE control
          (cam_faithful=False: the unchanged architecture, whose last stage
          downsamples, a quarter of the last stage's FLOPs), to compare with
-         `experiments.benchmark_torch --stock`. cams: ResNet-50 @224 features (8, 14, 14, 2048), C = 2
+         `experiments.benchmarks.torch_reference --stock`. cams: ResNet-50 @224 features (8, 14, 14, 2048), C = 2
          and 37; whole network at batch 1. loop: `cpu` config.
   gpu    step: ResNet-50 @224 (--dtype, bfloat16 for mixed precision), batch
          80 with 37 and 2 classes, and 37 classes at batch 192 (ACE +
@@ -43,7 +43,7 @@ Presets:
          and 2 repeats: checks that everything runs (each step still takes
          ~20 s to compile on a busy 2-core CPU), not speed.
 
-On CPU, `experiments.cpu_tuning`'s XLA flag is applied (as `experiments.pets`
+On CPU, `cco_jax.runtime`'s XLA flag is applied (as `experiments.pets`
 does) unless --nocpu_xla_tuning; --compare_cpu_xla times every objective both
 without and with it, in the same process. Timings on a shared machine are
 noisy: the load average is recorded with every section.
@@ -58,8 +58,8 @@ from absl import app
 from absl import flags
 import jax.numpy as jnp
 
-from experiments import benchmark_lib as lib
-from experiments import cpu_tuning
+from experiments.benchmarks import training_lib as lib
+from cco_jax import runtime
 
 _PRESET = flags.DEFINE_enum('preset', 'cpu', ['cpu', 'gpu'], 'Which settings to time.')
 _SMOKE = flags.DEFINE_bool('smoke', False, 'Tiny models, few repeats (tests, first check).')
@@ -81,13 +81,13 @@ _PEAK_TFLOPS = flags.DEFINE_float(
     'peak_tflops', 0.0, 'Peak dense TFLOP/s of the device for MFU (0: not reported). '
     'H100 SXM / H200: 989 (bfloat16 dense), 495 (TF32).')
 _CPU_XLA_TUNING = flags.DEFINE_bool('cpu_xla_tuning', True,
-                                    'Apply experiments.cpu_tuning (as experiments.pets).')
+                                    'Apply cco_jax.runtime (as experiments.pets).')
 _COMPARE_CPU_XLA = flags.DEFINE_bool(
     'compare_cpu_xla', False, 'Time each objective compiled without and with the CPU '
     'tuning (implies --nocpu_xla_tuning for the process-wide flag).')
 _POINTWISE_AS_DOT = flags.DEFINE_bool(
     'pointwise_as_dot', True, 'Models run 1x1 convolutions as matrix products '
-    '(`models.Conv`, the default); --nopointwise_as_dot times plain nn.Conv.')
+    '(`ops.Conv`, the default); --nopointwise_as_dot times plain nn.Conv.')
 _PETS_DIR = flags.DEFINE_string('pets_dir', str(lib.SHARED_DATA / 'oxford-iiit-pet-sample'),
                                 'Oxford-IIIT Pet sample (official layout) for the loop.')
 _TFDS_DATA_DIR = flags.DEFINE_string('tfds_data_dir', '', 'Prepared data for the loop; '
@@ -105,7 +105,7 @@ def _apply_cpu_flags() -> str:
   if xla_bridge.backends_are_initialized():
     raise RuntimeError('JAX started before the XLA flags were set.')
   if _CPU_XLA_TUNING.value and not _COMPARE_CPU_XLA.value:
-    return cpu_tuning.apply()
+    return runtime.apply()
   return ''
 
 

@@ -1,6 +1,6 @@
 r"""The CPU-scale reproduction table: datasets x objectives x seeds.
 
-    python -m experiments.reproduce_cpu --out=/tmp/reproduce_cpu \
+    python -m experiments.reproduce --out=/tmp/reproduce_cpu \
         --pets_dir=../shared/data/oxford-iiit-pet-sample \
         --cvd_dir=../shared/data/cats-vs-dogs-sample
 
@@ -51,7 +51,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASETS = ('species', 'spurious')
 VARIANTS = {'cpu_ce': 'CE control', 'cpu_ace': 'ACE', 'cpu': 'ACE + divergence'}
 # Every variant the table can name (--variants), e.g. the paper-scale ones that
-# experiments/gpu_reproduce.sh trains on a GPU.
+# experiments/gpu/reproduce.sh trains on a GPU.
 LABELS = {**VARIANTS, 'binary_ce': 'CE control (ResNet-50)',
           'binary': 'ACE + divergence (ResNet-50)',
           'breeds_ce': 'CE control (ResNet-50, 37 breeds)',
