@@ -9,4 +9,4 @@ Modules, in data-flow order:
   train           pmapped train/eval steps and the training loop.
 """
 
-__version__ = "0.1.0"
+__version__ = '0.1.0'

@@ -21,7 +21,7 @@ run only on concrete inputs.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -53,9 +53,10 @@ def hirescam(features: Array, kernel: Array) -> Array:
   checks.check_rank(kernel, 2, 'kernel', '(F, C)')
   if features.shape[-1] != kernel.shape[0]:
     raise ValueError(
-        f'features has {features.shape[-1]} channels (shape {features.shape}) '
-        f'but kernel expects {kernel.shape[0]} (shape {kernel.shape}); the '
-        'kernel must be (F, C) with F = features.shape[-1].')
+      f'features has {features.shape[-1]} channels (shape {features.shape}) '
+      f'but kernel expects {kernel.shape[0]} (shape {kernel.shape}); the '
+      'kernel must be (F, C) with F = features.shape[-1].'
+    )
   height, width = features.shape[1:3]
   return jnp.einsum('bhwf,fc->bhwc', features, kernel) / (height * width)
 
@@ -99,7 +100,9 @@ def pixel_influence(contrastive: Array, fg_mask: Array) -> Mapping[str, Array]:
   return {'net': magnitude.sum((1, 2)), 'fg': fg, 'bg': bg}
 
 
-def identity_error(logits: Array, cams: Array, bias: Array | None = None) -> Array:
+def identity_error(
+  logits: Array, cams: Array, bias: Array | None = None
+) -> Array:
   """Largest violation of the logit-sum identity, `max |sum M + b - s|`.
 
   Args:

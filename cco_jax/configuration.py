@@ -8,8 +8,9 @@ from typing import Any
 import ml_collections
 
 
-def apply_overrides(config: ml_collections.ConfigDict,
-                    overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+def apply_overrides(
+  config: ml_collections.ConfigDict, overrides: Mapping[str, Any]
+) -> ml_collections.ConfigDict:
   """Sets dotted keys (`'data.image_size': 32`) on `config`, in place; returns it.
 
   Every key must already exist: a misspelt one raises a `KeyError` that names it
@@ -28,6 +29,8 @@ def apply_overrides(config: ml_collections.ConfigDict,
 
 def _field(node: ml_collections.ConfigDict, name: str, key: str) -> Any:
   if name not in node:
-    raise KeyError(f'Config override {key!r}: no field {name!r} here; fields: '
-                   f'{", ".join(sorted(node.keys()))}.')
+    raise KeyError(
+      f'Config override {key!r}: no field {name!r} here; fields: '
+      f'{", ".join(sorted(node.keys()))}.'
+    )
   return node[name]

@@ -26,8 +26,9 @@ def target_contrast(cams: np.ndarray, labels: np.ndarray) -> np.ndarray:
   return target - others
 
 
-def save_cam_grid(path: str, images, masks, cams, labels, predictions=None,
-                  class_names=None) -> str:
+def save_cam_grid(
+  path: str, images, masks, cams, labels, predictions=None, class_names=None
+) -> str:
   """Writes a grid (rows: examples; columns: image, mask, contrastive map)."""
   images, masks = np.asarray(images), np.asarray(masks)
   labels = np.asarray(labels)
@@ -35,8 +36,11 @@ def save_cam_grid(path: str, images, masks, cams, labels, predictions=None,
   rows = len(images)
   fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.4 * rows), squeeze=False)
   for i in range(rows):
-    image = np.clip(images[i], 0, 1) if images[i].min() >= 0 else (
-        (images[i] - images[i].min()) / (np.ptp(images[i]) + 1e-8))
+    image = (
+      np.clip(images[i], 0, 1)
+      if images[i].min() >= 0
+      else ((images[i] - images[i].min()) / (np.ptp(images[i]) + 1e-8))
+    )
     name = class_names[labels[i]] if class_names else str(labels[i])
     title = f'label {name}'
     if predictions is not None:
@@ -47,7 +51,9 @@ def save_cam_grid(path: str, images, masks, cams, labels, predictions=None,
     axes[i, 1].imshow(masks[i], cmap='gray', vmin=0, vmax=1)
     axes[i, 1].set_title('foreground mask', fontsize=8)
     limit = float(np.abs(contrast[i]).max()) or 1.0
-    shown = axes[i, 2].imshow(contrast[i], cmap='RdBu_r', vmin=-limit, vmax=limit)
+    shown = axes[i, 2].imshow(
+      contrast[i], cmap='RdBu_r', vmin=-limit, vmax=limit
+    )
     axes[i, 2].set_title('target contrastive map', fontsize=8)
     fig.colorbar(shown, ax=axes[i, 2], fraction=0.046)
     for ax in axes[i]:
@@ -56,13 +62,25 @@ def save_cam_grid(path: str, images, masks, cams, labels, predictions=None,
   return _save(fig, path)
 
 
-def save_learning_curves(path: str, records: list[dict],
-                         keys=('train_loss', 'train_accuracy', 'eval_accuracy',
-                               'eval_ce', 'eval_bg_share')) -> str:
+def save_learning_curves(
+  path: str,
+  records: list[dict],
+  keys=(
+    'train_loss',
+    'train_accuracy',
+    'eval_accuracy',
+    'eval_ce',
+    'eval_bg_share',
+  ),
+) -> str:
   """Plots each key present in the metric records against the step."""
   present = [k for k in keys if any(k in r for r in records)]
-  fig, axes = plt.subplots(1, max(len(present), 1), figsize=(3.6 * max(len(present), 1), 3),
-                           squeeze=False)
+  fig, axes = plt.subplots(
+    1,
+    max(len(present), 1),
+    figsize=(3.6 * max(len(present), 1), 3),
+    squeeze=False,
+  )
   for ax, key in zip(axes[0], present):
     points = [(r['step'], r[key]) for r in records if key in r]
     steps, values = zip(*points)

@@ -66,6 +66,7 @@ outside an absl app the flags are marked parsed so that defaults apply.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 import dataclasses
 import functools
 import hashlib
@@ -74,7 +75,6 @@ import json
 import math
 import os
 import types
-from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from absl import flags
@@ -100,29 +100,42 @@ CROP_AREA_RANGE = (0.35, 1.0)
 CROP_ASPECT_RANGE = (3 / 4, 4 / 3)
 # task -> the feature that holds its label, and the class names.
 TASKS = types.MappingProxyType({'species': 'species', 'breed': 'label'})
-CLASS_NAMES = types.MappingProxyType({'species': oxford_iiit_pet.SPECIES,
-                                      'breed': oxford_iiit_pet.BREEDS})
+CLASS_NAMES = types.MappingProxyType(
+  {'species': oxford_iiit_pet.SPECIES, 'breed': oxford_iiit_pet.BREEDS}
+)
 OOD_DATASET = 'cats_vs_dogs'
 SPLITS = ('train', 'validation', 'test', 'ood')
 # Changing the salt changes every validation carve: keep it fixed.
 VALIDATION_SALT = 'cco-jax/validation/v1'
-_MASK_RESIZE = types.MappingProxyType({'nearest': Image.Resampling.NEAREST,
-                                       'area': Image.Resampling.BOX})
+_MASK_RESIZE = types.MappingProxyType(
+  {'nearest': Image.Resampling.NEAREST, 'area': Image.Resampling.BOX}
+)
 _EMPTY_MASK_POLICIES = ('all_ones', 'drop')
 _SKIP_DECODING = tfds.decode.SkipDecoding
 # Fields of config.data that change what a training batch contains (the rest,
 # e.g. num_workers or where the data lives, do not).
-_CONTENT_FIELDS = ('name', 'task', 'image_size', 'validation_fraction',
-                   'boundary_is_foreground', 'mask_resize', 'empty_mask_policy',
-                   'normalize', 'augment_flip', 'augment_crop',
-                   'shuffle_seed_offset', 'cache_decoded')
+_CONTENT_FIELDS = (
+  'name',
+  'task',
+  'image_size',
+  'validation_fraction',
+  'boundary_is_foreground',
+  'mask_resize',
+  'empty_mask_policy',
+  'normalize',
+  'augment_flip',
+  'augment_crop',
+  'shuffle_seed_offset',
+  'cache_decoded',
+)
 # Threads that decode masks or fill the cache (Pillow releases the GIL).
 _SCAN_THREADS = 8
 
 
 def default_config() -> ml_collections.ConfigDict:
   """The `config.data` defaults: the seed's preprocessing (METHOD.md §6)."""
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(
+    dict(
       name='oxford_iiit_pet',
       manual_dir='',
       ood_manual_dir='',
@@ -140,21 +153,28 @@ def default_config() -> ml_collections.ConfigDict:
       prefetch=2,
       shuffle_seed_offset=0,
       cache_decoded=False,
-  ))
+    )
+  )
 
 
 def check_config(data_config: ml_collections.ConfigDict) -> None:
   """Raises ValueError on a field value the pipeline does not support."""
-  choices = {'name': tuple(DATASETS), 'task': tuple(TASKS),
-             'mask_resize': tuple(_MASK_RESIZE),
-             'empty_mask_policy': _EMPTY_MASK_POLICIES}
+  choices = {
+    'name': tuple(DATASETS),
+    'task': tuple(TASKS),
+    'mask_resize': tuple(_MASK_RESIZE),
+    'empty_mask_policy': _EMPTY_MASK_POLICIES,
+  }
   for key, allowed in choices.items():
     if data_config[key] not in allowed:
-      raise ValueError(f'config.data.{key}={data_config[key]!r}; expected one '
-                       f'of {allowed}.')
+      raise ValueError(
+        f'config.data.{key}={data_config[key]!r}; expected one of {allowed}.'
+      )
   if not 0 <= data_config.validation_fraction < 1:
-    raise ValueError('config.data.validation_fraction must be in [0, 1), got '
-                     f'{data_config.validation_fraction}.')
+    raise ValueError(
+      'config.data.validation_fraction must be in [0, 1), got '
+      f'{data_config.validation_fraction}.'
+    )
   for key in ('image_size',):
     if data_config[key] < 1:
       raise ValueError(f'config.data.{key} must be positive.')
@@ -162,8 +182,10 @@ def check_config(data_config: ml_collections.ConfigDict) -> None:
     if data_config[key] < 0:
       raise ValueError(f'config.data.{key} must be >= 0.')
   if data_config.get('cache_decoded', False) and data_config.num_workers:
-    raise ValueError('config.data.cache_decoded keeps decoded images in this '
-                     'process; it needs config.data.num_workers = 0.')
+    raise ValueError(
+      'config.data.cache_decoded keeps decoded images in this '
+      'process; it needs config.data.num_workers = 0.'
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -173,8 +195,9 @@ def check_config(data_config: ml_collections.ConfigDict) -> None:
 
 def _dataset_entry(name: str) -> DatasetEntry:
   if name not in DATASETS:
-    raise ValueError(f'Unknown dataset {name!r}; expected one of '
-                     f'{tuple(DATASETS)}.')
+    raise ValueError(
+      f'Unknown dataset {name!r}; expected one of {tuple(DATASETS)}.'
+    )
   return DATASETS[name]
 
 
@@ -185,8 +208,9 @@ def _recorded_source(builder: tfds.core.DatasetBuilder) -> str:
     return 'unknown'
 
 
-def prepare_dataset(name: str, *, manual_dir: str = '',
-                    data_dir: str = '') -> tfds.core.DatasetBuilder:
+def prepare_dataset(
+  name: str, *, manual_dir: str = '', data_dir: str = ''
+) -> tfds.core.DatasetBuilder:
   """Prepares a dataset once (ArrayRecord) and returns its TFDS builder.
 
   Args:
@@ -207,27 +231,38 @@ def prepare_dataset(name: str, *, manual_dir: str = '',
   entry = _dataset_entry(name)
   if manual_dir:
     entry.check_manual_dir(manual_dir)
-  builder = entry.builder_cls(data_dir=data_dir or None,
-                              file_format='array_record')
+  builder = entry.builder_cls(
+    data_dir=data_dir or None, file_format='array_record'
+  )
   if not builder.is_prepared():
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=manual_dir or None))
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(
+        manual_dir=manual_dir or None
+      )
+    )
     return builder
   recorded = _recorded_source(builder)
-  same = lambda a, b: os.path.realpath(os.path.expanduser(a)) == os.path.realpath(
-      os.path.expanduser(b))
+  same = lambda a, b: os.path.realpath(
+    os.path.expanduser(a)
+  ) == os.path.realpath(os.path.expanduser(b))
   if manual_dir and not same(recorded, manual_dir):
     raise ValueError(
-        f'{builder.data_dir} already holds {builder.name} prepared from '
-        f'{recorded!r}, not from manual_dir {manual_dir!r}. Use another data '
-        'dir (--data_dir / config.data.tfds_data_dir) or delete that one.')
-  logging.info('Using %s at %s (prepared from %s).', builder.name,
-               builder.data_dir, recorded)
+      f'{builder.data_dir} already holds {builder.name} prepared from '
+      f'{recorded!r}, not from manual_dir {manual_dir!r}. Use another data '
+      'dir (--data_dir / config.data.tfds_data_dir) or delete that one.'
+    )
+  logging.info(
+    'Using %s at %s (prepared from %s).',
+    builder.name,
+    builder.data_dir,
+    recorded,
+  )
   return builder
 
 
-def carve_validation(file_names: Sequence[str], labels: Sequence[int],
-                     fraction: float) -> tuple[np.ndarray, np.ndarray]:
+def carve_validation(
+  file_names: Sequence[str], labels: Sequence[int], fraction: float
+) -> tuple[np.ndarray, np.ndarray]:
   """Splits trainval into train and validation, deterministically.
 
   Within each label, examples are ordered by SHA-256 of `VALIDATION_SALT` and
@@ -243,15 +278,17 @@ def carve_validation(file_names: Sequence[str], labels: Sequence[int],
   Returns:
     (train_indices, validation_indices): sorted int64 arrays into the inputs.
   """
+
   def key(i: int) -> str:
     return hashlib.sha256(
-        f'{VALIDATION_SALT}/{file_names[i]}'.encode()).hexdigest()
+      f'{VALIDATION_SALT}/{file_names[i]}'.encode()
+    ).hexdigest()
 
   validation = []
   labels = np.asarray(labels)
   for label in np.unique(labels):
     members = sorted(np.flatnonzero(labels == label), key=key)
-    validation.extend(members[:math.floor(fraction * len(members) + 0.5)])
+    validation.extend(members[: math.floor(fraction * len(members) + 0.5)])
   is_validation = np.zeros(len(labels), bool)
   is_validation[np.asarray(validation, np.int64)] = True
   return np.flatnonzero(~is_validation), np.flatnonzero(is_validation)
@@ -270,6 +307,7 @@ class SplitSource:
     positions: (N,) int64 position of each example in the full pipeline split
       (returned as 'index'); None = 0..N-1.
   """
+
   name: str
   records: Sequence[Mapping[str, Any]]
   indices: np.ndarray
@@ -284,29 +322,34 @@ class SplitSource:
     record['index'] = int(i if self.positions is None else self.positions[i])
     return record
 
-  def subset(self, which: np.ndarray) -> 'SplitSource':
+  def subset(self, which: np.ndarray) -> SplitSource:
     """The examples at `which` (positions in this source), keeping 'index'."""
-    positions = (np.arange(len(self)) if self.positions is None else
-                 self.positions)
-    return dataclasses.replace(self, indices=self.indices[which],
-                               positions=positions[which])
+    positions = (
+      np.arange(len(self)) if self.positions is None else self.positions
+    )
+    return dataclasses.replace(
+      self, indices=self.indices[which], positions=positions[which]
+    )
 
 
 def _as_str(value: str | bytes) -> str:
   return value.decode() if isinstance(value, bytes) else value
 
 
-def _data_source(builder: tfds.core.DatasetBuilder, split: str,
-                 has_masks: bool):
+def _data_source(
+  builder: tfds.core.DatasetBuilder, split: str, has_masks: bool
+):
   decoders = {'image': _SKIP_DECODING()}
   if has_masks:
     decoders['segmentation_mask'] = _SKIP_DECODING()
   return builder.as_data_source(split, decoders=decoders)
 
 
-def _names_and_labels(builder: tfds.core.DatasetBuilder,
-                      records: Sequence[Mapping[str, Any]], split: str
-                      ) -> tuple[list[str], list[int]]:
+def _names_and_labels(
+  builder: tfds.core.DatasetBuilder,
+  records: Sequence[Mapping[str, Any]],
+  split: str,
+) -> tuple[list[str], list[int]]:
   """File names and stratification labels of a TFDS split, in record order.
 
   Uses the lists the builder stores in its metadata when they match the
@@ -318,8 +361,10 @@ def _names_and_labels(builder: tfds.core.DatasetBuilder,
     listed = None
   if listed is not None and len(listed['file_names']) == len(records):
     probes = sorted({0, len(records) // 2, len(records) - 1})
-    if all(_as_str(records[i]['file_name']) == listed['file_names'][i]
-           for i in probes):
+    if all(
+      _as_str(records[i]['file_name']) == listed['file_names'][i]
+      for i in probes
+    ):
       return listed['file_names'], listed['labels']
   stratify = 'label' if 'label' in builder.info.features else 'species'
   names, labels = [], []
@@ -330,20 +375,26 @@ def _names_and_labels(builder: tfds.core.DatasetBuilder,
   return names, labels
 
 
-def _carved_trainval(data_config: ml_collections.ConfigDict,
-                     builder: tfds.core.DatasetBuilder, entry: DatasetEntry
-                     ) -> dict[str, SplitSource]:
+def _carved_trainval(
+  data_config: ml_collections.ConfigDict,
+  builder: tfds.core.DatasetBuilder,
+  entry: DatasetEntry,
+) -> dict[str, SplitSource]:
   records = _data_source(builder, 'train', entry.has_masks)
   names, labels = _names_and_labels(builder, records, 'train')
-  train, validation = carve_validation(names, labels,
-                                       data_config.validation_fraction)
-  return {split: SplitSource(split, records, indices, entry.has_masks)
-          for split, indices in (('train', train), ('validation', validation))}
+  train, validation = carve_validation(
+    names, labels, data_config.validation_fraction
+  )
+  return {
+    split: SplitSource(split, records, indices, entry.has_masks)
+    for split, indices in (('train', train), ('validation', validation))
+  }
 
 
-def load_split_sources(data_config: ml_collections.ConfigDict,
-                       splits: Sequence[str] = ('train', 'validation', 'test')
-                       ) -> dict[str, SplitSource]:
+def load_split_sources(
+  data_config: ml_collections.ConfigDict,
+  splits: Sequence[str] = ('train', 'validation', 'test'),
+) -> dict[str, SplitSource]:
   """Opens pipeline splits, preparing the data first if needed.
 
   Args:
@@ -363,28 +414,35 @@ def load_split_sources(data_config: ml_collections.ConfigDict,
   entry = _dataset_entry(data_config.name)
   sources = {}
   if {'train', 'validation', 'test'} & set(splits):
-    builder = prepare_dataset(data_config.name,
-                              manual_dir=data_config.manual_dir,
-                              data_dir=data_config.tfds_data_dir)
+    builder = prepare_dataset(
+      data_config.name,
+      manual_dir=data_config.manual_dir,
+      data_dir=data_config.tfds_data_dir,
+    )
     if {'train', 'validation'} & set(splits):
       sources.update(_carved_trainval(data_config, builder, entry))
     if 'test' in splits:
       if 'test' not in entry.splits:
         raise ValueError(f'{data_config.name} has no test split.')
       records = _data_source(builder, 'test', entry.has_masks)
-      sources['test'] = SplitSource('test', records,
-                                    np.arange(len(records)), entry.has_masks)
+      sources['test'] = SplitSource(
+        'test', records, np.arange(len(records)), entry.has_masks
+      )
   if 'ood' in splits:
     if data_config.task != 'species':
-      raise ValueError("The 'ood' split (Cats-vs-Dogs) needs "
-                       "config.data.task='species'.")
+      raise ValueError(
+        "The 'ood' split (Cats-vs-Dogs) needs config.data.task='species'."
+      )
     ood = _dataset_entry(OOD_DATASET)
-    builder = prepare_dataset(OOD_DATASET,
-                              manual_dir=data_config.ood_manual_dir,
-                              data_dir=data_config.tfds_data_dir)
+    builder = prepare_dataset(
+      OOD_DATASET,
+      manual_dir=data_config.ood_manual_dir,
+      data_dir=data_config.tfds_data_dir,
+    )
     records = _data_source(builder, 'train', ood.has_masks)
-    sources['ood'] = SplitSource('ood', records, np.arange(len(records)),
-                                 ood.has_masks)
+    sources['ood'] = SplitSource(
+      'ood', records, np.arange(len(records)), ood.has_masks
+    )
   return {split: sources[split] for split in splits}
 
 
@@ -393,8 +451,10 @@ def split_sizes(data_config: ml_collections.ConfigDict) -> dict[str, int]:
   splits = ['train', 'validation']
   if 'test' in _dataset_entry(data_config.name).splits:
     splits.append('test')
-  return {split: len(source)
-          for split, source in load_split_sources(data_config, splits).items()}
+  return {
+    split: len(source)
+    for split, source in load_split_sources(data_config, splits).items()
+  }
 
 
 def num_examples(data_config: ml_collections.ConfigDict, split: str) -> int:
@@ -424,22 +484,28 @@ Box = tuple[float, float, float, float]
 FULL_BOX: Box = (0.0, 0.0, 1.0, 1.0)
 
 
-def foreground(trimap: Image.Image, *, boundary_is_foreground: bool
-               ) -> Image.Image:
+def foreground(
+  trimap: Image.Image, *, boundary_is_foreground: bool
+) -> Image.Image:
   """Mode 'L' image: 1 where `trimap == 1` (or `trimap != 2`), else 0."""
   if boundary_is_foreground:
     lut = [int(v != oxford_iiit_pet.TRIMAP_BACKGROUND) for v in range(256)]
   else:
     lut = [int(v == oxford_iiit_pet.TRIMAP_PET) for v in range(256)]
   if trimap.mode != 'L':
-    trimap = Image.fromarray(np.asarray(trimap).astype(np.uint8)
-                             .reshape(trimap.size[::-1]))
+    trimap = Image.fromarray(
+      np.asarray(trimap).astype(np.uint8).reshape(trimap.size[::-1])
+    )
   return trimap.point(lut)
 
 
-def decode(record: Mapping[str, Any], *, task: str,
-           boundary_is_foreground: bool, draft_size: int | None = None
-           ) -> Example:
+def decode(
+  record: Mapping[str, Any],
+  *,
+  task: str,
+  boundary_is_foreground: bool,
+  draft_size: int | None = None,
+) -> Example:
   """Opens a record's image (and trimap) with Pillow.
 
   Args:
@@ -461,15 +527,25 @@ def decode(record: Mapping[str, Any], *, task: str,
     image = image.convert('RGB')
   fg = None
   if 'segmentation_mask' in record:
-    fg = foreground(Image.open(io.BytesIO(record['segmentation_mask'])),
-                    boundary_is_foreground=boundary_is_foreground)
-  return {'image': image, 'fg': fg, 'label': int(record[TASKS[task]]),
-          'index': int(record['index']),
-          'file_name': _as_str(record['file_name'])}
+    fg = foreground(
+      Image.open(io.BytesIO(record['segmentation_mask'])),
+      boundary_is_foreground=boundary_is_foreground,
+    )
+  return {
+    'image': image,
+    'fg': fg,
+    'label': int(record[TASKS[task]]),
+    'index': int(record['index']),
+    'file_name': _as_str(record['file_name']),
+  }
 
 
-def resize(image: Image.Image, size: tuple[int, int],
-           resample: Image.Resampling, box: Box = FULL_BOX) -> np.ndarray:
+def resize(
+  image: Image.Image,
+  size: tuple[int, int],
+  resample: Image.Resampling,
+  box: Box = FULL_BOX,
+) -> np.ndarray:
   """Crops the relative `box` of `image` and resizes it to `size` = (h, w).
 
   Returns:
@@ -479,9 +555,13 @@ def resize(image: Image.Image, size: tuple[int, int],
   left, top, right, bottom = box
   if box == FULL_BOX and image.size == (size[1], size[0]):
     return np.asarray(image)
-  return np.asarray(image.resize(
-      (size[1], size[0]), resample,
-      box=(left * width, top * height, right * width, bottom * height)))
+  return np.asarray(
+    image.resize(
+      (size[1], size[0]),
+      resample,
+      box=(left * width, top * height, right * width, bottom * height),
+    )
+  )
 
 
 def random_crop_box(width: int, height: int, rng: np.random.Generator) -> Box:
@@ -496,12 +576,20 @@ def random_crop_box(width: int, height: int, rng: np.random.Generator) -> Box:
   crop_h = min(height, max(1, round(math.sqrt(area / aspect))))
   left = int(rng.integers(0, width - crop_w + 1))
   top = int(rng.integers(0, height - crop_h + 1))
-  return (left / width, top / height, (left + crop_w) / width,
-          (top + crop_h) / height)
+  return (
+    left / width,
+    top / height,
+    (left + crop_w) / width,
+    (top + crop_h) / height,
+  )
 
 
-def cam_mask(fg: Image.Image | None, cam_size: tuple[int, int], method: str,
-             box: Box = FULL_BOX) -> np.ndarray:
+def cam_mask(
+  fg: Image.Image | None,
+  cam_size: tuple[int, int],
+  method: str,
+  box: Box = FULL_BOX,
+) -> np.ndarray:
   """Foreground ('L', {0, 1}) -> float32 (h, w) mask on the CAM grid.
 
   'nearest' samples the foreground at each cell's centre (binary); 'area'
@@ -515,10 +603,17 @@ def cam_mask(fg: Image.Image | None, cam_size: tuple[int, int], method: str,
   return resize(fg, cam_size, _MASK_RESIZE['nearest'], box).astype(np.float32)
 
 
-def to_model_input(example: Example, *, image_size: int,
-                   cam_size: tuple[int, int], mask_resize: str,
-                   normalize: bool, with_pixel_mask: bool,
-                   box: Box = FULL_BOX, flip: bool = False) -> Example:
+def to_model_input(
+  example: Example,
+  *,
+  image_size: int,
+  cam_size: tuple[int, int],
+  mask_resize: str,
+  normalize: bool,
+  with_pixel_mask: bool,
+  box: Box = FULL_BOX,
+  flip: bool = False,
+) -> Example:
   """Crops `box`, squashes to (S, S), flips, and converts to float arrays.
 
   Returns:
@@ -532,14 +627,19 @@ def to_model_input(example: Example, *, image_size: int,
   mask = cam_mask(example['fg'], cam_size, mask_resize, box)
   if not mask.any():
     mask = np.ones_like(mask)
-  out = {'label': np.int32(example['label']),
-         'index': np.int32(example['index']),
-         'file_name': example['file_name']}
+  out = {
+    'label': np.int32(example['label']),
+    'index': np.int32(example['index']),
+    'file_name': example['file_name'],
+  }
   if with_pixel_mask:
     out['pixel_mask'] = (
-        np.ones(size, np.float32) if example['fg'] is None else
-        resize(example['fg'], size, Image.Resampling.NEAREST, box)
-        .astype(np.float32))
+      np.ones(size, np.float32)
+      if example['fg'] is None
+      else resize(example['fg'], size, Image.Resampling.NEAREST, box).astype(
+        np.float32
+      )
+    )
   if flip:
     image, mask = image[:, ::-1], mask[:, ::-1]
     if with_pixel_mask:
@@ -559,6 +659,7 @@ def to_model_input(example: Example, *, image_size: int,
 @dataclasses.dataclass(frozen=True)
 class _Decoded:
   """Decodes the records of a `SplitSource` on access (a Grain source)."""
+
   source: SplitSource
   task: str
   boundary_is_foreground: bool
@@ -568,9 +669,12 @@ class _Decoded:
     return len(self.source)
 
   def __getitem__(self, i: int) -> Example:
-    return decode(self.source[i], task=self.task,
-                  boundary_is_foreground=self.boundary_is_foreground,
-                  draft_size=self.draft_size)
+    return decode(
+      self.source[i],
+      task=self.task,
+      boundary_is_foreground=self.boundary_is_foreground,
+      draft_size=self.draft_size,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -582,6 +686,7 @@ class _Cached:
   uncropped training example needs no Pillow work at all (`_train_example`);
   a cropped one is rendered from the (S, S) copies as usual.
   """
+
   images: np.ndarray  # uint8 (N, S, S, 3)
   fgs: np.ndarray | None  # uint8 (N, S, S) in {0, 1}; None without masks.
   cam_masks: np.ndarray  # float32 (N, h, w): `cam_mask` of the full image.
@@ -593,23 +698,31 @@ class _Cached:
     return len(self.labels)
 
   def __getitem__(self, i: int) -> Example:
-    return {'image_array': self.images[i],
-            'fg_array': None if self.fgs is None else self.fgs[i],
-            'cam_mask': self.cam_masks[i],
-            'label': int(self.labels[i]), 'index': int(self.indices[i]),
-            'file_name': self.file_names[i]}
+    return {
+      'image_array': self.images[i],
+      'fg_array': None if self.fgs is None else self.fgs[i],
+      'cam_mask': self.cam_masks[i],
+      'label': int(self.labels[i]),
+      'index': int(self.indices[i]),
+      'file_name': self.file_names[i],
+    }
 
 
 def _as_images(example: Example) -> Example:
   """A `_Cached` item as `decode` returns examples (Pillow images)."""
   fg = example['fg_array']
-  return {'image': Image.fromarray(example['image_array']),
-          'fg': None if fg is None else Image.fromarray(fg),
-          'label': example['label'], 'index': example['index'],
-          'file_name': example['file_name']}
+  return {
+    'image': Image.fromarray(example['image_array']),
+    'fg': None if fg is None else Image.fromarray(fg),
+    'label': example['label'],
+    'index': example['index'],
+    'file_name': example['file_name'],
+  }
 
 
-def _cached_model_input(example: Example, *, normalize: bool, flip: bool) -> Example:
+def _cached_model_input(
+  example: Example, *, normalize: bool, flip: bool
+) -> Example:
   """`to_model_input` of an uncropped `_Cached` item, by array operations only.
 
   Equal, bit for bit, to rendering `_as_images(example)` with the full box:
@@ -622,9 +735,13 @@ def _cached_model_input(example: Example, *, normalize: bool, flip: bool) -> Exa
   image = image.astype(np.float32) * np.float32(1 / 255)
   if normalize:
     image = (image - IMAGENET_MEAN) / IMAGENET_STD
-  return {'image': image, 'mask': np.ascontiguousarray(mask),
-          'label': np.int32(example['label']), 'index': np.int32(example['index']),
-          'file_name': example['file_name']}
+  return {
+    'image': image,
+    'mask': np.ascontiguousarray(mask),
+    'label': np.int32(example['label']),
+    'index': np.int32(example['index']),
+    'file_name': example['file_name'],
+  }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -639,6 +756,7 @@ class _CachedBatches:
   arithmetic on the whole batch at once (no per-example Python work), which
   keeps the input's share of a 2-core CPU small (docs/benchmarks/training.md).
   """
+
   cached: _Cached
   batch_size: int  # Examples per host and batch.
   num_devices: int
@@ -659,7 +777,9 @@ class _CachedBatches:
     positions = np.empty(self.batch_size, np.int64)
     for epoch in np.unique(epochs):
       chosen = epochs == epoch
-      order = np.random.default_rng([self.shuffle_seed, int(epoch)]).permutation(n)
+      order = np.random.default_rng(
+        [self.shuffle_seed, int(epoch)]
+      ).permutation(n)
       positions[chosen] = order[stream[chosen] % n]
     return positions
 
@@ -668,16 +788,25 @@ class _CachedBatches:
     images = self.cached.images[positions]
     masks = self.cached.cam_masks[positions]
     if self.flip:
-      flips = np.random.default_rng([self.augment_seed, k]).random(self.batch_size) < 0.5
+      flips = (
+        np.random.default_rng([self.augment_seed, k]).random(self.batch_size)
+        < 0.5
+      )
       images[flips] = images[flips, :, ::-1]
       masks[flips] = masks[flips, :, ::-1]
     images = images.astype(np.float32) * np.float32(1 / 255)
     if self.normalize:
       images = (images - IMAGENET_MEAN) / IMAGENET_STD
-    batch = {'image': images, 'mask': masks, 'label': self.cached.labels[positions],
-             'index': self.cached.indices[positions]}
-    return {key: batch[key].reshape(self.num_devices, -1, *batch[key].shape[1:])
-            for key in self.keys}
+    batch = {
+      'image': images,
+      'mask': masks,
+      'label': self.cached.labels[positions],
+      'index': self.cached.indices[positions],
+    }
+    return {
+      key: batch[key].reshape(self.num_devices, -1, *batch[key].shape[1:])
+      for key in self.keys
+    }
 
 
 def _read_options(prefetch: int) -> grain.ReadOptions:
@@ -686,50 +815,69 @@ def _read_options(prefetch: int) -> grain.ReadOptions:
 
 def _squash_to_arrays(example: Example, *, size: int) -> Example:
   fg = example['fg']
-  return {**example,
-          'image': resize(example['image'], (size, size),
-                          Image.Resampling.BILINEAR),
-          'fg': None if fg is None else resize(fg, (size, size),
-                                               Image.Resampling.NEAREST)}
+  return {
+    **example,
+    'image': resize(example['image'], (size, size), Image.Resampling.BILINEAR),
+    'fg': None
+    if fg is None
+    else resize(fg, (size, size), Image.Resampling.NEAREST),
+  }
 
 
-def _cache(decoded: _Decoded, image_size: int, *, cam_size: tuple[int, int],
-           mask_resize: str) -> _Cached:
+def _cache(
+  decoded: _Decoded,
+  image_size: int,
+  *,
+  cam_size: tuple[int, int],
+  mask_resize: str,
+) -> _Cached:
   """Decodes and squashes every example once (in order, with threads)."""
   squashed = grain.MapDataset.source(decoded).map(
-      functools.partial(_squash_to_arrays, size=image_size))
+    functools.partial(_squash_to_arrays, size=image_size)
+  )
   examples = list(squashed.to_iter_dataset(_read_options(_SCAN_THREADS)))
-  logging.info('Cached %d decoded examples (%.0f MB).', len(examples),
-               len(examples) * image_size**2 * 4 / 1e6)
+  logging.info(
+    'Cached %d decoded examples (%.0f MB).',
+    len(examples),
+    len(examples) * image_size**2 * 4 / 1e6,
+  )
   has_fg = examples[0]['fg'] is not None
   cam_masks = []
   for e in examples:
-    mask = cam_mask(None if e['fg'] is None else Image.fromarray(e['fg']), cam_size,
-                    mask_resize)
+    mask = cam_mask(
+      None if e['fg'] is None else Image.fromarray(e['fg']),
+      cam_size,
+      mask_resize,
+    )
     cam_masks.append(mask if mask.any() else np.ones_like(mask))
   return _Cached(
-      images=np.stack([e['image'] for e in examples]),
-      fgs=np.stack([e['fg'] for e in examples]) if has_fg else None,
-      cam_masks=np.stack(cam_masks),
-      labels=np.array([e['label'] for e in examples], np.int32),
-      indices=np.array([e['index'] for e in examples], np.int32),
-      file_names=tuple(e['file_name'] for e in examples))
+    images=np.stack([e['image'] for e in examples]),
+    fgs=np.stack([e['fg'] for e in examples]) if has_fg else None,
+    cam_masks=np.stack(cam_masks),
+    labels=np.array([e['label'] for e in examples], np.int32),
+    indices=np.array([e['index'] for e in examples], np.int32),
+    file_names=tuple(e['file_name'] for e in examples),
+  )
 
 
-def _per_device_batch_size(global_batch_size: int, num_devices: int,
-                           process_count: int) -> int:
+def _per_device_batch_size(
+  global_batch_size: int, num_devices: int, process_count: int
+) -> int:
   if num_devices < 1 or process_count < 1 or global_batch_size < 1:
-    raise ValueError('global_batch_size, num_devices and process_count must be '
-                     'positive.')
+    raise ValueError(
+      'global_batch_size, num_devices and process_count must be positive.'
+    )
   if global_batch_size % (num_devices * process_count):
     raise ValueError(
-        f'global_batch_size={global_batch_size} is not divisible by '
-        f'num_devices * process_count = {num_devices} * {process_count}.')
+      f'global_batch_size={global_batch_size} is not divisible by '
+      f'num_devices * process_count = {num_devices} * {process_count}.'
+    )
   return global_batch_size // (num_devices * process_count)
 
 
-def _stack_for_devices(examples: Sequence[Example], *, num_devices: int,
-                       keys: tuple[str, ...]) -> Batch:
+def _stack_for_devices(
+  examples: Sequence[Example], *, num_devices: int, keys: tuple[str, ...]
+) -> Batch:
   """Stacks examples and splits the batch axis: (D * b, ...) -> (D, b, ...)."""
   batch = {}
   for key in keys:
@@ -745,8 +893,9 @@ def _check_cam_size(cam_size: tuple[int, int]) -> tuple[int, int]:
   return cam_size
 
 
-def _iterate(batches: grain.MapDataset, num_workers: int, prefetch: int
-             ) -> grain.DatasetIterator:
+def _iterate(
+  batches: grain.MapDataset, num_workers: int, prefetch: int
+) -> grain.DatasetIterator:
   """Runs a batched MapDataset with threads or worker processes."""
   dataset = batches.to_iter_dataset(_read_options(prefetch))
   if num_workers:
@@ -754,8 +903,11 @@ def _iterate(batches: grain.MapDataset, num_workers: int, prefetch: int
       # Grain's worker processes read absl flags. Outside an absl app (tests,
       # notebooks) nothing parses them; their defaults are what we want.
       flags.FLAGS.mark_as_parsed()
-    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=max(prefetch, 1)))
+    dataset = dataset.mp_prefetch(
+      grain.MultiprocessingOptions(
+        num_workers=num_workers, per_worker_buffer_size=max(prefetch, 1)
+      )
+    )
   return iter(dataset)
 
 
@@ -764,9 +916,12 @@ def _iterate(batches: grain.MapDataset, num_workers: int, prefetch: int
 # ----------------------------------------------------------------------------
 
 
-def empty_mask_positions(source: SplitSource,
-                         data_config: ml_collections.ConfigDict, *,
-                         cam_size: tuple[int, int]) -> np.ndarray:
+def empty_mask_positions(
+  source: SplitSource,
+  data_config: ml_collections.ConfigDict,
+  *,
+  cam_size: tuple[int, int],
+) -> np.ndarray:
   """Positions in `source` whose (unaugmented) CAM mask is empty.
 
   Decodes only the trimaps. Returns a sorted int64 array.
@@ -775,33 +930,53 @@ def empty_mask_positions(source: SplitSource,
     return np.zeros(0, np.int64)
 
   def is_empty(record: Example) -> bool:
-    fg = foreground(Image.open(io.BytesIO(record['segmentation_mask'])),
-                    boundary_is_foreground=data_config.boundary_is_foreground)
+    fg = foreground(
+      Image.open(io.BytesIO(record['segmentation_mask'])),
+      boundary_is_foreground=data_config.boundary_is_foreground,
+    )
     return not cam_mask(fg, cam_size, data_config.mask_resize).any()
 
-  empty = grain.MapDataset.source(source).map(is_empty).to_iter_dataset(
-      _read_options(_SCAN_THREADS))
+  empty = (
+    grain.MapDataset.source(source)
+    .map(is_empty)
+    .to_iter_dataset(_read_options(_SCAN_THREADS))
+  )
   return np.flatnonzero(np.fromiter(empty, bool, count=len(source)))
 
 
-def _train_example(example: Example, rng: np.random.Generator, *,
-                   data_config: ml_collections.ConfigDict,
-                   cam_size: tuple[int, int]) -> Example:
+def _train_example(
+  example: Example,
+  rng: np.random.Generator,
+  *,
+  data_config: ml_collections.ConfigDict,
+  cam_size: tuple[int, int],
+) -> Example:
   """Draws this example's crop box and flip, then renders it."""
   cached = 'image_array' in example
   if cached:
     height, width = example['image_array'].shape[:2]
   else:
     width, height = example['image'].size
-  box = (random_crop_box(width, height, rng) if data_config.augment_crop else FULL_BOX)
+  box = (
+    random_crop_box(width, height, rng)
+    if data_config.augment_crop
+    else FULL_BOX
+  )
   flip = bool(data_config.augment_flip and rng.random() < 0.5)
   if cached and box == FULL_BOX:
-    return _cached_model_input(example, normalize=data_config.normalize, flip=flip)
-  return to_model_input(_as_images(example) if cached else example,
-                        image_size=data_config.image_size,
-                        cam_size=cam_size, mask_resize=data_config.mask_resize,
-                        normalize=data_config.normalize, with_pixel_mask=False,
-                        box=box, flip=flip)
+    return _cached_model_input(
+      example, normalize=data_config.normalize, flip=flip
+    )
+  return to_model_input(
+    _as_images(example) if cached else example,
+    image_size=data_config.image_size,
+    cam_size=cam_size,
+    mask_resize=data_config.mask_resize,
+    normalize=data_config.normalize,
+    with_pixel_mask=False,
+    box=box,
+    flip=flip,
+  )
 
 
 class TrainIterator(Iterator[Batch]):
@@ -813,8 +988,14 @@ class TrainIterator(Iterator[Batch]):
   fingerprint and continues from there.
   """
 
-  def __init__(self, batches: grain.MapDataset, *, num_workers: int,
-               prefetch: int, fingerprint: Mapping[str, Any]):
+  def __init__(
+    self,
+    batches: grain.MapDataset,
+    *,
+    num_workers: int,
+    prefetch: int,
+    fingerprint: Mapping[str, Any],
+  ):
     self._batches = batches
     self._num_workers = num_workers
     self._prefetch = prefetch
@@ -824,25 +1005,28 @@ class TrainIterator(Iterator[Batch]):
 
   def __next__(self) -> Batch:
     if self._iterator is None:
-      self._iterator = _iterate(self._batches[self._next_batch:],
-                                self._num_workers, self._prefetch)
+      self._iterator = _iterate(
+        self._batches[self._next_batch :], self._num_workers, self._prefetch
+      )
     batch = next(self._iterator)
     self._next_batch += 1
     return batch
 
   def get_state(self) -> bytes:
     """JSON bytes: {'next_batch': int, 'fingerprint': {...}}."""
-    return json.dumps({'next_batch': self._next_batch,
-                       'fingerprint': self._fingerprint},
-                      sort_keys=True).encode()
+    return json.dumps(
+      {'next_batch': self._next_batch, 'fingerprint': self._fingerprint},
+      sort_keys=True,
+    ).encode()
 
   def set_state(self, state: bytes | str) -> None:
     """Continues after the batches counted in `state` (from `get_state`)."""
     state = json.loads(state)
     if state['fingerprint'] != self._fingerprint:
       raise ValueError(
-          'The saved input-pipeline state belongs to another pipeline: saved '
-          f'{state["fingerprint"]}, this one {self._fingerprint}.')
+        'The saved input-pipeline state belongs to another pipeline: saved '
+        f'{state["fingerprint"]}, this one {self._fingerprint}.'
+      )
     self.close()
     self._next_batch = int(state['next_batch'])
 
@@ -853,11 +1037,15 @@ class TrainIterator(Iterator[Batch]):
     self._iterator = None
 
 
-def _draft_size(data_config: ml_collections.ConfigDict, *, training: bool
-                ) -> int:
+def _draft_size(
+  data_config: ml_collections.ConfigDict, *, training: bool
+) -> int:
   """Smallest decoded side that still leaves every crop >= image_size."""
-  if training and data_config.augment_crop and not data_config.get(
-      'cache_decoded', False):
+  if (
+    training
+    and data_config.augment_crop
+    and not data_config.get('cache_decoded', False)
+  ):
     smallest = CROP_AREA_RANGE[0] * CROP_ASPECT_RANGE[0]
     return math.ceil(data_config.image_size / math.sqrt(smallest))
   return data_config.image_size
@@ -866,15 +1054,22 @@ def _draft_size(data_config: ml_collections.ConfigDict, *, training: bool
 def _derived_seeds(seed: int, offset: int) -> tuple[int, int]:
   """Independent 32-bit seeds for the shuffle and the augmentations."""
   shuffle_seed, augment_seed = np.random.SeedSequence(
-      [seed % 2**32, offset % 2**32]).generate_state(2)
+    [seed % 2**32, offset % 2**32]
+  ).generate_state(2)
   return int(shuffle_seed), int(augment_seed)
 
 
-def create_train_iterator(data_config: ml_collections.ConfigDict, *,
-                          cam_size: tuple[int, int], global_batch_size: int,
-                          num_devices: int, seed: int, process_index: int = 0,
-                          process_count: int = 1, with_index: bool = False
-                          ) -> TrainIterator:
+def create_train_iterator(
+  data_config: ml_collections.ConfigDict,
+  *,
+  cam_size: tuple[int, int],
+  global_batch_size: int,
+  num_devices: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  with_index: bool = False,
+) -> TrainIterator:
   """Endless, shuffled, deterministic training batches for this host.
 
   Args:
@@ -898,53 +1093,94 @@ def create_train_iterator(data_config: ml_collections.ConfigDict, *,
       smaller than one batch.
   """
   cam_size = _check_cam_size(cam_size)
-  per_device = _per_device_batch_size(global_batch_size, num_devices,
-                                      process_count)
+  per_device = _per_device_batch_size(
+    global_batch_size, num_devices, process_count
+  )
   source = load_split_sources(data_config, ['train'])['train']
   empty = empty_mask_positions(source, data_config, cam_size=cam_size)
-  logging.info('%d of %d training examples have an empty mask at CAM size %s; '
-               'empty_mask_policy=%r.', len(empty), len(source), cam_size,
-               data_config.empty_mask_policy)
+  logging.info(
+    '%d of %d training examples have an empty mask at CAM size %s; '
+    'empty_mask_policy=%r.',
+    len(empty),
+    len(source),
+    cam_size,
+    data_config.empty_mask_policy,
+  )
   if data_config.empty_mask_policy == 'drop':
     source = source.subset(np.setdiff1d(np.arange(len(source)), empty))
   source = source.subset(np.arange(len(source))[process_index::process_count])
   per_host = per_device * num_devices
   if len(source) < per_host:
-    raise ValueError(f'The training split has {len(source)} examples on this '
-                     f'host, fewer than one batch ({per_host}).')
-  decoded = _Decoded(source, data_config.task,
-                     data_config.boundary_is_foreground,
-                     draft_size=_draft_size(data_config, training=True))
+    raise ValueError(
+      f'The training split has {len(source)} examples on this '
+      f'host, fewer than one batch ({per_host}).'
+    )
+  decoded = _Decoded(
+    source,
+    data_config.task,
+    data_config.boundary_is_foreground,
+    draft_size=_draft_size(data_config, training=True),
+  )
   if data_config.get('cache_decoded', False):
-    decoded = _cache(decoded, data_config.image_size, cam_size=cam_size,
-                     mask_resize=data_config.mask_resize)
+    decoded = _cache(
+      decoded,
+      data_config.image_size,
+      cam_size=cam_size,
+      mask_resize=data_config.mask_resize,
+    )
   shuffle_seed, augment_seed = _derived_seeds(
-      seed, data_config.get('shuffle_seed_offset', 0))
+    seed, data_config.get('shuffle_seed_offset', 0)
+  )
   keys = ('image', 'mask', 'label') + ('index',) * with_index
   if isinstance(decoded, _Cached) and not data_config.augment_crop:
-    batches = grain.MapDataset.source(_CachedBatches(
-        decoded, batch_size=per_host, num_devices=num_devices,
-        shuffle_seed=shuffle_seed, augment_seed=augment_seed,
-        flip=data_config.augment_flip, normalize=data_config.normalize, keys=keys))
+    batches = grain.MapDataset.source(
+      _CachedBatches(
+        decoded,
+        batch_size=per_host,
+        num_devices=num_devices,
+        shuffle_seed=shuffle_seed,
+        augment_seed=augment_seed,
+        flip=data_config.augment_flip,
+        normalize=data_config.normalize,
+        keys=keys,
+      )
+    )
   else:
     batches = (
-        grain.MapDataset.source(decoded)
-        .shuffle(seed=shuffle_seed)
-        .repeat()  # Endless; each epoch is shuffled with a new permutation.
-        .random_map(functools.partial(_train_example, data_config=data_config,
-                                      cam_size=cam_size), seed=augment_seed)
-        .batch(per_host, drop_remainder=True, batch_fn=functools.partial(
-            _stack_for_devices, num_devices=num_devices, keys=keys)))
+      grain.MapDataset.source(decoded)
+      .shuffle(seed=shuffle_seed)
+      .repeat()  # Endless; each epoch is shuffled with a new permutation.
+      .random_map(
+        functools.partial(
+          _train_example, data_config=data_config, cam_size=cam_size
+        ),
+        seed=augment_seed,
+      )
+      .batch(
+        per_host,
+        drop_remainder=True,
+        batch_fn=functools.partial(
+          _stack_for_devices, num_devices=num_devices, keys=keys
+        ),
+      )
+    )
   fingerprint = {
-      'num_examples': len(source),
-      # Not num_devices: batch k holds the same examples however many local
-      # devices split it, so a checkpoint restores on another device count.
-      'global_batch_size': global_batch_size,
-      'process_index': process_index, 'process_count': process_count,
-      'seed': seed, 'cam_size': list(cam_size),
-      **{key: data_config.get(key) for key in _CONTENT_FIELDS}}
-  return TrainIterator(batches, num_workers=data_config.num_workers,
-                       prefetch=data_config.prefetch, fingerprint=fingerprint)
+    'num_examples': len(source),
+    # Not num_devices: batch k holds the same examples however many local
+    # devices split it, so a checkpoint restores on another device count.
+    'global_batch_size': global_batch_size,
+    'process_index': process_index,
+    'process_count': process_count,
+    'seed': seed,
+    'cam_size': list(cam_size),
+    **{key: data_config.get(key) for key in _CONTENT_FIELDS},
+  }
+  return TrainIterator(
+    batches,
+    num_workers=data_config.num_workers,
+    prefetch=data_config.prefetch,
+    fingerprint=fingerprint,
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -955,6 +1191,7 @@ def create_train_iterator(data_config: ml_collections.ConfigDict, *,
 @dataclasses.dataclass(frozen=True)
 class _Padded:
   """A host's share of a split, padded with placeholders (a Grain source)."""
+
   decoded: _Decoded
   positions: np.ndarray  # int64 (P,): position in the split, -1 = padding.
 
@@ -966,27 +1203,41 @@ class _Padded:
     return {'padding': True} if position < 0 else self.decoded[position]
 
 
-def _eval_example(example: Example, *, data_config: ml_collections.ConfigDict,
-                  cam_size: tuple[int, int], with_pixel_mask: bool) -> Example:
+def _eval_example(
+  example: Example,
+  *,
+  data_config: ml_collections.ConfigDict,
+  cam_size: tuple[int, int],
+  with_pixel_mask: bool,
+) -> Example:
   size = data_config.image_size
   if example.get('padding'):
-    out = {'image': np.zeros((size, size, 3), np.float32),
-           'mask': np.zeros(cam_size, np.float32), 'label': np.int32(0),
-           'index': np.int32(-1), 'file_name': '',
-           'weight': np.float32(0)}
+    out = {
+      'image': np.zeros((size, size, 3), np.float32),
+      'mask': np.zeros(cam_size, np.float32),
+      'label': np.int32(0),
+      'index': np.int32(-1),
+      'file_name': '',
+      'weight': np.float32(0),
+    }
     if with_pixel_mask:
       out['pixel_mask'] = np.zeros((size, size), np.float32)
     return out
-  out = to_model_input(example, image_size=size, cam_size=cam_size,
-                       mask_resize=data_config.mask_resize,
-                       normalize=data_config.normalize,
-                       with_pixel_mask=with_pixel_mask)
+  out = to_model_input(
+    example,
+    image_size=size,
+    cam_size=cam_size,
+    mask_resize=data_config.mask_resize,
+    normalize=data_config.normalize,
+    with_pixel_mask=with_pixel_mask,
+  )
   out['weight'] = np.float32(1)
   return out
 
 
-def eval_positions(num: int, *, per_host_batch: int, process_index: int,
-                   process_count: int) -> np.ndarray:
+def eval_positions(
+  num: int, *, per_host_batch: int, process_index: int, process_count: int
+) -> np.ndarray:
   """This host's split positions, padded with -1 to whole batches.
 
   Every host gets the same number of batches, ceil(ceil(num / process_count) /
@@ -996,15 +1247,22 @@ def eval_positions(num: int, *, per_host_batch: int, process_index: int,
   num_batches = -(-per_host // per_host_batch)
   mine = np.arange(num)[process_index::process_count]
   padded = np.full(num_batches * per_host_batch, -1, np.int64)
-  padded[:len(mine)] = mine
+  padded[: len(mine)] = mine
   return padded
 
 
-def create_eval_iterator(data_config: ml_collections.ConfigDict, split: str, *,
-                         cam_size: tuple[int, int], global_batch_size: int,
-                         num_devices: int, process_index: int = 0,
-                         process_count: int = 1, with_pixel_mask: bool = False,
-                         with_file_name: bool = False) -> Iterator[Batch]:
+def create_eval_iterator(
+  data_config: ml_collections.ConfigDict,
+  split: str,
+  *,
+  cam_size: tuple[int, int],
+  global_batch_size: int,
+  num_devices: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  with_pixel_mask: bool = False,
+  with_file_name: bool = False,
+) -> Iterator[Batch]:
   """One pass over a split, every example exactly once across all hosts.
 
   Args:
@@ -1030,25 +1288,44 @@ def create_eval_iterator(data_config: ml_collections.ConfigDict, split: str, *,
     ValueError: indivisible batch size, an empty split or a bad config.
   """
   cam_size = _check_cam_size(cam_size)
-  per_device = _per_device_batch_size(global_batch_size, num_devices,
-                                      process_count)
+  per_device = _per_device_batch_size(
+    global_batch_size, num_devices, process_count
+  )
   source = load_split_sources(data_config, [split])[split]
   if not len(source):
-    raise ValueError(f'Split {split!r} is empty (validation_fraction='
-                     f'{data_config.validation_fraction}).')
-  positions = eval_positions(len(source), per_host_batch=per_device *
-                             num_devices, process_index=process_index,
-                             process_count=process_count)
-  decoded = _Decoded(source, data_config.task,
-                     data_config.boundary_is_foreground,
-                     draft_size=_draft_size(data_config, training=False))
+    raise ValueError(
+      f'Split {split!r} is empty (validation_fraction='
+      f'{data_config.validation_fraction}).'
+    )
+  positions = eval_positions(
+    len(source),
+    per_host_batch=per_device * num_devices,
+    process_index=process_index,
+    process_count=process_count,
+  )
+  decoded = _Decoded(
+    source,
+    data_config.task,
+    data_config.boundary_is_foreground,
+    draft_size=_draft_size(data_config, training=False),
+  )
   keys = ('image', 'mask', 'label', 'weight', 'index')
   keys += ('pixel_mask',) * with_pixel_mask + ('file_name',) * with_file_name
   batches = (
-      grain.MapDataset.source(_Padded(decoded, positions))
-      .map(functools.partial(_eval_example, data_config=data_config,
-                             cam_size=cam_size,
-                             with_pixel_mask=with_pixel_mask))
-      .batch(per_device * num_devices, batch_fn=functools.partial(
-          _stack_for_devices, num_devices=num_devices, keys=keys)))
+    grain.MapDataset.source(_Padded(decoded, positions))
+    .map(
+      functools.partial(
+        _eval_example,
+        data_config=data_config,
+        cam_size=cam_size,
+        with_pixel_mask=with_pixel_mask,
+      )
+    )
+    .batch(
+      per_device * num_devices,
+      batch_fn=functools.partial(
+        _stack_for_devices, num_devices=num_devices, keys=keys
+      ),
+    )
+  )
   return _iterate(batches, data_config.num_workers, data_config.prefetch)

@@ -12,8 +12,8 @@ Notation: `cams` are HiResCAMs `M` `(B, H, W, C)` (see `cco_jax.cams`),
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 import dataclasses
-from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,9 @@ from cco_jax import checks
 Array = jax.Array
 
 
-def cross_entropy(logits: Array, labels: Array, label_smoothing: float = 0.0) -> Array:
+def cross_entropy(
+  logits: Array, labels: Array, label_smoothing: float = 0.0
+) -> Array:
   """Softmax cross-entropy with integer labels and optional label smoothing.
 
   `CE = -sum_c t_c log softmax(logits)_c` with
@@ -45,7 +47,9 @@ def cross_entropy(logits: Array, labels: Array, label_smoothing: float = 0.0) ->
   """
   checks.check_logits_and_labels(logits, labels)
   if not 0.0 <= label_smoothing < 1.0:
-    raise ValueError(f'label_smoothing must lie in [0, 1); got {label_smoothing}.')
+    raise ValueError(
+      f'label_smoothing must lie in [0, 1); got {label_smoothing}.'
+    )
   num_classes = logits.shape[-1]
   targets = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
   if label_smoothing:
@@ -96,9 +100,15 @@ def ablated_cross_entropy(cams: Array, labels: Array, fg_mask: Array) -> Array:
   return jax.nn.logsumexp(-margins, axis=-1)
 
 
-def cam_divergence(cams: Array, labels: Array, fg_mask: Array,
-                   cam_scale: float = 10.0, mask_scale: float = 50.0, *,
-                   form: str = 'talk') -> Array:
+def cam_divergence(
+  cams: Array,
+  labels: Array,
+  fg_mask: Array,
+  cam_scale: float = 10.0,
+  mask_scale: float = 50.0,
+  *,
+  form: str = 'talk',
+) -> Array:
   """Pushes each contrastive map's mass onto the foreground (METHOD.md §4).
 
   `P[b] = softmax_{h,w}(mask_scale m[b])`,
@@ -137,7 +147,9 @@ def cam_divergence(cams: Array, labels: Array, fg_mask: Array,
   return (weight * (log_p[..., None] - log_q)).sum((1, 2)) / num_classes
 
 
-def ablated_binary_cross_entropy(cams: Array, targets: Array, fg_masks: Array) -> Array:
+def ablated_binary_cross_entropy(
+  cams: Array, targets: Array, fg_masks: Array
+) -> Array:
   """Ablated binary cross-entropy for multi-label sigmoid heads (METHOD.md §4).
 
   Per class: `z_ab = sum m M - sum |(1 - m) M|`, `z = sum M`, and
@@ -157,14 +169,19 @@ def ablated_binary_cross_entropy(cams: Array, targets: Array, fg_masks: Array) -
   checks.check_rank(targets, 2, 'targets', '(B, C)')
   if tuple(targets.shape) != (cams.shape[0], cams.shape[-1]):
     raise ValueError(
-        f'targets has shape {tuple(targets.shape)}; expected (B, C) = '
-        f'{(cams.shape[0], cams.shape[-1])} to match cams {tuple(cams.shape)}.')
+      f'targets has shape {tuple(targets.shape)}; expected (B, C) = '
+      f'{(cams.shape[0], cams.shape[-1])} to match cams {tuple(cams.shape)}.'
+    )
   masks = fg_masks.astype(cams.dtype)
-  ablated = (masks * cams).sum((1, 2)) - ((1 - masks) * jnp.abs(cams)).sum((1, 2))
+  ablated = (masks * cams).sum((1, 2)) - ((1 - masks) * jnp.abs(cams)).sum(
+    (1, 2)
+  )
   total = cams.sum((1, 2))
   targets = targets.astype(cams.dtype)
   # -log sig(x) = softplus(-x); -log(1 - sig(x)) = softplus(x).
-  per_class = targets * jax.nn.softplus(-ablated) + (1 - targets) * jax.nn.softplus(total)
+  per_class = targets * jax.nn.softplus(-ablated) + (
+    1 - targets
+  ) * jax.nn.softplus(total)
   return per_class.mean(-1)
 
 
@@ -172,12 +189,15 @@ def ablated_binary_cross_entropy(cams: Array, targets: Array, fg_masks: Array) -
 # Objectives: one registry from a config's loss name to a training loss.
 # --------------------------------------------------------------------------
 
-Objective = Callable[[Array, Array, Array, Array], tuple[Array, Mapping[str, Array]]]
+Objective = Callable[
+  [Array, Array, Array, Array], tuple[Array, Mapping[str, Array]]
+]
 
 
 @dataclasses.dataclass(frozen=True)
 class LossWeights:
   """Weights and temperatures of the objective's terms (all from the config)."""
+
   ce_weight: float = 1.0
   ace_weight: float = 1.0
   kld_weight: float = 1e-3
@@ -189,26 +209,35 @@ class LossWeights:
 
 # Which terms each named objective uses; weights come from the config.
 OBJECTIVES: Mapping[str, tuple[str, ...]] = {
-    'ce': ('ce',),
-    'ace': ('ace',),
-    'ace_kld': ('ace', 'kld'),
-    'ce_kld': ('ce', 'kld'),
+  'ce': ('ce',),
+  'ace': ('ace',),
+  'ace_kld': ('ace', 'kld'),
+  'ce_kld': ('ce', 'kld'),
 }
 
 
 def _terms(weights: LossWeights) -> Mapping[str, Callable[..., Array]]:
   return {
-      'ce': lambda logits, cams, labels, mask: cross_entropy(
-          logits, labels, label_smoothing=weights.label_smoothing),
-      'ace': lambda logits, cams, labels, mask: ablated_cross_entropy(cams, labels, mask),
-      'kld': lambda logits, cams, labels, mask: cam_divergence(
-          cams, labels, mask, weights.cam_scale, weights.mask_scale,
-          form=weights.divergence_form),
+    'ce': lambda logits, cams, labels, mask: cross_entropy(
+      logits, labels, label_smoothing=weights.label_smoothing
+    ),
+    'ace': lambda logits, cams, labels, mask: ablated_cross_entropy(
+      cams, labels, mask
+    ),
+    'kld': lambda logits, cams, labels, mask: cam_divergence(
+      cams,
+      labels,
+      mask,
+      weights.cam_scale,
+      weights.mask_scale,
+      form=weights.divergence_form,
+    ),
   }
 
 
-def make_objective(name: str, weights: LossWeights | None = None, *,
-                   log_all_terms: bool = True) -> Objective:
+def make_objective(
+  name: str, weights: LossWeights | None = None, *, log_all_terms: bool = True
+) -> Objective:
   """Builds `objective(logits, cams, labels, fg_mask) -> (loss, metrics)`.
 
   The loss is `sum_term weight_term * mean_batch(term)` over the objective's
@@ -224,18 +253,30 @@ def make_objective(name: str, weights: LossWeights | None = None, *,
     The objective function; inputs `(B, C)`, `(B, H, W, C)`, `(B,)`, `(B, H, W)`.
   """
   if name not in OBJECTIVES:
-    raise ValueError(f'Unknown loss {name!r}; choose one of {sorted(OBJECTIVES)}.')
+    raise ValueError(
+      f'Unknown loss {name!r}; choose one of {sorted(OBJECTIVES)}.'
+    )
   weights = weights or LossWeights()
   terms = _terms(weights)
   used = OBJECTIVES[name]
   coefficient = {term: getattr(weights, f'{term}_weight') for term in used}
-  logged = tuple(terms) if log_all_terms else tuple(dict.fromkeys(('ce',) + used))
+  logged = (
+    tuple(terms) if log_all_terms else tuple(dict.fromkeys(('ce',) + used))
+  )
 
   def objective(logits, cams, labels, fg_mask):
-    values = {term: terms[term](logits, cams, labels, fg_mask).mean() for term in used}
+    values = {
+      term: terms[term](logits, cams, labels, fg_mask).mean() for term in used
+    }
     loss = sum(coefficient[term] * values[term] for term in used)
-    metrics = {term: values[term] if term in values else jax.lax.stop_gradient(
-        terms[term](logits, cams, labels, fg_mask).mean()) for term in logged}
+    metrics = {
+      term: values[term]
+      if term in values
+      else jax.lax.stop_gradient(
+        terms[term](logits, cams, labels, fg_mask).mean()
+      )
+      for term in logged
+    }
     metrics['loss'] = loss
     return loss, metrics
 

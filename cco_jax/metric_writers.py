@@ -12,8 +12,8 @@ import math
 import os
 import time
 
-import numpy as np
 from absl import logging
+import numpy as np
 
 
 def _to_python(value):
@@ -30,18 +30,28 @@ class MetricWriter:
     self._tb = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      from tensorboardX import (
+        SummaryWriter,  # pylint: disable=g-import-not-at-top
+      )
+
       self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, metrics: dict) -> None:
     """Records `metrics` (scalars or small arrays) at `step`."""
     if not self._enabled:
       return
-    record = {'step': int(step), **{k: _to_python(v) for k, v in metrics.items()}}
+    record = {
+      'step': int(step),
+      **{k: _to_python(v) for k, v in metrics.items()},
+    }
     with open(self._path, 'a') as f:
       f.write(json.dumps(record) + '\n')
     for key, value in record.items():
-      if key != 'step' and isinstance(value, (int, float)) and math.isfinite(value):
+      if (
+        key != 'step'
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+      ):
         self._tb.add_scalar(key, value, int(step))
     self._tb.flush()
 
@@ -72,7 +82,14 @@ class ProgressLogger:
     rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
     self._last_step, self._last_time = step, now
     eta = (self._total - step) / rate if rate > 0 else float('inf')
-    logging.info('step %d/%d  %.2f steps/s  ETA %s  %s', step, self._total, rate,
-                 time.strftime('%H:%M:%S', time.gmtime(eta)) if math.isfinite(eta)
-                 else '?', extra)
+    logging.info(
+      'step %d/%d  %.2f steps/s  ETA %s  %s',
+      step,
+      self._total,
+      rate,
+      time.strftime('%H:%M:%S', time.gmtime(eta))
+      if math.isfinite(eta)
+      else '?',
+      extra,
+    )
     return rate

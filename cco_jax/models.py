@@ -19,8 +19,9 @@ the identity holds to float32 rounding even for bfloat16 backbones.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import functools
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -32,19 +33,26 @@ from cco_jax import ops
 ModuleDef = Any
 
 STAGE_SIZES = {
-    'resnet18': (2, 2, 2, 2),
-    'resnet34': (3, 4, 6, 3),
-    'resnet50': (3, 4, 6, 3),
-    'resnet101': (3, 4, 23, 3),
-    'resnet152': (3, 8, 36, 3),
+  'resnet18': (2, 2, 2, 2),
+  'resnet34': (3, 4, 6, 3),
+  'resnet50': (3, 4, 6, 3),
+  'resnet101': (3, 4, 23, 3),
+  'resnet152': (3, 8, 36, 3),
 }
 # Single 3x3-conv stems for low-resolution inputs, by their stride.
 STEM_STRIDES = {'small': 1, 'strided': 2}
-BOTTLENECK = {'resnet18': False, 'resnet34': False, 'resnet50': True,
-              'resnet101': True, 'resnet152': True}
+BOTTLENECK = {
+  'resnet18': False,
+  'resnet34': False,
+  'resnet50': True,
+  'resnet101': True,
+  'resnet152': True,
+}
 
 
-def _residual_output(block: nn.Module, residual: jax.Array, y: jax.Array) -> jax.Array:
+def _residual_output(
+  block: nn.Module, residual: jax.Array, y: jax.Array
+) -> jax.Array:
   """A block's tail: final BN (zero-initialised scale), projection shortcut, add, ReLU.
 
   Called inside `block`'s compact `__call__`, so the submodules it creates are
@@ -54,8 +62,9 @@ def _residual_output(block: nn.Module, residual: jax.Array, y: jax.Array) -> jax
   if block.final_norm_and_relu:
     y = block.norm(scale_init=nn.initializers.zeros_init())(y)
   if residual.shape != y.shape:
-    residual = block.conv(y.shape[-1], (1, 1), (block.strides, block.strides),
-                          name='conv_proj')(residual)
+    residual = block.conv(
+      y.shape[-1], (1, 1), (block.strides, block.strides), name='conv_proj'
+    )(residual)
     residual = block.norm(name='norm_proj')(residual)
   y = residual + y
   return nn.relu(y) if block.final_norm_and_relu else y
@@ -63,6 +72,7 @@ def _residual_output(block: nn.Module, residual: jax.Array, y: jax.Array) -> jax
 
 class ResidualBlock(nn.Module):
   """Basic two-conv residual block (ResNet-18/34)."""
+
   filters: int
   conv: ModuleDef
   norm: ModuleDef
@@ -80,6 +90,7 @@ class ResidualBlock(nn.Module):
 
 class BottleneckBlock(nn.Module):
   """Bottleneck residual block (ResNet-50/101/152); output has 4x filters."""
+
   filters: int
   conv: ModuleDef
   norm: ModuleDef
@@ -103,18 +114,24 @@ class CamHead(nn.Module):
   `cams.hirescam`, so the logit-sum identity is a property of the model that
   tests can check, not a definition.
   """
+
   num_classes: int
   use_bias: bool
 
   @nn.compact
   def __call__(self, features):
     features = features.astype(jnp.float32)
-    kernel = self.param('kernel', nn.initializers.lecun_normal(),
-                        (features.shape[-1], self.num_classes), jnp.float32)
+    kernel = self.param(
+      'kernel',
+      nn.initializers.lecun_normal(),
+      (features.shape[-1], self.num_classes),
+      jnp.float32,
+    )
     logits = features.mean((1, 2)) @ kernel
     if self.use_bias:
-      logits = logits + self.param('bias', nn.initializers.zeros_init(),
-                                   (self.num_classes,), jnp.float32)
+      logits = logits + self.param(
+        'bias', nn.initializers.zeros_init(), (self.num_classes,), jnp.float32
+      )
     return logits, cams_lib.hirescam(features, kernel)
 
 
@@ -136,6 +153,7 @@ class ResNet(nn.Module):
     pointwise_as_dot: run 1x1 convolutions as matrix products (`Conv`); the
       parameters are the same either way.
   """
+
   stage_sizes: Sequence[int]
   block_cls: ModuleDef
   num_classes: int
@@ -148,17 +166,31 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    conv = functools.partial(ops.Conv, use_bias=False, dtype=self.dtype,
-                             param_dtype=jnp.float32,
-                             pointwise_as_dot=self.pointwise_as_dot)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-                             param_dtype=jnp.float32,
-                             axis_name=self.bn_axis_name if train else None)
+    conv = functools.partial(
+      ops.Conv,
+      use_bias=False,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      pointwise_as_dot=self.pointwise_as_dot,
+    )
+    norm = functools.partial(
+      nn.BatchNorm,
+      use_running_average=not train,
+      momentum=0.9,
+      epsilon=1e-5,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      axis_name=self.bn_axis_name if train else None,
+    )
     x = x.astype(self.dtype)
     if self.stem == 'imagenet':
-      x = conv(self.num_filters, (7, 7), (2, 2), padding=[(3, 3), (3, 3)],
-               name='conv_init')(x)
+      x = conv(
+        self.num_filters,
+        (7, 7),
+        (2, 2),
+        padding=[(3, 3), (3, 3)],
+        name='conv_init',
+      )(x)
       x = nn.relu(norm(name='bn_init')(x))
       x = ops.max_pool(x, 3, 2)
     elif self.stem in STEM_STRIDES:
@@ -166,26 +198,41 @@ class ResNet(nn.Module):
       x = conv(self.num_filters, (3, 3), (stride, stride), name='conv_init')(x)
       x = nn.relu(norm(name='bn_init')(x))
     else:
-      raise ValueError(f"stem must be one of 'imagenet', {sorted(STEM_STRIDES)}; "
-                       f'got {self.stem!r}.')
+      raise ValueError(
+        f"stem must be one of 'imagenet', {sorted(STEM_STRIDES)}; "
+        f'got {self.stem!r}.'
+      )
     last_stage = len(self.stage_sizes) - 1
     for i, block_size in enumerate(self.stage_sizes):
       for j in range(block_size):
-        downsample = i > 0 and j == 0 and not (self.cam_faithful and i == last_stage)
+        downsample = (
+          i > 0 and j == 0 and not (self.cam_faithful and i == last_stage)
+        )
         is_last_block = i == last_stage and j == block_size - 1
         x = self.block_cls(
-            self.num_filters * 2**i, conv=conv, norm=norm,
-            strides=2 if downsample else 1,
-            final_norm_and_relu=not (self.cam_faithful and is_last_block))(x)
-    return CamHead(self.num_classes, use_bias=not self.cam_faithful, name='head')(x)
+          self.num_filters * 2**i,
+          conv=conv,
+          norm=norm,
+          strides=2 if downsample else 1,
+          final_norm_and_relu=not (self.cam_faithful and is_last_block),
+        )(x)
+    return CamHead(
+      self.num_classes, use_bias=not self.cam_faithful, name='head'
+    )(x)
 
 
-def create_model(name: str, num_classes: int, *, cam_faithful: bool = True,
-                 dtype: Any = jnp.float32, num_filters: int = 64,
-                 stem: str = 'imagenet',
-                 stage_sizes: Sequence[int] | None = None,
-                 bn_axis_name: str | None = None,
-                 pointwise_as_dot: bool = True) -> ResNet:
+def create_model(
+  name: str,
+  num_classes: int,
+  *,
+  cam_faithful: bool = True,
+  dtype: Any = jnp.float32,
+  num_filters: int = 64,
+  stem: str = 'imagenet',
+  stage_sizes: Sequence[int] | None = None,
+  bn_axis_name: str | None = None,
+  pointwise_as_dot: bool = True,
+) -> ResNet:
   """Builds a ResNet by name.
 
   Args:
@@ -204,21 +251,31 @@ def create_model(name: str, num_classes: int, *, cam_faithful: bool = True,
     `model.init(rng, images, train=False)`.
   """
   if name not in STAGE_SIZES:
-    raise ValueError(f'Unknown model {name!r}; choose one of {sorted(STAGE_SIZES)}.')
+    raise ValueError(
+      f'Unknown model {name!r}; choose one of {sorted(STAGE_SIZES)}.'
+    )
   if num_classes < 1:
     raise ValueError(f'num_classes must be >= 1; got {num_classes}.')
   block = BottleneckBlock if BOTTLENECK[name] else ResidualBlock
-  return ResNet(stage_sizes=tuple(stage_sizes or STAGE_SIZES[name]), block_cls=block,
-                num_classes=num_classes, num_filters=num_filters,
-                cam_faithful=cam_faithful, stem=stem, dtype=dtype,
-                bn_axis_name=bn_axis_name, pointwise_as_dot=pointwise_as_dot)
+  return ResNet(
+    stage_sizes=tuple(stage_sizes or STAGE_SIZES[name]),
+    block_cls=block,
+    num_classes=num_classes,
+    num_filters=num_filters,
+    cam_faithful=cam_faithful,
+    stem=stem,
+    dtype=dtype,
+    bn_axis_name=bn_axis_name,
+    pointwise_as_dot=pointwise_as_dot,
+  )
 
 
 def cam_size(model: ResNet, image_size: int) -> tuple[int, int]:
   """The `(H, W)` of the model's maps for square `image_size` inputs (no FLOPs)."""
   images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   (_, cams), _ = jax.eval_shape(
-      lambda x: model.init_with_output(jax.random.key(0), x, train=False), images)
+    lambda x: model.init_with_output(jax.random.key(0), x, train=False), images
+  )
   return tuple(cams.shape[1:3])
 
 

@@ -14,7 +14,9 @@ import jax
 import jax.numpy as jnp
 
 
-def _same_padding(size: int, window: int, stride: int) -> tuple[int, tuple[int, int]]:
+def _same_padding(
+  size: int, window: int, stride: int
+) -> tuple[int, tuple[int, int]]:
   """Output size and (low, high) padding of a 'SAME' window, as XLA pads."""
   out = -(-size // stride)
   total = max((out - 1) * stride + window - size, 0)
@@ -32,19 +34,24 @@ def _max_pool_grad_by_slices(x, y, g, window: int, stride: int):
   (docs/benchmarks/training.md, "CPU kernels").
   """
   n, h, w, c = x.shape
-  (oh, (top, bottom)), (ow, (left, right)) = (_same_padding(h, window, stride),
-                                              _same_padding(w, window, stride))
-  padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)),
-                   constant_values=-jnp.inf)
+  (oh, (top, bottom)), (ow, (left, right)) = (
+    _same_padding(h, window, stride),
+    _same_padding(w, window, stride),
+  )
+  padded = jnp.pad(
+    x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=-jnp.inf
+  )
   zero = jnp.zeros((), g.dtype)
   taken = jnp.zeros(y.shape, bool)
   routed = {}
   for i in range(window):
     for j in range(window):
       candidate = jax.lax.slice(
-          padded, (0, i, j, 0),
-          (n, i + stride * (oh - 1) + 1, j + stride * (ow - 1) + 1, c),
-          (1, stride, stride, 1))
+        padded,
+        (0, i, j, 0),
+        (n, i + stride * (oh - 1) + 1, j + stride * (ow - 1) + 1, c),
+        (1, stride, stride, 1),
+      )
       chosen = (candidate == y) & ~taken
       taken = taken | chosen
       routed[i, j] = jnp.where(chosen, g, zero)
@@ -54,15 +61,23 @@ def _max_pool_grad_by_slices(x, y, g, window: int, stride: int):
   for i in reversed(range(window)):  # Later windows reach an element with a
     for j in reversed(range(window)):  # smaller offset: this is window order.
       a, b = i // stride, j // stride
-      part = jax.lax.pad(routed[i, j], zero, ((0, 0, 0), (a, shifts - a, 0),
-                                              (b, shifts - b, 0), (0, 0, 0)))
+      part = jax.lax.pad(
+        routed[i, j],
+        zero,
+        ((0, 0, 0), (a, shifts - a, 0), (b, shifts - b, 0), (0, 0, 0)),
+      )
       key = (i % stride, j % stride)
       phases[key] = part if key not in phases else phases[key] + part
   empty = jnp.zeros((n, oh + shifts, ow + shifts, c), g.dtype)
-  grid = jnp.stack([jnp.stack([phases.get((p, q), empty) for q in range(stride)], 3)
-                    for p in range(stride)], 2)
+  grid = jnp.stack(
+    [
+      jnp.stack([phases.get((p, q), empty) for q in range(stride)], 3)
+      for p in range(stride)
+    ],
+    2,
+  )
   grid = grid.reshape(n, stride * (oh + shifts), stride * (ow + shifts), c)
-  return grid[:, top:top + h, left:left + w, :]
+  return grid[:, top : top + h, left : left + w, :]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -74,7 +89,9 @@ def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
   from strided slices (`_max_pool_grad_by_slices`, bit-identical), elsewhere
   by JAX's own rule.
   """
-  return nn.max_pool(x, (window, window), strides=(stride, stride), padding='SAME')
+  return nn.max_pool(
+    x, (window, window), strides=(stride, stride), padding='SAME'
+  )
 
 
 def _max_pool_fwd(x, window, stride):
@@ -87,8 +104,9 @@ def _max_pool_bwd(window, stride, residuals, g):
 
   def default(x, y, g):
     del y
-    pool = lambda x: nn.max_pool(x, (window, window), strides=(stride, stride),
-                                 padding='SAME')
+    pool = lambda x: nn.max_pool(
+      x, (window, window), strides=(stride, stride), padding='SAME'
+    )
     return jax.vjp(pool, x)[1](g)[0]
 
   def cpu(x, y, g):
@@ -112,25 +130,43 @@ class Conv(nn.Conv):
   (batch last), a large share of a ResNet-50 step; a matrix product's
   gradients need no transposes (docs/benchmarks/training.md, "CPU kernels").
   """
+
   pointwise_as_dot: bool = True
 
   @nn.compact
   def __call__(self, inputs):
     strides = self.strides or (1, 1)
     strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
-    pointwise = (self.pointwise_as_dot and tuple(self.kernel_size) == (1, 1)
-                 and inputs.ndim == 4 and self.feature_group_count == 1
-                 and self.padding in ('SAME', 'VALID')
-                 and all(d in (None, 1, (1, 1)) for d in (self.input_dilation,
-                                                          self.kernel_dilation)))
+    pointwise = (
+      self.pointwise_as_dot
+      and tuple(self.kernel_size) == (1, 1)
+      and inputs.ndim == 4
+      and self.feature_group_count == 1
+      and self.padding in ('SAME', 'VALID')
+      and all(
+        d in (None, 1, (1, 1))
+        for d in (self.input_dilation, self.kernel_dilation)
+      )
+    )
     if not pointwise:
       return nn.Conv.__call__(self, inputs)
-    kernel = self.param('kernel', self.kernel_init,
-                        (1, 1, inputs.shape[-1], self.features), self.param_dtype)
-    x = inputs[:, ::strides[0], ::strides[1], :]
-    bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias else None)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel[0, 0], bias, dtype=self.dtype)
+    kernel = self.param(
+      'kernel',
+      self.kernel_init,
+      (1, 1, inputs.shape[-1], self.features),
+      self.param_dtype,
+    )
+    x = inputs[:, :: strides[0], :: strides[1], :]
+    bias = (
+      self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+      if self.use_bias
+      else None
+    )
+    x, kernel, bias = nn.dtypes.promote_dtype(
+      x, kernel[0, 0], bias, dtype=self.dtype
+    )
     batch, height, width, channels = x.shape
-    y = (x.reshape(-1, channels) @ kernel).reshape(batch, height, width, self.features)
+    y = (x.reshape(-1, channels) @ kernel).reshape(
+      batch, height, width, self.features
+    )
     return y if bias is None else y + bias

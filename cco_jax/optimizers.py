@@ -15,31 +15,39 @@ OPTIMIZERS = ('adam', 'adamw', 'sgd')
 SCHEDULES = ('constant', 'cosine')
 
 
-def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int,
-                            num_train_steps: int) -> optax.Schedule:
+def create_learning_rate_fn(
+  config: ml_collections.ConfigDict, steps_per_epoch: int, num_train_steps: int
+) -> optax.Schedule:
   """Constant, or linear warmup then cosine decay to zero, in optimizer steps."""
   if config.schedule not in SCHEDULES:
-    raise ValueError(f'Unknown optimizer.schedule {config.schedule!r}; choose one '
-                     f'of {SCHEDULES}.')
+    raise ValueError(
+      f'Unknown optimizer.schedule {config.schedule!r}; choose one '
+      f'of {SCHEDULES}.'
+    )
   warmup_steps = int(config.warmup_epochs * steps_per_epoch)
   if config.schedule == 'constant':
     main = optax.constant_schedule(config.learning_rate)
   else:
-    main = optax.cosine_decay_schedule(config.learning_rate,
-                                       max(1, num_train_steps - warmup_steps))
+    main = optax.cosine_decay_schedule(
+      config.learning_rate, max(1, num_train_steps - warmup_steps)
+    )
   if not warmup_steps:
     return main
   warmup = optax.linear_schedule(0.0, config.learning_rate, warmup_steps)
   return optax.join_schedules([warmup, main], [warmup_steps])
 
 
-def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int,
-                     num_train_steps: int, accumulation_steps: int = 1
-                     ) -> optax.GradientTransformation:
+def create_optimizer(
+  config: ml_collections.ConfigDict,
+  steps_per_epoch: int,
+  num_train_steps: int,
+  accumulation_steps: int = 1,
+) -> optax.GradientTransformation:
   """Builds the optimizer named by `config.name` (see `OPTIMIZERS`)."""
   if config.name not in OPTIMIZERS:
-    raise ValueError(f'Unknown optimizer.name {config.name!r}; choose one of '
-                     f'{OPTIMIZERS}.')
+    raise ValueError(
+      f'Unknown optimizer.name {config.name!r}; choose one of {OPTIMIZERS}.'
+    )
   schedule = create_learning_rate_fn(config, steps_per_epoch, num_train_steps)
   if config.name == 'adam':
     tx = optax.adam(schedule)

@@ -32,7 +32,9 @@ OPTION = 'xla_cpu_experimental_ynn_fusion_type'
 CPU_XLA_FLAGS = f'--{OPTION}=-individual_convolution'
 # The same setting as a per-compilation option (`Lowered.compile(...)`), for
 # A/B comparisons inside one process; equivalent to the flag (same fusions).
-COMPILER_OPTIONS = {OPTION: 'LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_DOT'}
+COMPILER_OPTIONS = {
+  OPTION: 'LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_DOT'
+}
 DISABLE_ENV = 'CCO_CPU_XLA_TUNING'
 
 
@@ -45,7 +47,10 @@ def jaxlib_knows(option: str) -> bool:
   for library in sorted(Path(spec.origin).parent.glob('*.so')):
     if library.stat().st_size == 0:
       continue
-    with open(library, 'rb') as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+    with (
+      open(library, 'rb') as f,
+      mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m,
+    ):
       if m.find(needle) != -1:
         return True
   return False

@@ -30,13 +30,13 @@ recording the settings and each image's kind. Everything is a pure function of
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 import hashlib
 import io
 import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -56,8 +56,9 @@ def _random_colour(rng: np.random.Generator) -> np.ndarray:
   return rng.uniform(0.0, 255.0, 3)
 
 
-def smooth_background(rng: np.random.Generator, height: int, width: int
-                      ) -> np.ndarray:
+def smooth_background(
+  rng: np.random.Generator, height: int, width: int
+) -> np.ndarray:
   """Kind A: gradient between two colours plus broad stripes, uint8 (H, W, 3)."""
   c0, c1 = _random_colour(rng), _random_colour(rng)
   angle = rng.uniform(0, 2 * np.pi)
@@ -66,16 +67,25 @@ def smooth_background(rng: np.random.Generator, height: int, width: int
   phase = rng.uniform(0, 2 * np.pi)
   y, x = np.mgrid[0:height, 0:width].astype(np.float64)
   y, x = y / max(height - 1, 1), x / max(width - 1, 1)
-  t = (np.cos(angle) * x + np.sin(angle) * y)
+  t = np.cos(angle) * x + np.sin(angle) * y
   t = (t - t.min()) / max(np.ptp(t), 1e-9)
-  t = np.clip(t + 0.2 * np.sin(2 * np.pi * cycles * (
-      np.cos(stripe_angle) * x + np.sin(stripe_angle) * y) + phase), 0, 1)
+  t = np.clip(
+    t
+    + 0.2
+    * np.sin(
+      2 * np.pi * cycles * (np.cos(stripe_angle) * x + np.sin(stripe_angle) * y)
+      + phase
+    ),
+    0,
+    1,
+  )
   pixels = c0 + t[..., None] * (c1 - c0)
   return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
 
 
-def textured_background(rng: np.random.Generator, height: int, width: int
-                        ) -> np.ndarray:
+def textured_background(
+  rng: np.random.Generator, height: int, width: int
+) -> np.ndarray:
   """Kind B: a checkerboard or a dot lattice of two colours, uint8 (H, W, 3)."""
   c0, c1 = _random_colour(rng), _random_colour(rng)
   cells = rng.integers(10, 17)
@@ -87,15 +97,17 @@ def textured_background(rng: np.random.Generator, height: int, width: int
     pattern = (np.floor(u) + np.floor(v)) % 2 == 1
   else:
     radius = rng.uniform(0.25, 0.4)
-    pattern = (u % 1 - 0.5) ** 2 + (v % 1 - 0.5) ** 2 < radius ** 2
+    pattern = (u % 1 - 0.5) ** 2 + (v % 1 - 0.5) ** 2 < radius**2
   pixels = np.where(pattern[..., None], c1, c0)
   return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
 
 
 # The one place where background kinds are registered.
-BACKGROUNDS: Mapping[str, Callable[[np.random.Generator, int, int], np.ndarray]] = {
-    SMOOTH: smooth_background,
-    TEXTURED: textured_background,
+BACKGROUNDS: Mapping[
+  str, Callable[[np.random.Generator, int, int], np.ndarray]
+] = {
+  SMOOTH: smooth_background,
+  TEXTURED: textured_background,
 }
 
 
@@ -105,11 +117,18 @@ def _digest(*parts) -> bytes:
 
 def image_rng(seed: int, name: str) -> np.random.Generator:
   """The generator of one image's background: depends on (seed, name) only."""
-  return np.random.default_rng(int.from_bytes(_digest(seed, 'image', name)[:8], 'big'))
+  return np.random.default_rng(
+    int.from_bytes(_digest(seed, 'image', name)[:8], 'big')
+  )
 
 
-def assign_kinds(entries: Sequence[oxford_iiit_pet.ListEntry], *, split: str,
-                 correlation: float, seed: int) -> dict[str, str]:
+def assign_kinds(
+  entries: Sequence[oxford_iiit_pet.ListEntry],
+  *,
+  split: str,
+  correlation: float,
+  seed: int,
+) -> dict[str, str]:
   """The background kind of each image.
 
   'trainval': within each species, images are ordered by SHA-256 of (seed,
@@ -133,16 +152,19 @@ def assign_kinds(entries: Sequence[oxford_iiit_pet.ListEntry], *, split: str,
     return {e.name: other[e.species] for e in entries}
   kinds = {}
   for species in (0, 1):
-    members = sorted((e.name for e in entries if e.species == species),
-                     key=lambda name: _digest(seed, 'assign', name))
+    members = sorted(
+      (e.name for e in entries if e.species == species),
+      key=lambda name: _digest(seed, 'assign', name),
+    )
     num_other = math.floor((1 - correlation) * len(members) + 0.5)
     for i, name in enumerate(members):
       kinds[name] = other[species] if i < num_other else ALIGNED_KIND[species]
   return kinds
 
 
-def composite(image: np.ndarray, trimap: np.ndarray, background: np.ndarray
-              ) -> np.ndarray:
+def composite(
+  image: np.ndarray, trimap: np.ndarray, background: np.ndarray
+) -> np.ndarray:
   """The pet (trimap != 2: pet and boundary) of `image` on `background`.
 
   Args:
@@ -154,20 +176,26 @@ def composite(image: np.ndarray, trimap: np.ndarray, background: np.ndarray
     uint8 (H, W, 3): `image` where `trimap != 2`, `background` elsewhere.
   """
   if image.shape[:2] != trimap.shape or background.shape != image.shape:
-    raise ValueError(f'image {image.shape}, trimap {trimap.shape} and background '
-                     f'{background.shape} must share (H, W).')
+    raise ValueError(
+      f'image {image.shape}, trimap {trimap.shape} and background '
+      f'{background.shape} must share (H, W).'
+    )
   pet = (trimap != oxford_iiit_pet.TRIMAP_BACKGROUND)[..., None]
   return np.where(pet, image, background)
 
 
-def _read_pair(pets_dir: str, name: str) -> tuple[np.ndarray, np.ndarray, bytes, bool]:
+def _read_pair(
+  pets_dir: str, name: str
+) -> tuple[np.ndarray, np.ndarray, bytes, bool]:
   """(image uint8 (H, W, 3), trimap (H, W), trimap PNG bytes, trimap_resized)."""
   image_path = os.path.join(pets_dir, 'images', f'{name}.jpg')
   trimap_path = os.path.join(pets_dir, 'annotations', 'trimaps', f'{name}.png')
   for path in (image_path, trimap_path):
     if not os.path.exists(path):
-      raise ValueError(f'{path} is listed in a split but missing. Expected the '
-                       f'official layout: {oxford_iiit_pet.LAYOUT}.')
+      raise ValueError(
+        f'{path} is listed in a split but missing. Expected the '
+        f'official layout: {oxford_iiit_pet.LAYOUT}.'
+      )
   with Image.open(image_path) as im:
     image = np.asarray(im.convert('RGB'))
   with open(trimap_path, 'rb') as f:
@@ -176,7 +204,8 @@ def _read_pair(pets_dir: str, name: str) -> tuple[np.ndarray, np.ndarray, bytes,
     trimap = np.asarray(tm if tm.mode in ('L', 'P') else tm.convert('L'))
   if trimap.shape != image.shape[:2]:
     resized = Image.fromarray(trimap.astype(np.uint8), mode='L').resize(
-        (image.shape[1], image.shape[0]), Image.Resampling.NEAREST)
+      (image.shape[1], image.shape[0]), Image.Resampling.NEAREST
+    )
     trimap = np.asarray(resized)
     buffer = io.BytesIO()
     resized.save(buffer, format='PNG')
@@ -184,16 +213,25 @@ def _read_pair(pets_dir: str, name: str) -> tuple[np.ndarray, np.ndarray, bytes,
   return image, trimap, trimap_bytes, False
 
 
-def _render(pets_dir: str, out_dir: str, name: str, kind: str, seed: int,
-            jpeg_quality: int) -> None:
+def _render(
+  pets_dir: str,
+  out_dir: str,
+  name: str,
+  kind: str,
+  seed: int,
+  jpeg_quality: int,
+) -> None:
   image, trimap, trimap_bytes, _ = _read_pair(pets_dir, name)
   background = BACKGROUNDS[kind](image_rng(seed, name), *image.shape[:2])
   buffer = io.BytesIO()
   Image.fromarray(composite(image, trimap, background)).save(
-      buffer, format='JPEG', quality=jpeg_quality)
+    buffer, format='JPEG', quality=jpeg_quality
+  )
   with open(os.path.join(out_dir, 'images', f'{name}.jpg'), 'wb') as f:
     f.write(buffer.getvalue())
-  with open(os.path.join(out_dir, 'annotations', 'trimaps', f'{name}.png'), 'wb') as f:
+  with open(
+    os.path.join(out_dir, 'annotations', 'trimaps', f'{name}.png'), 'wb'
+  ) as f:
     f.write(trimap_bytes)
 
 
@@ -212,16 +250,24 @@ def _counts(entries, kinds) -> dict:
   return counts
 
 
-def aligned_share(entries: Sequence[oxford_iiit_pet.ListEntry],
-                  kinds: Mapping[str, str]) -> float:
+def aligned_share(
+  entries: Sequence[oxford_iiit_pet.ListEntry], kinds: Mapping[str, str]
+) -> float:
   """Share of `entries` whose background kind is their species' aligned kind."""
   aligned = sum(kinds[e.name] == ALIGNED_KIND[e.species] for e in entries)
   return aligned / max(len(entries), 1)
 
 
-def make_benchmark(pets_dir: str, out_dir: str, *, correlation: float = 0.9,
-                   seed: int = 0, jpeg_quality: int = JPEG_QUALITY,
-                   overwrite: bool = False, num_threads: int | None = None) -> dict:
+def make_benchmark(
+  pets_dir: str,
+  out_dir: str,
+  *,
+  correlation: float = 0.9,
+  seed: int = 0,
+  jpeg_quality: int = JPEG_QUALITY,
+  overwrite: bool = False,
+  num_threads: int | None = None,
+) -> dict:
   """Writes the spurious-background benchmark (module docstring) to `out_dir`.
 
   Args:
@@ -250,8 +296,9 @@ def make_benchmark(pets_dir: str, out_dir: str, *, correlation: float = 0.9,
     raise ValueError('out_dir must differ from pets_dir.')
   if os.path.isdir(out_dir) and os.listdir(out_dir):
     if not overwrite:
-      raise ValueError(f'{out_dir} is not empty; choose another --out_dir or pass '
-                       '--overwrite.')
+      raise ValueError(
+        f'{out_dir} is not empty; choose another --out_dir or pass --overwrite.'
+      )
     for part in ('images', 'annotations'):
       shutil.rmtree(os.path.join(out_dir, part), ignore_errors=True)
   os.makedirs(os.path.join(out_dir, 'images'), exist_ok=True)
@@ -262,16 +309,23 @@ def make_benchmark(pets_dir: str, out_dir: str, *, correlation: float = 0.9,
     path = os.path.join(pets_dir, 'annotations', f'{split}.txt')
     lines[split] = _list_lines(path)
     entries[split] = oxford_iiit_pet.read_split_list(path)
-    kinds.update(assign_kinds(entries[split], split=split,
-                              correlation=correlation, seed=seed))
+    kinds.update(
+      assign_kinds(
+        entries[split], split=split, correlation=correlation, seed=seed
+      )
+    )
     names.extend(e.name for e in entries[split])
   if len(set(names)) != len(names):
     raise ValueError(f'{pets_dir}: an image is listed twice in trainval/test.')
 
   threads = {} if num_threads is None else {'num_threads': num_threads}
   for _ in oxford_iiit_pet.ordered_parallel_map(
-      lambda name: _render(pets_dir, out_dir, name, kinds[name], seed, jpeg_quality),
-      names, **threads):
+    lambda name: _render(
+      pets_dir, out_dir, name, kinds[name], seed, jpeg_quality
+    ),
+    names,
+    **threads,
+  ):
     pass
 
   annotations = os.path.join(out_dir, 'annotations')
@@ -279,19 +333,26 @@ def make_benchmark(pets_dir: str, out_dir: str, *, correlation: float = 0.9,
     with open(os.path.join(annotations, f'{split}.txt'), 'w') as f:
       f.write(''.join(f'{line}\n' for line in lines[split]))
   with open(os.path.join(annotations, 'list.txt'), 'w') as f:
-    f.write('#Image CLASS-ID SPECIES BREED ID\n#ID: 1:37 Class ids\n'
-            '#SPECIES: 1:Cat 2:Dog\n#BREED ID: 1-25:Cat 1:12:Dog\n'
-            '#All images with 1st letter as captial are cat images\n'
-            '#images with small first letter are dog images\n')
+    f.write(
+      '#Image CLASS-ID SPECIES BREED ID\n#ID: 1:37 Class ids\n'
+      '#SPECIES: 1:Cat 2:Dog\n#BREED ID: 1-25:Cat 1:12:Dog\n'
+      '#All images with 1st letter as captial are cat images\n'
+      '#images with small first letter are dog images\n'
+    )
     f.write(''.join(f'{line}\n' for line in lines['trainval'] + lines['test']))
   metadata = {
-      'source': os.path.realpath(pets_dir),
-      'correlation': correlation, 'seed': seed, 'jpeg_quality': jpeg_quality,
-      'aligned_kind': {oxford_iiit_pet.SPECIES[s]: k for s, k in ALIGNED_KIND.items()},
-      'counts': {split: _counts(entries[split], kinds) for split in entries},
-      'aligned_share': {split: aligned_share(entries[split], kinds)
-                        for split in entries},
-      'kinds': dict(sorted(kinds.items())),
+    'source': os.path.realpath(pets_dir),
+    'correlation': correlation,
+    'seed': seed,
+    'jpeg_quality': jpeg_quality,
+    'aligned_kind': {
+      oxford_iiit_pet.SPECIES[s]: k for s, k in ALIGNED_KIND.items()
+    },
+    'counts': {split: _counts(entries[split], kinds) for split in entries},
+    'aligned_share': {
+      split: aligned_share(entries[split], kinds) for split in entries
+    },
+    'kinds': dict(sorted(kinds.items())),
   }
   with open(os.path.join(out_dir, METADATA_FILE), 'w') as f:
     json.dump(metadata, f, indent=1, sort_keys=True)

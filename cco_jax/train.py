@@ -15,16 +15,17 @@ step (one micro-batch when `accumulation_steps > 1`).
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable, Iterator
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Iterator
+from typing import Any
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 
 from cco_jax import checkpointing
 from cco_jax import figures
@@ -35,7 +36,11 @@ from cco_jax import models
 from cco_jax import optimizers
 from cco_jax import train_step as step_lib
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+DTYPES = {
+  'float32': jnp.float32,
+  'bfloat16': jnp.bfloat16,
+  'float16': jnp.float16,
+}
 
 
 class IdentityViolation(RuntimeError):
@@ -50,35 +55,51 @@ class NonFiniteLoss(FloatingPointError):
 # Phase 1: build everything the config describes.
 # ----------------------------------------------------------------------------
 
-def create_model(config: ml_collections.ConfigDict, num_classes: int,
-                 bn_axis_name: str | None = None) -> models.ResNet:
+
+def create_model(
+  config: ml_collections.ConfigDict,
+  num_classes: int,
+  bn_axis_name: str | None = None,
+) -> models.ResNet:
   """The model of `config.model`."""
   if config.model.dtype not in DTYPES:
-    raise ValueError(f'Unknown model.dtype {config.model.dtype!r}; choose one of '
-                     f'{sorted(DTYPES)}.')
+    raise ValueError(
+      f'Unknown model.dtype {config.model.dtype!r}; choose one of '
+      f'{sorted(DTYPES)}.'
+    )
   return models.create_model(
-      config.model.name, num_classes, cam_faithful=config.model.cam_faithful,
-      dtype=DTYPES[config.model.dtype], num_filters=config.model.num_filters,
-      stem=config.model.stem, stage_sizes=tuple(config.model.stage_sizes) or None,
-      bn_axis_name=bn_axis_name,
-      pointwise_as_dot=config.model.get('pointwise_as_dot', True))
+    config.model.name,
+    num_classes,
+    cam_faithful=config.model.cam_faithful,
+    dtype=DTYPES[config.model.dtype],
+    num_filters=config.model.num_filters,
+    stem=config.model.stem,
+    stage_sizes=tuple(config.model.stage_sizes) or None,
+    bn_axis_name=bn_axis_name,
+    pointwise_as_dot=config.model.get('pointwise_as_dot', True),
+  )
 
 
 def create_objective(config: ml_collections.ConfigDict) -> losses.Objective:
   """The objective of `config.loss`."""
   weights = losses.LossWeights(
-      ce_weight=config.loss.ce_weight, ace_weight=config.loss.ace_weight,
-      kld_weight=config.loss.kld_weight, cam_scale=config.loss.cam_scale,
-      mask_scale=config.loss.mask_scale,
-      divergence_form=config.loss.divergence_form,
-      label_smoothing=config.loss.label_smoothing)
-  return losses.make_objective(config.loss.name, weights,
-                               log_all_terms=config.loss.log_all_terms)
+    ce_weight=config.loss.ce_weight,
+    ace_weight=config.loss.ace_weight,
+    kld_weight=config.loss.kld_weight,
+    cam_scale=config.loss.cam_scale,
+    mask_scale=config.loss.mask_scale,
+    divergence_form=config.loss.divergence_form,
+    label_smoothing=config.loss.label_smoothing,
+  )
+  return losses.make_objective(
+    config.loss.name, weights, log_all_terms=config.loss.log_all_terms
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
   """Durations in steps (train-step calls), resolved from the config."""
+
   micro_batch_size: int
   steps_per_epoch: int
   num_train_steps: int
@@ -87,31 +108,51 @@ class Schedule:
   checkpoint_every: int
 
 
-def resolve_schedule(config: ml_collections.ConfigDict, num_train_examples: int
-                     ) -> Schedule:
+def resolve_schedule(
+  config: ml_collections.ConfigDict, num_train_examples: int
+) -> Schedule:
   """Turns epochs / steps / cadences of the config into step counts."""
   if config.batch_size % config.accumulation_steps:
-    raise ValueError(f'batch_size={config.batch_size} must be divisible by '
-                     f'accumulation_steps={config.accumulation_steps}.')
+    raise ValueError(
+      f'batch_size={config.batch_size} must be divisible by '
+      f'accumulation_steps={config.accumulation_steps}.'
+    )
   micro = config.batch_size // config.accumulation_steps
   devices = jax.device_count()
   if micro % devices:
     raise ValueError(
-        f'The micro-batch batch_size/accumulation_steps = {micro} must be divisible '
-        f'by the number of devices ({devices}); change config.batch_size or '
-        'config.accumulation_steps.')
+      f'The micro-batch batch_size/accumulation_steps = {micro} must be divisible '
+      f'by the number of devices ({devices}); change config.batch_size or '
+      'config.accumulation_steps.'
+    )
   steps_per_epoch = max(1, num_train_examples // micro)
-  total = (config.num_train_steps if config.num_train_steps > 0
-           else int(round(config.num_epochs * steps_per_epoch)))
-  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
-  ckpt_every = config.checkpoint_every_steps if config.checkpoint_every_steps > 0 else eval_every
-  return Schedule(micro, steps_per_epoch, total, max(1, config.log_every_steps),
-                  eval_every, ckpt_every)
+  total = (
+    config.num_train_steps
+    if config.num_train_steps > 0
+    else int(round(config.num_epochs * steps_per_epoch))
+  )
+  eval_every = (
+    config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
+  )
+  ckpt_every = (
+    config.checkpoint_every_steps
+    if config.checkpoint_every_steps > 0
+    else eval_every
+  )
+  return Schedule(
+    micro,
+    steps_per_epoch,
+    total,
+    max(1, config.log_every_steps),
+    eval_every,
+    ckpt_every,
+  )
 
 
 @dataclasses.dataclass
 class Setup:
   """What phase 1 builds."""
+
   model: models.ResNet
   num_classes: int
   cam_size: tuple[int, int]
@@ -128,40 +169,64 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   num_classes = input_pipeline.num_classes(config.data)
   model = create_model(config, num_classes, bn_axis_name=step_lib.AXIS_NAME)
   cam_size = models.cam_size(model, config.data.image_size)
-  schedule = resolve_schedule(config, input_pipeline.num_examples(config.data, 'train'))
+  schedule = resolve_schedule(
+    config, input_pipeline.num_examples(config.data, 'train')
+  )
   tx = optimizers.create_optimizer(
-      config.optimizer, max(1, schedule.steps_per_epoch // config.accumulation_steps),
-      max(1, schedule.num_train_steps // config.accumulation_steps),
-      config.accumulation_steps)
+    config.optimizer,
+    max(1, schedule.steps_per_epoch // config.accumulation_steps),
+    max(1, schedule.num_train_steps // config.accumulation_steps),
+    config.accumulation_steps,
+  )
   train_iter = input_pipeline.create_train_iterator(
-      config.data, cam_size=cam_size, global_batch_size=schedule.micro_batch_size,
-      num_devices=jax.local_device_count(), seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  return Setup(model=model, num_classes=num_classes, cam_size=cam_size,
-               schedule=schedule, tx=tx, train_iter=train_iter,
-               p_train_step=step_lib.pmapped_train_step(create_objective(config)),
-               p_eval_step=step_lib.pmapped_eval_step(),
-               p_predict=jax.pmap(step_lib.predict_step))
+    config.data,
+    cam_size=cam_size,
+    global_batch_size=schedule.micro_batch_size,
+    num_devices=jax.local_device_count(),
+    seed=config.seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  return Setup(
+    model=model,
+    num_classes=num_classes,
+    cam_size=cam_size,
+    schedule=schedule,
+    tx=tx,
+    train_iter=train_iter,
+    p_train_step=step_lib.pmapped_train_step(create_objective(config)),
+    p_eval_step=step_lib.pmapped_eval_step(),
+    p_predict=jax.pmap(step_lib.predict_step),
+  )
 
 
-def eval_iterator(config: ml_collections.ConfigDict, setup: Setup, split: str,
-                  **kwargs) -> Iterator[dict]:
+def eval_iterator(
+  config: ml_collections.ConfigDict, setup: Setup, split: str, **kwargs
+) -> Iterator[dict]:
   return input_pipeline.create_eval_iterator(
-      config.data, split, cam_size=setup.cam_size,
-      global_batch_size=config.eval_batch_size,
-      num_devices=jax.local_device_count(), **kwargs)
+    config.data,
+    split,
+    cam_size=setup.cam_size,
+    global_batch_size=config.eval_batch_size,
+    num_devices=jax.local_device_count(),
+    **kwargs,
+  )
 
 
 # ----------------------------------------------------------------------------
 # Phase 2: a fresh or restored state.
 # ----------------------------------------------------------------------------
 
-def restore_or_create(config, setup: Setup, manager) -> tuple[Any, jax.Array, int]:
+
+def restore_or_create(
+  config, setup: Setup, manager
+) -> tuple[Any, jax.Array, int]:
   """Phase 2: the unreplicated state, the RNG and the first step to run."""
   rng = jax.random.key(config.seed, impl=config.rng_impl or None)
   rng, init_rng = jax.random.split(rng)
-  state = step_lib.create_train_state(init_rng, setup.model, config.data.image_size,
-                                      setup.tx)
+  state = step_lib.create_train_state(
+    init_rng, setup.model, config.data.image_size, setup.tx
+  )
   if manager.latest_step() is None:
     return state, rng, 0
   state, rng, data_state, step = checkpointing.restore(manager, state)
@@ -174,41 +239,56 @@ def restore_or_create(config, setup: Setup, manager) -> tuple[Any, jax.Array, in
 # Phase 3 and evaluation.
 # ----------------------------------------------------------------------------
 
+
 def evaluate(p_eval_step: Callable, state, batches: Iterator[dict]) -> dict:
   """Means over a split: accuracy, ce, pixel influence and background share."""
   totals = None
   identity = 0.0
   for batch in batches:
-    sums = jax.tree.map(lambda x: np.asarray(x[0]), p_eval_step(state, step_lib.shard(device_batch(batch))))
+    sums = jax.tree.map(
+      lambda x: np.asarray(x[0]),
+      p_eval_step(state, step_lib.shard(device_batch(batch))),
+    )
     identity = max(identity, float(sums.pop('identity_error')))
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
   if totals is None:
     raise ValueError('The evaluation split is empty.')
   count = max(float(totals['count']), 1.0)
   return {
-      'accuracy': float(totals['correct']) / count,
-      'ce': float(totals['ce']) / count,
-      'influence_net': float(totals['net']) / count,
-      'influence_fg': float(totals['fg']) / count,
-      'influence_bg': float(totals['bg']) / count,
-      'bg_share': float(totals['bg']) / max(float(totals['net']), 1e-12),
-      'identity_error': identity,
-      'count': int(count),
+    'accuracy': float(totals['correct']) / count,
+    'ce': float(totals['ce']) / count,
+    'influence_net': float(totals['net']) / count,
+    'influence_fg': float(totals['fg']) / count,
+    'influence_bg': float(totals['bg']) / count,
+    'bg_share': float(totals['bg']) / max(float(totals['net']), 1e-12),
+    'identity_error': identity,
+    'count': int(count),
   }
 
 
 def check_identity(config, setup: Setup, state, when: str) -> float:
   """Phase 3: max relative |sum of maps + bias - logits| on a validation batch."""
   batch = next(iter(eval_iterator(config, setup, 'validation')))
-  error = float(np.max(setup.p_eval_step(state, step_lib.shard(device_batch(batch)))['identity_error']))
-  logging.info('Logit-sum identity %s: max relative error %.3g (tolerance %.3g).',
-               when, error, config.identity_tolerance)
+  error = float(
+    np.max(
+      setup.p_eval_step(state, step_lib.shard(device_batch(batch)))[
+        'identity_error'
+      ]
+    )
+  )
+  logging.info(
+    'Logit-sum identity %s: max relative error %.3g (tolerance %.3g).',
+    when,
+    error,
+    config.identity_tolerance,
+  )
   if not error <= config.identity_tolerance:
     raise IdentityViolation(
-        f'The logit-sum identity fails {when}: max |sum(maps) + bias - logits| / '
-        f'(max|logits| + 1) = {error:.3g} > identity_tolerance = '
-        f'{config.identity_tolerance:.3g}. The maps no longer explain the logits: '
-        'check the head (pooling + dense only) and the compute dtype.')
+      f'The logit-sum identity fails {when}: max |sum(maps) + bias - logits| / '
+      f'(max|logits| + 1) = {error:.3g} > identity_tolerance = '
+      f'{config.identity_tolerance:.3g}. The maps no longer explain the logits: '
+      'check the head (pooling + dense only) and the compute dtype.'
+    )
   return error
 
 
@@ -244,6 +324,7 @@ def prefetch_with_state(iterator, size: int = 2):
 # Phase 4: the loop.
 # ----------------------------------------------------------------------------
 
+
 class Run:
   """Holds what the loop's phases share: config, setup, writers, manager."""
 
@@ -252,7 +333,9 @@ class Run:
     self.workdir = workdir
     self.is_chief = jax.process_index() == 0
     self.setup = build(config)
-    self.manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
+    self.manager = checkpointing.create_manager(
+      workdir, config.keep_checkpoints
+    )
     self.writer = metric_writers.MetricWriter(workdir, enabled=self.is_chief)
     self._figure_batch = None
 
@@ -262,37 +345,55 @@ class Run:
         f.write(self.config.to_json_best_effort(indent=2))
 
   def evaluate_split(self, state, split: str, **kwargs) -> dict:
-    return evaluate(self.setup.p_eval_step, state,
-                    eval_iterator(self.config, self.setup, split, **kwargs))
+    return evaluate(
+      self.setup.p_eval_step,
+      state,
+      eval_iterator(self.config, self.setup, split, **kwargs),
+    )
 
   def save_figures(self, state, step: int) -> None:
     if not self.is_chief or not self.config.num_figure_examples:
       return
     if self._figure_batch is None:
-      self._figure_batch = next(iter(eval_iterator(self.config, self.setup, 'validation')))
+      self._figure_batch = next(
+        iter(eval_iterator(self.config, self.setup, 'validation'))
+      )
     batch = self._figure_batch
     logits, cams = self.setup.p_predict(state, batch['image'])
     n = self.config.num_figure_examples
     flat = lambda x: np.asarray(x).reshape((-1,) + np.shape(x)[2:])[:n]
     figures.save_cam_grid(
-        os.path.join(self.workdir, 'figures', f'cams_step_{step:07d}.png'),
-        flat(batch['image']), flat(batch['mask']), flat(cams), flat(batch['label']),
-        predictions=flat(logits).argmax(-1),
-        class_names=input_pipeline.class_names(self.config.data))
-    figures.save_learning_curves(os.path.join(self.workdir, 'figures', 'learning_curves.png'),
-                                 metric_writers.read_metrics(self.workdir))
+      os.path.join(self.workdir, 'figures', f'cams_step_{step:07d}.png'),
+      flat(batch['image']),
+      flat(batch['mask']),
+      flat(cams),
+      flat(batch['label']),
+      predictions=flat(logits).argmax(-1),
+      class_names=input_pipeline.class_names(self.config.data),
+    )
+    figures.save_learning_curves(
+      os.path.join(self.workdir, 'figures', 'learning_curves.png'),
+      metric_writers.read_metrics(self.workdir),
+    )
 
-  def checkpoint(self, state, rng, step: int, data_state, metrics: dict | None) -> None:
-    checkpointing.save(self.manager, step, step_lib.unreplicate(state), rng,
-                       data_state, metrics)
+  def checkpoint(
+    self, state, rng, step: int, data_state, metrics: dict | None
+  ) -> None:
+    checkpointing.save(
+      self.manager, step, step_lib.unreplicate(state), rng, data_state, metrics
+    )
 
 
 def summarise_metrics(step_metrics: list[dict], first_step: int) -> dict:
   """Means of the logged steps' metrics; raises on a non-finite step."""
-  stacked = jax.tree.map(lambda *x: np.stack([np.asarray(v)[0] for v in x]), *step_metrics)
+  stacked = jax.tree.map(
+    lambda *x: np.stack([np.asarray(v)[0] for v in x]), *step_metrics
+  )
   bad = np.flatnonzero(stacked['nonfinite'] > 0)
   if bad.size:
-    raise NonFiniteLoss(f'Non-finite loss or gradient at step {first_step + int(bad[0]) + 1}.')
+    raise NonFiniteLoss(
+      f'Non-finite loss or gradient at step {first_step + int(bad[0]) + 1}.'
+    )
   stacked.pop('nonfinite')
   return {f'train_{k}': float(np.mean(v)) for k, v in stacked.items()}
 
@@ -305,12 +406,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   setup, schedule = run.setup, run.setup.schedule
   state, rng, start_step = restore_or_create(config, setup, run.manager)
   state = step_lib.replicate(state)
-  identity = check_identity(config, setup, state,
-                            'after restore' if start_step else 'at initialisation')
+  identity = check_identity(
+    config, setup, state, 'after restore' if start_step else 'at initialisation'
+  )
   run.writer.write(start_step, {'identity_error': identity})
-  logging.info('Training steps %d..%d (%d per epoch, micro-batch %d) on %d devices.',
-               start_step, schedule.num_train_steps, schedule.steps_per_epoch,
-               schedule.micro_batch_size, jax.device_count())
+  logging.info(
+    'Training steps %d..%d (%d per epoch, micro-batch %d) on %d devices.',
+    start_step,
+    schedule.num_train_steps,
+    schedule.steps_per_epoch,
+    schedule.micro_batch_size,
+    jax.device_count(),
+  )
 
   progress = metric_writers.ProgressLogger(schedule.num_train_steps, start_step)
   batches = prefetch_with_state(setup.train_iter)
@@ -326,21 +433,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         summary = summarise_metrics(pending, pending_from)
         pending, pending_from = [], step
         summary['train_steps_per_second'] = progress.log(
-            step, f"loss {summary['train_loss']:.4f} acc {summary['train_accuracy']:.3f}")
+          step,
+          f'loss {summary["train_loss"]:.4f} acc {summary["train_accuracy"]:.3f}',
+        )
         run.writer.write(step, summary)
       eval_metrics = None
       if step % schedule.eval_every == 0 or last:
-        eval_metrics = {f'eval_{k}': v for k, v in
-                        run.evaluate_split(state, 'validation').items()}
+        eval_metrics = {
+          f'eval_{k}': v
+          for k, v in run.evaluate_split(state, 'validation').items()
+        }
         run.writer.write(step, eval_metrics)
         run.save_figures(state, step)
       if step % schedule.checkpoint_every == 0 or last:
         run.checkpoint(state, rng, step, data_state, eval_metrics)
   except NonFiniteLoss as e:
     raise NonFiniteLoss(
-        f'{e} The state was not updated by that step; training stopped. The last '
-        f'good checkpoint (step {run.manager.latest_step()}) is kept in '
-        f'{run.manager.directory}. Lower the learning rate or check the data.') from None
+      f'{e} The state was not updated by that step; training stopped. The last '
+      f'good checkpoint (step {run.manager.latest_step()}) is kept in '
+      f'{run.manager.directory}. Lower the learning rate or check the data.'
+    ) from None
 
   final = final_evaluation(run, state, step)
   run.writer.close()
@@ -350,6 +462,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 # ----------------------------------------------------------------------------
 # Phase 5: final evaluation.
 # ----------------------------------------------------------------------------
+
 
 def final_evaluation(run: Run, state, step: int) -> dict:
   """Validation, test and, for species models, Cats-vs-Dogs accuracy."""

@@ -17,15 +17,16 @@ at CAM resolution, `label` `(b,)` int; eval batches add `weight` `(b,)`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import functools
-from typing import Any, Callable
+from typing import Any
 
 import flax
+from flax.training import train_state
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax.training import train_state
 
 from cco_jax import cams as cams_lib
 from cco_jax import losses
@@ -35,16 +36,25 @@ AXIS_NAME = 'batch'
 
 class TrainState(train_state.TrainState):
   """Parameters, optimizer state and step, plus BatchNorm statistics."""
+
   batch_stats: Any = None
 
 
-def create_train_state(rng: jax.Array, model: flax.linen.Module, image_size: int,
-                       tx: optax.GradientTransformation) -> TrainState:
+def create_train_state(
+  rng: jax.Array,
+  model: flax.linen.Module,
+  image_size: int,
+  tx: optax.GradientTransformation,
+) -> TrainState:
   """Initialises a model and its optimizer (unreplicated, on the host's device)."""
   images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   variables = jax.jit(functools.partial(model.init, train=False))(rng, images)
-  state = TrainState.create(apply_fn=model.apply, params=variables['params'],
-                            batch_stats=variables.get('batch_stats', {}), tx=tx)
+  state = TrainState.create(
+    apply_fn=model.apply,
+    params=variables['params'],
+    batch_stats=variables.get('batch_stats', {}),
+    tx=tx,
+  )
   # A typed step counter: the step's output then has the input's types and a
   # second call does not retrace.
   return state.replace(step=jnp.zeros((), jnp.int32))
@@ -55,8 +65,13 @@ def _all_finite(*trees) -> jax.Array:
   return jnp.all(jnp.stack(leaves))
 
 
-def train_step(state: TrainState, batch: dict, *, objective: losses.Objective,
-               axis_name: str | None = AXIS_NAME) -> tuple[TrainState, dict]:
+def train_step(
+  state: TrainState,
+  batch: dict,
+  *,
+  objective: losses.Objective,
+  axis_name: str | None = AXIS_NAME,
+) -> tuple[TrainState, dict]:
   """One (micro-)step of gradient descent on `objective`.
 
   Args:
@@ -70,28 +85,39 @@ def train_step(state: TrainState, batch: dict, *, objective: losses.Objective,
     The new state and a dict of scalar metrics (loss, ce, ace, kld, accuracy,
     grad_norm, nonfinite), averaged over the axis.
   """
+
   def loss_fn(params):
     (logits, cams), updates = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, batch['image'],
-        train=True, mutable=['batch_stats'])
+      {'params': params, 'batch_stats': state.batch_stats},
+      batch['image'],
+      train=True,
+      mutable=['batch_stats'],
+    )
     loss, metrics = objective(logits, cams, batch['label'], batch['mask'])
     return loss, (updates['batch_stats'], metrics, logits)
 
-  grads, (batch_stats, metrics, logits) = jax.grad(loss_fn, has_aux=True)(state.params)
-  metrics = dict(metrics, accuracy=jnp.mean(jnp.argmax(logits, -1) == batch['label']))
+  grads, (batch_stats, metrics, logits) = jax.grad(loss_fn, has_aux=True)(
+    state.params
+  )
+  metrics = dict(
+    metrics, accuracy=jnp.mean(jnp.argmax(logits, -1) == batch['label'])
+  )
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
     metrics = jax.lax.pmean(metrics, axis_name)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   finite = _all_finite(metrics['loss'], grads, new_state.params)
-  new_state = jax.tree.map(functools.partial(jnp.where, finite), new_state, state)
+  new_state = jax.tree.map(
+    functools.partial(jnp.where, finite), new_state, state
+  )
   metrics['grad_norm'] = optax.tree.norm(grads)
   metrics['nonfinite'] = 1.0 - finite.astype(jnp.float32)
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: dict, *, axis_name: str | None = AXIS_NAME
-              ) -> dict:
+def eval_step(
+  state: TrainState, batch: dict, *, axis_name: str | None = AXIS_NAME
+) -> dict:
   """Sums of evaluation quantities over a (padded) batch shard.
 
   Returns weighted sums (divide by `count` after summing over batches):
@@ -103,15 +129,16 @@ def eval_step(state: TrainState, batch: dict, *, axis_name: str | None = AXIS_NA
   weight = batch['weight']
   labels = batch['label']
   ce = losses.cross_entropy(logits, labels)
-  influence = cams_lib.pixel_influence(cams_lib.contrastive_cams(cams, labels),
-                                       batch['mask'])
+  influence = cams_lib.pixel_influence(
+    cams_lib.contrastive_cams(cams, labels), batch['mask']
+  )
   bias = state.params['head'].get('bias')
   scale = jnp.max(jnp.abs(logits)) + 1.0
   sums = {
-      'count': weight.sum(),
-      'correct': (weight * (jnp.argmax(logits, -1) == labels)).sum(),
-      'ce': (weight * ce).sum(),
-      **{k: (weight * v).sum() for k, v in influence.items()},
+    'count': weight.sum(),
+    'correct': (weight * (jnp.argmax(logits, -1) == labels)).sum(),
+    'ce': (weight * ce).sum(),
+    **{k: (weight * v).sum() for k, v in influence.items()},
   }
   identity = cams_lib.identity_error(logits, cams, bias) / scale
   if axis_name is not None:
@@ -121,7 +148,9 @@ def eval_step(state: TrainState, batch: dict, *, axis_name: str | None = AXIS_NA
   return sums
 
 
-def predict_step(state: TrainState, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+def predict_step(
+  state: TrainState, images: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """Logits `(b, C)` and maps `(b, H, W, C)` of a batch (inference mode)."""
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   return state.apply_fn(variables, images, train=False)
@@ -142,7 +171,11 @@ def replicate(tree):
   """Copies every leaf to each local device (leading axis = devices)."""
   sharding, n = _device_sharding(), jax.local_device_count()
   return jax.tree.map(
-      lambda x: jax.device_put(jnp.broadcast_to(x, (n,) + jnp.shape(x)), sharding), tree)
+    lambda x: jax.device_put(
+      jnp.broadcast_to(x, (n,) + jnp.shape(x)), sharding
+    ),
+    tree,
+  )
 
 
 def unreplicate(tree):
@@ -158,12 +191,15 @@ def shard(tree):
 
 def pmapped_train_step(objective: losses.Objective) -> Callable:
   """`train_step` pmapped over local devices, the state's buffers donated."""
-  return jax.pmap(functools.partial(train_step, objective=objective,
-                                    axis_name=AXIS_NAME),
-                  axis_name=AXIS_NAME, donate_argnums=(0,))
+  return jax.pmap(
+    functools.partial(train_step, objective=objective, axis_name=AXIS_NAME),
+    axis_name=AXIS_NAME,
+    donate_argnums=(0,),
+  )
 
 
 def pmapped_eval_step() -> Callable:
   """`eval_step` pmapped over local devices."""
-  return jax.pmap(functools.partial(eval_step, axis_name=AXIS_NAME),
-                  axis_name=AXIS_NAME)
+  return jax.pmap(
+    functools.partial(eval_step, axis_name=AXIS_NAME), axis_name=AXIS_NAME
+  )

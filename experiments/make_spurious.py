@@ -24,15 +24,22 @@ from absl import flags
 from cco_jax import spurious
 
 _PETS_DIR = flags.DEFINE_string(
-    'pets_dir', None, 'Oxford-IIIT Pet in the official layout (images/, '
-    'annotations/trimaps/, annotations/{trainval,test}.txt).')
+  'pets_dir',
+  None,
+  'Oxford-IIIT Pet in the official layout (images/, '
+  'annotations/trimaps/, annotations/{trainval,test}.txt).',
+)
 _OUT_DIR = flags.DEFINE_string('out_dir', None, 'Where to write the benchmark.')
 _CORRELATION = flags.DEFINE_float(
-    'correlation', 0.9, 'Share of each species in trainval on its aligned '
-    'background kind (cats: smooth, dogs: textured); test is reversed.')
+  'correlation',
+  0.9,
+  'Share of each species in trainval on its aligned '
+  'background kind (cats: smooth, dogs: textured); test is reversed.',
+)
 _SEED = flags.DEFINE_integer('seed', 0, 'Seeds the assignment and backgrounds.')
-_OVERWRITE = flags.DEFINE_bool('overwrite', False,
-                               'Replace the contents of a non-empty --out_dir.')
+_OVERWRITE = flags.DEFINE_bool(
+  'overwrite', False, 'Replace the contents of a non-empty --out_dir.'
+)
 flags.mark_flags_as_required(['pets_dir', 'out_dir'])
 
 
@@ -40,10 +47,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   metadata = spurious.make_benchmark(
-      _PETS_DIR.value, _OUT_DIR.value, correlation=_CORRELATION.value,
-      seed=_SEED.value, overwrite=_OVERWRITE.value)
-  summary = {k: metadata[k] for k in ('counts', 'aligned_share', 'correlation',
-                                      'seed')}
+    _PETS_DIR.value,
+    _OUT_DIR.value,
+    correlation=_CORRELATION.value,
+    seed=_SEED.value,
+    overwrite=_OVERWRITE.value,
+  )
+  summary = {
+    k: metadata[k] for k in ('counts', 'aligned_share', 'correlation', 'seed')
+  }
   print(json.dumps(summary), flush=True)
 
 

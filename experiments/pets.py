@@ -22,20 +22,26 @@ from cco_jax import runtime
 # XLA reads XLA_FLAGS once, when JAX starts its backends: set them first.
 _CPU_XLA_FLAGS = runtime.apply()
 
-from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+import jax  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
-from cco_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cco_jax import train  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and figures.')
-flags.DEFINE_bool('jax_distributed', False,
-                  'Call jax.distributed.initialize() (multi-host runs).')
-config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
-                                lock_config=True)
+flags.DEFINE_string(
+  'workdir', None, 'Directory for checkpoints, metrics and figures.'
+)
+flags.DEFINE_bool(
+  'jax_distributed',
+  False,
+  'Call jax.distributed.initialize() (multi-host runs).',
+)
+config_flags.DEFINE_config_file(
+  'config', None, 'Training configuration file.', lock_config=True
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -52,10 +58,17 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietOrbax())
   if FLAGS.jax_distributed or os.environ.get('JAX_COORDINATOR_ADDRESS'):
     jax.distributed.initialize()
-  logging.info('JAX process %d/%d, local devices: %s', jax.process_index(),
-               jax.process_count(), jax.local_devices())
-  logging.info('XLA_FLAGS=%r (added for CPU: %r).', os.environ.get('XLA_FLAGS', ''),
-               _CPU_XLA_FLAGS)
+  logging.info(
+    'JAX process %d/%d, local devices: %s',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_devices(),
+  )
+  logging.info(
+    'XLA_FLAGS=%r (added for CPU: %r).',
+    os.environ.get('XLA_FLAGS', ''),
+    _CPU_XLA_FLAGS,
+  )
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

@@ -1,7 +1,9 @@
-"""Test-wide setup: several virtual CPU devices, so pmap is tested for real.
+"""Test-wide setup: several virtual CPU devices (so pmap is tested for real), and
+the session-scoped data fixtures.
 
 XLA reads the flag once, when JAX initialises its backends, so it must be set
-before anything imports jax.
+before anything imports jax. Every data directory lives at a fixed name under
+pytest's session temp dir, so each dataset is written and prepared once per run.
 """
 
 import os
@@ -10,9 +12,116 @@ NUM_TEST_DEVICES = 4
 
 _flag = f'--xla_force_host_platform_device_count={NUM_TEST_DEVICES}'
 if _flag not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _flag).strip()
+  os.environ['XLA_FLAGS'] = (
+    os.environ.get('XLA_FLAGS', '') + ' ' + _flag
+  ).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Threefry random bits take seconds to compile per shape on CPU with jax 0.10.2,
 # which dominates model initialisation in tests; RBG keys compile ~10x faster.
 # Tests that care about the PRNG pass explicit keys.
 os.environ.setdefault('JAX_DEFAULT_PRNG_IMPL', 'rbg')
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from pathlib import Path  # noqa: E402
+import shutil  # noqa: E402
+
+import pytest  # noqa: E402
+from synthetic_data import REAL_CATS_VS_DOGS  # noqa: E402
+from synthetic_data import REAL_PETS  # noqa: E402
+from synthetic_data import SHARED_DATA  # noqa: E402
+from synthetic_data import data_config  # noqa: E402
+from synthetic_data import write_synthetic_cats_vs_dogs  # noqa: E402
+from synthetic_data import write_synthetic_pets  # noqa: E402
+
+from cco_jax import input_pipeline  # noqa: E402
+
+
+def _session_dir(tmp_path_factory, name: str, write=None) -> Path:
+  """`name` under the session temp dir, written by `write(path)` only once."""
+  path = tmp_path_factory.getbasetemp() / name
+  done = path.parent / f'{name}.done'
+  if not done.exists():
+    if path.exists():
+      shutil.rmtree(path)
+    path.mkdir()
+    if write is not None:
+      write(path)
+    done.touch()
+  return path
+
+
+@pytest.fixture(scope='session')
+def synthetic_pets_dir(tmp_path_factory) -> Path:
+  return _session_dir(tmp_path_factory, 'pets_manual', write_synthetic_pets)
+
+
+@pytest.fixture(scope='session')
+def synthetic_cvd_dir(tmp_path_factory) -> Path:
+  return _session_dir(
+    tmp_path_factory, 'cvd_manual', write_synthetic_cats_vs_dogs
+  )
+
+
+@pytest.fixture(scope='session')
+def synthetic_data_dir(
+  tmp_path_factory, synthetic_pets_dir, synthetic_cvd_dir
+) -> Path:
+  """A TFDS data dir holding both synthetic datasets, prepared."""
+  data_dir = _session_dir(tmp_path_factory, 'tfds_synthetic')
+  input_pipeline.prepare_dataset(
+    'oxford_iiit_pet',
+    manual_dir=str(synthetic_pets_dir),
+    data_dir=str(data_dir),
+  )
+  input_pipeline.prepare_dataset(
+    'cats_vs_dogs', manual_dir=str(synthetic_cvd_dir), data_dir=str(data_dir)
+  )
+  return data_dir
+
+
+@pytest.fixture(scope='session')
+def synthetic_config(synthetic_pets_dir, synthetic_cvd_dir, synthetic_data_dir):
+  """A factory of data configs over the prepared synthetic data."""
+
+  def make(**overrides):
+    return data_config(
+      manual_dir=str(synthetic_pets_dir),
+      ood_manual_dir=str(synthetic_cvd_dir),
+      tfds_data_dir=str(synthetic_data_dir),
+      **overrides,
+    )
+
+  return make
+
+
+@pytest.fixture(scope='session')
+def real_data_dir(tmp_path_factory) -> Path:
+  """An empty TFDS data dir for the real samples (prepared by the tests)."""
+  if not (REAL_PETS.is_dir() and REAL_CATS_VS_DOGS.is_dir()):
+    pytest.skip(
+      f'Real data samples not found under {SHARED_DATA} (set CCO_SHARED_DATA).'
+    )
+  return _session_dir(tmp_path_factory, 'tfds_real')
+
+
+@pytest.fixture(scope='session')
+def real_config(real_data_dir):
+  """A factory of data configs over the real samples, prepared once."""
+  input_pipeline.prepare_dataset(
+    'oxford_iiit_pet', manual_dir=str(REAL_PETS), data_dir=str(real_data_dir)
+  )
+  input_pipeline.prepare_dataset(
+    'cats_vs_dogs',
+    manual_dir=str(REAL_CATS_VS_DOGS),
+    data_dir=str(real_data_dir),
+  )
+
+  def make(**overrides):
+    return data_config(
+      manual_dir=str(REAL_PETS),
+      ood_manual_dir=str(REAL_CATS_VS_DOGS),
+      tfds_data_dir=str(real_data_dir),
+      **overrides,
+    )
+
+  return make

@@ -17,8 +17,13 @@ from experiments.benchmarks import training_lib as benchmark
 def smoke_results():
   chosen = benchmark.preset('cpu', smoke=True)
   # Optimisation level 0 compiles the steps ~1.5x faster; speed is not tested.
-  results = benchmark.run(chosen, chosen.steps, ('step', 'cams'), repeats=1,
-                          compiler_options={'xla_backend_optimization_level': 0})
+  results = benchmark.run(
+    chosen,
+    chosen.steps,
+    ('step', 'cams'),
+    repeats=1,
+    compiler_options={'xla_backend_optimization_level': 0},
+  )
   json.dumps(results)  # What the entry point writes must be JSON.
   return results
 
@@ -30,12 +35,15 @@ def test_step_section_times_each_objective_and_its_ratio_to_ce(smoke_results):
   assert set(rows) == {'ce', 'ace_kld'}
   for row in rows.values():
     assert row['median_s'] > 0 and row['compile_s'] > 0 and row['lower_s'] > 0
-    assert row['images_per_s'] == pytest.approx(entry['setting']['batch'] / row['median_s'])
+    assert row['images_per_s'] == pytest.approx(
+      entry['setting']['batch'] / row['median_s']
+    )
     assert row['gflops_per_step'] > 0
     assert np.isfinite(row['loss_last'])
   assert rows['ce']['ratio_to_ce'] == 1.0
   assert rows['ace_kld']['ratio_to_ce'] == pytest.approx(
-      rows['ace_kld']['median_s'] / rows['ce']['median_s'])
+    rows['ace_kld']['median_s'] / rows['ce']['median_s']
+  )
 
 
 def test_einsum_maps_equal_autodiff_maps(smoke_results):
@@ -55,8 +63,16 @@ def test_einsum_maps_equal_autodiff_maps(smoke_results):
 
 def test_environment_records_versions_and_load(smoke_results):
   env = smoke_results['environment']
-  for key in ('jax', 'jaxlib', 'flax', 'backend', 'cpus', 'xla_flags', 'loadavg_start',
-              'loadavg_end'):
+  for key in (
+    'jax',
+    'jaxlib',
+    'flax',
+    'backend',
+    'cpus',
+    'xla_flags',
+    'loadavg_start',
+    'loadavg_end',
+  ):
     assert key in env
 
 
@@ -67,8 +83,9 @@ def test_autodiff_reference_on_a_known_head():
   maps = np.asarray(benchmark.autodiff_maps_loop(features, kernel))
   expected = np.einsum('bhwf,fc->bhwc', features, kernel) / 4
   np.testing.assert_allclose(maps, expected, rtol=1e-6)
-  np.testing.assert_allclose(benchmark.autodiff_maps_vmap(features, kernel), expected,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    benchmark.autodiff_maps_vmap(features, kernel), expected, rtol=1e-6
+  )
 
 
 def test_unknown_model_spec_is_a_usage_error():

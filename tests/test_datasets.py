@@ -3,31 +3,28 @@
 import io
 import json
 import os
+from pathlib import Path
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 import pytest
+import synthetic_data as df
 import tensorflow_datasets as tfds
 
 from cco_jax import input_pipeline
 from cco_jax.datasets import cats_vs_dogs
 from cco_jax.datasets import oxford_iiit_pet
-import data_fixtures as df
-from data_fixtures import real_data_dir  # noqa: F401 (fixture)
-from data_fixtures import synthetic_cvd_dir  # noqa: F401 (fixture)
-from data_fixtures import synthetic_data_dir  # noqa: F401 (fixture)
-from data_fixtures import synthetic_pets_dir  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _builder(name, manual_dir, data_dir):
-  return input_pipeline.prepare_dataset(name, manual_dir=str(manual_dir),
-                                        data_dir=str(data_dir))
+  return input_pipeline.prepare_dataset(
+    name, manual_dir=str(manual_dir), data_dir=str(data_dir)
+  )
 
 
 def _jpeg(image: Image.Image, **kwargs) -> bytes:
@@ -43,16 +40,27 @@ def _jpeg(image: Image.Image, **kwargs) -> bytes:
 
 def test_read_split_list_skips_comments_and_converts_ids(tmp_path):
   path = tmp_path / 'list.txt'
-  path.write_text('#Image CLASS-ID SPECIES BREED ID\n\n'
-                  'Abyssinian_100 1 1 1\nyorkshire_terrier_9 37 2 25\n')
+  path.write_text(
+    '#Image CLASS-ID SPECIES BREED ID\n\n'
+    'Abyssinian_100 1 1 1\nyorkshire_terrier_9 37 2 25\n'
+  )
   entries = oxford_iiit_pet.read_split_list(path)
   assert [(e.name, e.label, e.species) for e in entries] == [
-      ('Abyssinian_100', 0, 0), ('yorkshire_terrier_9', 36, 1)]
+    ('Abyssinian_100', 0, 0),
+    ('yorkshire_terrier_9', 36, 1),
+  ]
   assert oxford_iiit_pet.BREEDS[36] == 'yorkshire_terrier'
 
 
-@pytest.mark.parametrize('line', ['Abyssinian_1 1 1', 'Abyssinian_1 38 1 1',
-                                  'Abyssinian_1 1 3 1', 'Abyssinian_1 x 1 1'])
+@pytest.mark.parametrize(
+  'line',
+  [
+    'Abyssinian_1 1 1',
+    'Abyssinian_1 38 1 1',
+    'Abyssinian_1 1 3 1',
+    'Abyssinian_1 x 1 1',
+  ],
+)
 def test_read_split_list_rejects_malformed_lines(tmp_path, line):
   path = tmp_path / 'trainval.txt'
   path.write_text(f'{line}\n')
@@ -69,15 +77,19 @@ def test_rgb_jpeg_bytes_keeps_rgb_jpegs_and_converts_the_rest():
       if kwargs['format'] == 'GIF' and mode == 'RGBA':
         continue
       data, converted = oxford_iiit_pet.rgb_jpeg_bytes(
-          _jpeg(image.convert(mode), **kwargs))
+        _jpeg(image.convert(mode), **kwargs)
+      )
       assert converted
       with Image.open(io.BytesIO(data)) as decoded:
         assert (decoded.format, decoded.mode, decoded.size) == (
-            'JPEG', 'RGB', (8, 6))
+          'JPEG',
+          'RGB',
+          (8, 6),
+        )
   with pytest.raises(OSError):
     oxford_iiit_pet.rgb_jpeg_bytes(b'')
   with pytest.raises(OSError):
-    oxford_iiit_pet.rgb_jpeg_bytes(jpeg[:len(jpeg) // 2])  # Truncated.
+    oxford_iiit_pet.rgb_jpeg_bytes(jpeg[: len(jpeg) // 2])  # Truncated.
 
 
 # ----------------------------------------------------------------------------
@@ -85,14 +97,20 @@ def test_rgb_jpeg_bytes_keeps_rgb_jpegs_and_converts_the_rest():
 # ----------------------------------------------------------------------------
 
 
-def test_synthetic_pets_splits_labels_and_conversions(synthetic_pets_dir,
-                                                      synthetic_data_dir):
+def test_synthetic_pets_splits_labels_and_conversions(
+  synthetic_pets_dir, synthetic_data_dir
+):
   builder = _builder('oxford_iiit_pet', synthetic_pets_dir, synthetic_data_dir)
   assert builder.name == 'oxford_iiit_pet_masks'
   assert {k: v.num_examples for k, v in builder.info.splits.items()} == {
-      'train': df.NUM_TRAINVAL, 'test': df.NUM_TEST}
+    'train': df.NUM_TRAINVAL,
+    'test': df.NUM_TEST,
+  }
   assert set(builder.info.metadata['reencoded_images']) == {
-      f'{df.RGBA_PNG}.jpg', f'{df.LISTED_GIF}.jpg', f'{df.GREYSCALE}.jpg'}
+    f'{df.RGBA_PNG}.jpg',
+    f'{df.LISTED_GIF}.jpg',
+    f'{df.GREYSCALE}.jpg',
+  }
   breeds = dict(df.SYNTHETIC_BREEDS)
   for split in ('train', 'test'):
     source = builder.as_data_source(split)  # TFDS's own Pillow decoding.
@@ -113,10 +131,16 @@ def test_synthetic_pets_splits_labels_and_conversions(synthetic_pets_dir,
     assert f'{df.UNLISTED_GIF}.jpg' not in names
     # Records keep list order, as listed in the metadata.
     assert builder.info.metadata['splits'][split] == {
-        'file_names': names, 'labels': labels}
+      'file_names': names,
+      'labels': labels,
+    }
     list_file = {'train': 'trainval.txt', 'test': 'test.txt'}[split]
-    assert names == [f'{e.name}.jpg' for e in oxford_iiit_pet.read_split_list(
-        synthetic_pets_dir / 'annotations' / list_file)]
+    assert names == [
+      f'{e.name}.jpg'
+      for e in oxford_iiit_pet.read_split_list(
+        synthetic_pets_dir / 'annotations' / list_file
+      )
+    ]
   assert f'{df.RGBA_PNG}.jpg' in names  # The last split read is 'test'.
 
 
@@ -133,8 +157,9 @@ def test_missing_listed_file_is_a_clear_error(synthetic_pets_dir, tmp_path):
 # ----------------------------------------------------------------------------
 
 
-def test_cats_vs_dogs_skips_and_counts_undecodable_files(synthetic_cvd_dir,
-                                                         synthetic_data_dir):
+def test_cats_vs_dogs_skips_and_counts_undecodable_files(
+  synthetic_cvd_dir, synthetic_data_dir
+):
   builder = _builder('cats_vs_dogs', synthetic_cvd_dir, synthetic_data_dir)
   assert builder.name == 'cats_vs_dogs_ood'
   assert builder.info.splits['train'].num_examples == df.NUM_CVD_DECODABLE
@@ -149,7 +174,8 @@ def test_cats_vs_dogs_skips_and_counts_undecodable_files(synthetic_cvd_dir,
     example = source[i]
     name = example['file_name']
     labels[name.decode() if isinstance(name, bytes) else name] = int(
-        example['species'])
+      example['species']
+    )
     assert example['image'].shape[2] == 3
   assert all(label == name.startswith('Dog/') for name, label in labels.items())
   assert sum(labels.values()) == 7
@@ -162,7 +188,8 @@ def test_cats_vs_dogs_accepts_the_pet_images_folder_itself(synthetic_cvd_dir):
 
 @pytest.mark.parametrize('name', ['oxford_iiit_pet', 'cats_vs_dogs'])
 def test_without_manual_dir_the_official_archives_are_used(
-    name, synthetic_pets_dir, synthetic_cvd_dir, tmp_path, monkeypatch):
+  name, synthetic_pets_dir, synthetic_cvd_dir, tmp_path, monkeypatch
+):
   """The download branch, with the download itself replaced by local dirs."""
   requested = []
 
@@ -173,13 +200,20 @@ def test_without_manual_dir_the_official_archives_are_used(
       return {key: synthetic_pets_dir for key in urls}
     return synthetic_cvd_dir
 
-  monkeypatch.setattr(tfds.download.DownloadManager, 'download_and_extract',
-                      fake_download_and_extract)
+  monkeypatch.setattr(
+    tfds.download.DownloadManager,
+    'download_and_extract',
+    fake_download_and_extract,
+  )
   builder = input_pipeline.prepare_dataset(name, data_dir=str(tmp_path))
   assert builder.info.metadata['source'] == 'download'
   if name == 'oxford_iiit_pet':
-    assert requested == [{'images': oxford_iiit_pet.IMAGES_URL,
-                          'annotations': oxford_iiit_pet.ANNOTATIONS_URL}]
+    assert requested == [
+      {
+        'images': oxford_iiit_pet.IMAGES_URL,
+        'annotations': oxford_iiit_pet.ANNOTATIONS_URL,
+      }
+    ]
     assert builder.info.splits['test'].num_examples == df.NUM_TEST
   else:
     assert requested == [cats_vs_dogs.URL]
@@ -191,12 +225,16 @@ def test_without_manual_dir_the_official_archives_are_used(
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('name,key,layout', [
+@pytest.mark.parametrize(
+  'name,key,layout',
+  [
     ('oxford_iiit_pet', 'config.data.manual_dir', 'annotations/trimaps'),
     ('cats_vs_dogs', 'config.data.ood_manual_dir', 'PetImages/Cat'),
-])
-def test_missing_manual_dir_error_names_layout_and_keys(tmp_path, name, key,
-                                                        layout):
+  ],
+)
+def test_missing_manual_dir_error_names_layout_and_keys(
+  tmp_path, name, key, layout
+):
   with pytest.raises(ValueError) as error:
     _builder(name, tmp_path / 'nowhere', tmp_path / 'tfds')
   message = str(error.value)
@@ -214,27 +252,35 @@ def test_malformed_pets_dir_names_what_is_missing(synthetic_pets_dir, tmp_path):
     _builder('oxford_iiit_pet', manual, tmp_path / 'tfds')
   message = str(error.value)
   assert 'lacks annotations/trimaps' in message
-  for part in ('annotations/trainval.txt', 'config.data.manual_dir',
-               '--manual_dir'):
+  for part in (
+    'annotations/trainval.txt',
+    'config.data.manual_dir',
+    '--manual_dir',
+  ):
     assert part in message
 
 
 def test_malformed_cats_vs_dogs_dir_names_what_is_missing(tmp_path):
   (tmp_path / 'cvd' / 'PetImages' / 'Cat').mkdir(parents=True)
-  with pytest.raises(ValueError, match=r'lacks PetImages/Cat and PetImages/Dog'
-                     r'.*config\.data\.ood_manual_dir'):
+  with pytest.raises(
+    ValueError,
+    match=r'lacks PetImages/Cat and PetImages/Dog'
+    r'.*config\.data\.ood_manual_dir',
+  ):
     _builder('cats_vs_dogs', tmp_path / 'cvd', tmp_path / 'tfds')
 
 
 def test_data_dir_prepared_from_another_source_is_an_error(
-    synthetic_pets_dir, synthetic_data_dir, tmp_path):
+  synthetic_pets_dir, synthetic_data_dir, tmp_path
+):
   other = tmp_path / 'other_copy'
   shutil.copytree(synthetic_pets_dir, other)
   with pytest.raises(ValueError, match='already holds oxford_iiit_pet_masks'):
     _builder('oxford_iiit_pet', other, synthetic_data_dir)
   # Without a manual dir, the prepared data is used whatever its source.
   builder = input_pipeline.prepare_dataset(
-      'oxford_iiit_pet', data_dir=str(synthetic_data_dir))
+    'oxford_iiit_pet', data_dir=str(synthetic_data_dir)
+  )
   assert builder.info.metadata['source'] == os.path.realpath(synthetic_pets_dir)
 
 
@@ -245,9 +291,20 @@ def test_data_dir_prepared_from_another_source_is_an_error(
 
 def _prepare_cli(dataset, manual_dir, data_dir):
   result = subprocess.run(
-      [sys.executable, '-m', 'experiments.prepare', f'--dataset={dataset}',
-       f'--manual_dir={manual_dir}', f'--data_dir={data_dir}'],
-      cwd=REPO, capture_output=True, text=True, check=False, timeout=300)
+    [
+      sys.executable,
+      '-m',
+      'experiments.prepare',
+      f'--dataset={dataset}',
+      f'--manual_dir={manual_dir}',
+      f'--data_dir={data_dir}',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    check=False,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -265,7 +322,8 @@ def test_real_pets_sample_labels_and_known_defects(real_data_dir):
   assert builder.info.splits['test'].num_examples == 391
   assert 'Abyssinian_5.jpg' in builder.info.metadata['reencoded_images']
   source = builder.as_data_source(
-      'test', decoders={'segmentation_mask': tfds.decode.SkipDecoding()})
+    'test', decoders={'segmentation_mask': tfds.decode.SkipDecoding()}
+  )
   labels, species = [], []
   for i in range(len(source)):
     example = source[i]

@@ -2,17 +2,16 @@
 
 import json
 import os
+from pathlib import Path
 import subprocess
 import sys
-from pathlib import Path
 
 import chex
 import jax
 import numpy as np
 import pytest
+import synthetic_data
 
-import data_fixtures
-from data_fixtures import synthetic_cvd_dir, synthetic_data_dir, synthetic_pets_dir  # pylint: disable=unused-import
 from cco_jax import checkpointing
 from cco_jax import configuration
 from cco_jax import train
@@ -42,14 +41,19 @@ def tiny_config(pets_dir, cvd_dir, data_dir, **overrides):
 def _restore_params(workdir, config, step=None):
   setup = train.build(config)
   manager = checkpointing.create_manager(str(workdir), config.keep_checkpoints)
-  template = step_lib.create_train_state(jax.random.key(0, impl=config.rng_impl or None),
-                                         setup.model, config.data.image_size, setup.tx)
+  template = step_lib.create_train_state(
+    jax.random.key(0, impl=config.rng_impl or None),
+    setup.model,
+    config.data.image_size,
+    setup.tx,
+  )
   state, _, _, restored_step = checkpointing.restore(manager, template, step)
   return state, restored_step
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path, synthetic_pets_dir,
-                                              synthetic_cvd_dir, synthetic_data_dir):
+def test_resumed_run_equals_uninterrupted_run(
+  tmp_path, synthetic_pets_dir, synthetic_cvd_dir, synthetic_data_dir
+):
   dirs = (synthetic_pets_dir, synthetic_cvd_dir, synthetic_data_dir)
   straight = tmp_path / 'straight'
   train.train_and_evaluate(tiny_config(*dirs, num_train_steps=6), str(straight))
@@ -74,40 +78,55 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, synthetic_pets_dir,
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(
-    tmp_path, synthetic_pets_dir, synthetic_cvd_dir, synthetic_data_dir):
+  tmp_path, synthetic_pets_dir, synthetic_cvd_dir, synthetic_data_dir
+):
   dirs = (synthetic_pets_dir, synthetic_cvd_dir, synthetic_data_dir)
   workdir = tmp_path / 'run'
   train.train_and_evaluate(tiny_config(*dirs, num_train_steps=2), str(workdir))
   config = tiny_config(*dirs, num_train_steps=6)
   with config.unlocked():
     config.optimizer.learning_rate = float('inf')
-  with pytest.raises(train.NonFiniteLoss, match=r'step 3\b.*last good checkpoint \(step 2\)'):
+  with pytest.raises(
+    train.NonFiniteLoss, match=r'step 3\b.*last good checkpoint \(step 2\)'
+  ):
     train.train_and_evaluate(config, str(workdir))
   manager = checkpointing.create_manager(str(workdir))
   assert manager.latest_step() == 2
 
 
-@pytest.mark.skipif(not data_fixtures.REAL_PETS.exists(),
-                    reason='shared/data is absent (a fresh clone)')
+@pytest.mark.skipif(
+  not synthetic_data.REAL_PETS.exists(),
+  reason='shared/data is absent (a fresh clone)',
+)
 def test_entry_point_on_shared_sample_writes_and_resumes(tmp_path):
   """`python -m experiments.pets` on the real sample, 2 devices, then resumed."""
   workdir = tmp_path / 'pets_cpu'
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
-             JAX_PLATFORMS='cpu')
+  env = dict(
+    os.environ,
+    XLA_FLAGS='--xla_force_host_platform_device_count=2',
+    JAX_PLATFORMS='cpu',
+  )
 
   def run(steps):
     command = [
-        sys.executable, '-m', 'experiments.pets',
-        '--config=experiments/configs/pets.py:cpu', f'--workdir={workdir}',
-        f'--config.data.manual_dir={data_fixtures.REAL_PETS}',
-        f'--config.data.ood_manual_dir={data_fixtures.REAL_CATS_VS_DOGS}',
-        f'--config.data.tfds_data_dir={tmp_path / "tfds"}',
-        '--config.data.image_size=32', '--config.model.num_filters=8',
-        f'--config.num_train_steps={steps}', '--config.log_every_steps=2',
-        '--config.eval_every_steps=2', '--config.num_figure_examples=2',
+      sys.executable,
+      '-m',
+      'experiments.pets',
+      '--config=experiments/configs/pets.py:cpu',
+      f'--workdir={workdir}',
+      f'--config.data.manual_dir={synthetic_data.REAL_PETS}',
+      f'--config.data.ood_manual_dir={synthetic_data.REAL_CATS_VS_DOGS}',
+      f'--config.data.tfds_data_dir={tmp_path / "tfds"}',
+      '--config.data.image_size=32',
+      '--config.model.num_filters=8',
+      f'--config.num_train_steps={steps}',
+      '--config.log_every_steps=2',
+      '--config.eval_every_steps=2',
+      '--config.num_figure_examples=2',
     ]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=900)
+    result = subprocess.run(
+      command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stderr
 
@@ -120,7 +139,9 @@ def test_entry_point_on_shared_sample_writes_and_resumes(tmp_path):
   final = json.loads((workdir / 'final_metrics.json').read_text())
   assert final['test_count'] == 391 and final['ood_count'] == 2000
   assert 0.0 <= final['ood_accuracy'] <= 1.0
-  steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  steps = sorted(
+    int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()
+  )
   assert steps[-1] == 4
   assert (workdir / 'figures' / 'learning_curves.png').stat().st_size > 0
   assert list((workdir / 'figures').glob('cams_step_*.png'))
@@ -131,8 +152,18 @@ def test_entry_point_on_shared_sample_writes_and_resumes(tmp_path):
 
 def test_misspelt_config_key_is_an_error():
   result = subprocess.run(
-      [sys.executable, '-m', 'experiments.pets', '--config=experiments/configs/pets.py:cpu',
-       '--workdir=/tmp/unused', '--config.data.manul_dir=x'],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      '-m',
+      'experiments.pets',
+      '--config=experiments/configs/pets.py:cpu',
+      '--workdir=/tmp/unused',
+      '--config.data.manul_dir=x',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode != 0
   assert 'manul_dir' in result.stderr

@@ -4,7 +4,6 @@ import functools
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -19,15 +18,23 @@ IMAGE_SIZE = 32
 
 
 def _model(axis_name):
-  return models.create_model('resnet18', NUM_CLASSES, num_filters=4, stem='strided',
-                             stage_sizes=(1, 1, 1, 1), bn_axis_name=axis_name)
+  return models.create_model(
+    'resnet18',
+    NUM_CLASSES,
+    num_filters=4,
+    stem='strided',
+    stage_sizes=(1, 1, 1, 1),
+    bn_axis_name=axis_name,
+  )
 
 
 def _batch(seed, batch_size, cam_hw):
   """Images whose class is written in a corner the mask covers: learnable."""
   rng = np.random.default_rng(seed)
   labels = rng.integers(0, NUM_CLASSES, batch_size).astype(np.int32)
-  images = rng.uniform(0, 1, (batch_size, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+  images = rng.uniform(0, 1, (batch_size, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(
+    np.float32
+  )
   images[:, :12, :12, :] = labels[:, None, None, None] / NUM_CLASSES
   mask = np.zeros((batch_size,) + cam_hw, np.float32)
   mask[:, : cam_hw[0] // 2, : cam_hw[1] // 2] = 1.0
@@ -36,7 +43,8 @@ def _batch(seed, batch_size, cam_hw):
 
 def _shard(batch, devices):
   return step_lib.shard(
-      jax.tree.map(lambda x: x.reshape((devices, -1) + x.shape[1:]), batch))
+    jax.tree.map(lambda x: x.reshape((devices, -1) + x.shape[1:]), batch)
+  )
 
 
 @pytest.fixture(scope='module')
@@ -55,24 +63,37 @@ def test_pmapped_step_equals_single_device_whole_batch(setup):
   # first step is ~lr * sign(g), which amplifies rounding where g ~ 0).
   _, _, _, cam_hw, objective = setup
   tx = optax.sgd(0.1)
-  state = step_lib.create_train_state(jax.random.key(0), _model(step_lib.AXIS_NAME),
-                                      IMAGE_SIZE, tx)
+  state = step_lib.create_train_state(
+    jax.random.key(0), _model(step_lib.AXIS_NAME), IMAGE_SIZE, tx
+  )
   batch = _batch(0, 8, cam_hw)
-  p_step = jax.pmap(functools.partial(step_lib.train_step, objective=objective),
-                    axis_name=step_lib.AXIS_NAME)
+  p_step = jax.pmap(
+    functools.partial(step_lib.train_step, objective=objective),
+    axis_name=step_lib.AXIS_NAME,
+  )
   p_state, p_metrics = p_step(step_lib.replicate(state), _shard(batch, 4))
 
-  single = step_lib.create_train_state(jax.random.key(0), _model(None), IMAGE_SIZE, tx)
-  s_state, s_metrics = jax.jit(functools.partial(
-      step_lib.train_step, objective=objective, axis_name=None))(single, batch)
+  single = step_lib.create_train_state(
+    jax.random.key(0), _model(None), IMAGE_SIZE, tx
+  )
+  s_state, s_metrics = jax.jit(
+    functools.partial(step_lib.train_step, objective=objective, axis_name=None)
+  )(single, batch)
 
   # Float32 sums reassociated across shards: agreement to ~1e-5 relative.
-  chex.assert_trees_all_close(step_lib.unreplicate(p_state.params), s_state.params,
-                              rtol=1e-4, atol=1e-6)
-  chex.assert_trees_all_close(step_lib.unreplicate(p_state.batch_stats),
-                              s_state.batch_stats, rtol=1e-4, atol=1e-6)
+  chex.assert_trees_all_close(
+    step_lib.unreplicate(p_state.params), s_state.params, rtol=1e-4, atol=1e-6
+  )
+  chex.assert_trees_all_close(
+    step_lib.unreplicate(p_state.batch_stats),
+    s_state.batch_stats,
+    rtol=1e-4,
+    atol=1e-6,
+  )
   for key in ('loss', 'ce', 'ace', 'kld', 'accuracy'):
-    np.testing.assert_allclose(p_metrics[key][0], s_metrics[key], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+      p_metrics[key][0], s_metrics[key], rtol=1e-4, atol=1e-6
+    )
 
 
 def test_replicas_stay_identical_and_loss_falls(setup):
@@ -95,6 +116,7 @@ def test_replicas_stay_identical_and_loss_falls(setup):
 
 def test_step_does_not_retrace(setup):
   _, _, state, cam_hw, objective = setup
+
   @chex.assert_max_traces(n=1)
   def step(state, batch):
     return step_lib.train_step(state, batch, objective=objective)
@@ -109,19 +131,25 @@ def test_nonfinite_loss_leaves_state_unchanged(setup):
   _, _, state, cam_hw, objective = setup
   batch = _batch(2, 8, cam_hw)
   batch['image'][0, 0, 0, 0] = np.nan
-  p_step = jax.pmap(functools.partial(step_lib.train_step, objective=objective),
-                    axis_name=step_lib.AXIS_NAME)
+  p_step = jax.pmap(
+    functools.partial(step_lib.train_step, objective=objective),
+    axis_name=step_lib.AXIS_NAME,
+  )
   replicated = step_lib.replicate(state)
   new_state, metrics = p_step(replicated, _shard(batch, 4))
   assert float(metrics['nonfinite'][0]) == 1.0
-  chex.assert_trees_all_equal(step_lib.unreplicate(new_state.params), state.params)
+  chex.assert_trees_all_equal(
+    step_lib.unreplicate(new_state.params), state.params
+  )
 
 
 def test_eval_step_counts_padding_and_identity(setup):
   _, _, state, cam_hw, _ = setup
   batch = _batch(3, 8, cam_hw)
   batch['weight'] = np.array([1, 1, 1, 1, 1, 0, 0, 0], np.float32)
-  sums = step_lib.pmapped_eval_step()(step_lib.replicate(state), _shard(batch, 4))
+  sums = step_lib.pmapped_eval_step()(
+    step_lib.replicate(state), _shard(batch, 4)
+  )
   sums = jax.tree.map(lambda x: np.asarray(x[0]), sums)
   assert sums['count'] == 5
   assert 0 <= sums['correct'] <= 5
@@ -132,22 +160,33 @@ def test_eval_step_counts_padding_and_identity(setup):
 def test_checkpoint_round_trip_is_exact_and_device_independent(setup, tmp_path):
   _, _, state, cam_hw, objective = setup
   p_step = step_lib.pmapped_train_step(objective)
-  replicated, _ = p_step(step_lib.replicate(state), _shard(_batch(4, 8, cam_hw), 4))
+  replicated, _ = p_step(
+    step_lib.replicate(state), _shard(_batch(4, 8, cam_hw), 4)
+  )
   trained = step_lib.unreplicate(replicated)
   manager = checkpointing.create_manager(str(tmp_path), keep=2)
   rng = jax.random.key(7)
-  checkpointing.save(manager, 1, trained, rng, {'position': 5, 'epoch': 0},
-                     {'eval_accuracy': 0.5})
+  checkpointing.save(
+    manager,
+    1,
+    trained,
+    rng,
+    {'position': 5, 'epoch': 0},
+    {'eval_accuracy': 0.5},
+  )
   restored, rng2, data_state, step = checkpointing.restore(manager, state)
   assert step == 1 and data_state == {'position': 5, 'epoch': 0}
   chex.assert_trees_all_equal(restored.params, trained.params)
   chex.assert_trees_all_equal(restored.batch_stats, trained.batch_stats)
   chex.assert_trees_all_equal(restored.opt_state, trained.opt_state)
   assert int(restored.step) == int(trained.step)
-  np.testing.assert_array_equal(jax.random.key_data(rng2), jax.random.key_data(rng))
+  np.testing.assert_array_equal(
+    jax.random.key_data(rng2), jax.random.key_data(rng)
+  )
   # Restored state runs on a single device (no pmap) as well.
-  single = jax.jit(functools.partial(step_lib.train_step, objective=objective,
-                                     axis_name=None))
+  single = jax.jit(
+    functools.partial(step_lib.train_step, objective=objective, axis_name=None)
+  )
   restored = restored.replace(apply_fn=_model(None).apply)
   single(restored, _batch(5, 4, cam_hw))
 
@@ -157,6 +196,8 @@ def test_manager_keeps_last_k_and_best(setup, tmp_path):
   manager = checkpointing.create_manager(str(tmp_path), keep=2)
   accuracies = [0.2, 0.9, 0.3, 0.4, 0.5]
   for step, acc in enumerate(accuracies, start=1):
-    checkpointing.save(manager, step, state, jax.random.key(0), {}, {'eval_accuracy': acc})
+    checkpointing.save(
+      manager, step, state, jax.random.key(0), {}, {'eval_accuracy': acc}
+    )
   assert sorted(manager.all_steps()) == [2, 4, 5]
   assert manager.best_step() == 2

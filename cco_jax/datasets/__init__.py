@@ -13,9 +13,9 @@ place where a new dataset is registered.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import types
-from collections.abc import Callable
 
 from etils import epath
 import tensorflow_datasets as tfds
@@ -36,22 +36,35 @@ class DatasetEntry:
     has_masks: whether examples carry a 'segmentation_mask' trimap.
     splits: the TFDS splits the builder writes.
   """
+
   builder_cls: type[tfds.core.GeneratorBasedBuilder]
   check_manual_dir: Callable[[str], epath.Path]
   has_masks: bool
   splits: tuple[str, ...]
 
 
-DATASETS = types.MappingProxyType({
+DATASETS = types.MappingProxyType(
+  {
     'oxford_iiit_pet': DatasetEntry(
-        builder_cls=OxfordIiitPetMasks,
-        check_manual_dir=oxford_iiit_pet.check_manual_dir,
-        has_masks=True, splits=('train', 'test')),
+      builder_cls=OxfordIiitPetMasks,
+      check_manual_dir=oxford_iiit_pet.check_manual_dir,
+      has_masks=True,
+      splits=('train', 'test'),
+    ),
     'cats_vs_dogs': DatasetEntry(
-        builder_cls=CatsVsDogsOod,
-        check_manual_dir=cats_vs_dogs.check_manual_dir,
-        has_masks=False, splits=('train',)),
-})
+      builder_cls=CatsVsDogsOod,
+      check_manual_dir=cats_vs_dogs.check_manual_dir,
+      has_masks=False,
+      splits=('train',),
+    ),
+  }
+)
 
-__all__ = ['DATASETS', 'DatasetEntry', 'CatsVsDogsOod', 'OxfordIiitPetMasks',
-           'cats_vs_dogs', 'oxford_iiit_pet']
+__all__ = [
+  'DATASETS',
+  'DatasetEntry',
+  'CatsVsDogsOod',
+  'OxfordIiitPetMasks',
+  'cats_vs_dogs',
+  'oxford_iiit_pet',
+]

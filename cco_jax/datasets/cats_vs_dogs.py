@@ -34,16 +34,21 @@ from cco_jax.datasets.oxford_iiit_pet import code_path_property
 from cco_jax.datasets.oxford_iiit_pet import ordered_parallel_map
 from cco_jax.datasets.oxford_iiit_pet import rgb_jpeg_bytes
 
-URL = ('https://download.microsoft.com/download/3/E/1/'
-       '3E1C3F21-ECDB-4869-8368-6DEBA77B919F/kagglecatsanddogs_5340.zip')
+URL = (
+  'https://download.microsoft.com/download/3/E/1/'
+  '3E1C3F21-ECDB-4869-8368-6DEBA77B919F/kagglecatsanddogs_5340.zip'
+)
 CLASSES = ('Cat', 'Dog')  # Folder names; species labels 0 and 1.
 SPECIES = ('cat', 'dog')
-LAYOUT = ('DIR/PetImages/Cat/*.jpg and DIR/PetImages/Dog/*.jpg (the layout of '
-          "Microsoft's kagglecatsanddogs_5340.zip)")
+LAYOUT = (
+  'DIR/PetImages/Cat/*.jpg and DIR/PetImages/Dog/*.jpg (the layout of '
+  "Microsoft's kagglecatsanddogs_5340.zip)"
+)
 MANUAL_DIR_HINT = (
-    'Set --manual_dir (python -m experiments.prepare --dataset=cats_vs_dogs) '
-    'or config.data.ood_manual_dir to such a directory, or leave it empty to '
-    'download the archive.')
+  'Set --manual_dir (python -m experiments.prepare --dataset=cats_vs_dogs) '
+  'or config.data.ood_manual_dir to such a directory, or leave it empty to '
+  'download the archive.'
+)
 
 _NUMBER = re.compile(r'\d+')
 _UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -61,14 +66,16 @@ def find_pet_images(path: os.PathLike[str] | str) -> epath.Path:
   root = epath.Path(path).expanduser()
   if not root.is_dir():
     raise ValueError(
-        f'Cats-vs-Dogs manual directory {os.fspath(root)!r} does not exist. '
-        f'Expected {LAYOUT}. {MANUAL_DIR_HINT}')
+      f'Cats-vs-Dogs manual directory {os.fspath(root)!r} does not exist. '
+      f'Expected {LAYOUT}. {MANUAL_DIR_HINT}'
+    )
   for candidate in (root / 'PetImages', root):
     if all((candidate / c).is_dir() for c in CLASSES):
       return candidate
   raise ValueError(
-      f'Cats-vs-Dogs manual directory {os.fspath(root)!r} lacks PetImages/Cat '
-      f'and PetImages/Dog. Expected {LAYOUT}. {MANUAL_DIR_HINT}')
+    f'Cats-vs-Dogs manual directory {os.fspath(root)!r} lacks PetImages/Cat '
+    f'and PetImages/Dog. Expected {LAYOUT}. {MANUAL_DIR_HINT}'
+  )
 
 
 def check_manual_dir(path: os.PathLike[str] | str) -> epath.Path:
@@ -84,9 +91,11 @@ def list_files(pet_images: epath.Path) -> list[tuple[int, epath.Path]]:
     match = _NUMBER.search(path.stem)
     return (int(match.group()) if match else -1, path.name)
 
-  return [(species, path)
-          for species, folder in enumerate(CLASSES)
-          for path in sorted((pet_images / folder).glob('*.jpg'), key=order)]
+  return [
+    (species, path)
+    for species, folder in enumerate(CLASSES)
+    for path in sorted((pet_images / folder).glob('*.jpg'), key=order)
+  ]
 
 
 def _read(item: tuple[int, epath.Path]):
@@ -108,33 +117,39 @@ class CatsVsDogsOod(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release (cco-jax).'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      f'Optional. Place the extracted archive in the manual directory: '
-      f'{LAYOUT}. Without it the archive is downloaded.')
+    f'Optional. Place the extracted archive in the manual directory: '
+    f'{LAYOUT}. Without it the archive is downloaded.'
+  )
   MANUAL_DIR_HINT = MANUAL_DIR_HINT
   code_path = code_path_property
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=(
-            'Microsoft Research Cats-vs-Dogs (Asirra) images with a cat/dog '
-            'label. Files that are empty or that Pillow cannot decode (about '
-            '1,700 in the full release) are skipped; their count is in '
-            'metadata["num_skipped_files"].'),
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(
-                shape=(None, None, 3), encoding_format='jpeg'),
-            'species': tfds.features.ClassLabel(names=SPECIES),
-            'file_name': tfds.features.Text(),
-        }),
-        supervised_keys=('image', 'species'),
-        homepage='https://www.microsoft.com/en-us/download/details.aspx?id=54765',
-        metadata=tfds.core.MetadataDict(),
-        disable_shuffling=True,  # Records in file order: Cat/0.jpg first.
+      builder=self,
+      description=(
+        'Microsoft Research Cats-vs-Dogs (Asirra) images with a cat/dog '
+        'label. Files that are empty or that Pillow cannot decode (about '
+        '1,700 in the full release) are skipped; their count is in '
+        'metadata["num_skipped_files"].'
+      ),
+      features=tfds.features.FeaturesDict(
+        {
+          'image': tfds.features.Image(
+            shape=(None, None, 3), encoding_format='jpeg'
+          ),
+          'species': tfds.features.ClassLabel(names=SPECIES),
+          'file_name': tfds.features.Text(),
+        }
+      ),
+      supervised_keys=('image', 'species'),
+      homepage='https://www.microsoft.com/en-us/download/details.aspx?id=54765',
+      metadata=tfds.core.MetadataDict(),
+      disable_shuffling=True,  # Records in file order: Cat/0.jpg first.
     )
 
-  def _pet_images(self, dl_manager: tfds.download.DownloadManager
-                  ) -> epath.Path:
+  def _pet_images(
+    self, dl_manager: tfds.download.DownloadManager
+  ) -> epath.Path:
     """`PetImages` of a non-empty manual directory, else of the download."""
     try:
       manual_dir = dl_manager.manual_dir
@@ -142,8 +157,7 @@ class CatsVsDogsOod(tfds.core.GeneratorBasedBuilder):
       manual_dir = None
     if manual_dir is not None:
       pet_images = find_pet_images(manual_dir)
-      self.info.metadata['source'] = os.fspath(
-          epath.Path(manual_dir).resolve())
+      self.info.metadata['source'] = os.fspath(epath.Path(manual_dir).resolve())
       return pet_images
     self.info.metadata['source'] = 'download'
     return find_pet_images(dl_manager.download_and_extract(URL))
@@ -159,19 +173,28 @@ class CatsVsDogsOod(tfds.core.GeneratorBasedBuilder):
       # Pillow warns about the many broken EXIF blocks of this release.
       warnings.simplefilter('ignore', UserWarning)
       for species, path, jpeg, was_reencoded in ordered_parallel_map(
-          _read, files):
+        _read, files
+      ):
         file_name = f'{CLASSES[species]}/{path.name}'
         if jpeg is None:
           skipped.append(file_name)
           continue
         if was_reencoded:
           reencoded.append(file_name)
-        yield file_name, {
-            'image': jpeg, 'species': species, 'file_name': file_name}
+        yield (
+          file_name,
+          {'image': jpeg, 'species': species, 'file_name': file_name},
+        )
     logging.warning(
-        'Cats-vs-Dogs: skipped %d of %d files (empty or not decodable by '
-        'Pillow); re-encoded %d as RGB JPEGs.', len(skipped), len(files),
-        len(reencoded))
+      'Cats-vs-Dogs: skipped %d of %d files (empty or not decodable by '
+      'Pillow); re-encoded %d as RGB JPEGs.',
+      len(skipped),
+      len(files),
+      len(reencoded),
+    )
     self.info.metadata.update(
-        num_files=len(files), num_skipped_files=len(skipped),
-        skipped_files=skipped, reencoded_images=reencoded)
+      num_files=len(files),
+      num_skipped_files=len(skipped),
+      skipped_files=skipped,
+      reencoded_images=reencoded,
+    )

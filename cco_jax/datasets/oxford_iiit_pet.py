@@ -36,13 +36,13 @@ compression); anything else is decoded, converted to RGB and re-encoded as a JPE
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 import concurrent.futures
 import dataclasses
 import inspect
 import io
 import itertools
 import os
-from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from absl import logging
@@ -55,19 +55,49 @@ _T = TypeVar('_T')
 _S = TypeVar('_S')
 
 IMAGES_URL = 'https://thor.robots.ox.ac.uk/~vgg/data/pets/images.tar.gz'
-ANNOTATIONS_URL = 'https://thor.robots.ox.ac.uk/~vgg/data/pets/annotations.tar.gz'
+ANNOTATIONS_URL = (
+  'https://thor.robots.ox.ac.uk/~vgg/data/pets/annotations.tar.gz'
+)
 
 # Breed names in CLASS-ID order (CLASS-ID 1 is BREEDS[0]); the image-name prefixes.
 BREEDS = (
-    'Abyssinian', 'american_bulldog', 'american_pit_bull_terrier',
-    'basset_hound', 'beagle', 'Bengal', 'Birman', 'Bombay', 'boxer',
-    'British_Shorthair', 'chihuahua', 'Egyptian_Mau', 'english_cocker_spaniel',
-    'english_setter', 'german_shorthaired', 'great_pyrenees', 'havanese',
-    'japanese_chin', 'keeshond', 'leonberger', 'Maine_Coon',
-    'miniature_pinscher', 'newfoundland', 'Persian', 'pomeranian', 'pug',
-    'Ragdoll', 'Russian_Blue', 'saint_bernard', 'samoyed', 'scottish_terrier',
-    'shiba_inu', 'Siamese', 'Sphynx', 'staffordshire_bull_terrier',
-    'wheaten_terrier', 'yorkshire_terrier',
+  'Abyssinian',
+  'american_bulldog',
+  'american_pit_bull_terrier',
+  'basset_hound',
+  'beagle',
+  'Bengal',
+  'Birman',
+  'Bombay',
+  'boxer',
+  'British_Shorthair',
+  'chihuahua',
+  'Egyptian_Mau',
+  'english_cocker_spaniel',
+  'english_setter',
+  'german_shorthaired',
+  'great_pyrenees',
+  'havanese',
+  'japanese_chin',
+  'keeshond',
+  'leonberger',
+  'Maine_Coon',
+  'miniature_pinscher',
+  'newfoundland',
+  'Persian',
+  'pomeranian',
+  'pug',
+  'Ragdoll',
+  'Russian_Blue',
+  'saint_bernard',
+  'samoyed',
+  'scottish_terrier',
+  'shiba_inu',
+  'Siamese',
+  'Sphynx',
+  'staffordshire_bull_terrier',
+  'wheaten_terrier',
+  'yorkshire_terrier',
 )
 SPECIES = ('cat', 'dog')
 
@@ -77,15 +107,15 @@ TRIMAP_PET, TRIMAP_BACKGROUND, TRIMAP_BOUNDARY = 1, 2, 3
 JPEG_QUALITY = 95
 
 LAYOUT = (
-    'DIR/images/<NAME>.jpg, DIR/annotations/trimaps/<NAME>.png and the split '
-    'lists DIR/annotations/trainval.txt and DIR/annotations/test.txt (lines '
-    '"NAME CLASS-ID SPECIES BREED-ID"), as in the official images.tar.gz and '
-    'annotations.tar.gz'
+  'DIR/images/<NAME>.jpg, DIR/annotations/trimaps/<NAME>.png and the split '
+  'lists DIR/annotations/trainval.txt and DIR/annotations/test.txt (lines '
+  '"NAME CLASS-ID SPECIES BREED-ID"), as in the official images.tar.gz and '
+  'annotations.tar.gz'
 )
 MANUAL_DIR_HINT = (
-    'Set --manual_dir (python -m experiments.prepare '
-    '--dataset=oxford_iiit_pet) or config.data.manual_dir to such a directory, '
-    'or leave it empty to download the official archives.'
+  'Set --manual_dir (python -m experiments.prepare '
+  '--dataset=oxford_iiit_pet) or config.data.manual_dir to such a directory, '
+  'or leave it empty to download the official archives.'
 )
 SPLIT_FILES = {'train': 'trainval.txt', 'test': 'test.txt'}
 
@@ -104,6 +134,7 @@ class ListEntry:
     label: breed, 0-based (CLASS-ID - 1).
     species: 0 = cat, 1 = dog (SPECIES - 1).
   """
+
   name: str
   label: int
   species: int
@@ -124,20 +155,22 @@ def check_manual_dir(path: os.PathLike[str] | str) -> epath.Path:
   """
   root = epath.Path(path).expanduser()
   required = [
-      root / 'images',
-      root / 'annotations' / 'trimaps',
-      *(root / 'annotations' / f for f in SPLIT_FILES.values()),
+    root / 'images',
+    root / 'annotations' / 'trimaps',
+    *(root / 'annotations' / f for f in SPLIT_FILES.values()),
   ]
   if not root.is_dir():
     raise ValueError(
-        f'Oxford-IIIT Pet manual directory {os.fspath(root)!r} does not exist. '
-        f'Expected the official layout: {LAYOUT}. {MANUAL_DIR_HINT}')
+      f'Oxford-IIIT Pet manual directory {os.fspath(root)!r} does not exist. '
+      f'Expected the official layout: {LAYOUT}. {MANUAL_DIR_HINT}'
+    )
   missing = [os.fspath(p.relative_to(root)) for p in required if not p.exists()]
   if missing:
     raise ValueError(
-        f'Oxford-IIIT Pet manual directory {os.fspath(root)!r} lacks '
-        f'{", ".join(missing)}. Expected the official layout: {LAYOUT}. '
-        f'{MANUAL_DIR_HINT}')
+      f'Oxford-IIIT Pet manual directory {os.fspath(root)!r} lacks '
+      f'{", ".join(missing)}. Expected the official layout: {LAYOUT}. '
+      f'{MANUAL_DIR_HINT}'
+    )
   return root
 
 
@@ -163,9 +196,10 @@ def read_split_list(path: os.PathLike[str] | str) -> list[ListEntry]:
     entry = _parse_line(line)
     if entry is None:
       raise ValueError(
-          f'{os.fspath(path)}:{line_number}: expected "NAME CLASS-ID SPECIES '
-          f'BREED-ID" with CLASS-ID in 1..{len(BREEDS)} and SPECIES in 1..2, '
-          f'got {line!r}. Expected the official layout: {LAYOUT}.')
+        f'{os.fspath(path)}:{line_number}: expected "NAME CLASS-ID SPECIES '
+        f'BREED-ID" with CLASS-ID in 1..{len(BREEDS)} and SPECIES in 1..2, '
+        f'got {line!r}. Expected the official layout: {LAYOUT}.'
+      )
     entries.append(entry)
   return entries
 
@@ -182,8 +216,9 @@ def _parse_line(line: str) -> ListEntry | None:
   return ListEntry(name=name, label=class_id - 1, species=species - 1)
 
 
-def rgb_jpeg_bytes(data: bytes, *, quality: int = JPEG_QUALITY
-                   ) -> tuple[bytes, bool]:
+def rgb_jpeg_bytes(
+  data: bytes, *, quality: int = JPEG_QUALITY
+) -> tuple[bytes, bool]:
   """Returns `data` as the bytes of a decodable RGB JPEG.
 
   A file that is already an RGB JPEG and decodes completely is returned
@@ -205,8 +240,9 @@ def rgb_jpeg_bytes(data: bytes, *, quality: int = JPEG_QUALITY
     image.load()  # Decodes everything: truncated files fail here.
     if image.format == 'JPEG' and image.mode == 'RGB':
       return data, False
-    if image.mode in ('RGBA', 'LA') or (image.mode == 'P' and
-                                        'transparency' in image.info):
+    if image.mode in ('RGBA', 'LA') or (
+      image.mode == 'P' and 'transparency' in image.info
+    ):
       image = image.convert('RGBA')
       # Alpha is dropped, as TFDS's own builder does.
     rgb = image.convert('RGB')
@@ -231,8 +267,9 @@ def trimap_png_bytes(data: bytes, size: tuple[int, int]) -> tuple[bytes, bool]:
     trimap.load()
     if trimap.mode == 'L' and trimap.size == size:
       return data, False
-    values = np.asarray(trimap if trimap.mode in ('L', 'P') else
-                        trimap.convert('L'))
+    values = np.asarray(
+      trimap if trimap.mode in ('L', 'P') else trimap.convert('L')
+    )
   fixed = Image.fromarray(values.astype(np.uint8), mode='L')
   if fixed.size != size:
     fixed = fixed.resize(size, Image.Resampling.NEAREST)
@@ -241,9 +278,13 @@ def trimap_png_bytes(data: bytes, size: tuple[int, int]) -> tuple[bytes, bool]:
   return buffer.getvalue(), True
 
 
-def ordered_parallel_map(fn: Callable[[_T], _S], items: Iterable[_T], *,
-                         num_threads: int = _NUM_THREADS,
-                         chunk_size: int = _CHUNK_SIZE) -> Iterator[_S]:
+def ordered_parallel_map(
+  fn: Callable[[_T], _S],
+  items: Iterable[_T],
+  *,
+  num_threads: int = _NUM_THREADS,
+  chunk_size: int = _CHUNK_SIZE,
+) -> Iterator[_S]:
   """Yields `fn(item)` for each item, in order, computed by a thread pool.
 
   At most `chunk_size` results are held at once, so memory stays bounded.
@@ -275,42 +316,50 @@ class OxfordIiitPetMasks(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release (cco-jax).'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      f'Optional. Place the extracted official archives in the manual '
-      f'directory: {LAYOUT}. Without it the archives are downloaded.')
+    f'Optional. Place the extracted official archives in the manual '
+    f'directory: {LAYOUT}. Without it the archives are downloaded.'
+  )
   # Where users set the manual directory; quoted in error messages.
   MANUAL_DIR_HINT = MANUAL_DIR_HINT
   code_path = code_path_property
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=(
-            'The Oxford-IIIT Pet dataset (37 breeds, 12 cat and 25 dog) with '
-            'its pixel trimaps (1 = pet, 2 = background, 3 = boundary). '
-            'Images are RGB JPEGs; non-JPEG or non-RGB files of the official '
-            'release are converted (names in metadata["reencoded_images"]).'),
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(
-                shape=(None, None, 3), encoding_format='jpeg'),
-            'segmentation_mask': tfds.features.Image(
-                shape=(None, None, 1), encoding_format='png'),
-            'label': tfds.features.ClassLabel(names=BREEDS),
-            'species': tfds.features.ClassLabel(names=SPECIES),
-            'file_name': tfds.features.Text(),
-        }),
-        supervised_keys=('image', 'label'),
-        homepage='https://www.robots.ox.ac.uk/~vgg/data/pets/',
-        citation=(
-            '@InProceedings{parkhi12a, author = {Parkhi, O. M. and Vedaldi, A. '
-            'and Zisserman, A. and Jawahar, C. V.}, title = {Cats and Dogs}, '
-            'booktitle = {IEEE Conference on Computer Vision and Pattern '
-            'Recognition}, year = {2012}}'),
-        metadata=tfds.core.MetadataDict(),
-        disable_shuffling=True,
+      builder=self,
+      description=(
+        'The Oxford-IIIT Pet dataset (37 breeds, 12 cat and 25 dog) with '
+        'its pixel trimaps (1 = pet, 2 = background, 3 = boundary). '
+        'Images are RGB JPEGs; non-JPEG or non-RGB files of the official '
+        'release are converted (names in metadata["reencoded_images"]).'
+      ),
+      features=tfds.features.FeaturesDict(
+        {
+          'image': tfds.features.Image(
+            shape=(None, None, 3), encoding_format='jpeg'
+          ),
+          'segmentation_mask': tfds.features.Image(
+            shape=(None, None, 1), encoding_format='png'
+          ),
+          'label': tfds.features.ClassLabel(names=BREEDS),
+          'species': tfds.features.ClassLabel(names=SPECIES),
+          'file_name': tfds.features.Text(),
+        }
+      ),
+      supervised_keys=('image', 'label'),
+      homepage='https://www.robots.ox.ac.uk/~vgg/data/pets/',
+      citation=(
+        '@InProceedings{parkhi12a, author = {Parkhi, O. M. and Vedaldi, A. '
+        'and Zisserman, A. and Jawahar, C. V.}, title = {Cats and Dogs}, '
+        'booktitle = {IEEE Conference on Computer Vision and Pattern '
+        'Recognition}, year = {2012}}'
+      ),
+      metadata=tfds.core.MetadataDict(),
+      disable_shuffling=True,
     )
 
-  def _source_dirs(self, dl_manager: tfds.download.DownloadManager
-                   ) -> tuple[epath.Path, epath.Path]:
+  def _source_dirs(
+    self, dl_manager: tfds.download.DownloadManager
+  ) -> tuple[epath.Path, epath.Path]:
     """(images_dir, annotations_dir) of a non-empty manual dir, else downloads."""
     try:
       manual_dir = dl_manager.manual_dir
@@ -321,10 +370,13 @@ class OxfordIiitPetMasks(tfds.core.GeneratorBasedBuilder):
       self.info.metadata['source'] = os.fspath(root.resolve())
       return root / 'images', root / 'annotations'
     paths = dl_manager.download_and_extract(
-        {'images': IMAGES_URL, 'annotations': ANNOTATIONS_URL})
+      {'images': IMAGES_URL, 'annotations': ANNOTATIONS_URL}
+    )
     self.info.metadata['source'] = 'download'
-    return (epath.Path(paths['images']) / 'images',
-            epath.Path(paths['annotations']) / 'annotations')
+    return (
+      epath.Path(paths['images']) / 'images',
+      epath.Path(paths['annotations']) / 'annotations',
+    )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     images_dir, annotations_dir = self._source_dirs(dl_manager)
@@ -335,14 +387,20 @@ class OxfordIiitPetMasks(tfds.core.GeneratorBasedBuilder):
     for split, list_file in SPLIT_FILES.items():
       entries = read_split_list(annotations_dir / list_file)
       self.info.metadata['splits'][split] = {
-          'file_names': [f'{e.name}.jpg' for e in entries],
-          'labels': [e.label for e in entries]}
+        'file_names': [f'{e.name}.jpg' for e in entries],
+        'labels': [e.label for e in entries],
+      }
       splits[split] = self._generate_examples(
-          images_dir, annotations_dir / 'trimaps', entries)
+        images_dir, annotations_dir / 'trimaps', entries
+      )
     return splits
 
-  def _generate_examples(self, images_dir: epath.Path, trimaps_dir: epath.Path,
-                         entries: list[ListEntry]):
+  def _generate_examples(
+    self,
+    images_dir: epath.Path,
+    trimaps_dir: epath.Path,
+    entries: list[ListEntry],
+  ):
     """Yields (name, example) for each list entry, in list order."""
 
     def read(entry: ListEntry):
@@ -351,26 +409,33 @@ class OxfordIiitPetMasks(tfds.core.GeneratorBasedBuilder):
       for path in (image_path, trimap_path):
         if not path.exists():
           raise ValueError(
-              f'{os.fspath(path)} is listed in a split but missing. Expected '
-              f'the official layout: {LAYOUT}. {MANUAL_DIR_HINT}')
+            f'{os.fspath(path)} is listed in a split but missing. Expected '
+            f'the official layout: {LAYOUT}. {MANUAL_DIR_HINT}'
+          )
       image, reencoded = rgb_jpeg_bytes(image_path.read_bytes())
-      trimap, fixed = trimap_png_bytes(trimap_path.read_bytes(),
-                                       _image_size(image))
+      trimap, fixed = trimap_png_bytes(
+        trimap_path.read_bytes(), _image_size(image)
+      )
       return entry, image, reencoded, trimap, fixed
 
     for entry, image, reencoded, trimap, fixed in ordered_parallel_map(
-        read, entries):
+      read, entries
+    ):
       file_name = f'{entry.name}.jpg'
       if reencoded:
-        logging.info('Oxford-IIIT Pet: re-encoded %s as an RGB JPEG.',
-                     file_name)
+        logging.info(
+          'Oxford-IIIT Pet: re-encoded %s as an RGB JPEG.', file_name
+        )
         self.info.metadata['reencoded_images'].append(file_name)
       if fixed:
         self.info.metadata['fixed_trimaps'].append(file_name)
-      yield entry.name, {
+      yield (
+        entry.name,
+        {
           'image': image,
           'segmentation_mask': trimap,
           'label': entry.label,
           'species': entry.species,
           'file_name': file_name,
-      }
+        },
+      )

@@ -19,13 +19,14 @@ Measures, on this machine:
 Prints a table and writes the numbers (with versions and load) as JSON.
 """
 
+import functools
 import json
 import os
+from pathlib import Path
 import platform
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from absl import app
 from absl import flags
@@ -37,22 +38,29 @@ from cco_jax import input_pipeline
 
 _SHARED = Path(__file__).resolve().parents[2].parent / 'shared' / 'data'
 _MANUAL_DIR = flags.DEFINE_string(
-    'manual_dir', str(_SHARED / 'oxford-iiit-pet-sample'),
-    'Oxford-IIIT Pet in the official layout.')
+  'manual_dir',
+  str(_SHARED / 'oxford-iiit-pet-sample'),
+  'Oxford-IIIT Pet in the official layout.',
+)
 _OOD_MANUAL_DIR = flags.DEFINE_string(
-    'ood_manual_dir', str(_SHARED / 'cats-vs-dogs-sample'),
-    'Cats-vs-Dogs in the Microsoft layout.')
-_WORKERS = flags.DEFINE_list('workers', ['0', '1', '2'],
-                             'Worker counts to time.')
+  'ood_manual_dir',
+  str(_SHARED / 'cats-vs-dogs-sample'),
+  'Cats-vs-Dogs in the Microsoft layout.',
+)
+_WORKERS = flags.DEFINE_list(
+  'workers', ['0', '1', '2'], 'Worker counts to time.'
+)
 _IMAGE_SIZE = flags.DEFINE_integer('image_size', 224, 'Squashed image side.')
 _CAM = flags.DEFINE_integer('cam', 14, 'CAM grid side.')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 32, 'Batch size.')
-_NUM_BATCHES = flags.DEFINE_integer('num_batches', 20,
-                                    'Timed batches per setting.')
+_NUM_BATCHES = flags.DEFINE_integer(
+  'num_batches', 20, 'Timed batches per setting.'
+)
 _PREFETCH = flags.DEFINE_integer('prefetch', 2, 'config.data.prefetch.')
 _CACHE = flags.DEFINE_bool('cache', True, 'Also time cache_decoded=True.')
-_OUTPUT = flags.DEFINE_string('output', '/tmp/input_benchmark.json',
-                              'Where to write the JSON results.')
+_OUTPUT = flags.DEFINE_string(
+  'output', '/tmp/input_benchmark.json', 'Where to write the JSON results.'
+)
 
 
 def _timed(fn):
@@ -64,13 +72,24 @@ def _timed(fn):
 def time_prepare(data_dir: str) -> dict:
   """Images/s of preparing both samples into `data_dir`."""
   results = {}
-  for name, manual_dir in (('oxford_iiit_pet', _MANUAL_DIR.value),
-                           (input_pipeline.OOD_DATASET, _OOD_MANUAL_DIR.value)):
-    builder, seconds = _timed(lambda: input_pipeline.prepare_dataset(
-        name, manual_dir=manual_dir, data_dir=data_dir))
+  for name, manual_dir in (
+    ('oxford_iiit_pet', _MANUAL_DIR.value),
+    (input_pipeline.OOD_DATASET, _OOD_MANUAL_DIR.value),
+  ):
+    builder, seconds = _timed(
+      functools.partial(
+        input_pipeline.prepare_dataset,
+        name,
+        manual_dir=manual_dir,
+        data_dir=data_dir,
+      )
+    )
     count = sum(split.num_examples for split in builder.info.splits.values())
-    results[name] = {'examples': count, 'seconds': seconds,
-                     'images_per_s': count / seconds}
+    results[name] = {
+      'examples': count,
+      'seconds': seconds,
+      'images_per_s': count / seconds,
+    }
   return results
 
 
@@ -81,77 +100,116 @@ def cpu_ms_per_image(config, split: str, count: int = 200) -> float:
   start = time.process_time()
   for i in range(count):
     example = input_pipeline.decode(
-        source[i], task=config.task,
-        boundary_is_foreground=config.boundary_is_foreground,
-        draft_size=config.image_size)
+      source[i],
+      task=config.task,
+      boundary_is_foreground=config.boundary_is_foreground,
+      draft_size=config.image_size,
+    )
     input_pipeline.to_model_input(
-        example, image_size=config.image_size, cam_size=(_CAM.value,) * 2,
-        mask_resize=config.mask_resize, normalize=config.normalize,
-        with_pixel_mask=False)
+      example,
+      image_size=config.image_size,
+      cam_size=(_CAM.value,) * 2,
+      mask_resize=config.mask_resize,
+      normalize=config.normalize,
+      with_pixel_mask=False,
+    )
   return (time.process_time() - start) / count * 1e3
 
 
 def time_train(config) -> dict:
   """Images/s of the train iterator, first batch (start-up) excluded."""
-  iterator, startup = _timed(lambda: input_pipeline.create_train_iterator(
-      config, cam_size=(_CAM.value,) * 2, global_batch_size=_BATCH_SIZE.value,
-      num_devices=1, seed=0))
+  iterator, startup = _timed(
+    lambda: input_pipeline.create_train_iterator(
+      config,
+      cam_size=(_CAM.value,) * 2,
+      global_batch_size=_BATCH_SIZE.value,
+      num_devices=1,
+      seed=0,
+    )
+  )
   _, first = _timed(lambda: next(iterator))
   cpu = time.process_time()
-  _, seconds = _timed(lambda: [next(iterator)
-                               for _ in range(_NUM_BATCHES.value)])
+  _, seconds = _timed(
+    lambda: [next(iterator) for _ in range(_NUM_BATCHES.value)]
+  )
   cpu = time.process_time() - cpu
   iterator.close()
   images = _NUM_BATCHES.value * _BATCH_SIZE.value
-  return {'startup_s': startup + first, 'seconds': seconds,
-          'images_per_s': images / seconds,
-          # CPU of this process only: all of it with workers=0.
-          'main_process_cpu_ms_per_image': cpu / images * 1e3}
+  return {
+    'startup_s': startup + first,
+    'seconds': seconds,
+    'images_per_s': images / seconds,
+    # CPU of this process only: all of it with workers=0.
+    'main_process_cpu_ms_per_image': cpu / images * 1e3,
+  }
 
 
 def time_ood(config) -> dict:
   """Images/s of one evaluation pass over Cats-vs-Dogs."""
   iterator = input_pipeline.create_eval_iterator(
-      config, 'ood', cam_size=(_CAM.value,) * 2,
-      global_batch_size=_BATCH_SIZE.value, num_devices=1)
+    config,
+    'ood',
+    cam_size=(_CAM.value,) * 2,
+    global_batch_size=_BATCH_SIZE.value,
+    num_devices=1,
+  )
   weights, seconds = _timed(lambda: [b['weight'].sum() for b in iterator])
   count = int(sum(weights))
-  return {'examples': count, 'seconds': seconds,
-          'images_per_s': count / seconds}
+  return {
+    'examples': count,
+    'seconds': seconds,
+    'images_per_s': count / seconds,
+  }
 
 
 def environment() -> dict:
   return {
-      'machine': platform.machine(), 'cpus': os.cpu_count(),
-      'python': sys.version.split()[0], 'numpy': np.__version__,
-      'pillow': PIL.__version__, 'tensorflow_datasets': tfds.__version__,
-      'grain': _package_version('grain'),
-      'loadavg_1min': os.getloadavg()[0],
+    'machine': platform.machine(),
+    'cpus': os.cpu_count(),
+    'python': sys.version.split()[0],
+    'numpy': np.__version__,
+    'pillow': PIL.__version__,
+    'tensorflow_datasets': tfds.__version__,
+    'grain': _package_version('grain'),
+    'loadavg_1min': os.getloadavg()[0],
   }
 
 
 def _package_version(name: str) -> str:
   from importlib import metadata  # pylint: disable=g-import-not-at-top
+
   return metadata.version(name)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  results = {'environment': environment(), 'settings': {
-      'image_size': _IMAGE_SIZE.value, 'cam': _CAM.value,
-      'batch_size': _BATCH_SIZE.value, 'num_batches': _NUM_BATCHES.value,
-      'prefetch': _PREFETCH.value}}
+  results = {
+    'environment': environment(),
+    'settings': {
+      'image_size': _IMAGE_SIZE.value,
+      'cam': _CAM.value,
+      'batch_size': _BATCH_SIZE.value,
+      'num_batches': _NUM_BATCHES.value,
+      'prefetch': _PREFETCH.value,
+    },
+  }
   with tempfile.TemporaryDirectory() as data_dir:
     results['prepare'] = time_prepare(data_dir)
     config = input_pipeline.default_config()
-    config.update(dict(manual_dir=_MANUAL_DIR.value,
-                       ood_manual_dir=_OOD_MANUAL_DIR.value,
-                       tfds_data_dir=data_dir, image_size=_IMAGE_SIZE.value,
-                       prefetch=_PREFETCH.value))
+    config.update(
+      dict(
+        manual_dir=_MANUAL_DIR.value,
+        ood_manual_dir=_OOD_MANUAL_DIR.value,
+        tfds_data_dir=data_dir,
+        image_size=_IMAGE_SIZE.value,
+        prefetch=_PREFETCH.value,
+      )
+    )
     results['cpu_ms_per_image'] = {
-        'oxford_iiit_pet': cpu_ms_per_image(config, 'test'),
-        'cats_vs_dogs': cpu_ms_per_image(config, 'ood')}
+      'oxford_iiit_pet': cpu_ms_per_image(config, 'test'),
+      'cats_vs_dogs': cpu_ms_per_image(config, 'ood'),
+    }
     results['train'] = {}
     for workers in map(int, _WORKERS.value):
       config.num_workers = workers
@@ -169,23 +227,38 @@ def main(argv):
 
 
 def print_table(results: dict) -> None:
-  rows = [(f'prepare {name}', r['images_per_s'], f"{r['examples']} examples")
-          for name, r in results['prepare'].items()]
-  rows += [(f'1 thread, CPU time: {name}', 1e3 / ms, f'{ms:.2f} ms/image')
-           for name, ms in results['cpu_ms_per_image'].items()]
-  rows += [(f'train pets {name}', r['images_per_s'],
-            f"start-up {r['startup_s']:.1f} s, main-process CPU "
-            f"{r['main_process_cpu_ms_per_image']:.2f} ms/image")
-           for name, r in results['train'].items()]
-  rows.append(('eval cats_vs_dogs (ood), workers=0',
-               results['ood']['images_per_s'],
-               f"{results['ood']['examples']} examples"))
-  print(f"{'what':42s} {'images/s':>9s}  notes")
+  rows = [
+    (f'prepare {name}', r['images_per_s'], f'{r["examples"]} examples')
+    for name, r in results['prepare'].items()
+  ]
+  rows += [
+    (f'1 thread, CPU time: {name}', 1e3 / ms, f'{ms:.2f} ms/image')
+    for name, ms in results['cpu_ms_per_image'].items()
+  ]
+  rows += [
+    (
+      f'train pets {name}',
+      r['images_per_s'],
+      f'start-up {r["startup_s"]:.1f} s, main-process CPU '
+      f'{r["main_process_cpu_ms_per_image"]:.2f} ms/image',
+    )
+    for name, r in results['train'].items()
+  ]
+  rows.append(
+    (
+      'eval cats_vs_dogs (ood), workers=0',
+      results['ood']['images_per_s'],
+      f'{results["ood"]["examples"]} examples',
+    )
+  )
+  print(f'{"what":42s} {"images/s":>9s}  notes')
   for what, rate, note in rows:
     print(f'{what:42s} {rate:9.0f}  {note}')
   env = results['environment']
-  print(f"({env['cpus']} CPUs, load average {env['loadavg_1min']:.1f} -> "
-        f"{env['loadavg_1min_end']:.1f})")
+  print(
+    f'({env["cpus"]} CPUs, load average {env["loadavg_1min"]:.1f} -> '
+    f'{env["loadavg_1min_end"]:.1f})'
+  )
 
 
 if __name__ == '__main__':

@@ -36,7 +36,10 @@ def faithful_resnet(name: str, num_classes: int) -> nn.Module:
   model = getattr(torchvision.models, name)(num_classes=num_classes)
   first = model.layer4[0]
   bottleneck = isinstance(first, torchvision.models.resnet.Bottleneck)
-  (first.conv2 if bottleneck else first.conv1).stride = (1, 1)  # torchvision v1.5 blocks.
+  (first.conv2 if bottleneck else first.conv1).stride = (
+    1,
+    1,
+  )  # torchvision v1.5 blocks.
   if first.downsample is not None:
     first.downsample[0].stride = (1, 1)
   last = model.layer4[-1]
@@ -65,22 +68,27 @@ def features_and_maps(model: nn.Module, images: torch.Tensor):
   x = model.maxpool(model.relu(model.bn1(model.conv1(images))))
   x = model.layer4(model.layer3(model.layer2(model.layer1(x))))
   logits = model.fc(x.mean((2, 3)))
-  maps = torch.einsum('bfhw,cf->bchw', x, model.fc.weight) / (x.shape[2] * x.shape[3])
+  maps = torch.einsum('bfhw,cf->bchw', x, model.fc.weight) / (
+    x.shape[2] * x.shape[3]
+  )
   return logits, maps
 
 
-def ace_kld_loss(logits, maps, labels, masks, kld_weight=1e-3, mask_scale=50.0,
-                 cam_scale=10.0):
+def ace_kld_loss(
+  logits, maps, labels, masks, kld_weight=1e-3, mask_scale=50.0, cam_scale=10.0
+):
   """ACE + kld_weight x divergence (METHOD.md sections 3-4), batch-mean."""
   del logits
   batch, classes = maps.shape[:2]
-  target = maps[torch.arange(batch), labels][:, None]          # (B, 1, H, W)
-  contrast = target - maps                                        # (B, C, H, W)
+  target = maps[torch.arange(batch), labels][:, None]  # (B, 1, H, W)
+  contrast = target - maps  # (B, C, H, W)
   m = masks[:, None]
   d = (m * contrast).sum((2, 3)) - ((1 - m) * contrast).abs().sum((2, 3))
   ace = F.cross_entropy(-d, labels)
   p = torch.softmax((mask_scale * masks).flatten(1), -1).view_as(masks)[:, None]
-  log_q = torch.log_softmax(cam_scale * contrast.flatten(2), -1).view_as(contrast)
+  log_q = torch.log_softmax(cam_scale * contrast.flatten(2), -1).view_as(
+    contrast
+  )
   kld = -(m * p * log_q).sum((1, 2, 3)).mean()
   return ace + kld_weight * kld
 
@@ -98,30 +106,46 @@ def main():
   parser.add_argument('--classes', type=int, default=2)
   parser.add_argument('--threads', type=int, default=2)
   parser.add_argument('--repeats', type=int, default=7)
-  parser.add_argument('--channels_last', action='store_true',
-                      help='NHWC memory format (oneDNN often prefers it).')
-  parser.add_argument('--stock', action='store_true',
-                      help="torchvision's ResNet unchanged (last stage downsamples: maps "
-                           "of size/32; head with bias): what the issue's 1.3 s/step "
-                           "reference matches; NOT the method's architecture.")
+  parser.add_argument(
+    '--channels_last',
+    action='store_true',
+    help='NHWC memory format (oneDNN often prefers it).',
+  )
+  parser.add_argument(
+    '--stock',
+    action='store_true',
+    help="torchvision's ResNet unchanged (last stage downsamples: maps "
+    "of size/32; head with bias): what the issue's 1.3 s/step "
+    "reference matches; NOT the method's architecture.",
+  )
   parser.add_argument('--out', default='/tmp/benchmark_torch.json')
   args = parser.parse_args()
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)
-  cam = args.size // (32 if args.stock else 16)  # The last stage keeps the resolution.
+  cam = args.size // (
+    32 if args.stock else 16
+  )  # The last stage keeps the resolution.
   images = torch.rand(args.batch, 3, args.size, args.size)
   labels = torch.randint(0, args.classes, (args.batch,))
   masks = (torch.rand(args.batch, cam, cam) < 0.4).float()
   runs = {}
   for name, loss_fn in (('ce', ce_loss), ('ace_kld', ace_kld_loss)):
-    model = (getattr(torchvision.models, args.model)(num_classes=args.classes) if args.stock
-             else faithful_resnet(args.model, args.classes)).train()
+    model = (
+      getattr(torchvision.models, args.model)(num_classes=args.classes)
+      if args.stock
+      else faithful_resnet(args.model, args.classes)
+    ).train()
     if args.channels_last:
       model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    runs[name] = dict(model=model, optimizer=optimizer, loss_fn=loss_fn, times=[])
-  batch_images = images.to(memory_format=torch.channels_last) if args.channels_last \
-      else images
+    runs[name] = dict(
+      model=model, optimizer=optimizer, loss_fn=loss_fn, times=[]
+    )
+  batch_images = (
+    images.to(memory_format=torch.channels_last)
+    if args.channels_last
+    else images
+  )
 
   def step(run):
     run['optimizer'].zero_grad(set_to_none=True)
@@ -140,23 +164,38 @@ def main():
       run['times'].append(time.perf_counter() - start)
   ce_median = float(np.median(runs['ce']['times']))
   results = {
-      'environment': {'torch': torch.__version__, 'torchvision': torchvision.__version__,
-                      'threads': torch.get_num_threads(), 'cpus': os.cpu_count(),
-                      'machine': platform.machine(), 'loadavg': list(os.getloadavg()),
-                      'mkldnn': torch.backends.mkldnn.is_available()},
-      'setting': vars(args), 'cam_size': [cam, cam], 'objectives': {}}
-  print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.model} "
-        f"@{args.size} px, batch {args.batch}, {args.classes} classes, maps {cam}x{cam}, "
-        f"channels_last={args.channels_last}, stock={args.stock}, median of {args.repeats}, load "
-        f"{os.getloadavg()[0]:.2f}")
-  print(f"  {'objective':10s} {'median s':>9s} {'img/s':>8s} {'/ CE':>6s}")
+    'environment': {
+      'torch': torch.__version__,
+      'torchvision': torchvision.__version__,
+      'threads': torch.get_num_threads(),
+      'cpus': os.cpu_count(),
+      'machine': platform.machine(),
+      'loadavg': list(os.getloadavg()),
+      'mkldnn': torch.backends.mkldnn.is_available(),
+    },
+    'setting': vars(args),
+    'cam_size': [cam, cam],
+    'objectives': {},
+  }
+  print(
+    f'torch {torch.__version__}, {torch.get_num_threads()} threads, {args.model} '
+    f'@{args.size} px, batch {args.batch}, {args.classes} classes, maps {cam}x{cam}, '
+    f'channels_last={args.channels_last}, stock={args.stock}, median of {args.repeats}, load '
+    f'{os.getloadavg()[0]:.2f}'
+  )
+  print(f'  {"objective":10s} {"median s":>9s} {"img/s":>8s} {"/ CE":>6s}')
   for name, run in runs.items():
     median = float(np.median(run['times']))
     results['objectives'][name] = {
-        'median_s': median, 'times_s': [round(t, 4) for t in run['times']],
-        'images_per_s': args.batch / median, 'ratio_to_ce': median / ce_median,
-        'loss_last': run['loss']}
-    print(f"  {name:10s} {median:9.3f} {args.batch / median:8.1f} {median / ce_median:6.3f}")
+      'median_s': median,
+      'times_s': [round(t, 4) for t in run['times']],
+      'images_per_s': args.batch / median,
+      'ratio_to_ce': median / ce_median,
+      'loss_last': run['loss'],
+    }
+    print(
+      f'  {name:10s} {median:9.3f} {args.batch / median:8.1f} {median / ce_median:6.3f}'
+    )
   with open(args.out, 'w') as f:
     json.dump(results, f, indent=2)
   print(f'Wrote {args.out}')

@@ -34,8 +34,8 @@ Presets:
          37 classes; and, CE only, the two ResNets as the CE control
          (cam_faithful=False: the unchanged architecture, whose last stage
          downsamples, a quarter of the last stage's FLOPs), to compare with
-         `experiments.benchmarks.torch_reference --stock`. cams: ResNet-50 @224 features (8, 14, 14, 2048), C = 2
-         and 37; whole network at batch 1. loop: `cpu` config.
+         `experiments.benchmarks.torch_reference --stock`. cams: ResNet-50 @224
+         features (8, 14, 14, 2048), C = 2 and 37; whole network at batch 1. loop: `cpu` config.
   gpu    step: ResNet-50 @224 (--dtype, bfloat16 for mixed precision), batch
          80 with 37 and 2 classes, and 37 classes at batch 192 (ACE +
          divergence only). cams: features (80, 14, 14, 2048); network batch 8.
@@ -58,43 +58,81 @@ from absl import app
 from absl import flags
 import jax.numpy as jnp
 
-from experiments.benchmarks import training_lib as lib
 from cco_jax import runtime
+from experiments.benchmarks import training_lib as lib
 
-_PRESET = flags.DEFINE_enum('preset', 'cpu', ['cpu', 'gpu'], 'Which settings to time.')
-_SMOKE = flags.DEFINE_bool('smoke', False, 'Tiny models, few repeats (tests, first check).')
-_OUT = flags.DEFINE_string('out', '/tmp/benchmark.json', 'Where to write the JSON results.')
-_REPEATS = flags.DEFINE_integer('repeats', None, 'Timed steps per objective (default: '
-                                'preset).')
+_PRESET = flags.DEFINE_enum(
+  'preset', 'cpu', ['cpu', 'gpu'], 'Which settings to time.'
+)
+_SMOKE = flags.DEFINE_bool(
+  'smoke', False, 'Tiny models, few repeats (tests, first check).'
+)
+_OUT = flags.DEFINE_string(
+  'out', '/tmp/benchmark.json', 'Where to write the JSON results.'
+)
+_REPEATS = flags.DEFINE_integer(
+  'repeats', None, 'Timed steps per objective (default: preset).'
+)
 _MIN_SECONDS = flags.DEFINE_float(
-    'min_seconds', 10.0, 'Time at least this many seconds of steps per objective '
-    f'(more repeats for short steps, at most {lib.MAX_REPEATS}); 0 = exactly --repeats.')
+  'min_seconds',
+  10.0,
+  'Time at least this many seconds of steps per objective '
+  f'(more repeats for short steps, at most {lib.MAX_REPEATS}); 0 = exactly --repeats.',
+)
 _MODELS = flags.DEFINE_list(
-    'models', None, "Step settings to run: labels of the preset's settings (e.g. "
-    "resnet18_128,cpu_config) or NAME:SIZE:BATCH:CLASSES (e.g. resnet50:224:80:37).")
-_OBJECTIVES = flags.DEFINE_list('objectives', None, 'Objectives to time (default: each '
-                                "setting's; ce is needed for the ratios).")
-_SECTIONS = flags.DEFINE_list('sections', None, f'Any of {lib.SECTIONS} (default: preset).')
-_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
-                           'Backbone compute dtype for the step section.')
+  'models',
+  None,
+  "Step settings to run: labels of the preset's settings (e.g. "
+  'resnet18_128,cpu_config) or NAME:SIZE:BATCH:CLASSES (e.g. resnet50:224:80:37).',
+)
+_OBJECTIVES = flags.DEFINE_list(
+  'objectives',
+  None,
+  "Objectives to time (default: each setting's; ce is needed for the ratios).",
+)
+_SECTIONS = flags.DEFINE_list(
+  'sections', None, f'Any of {lib.SECTIONS} (default: preset).'
+)
+_DTYPE = flags.DEFINE_enum(
+  'dtype',
+  'float32',
+  ['float32', 'bfloat16'],
+  'Backbone compute dtype for the step section.',
+)
 _PEAK_TFLOPS = flags.DEFINE_float(
-    'peak_tflops', 0.0, 'Peak dense TFLOP/s of the device for MFU (0: not reported). '
-    'H100 SXM / H200: 989 (bfloat16 dense), 495 (TF32).')
-_CPU_XLA_TUNING = flags.DEFINE_bool('cpu_xla_tuning', True,
-                                    'Apply cco_jax.runtime (as experiments.pets).')
+  'peak_tflops',
+  0.0,
+  'Peak dense TFLOP/s of the device for MFU (0: not reported). '
+  'H100 SXM / H200: 989 (bfloat16 dense), 495 (TF32).',
+)
+_CPU_XLA_TUNING = flags.DEFINE_bool(
+  'cpu_xla_tuning', True, 'Apply cco_jax.runtime (as experiments.pets).'
+)
 _COMPARE_CPU_XLA = flags.DEFINE_bool(
-    'compare_cpu_xla', False, 'Time each objective compiled without and with the CPU '
-    'tuning (implies --nocpu_xla_tuning for the process-wide flag).')
+  'compare_cpu_xla',
+  False,
+  'Time each objective compiled without and with the CPU '
+  'tuning (implies --nocpu_xla_tuning for the process-wide flag).',
+)
 _POINTWISE_AS_DOT = flags.DEFINE_bool(
-    'pointwise_as_dot', True, 'Models run 1x1 convolutions as matrix products '
-    '(`ops.Conv`, the default); --nopointwise_as_dot times plain nn.Conv.')
-_PETS_DIR = flags.DEFINE_string('pets_dir', str(lib.SHARED_DATA / 'oxford-iiit-pet-sample'),
-                                'Oxford-IIIT Pet sample (official layout) for the loop.')
-_TFDS_DATA_DIR = flags.DEFINE_string('tfds_data_dir', '', 'Prepared data for the loop; '
-                                     "'' = a fresh temporary directory.")
-_LOOP_STEPS = flags.DEFINE_integer('loop_steps', None, 'Steps per loop measurement.')
-
-
+  'pointwise_as_dot',
+  True,
+  'Models run 1x1 convolutions as matrix products '
+  '(`ops.Conv`, the default); --nopointwise_as_dot times plain nn.Conv.',
+)
+_PETS_DIR = flags.DEFINE_string(
+  'pets_dir',
+  str(lib.SHARED_DATA / 'oxford-iiit-pet-sample'),
+  'Oxford-IIIT Pet sample (official layout) for the loop.',
+)
+_TFDS_DATA_DIR = flags.DEFINE_string(
+  'tfds_data_dir',
+  '',
+  "Prepared data for the loop; '' = a fresh temporary directory.",
+)
+_LOOP_STEPS = flags.DEFINE_integer(
+  'loop_steps', None, 'Steps per loop measurement.'
+)
 
 
 # ----------------------------------------------------------------------------
@@ -102,6 +140,7 @@ _LOOP_STEPS = flags.DEFINE_integer('loop_steps', None, 'Steps per loop measureme
 # ----------------------------------------------------------------------------
 def _apply_cpu_flags() -> str:
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+
   if xla_bridge.backends_are_initialized():
     raise RuntimeError('JAX started before the XLA flags were set.')
   if _CPU_XLA_TUNING.value and not _COMPARE_CPU_XLA.value:
@@ -109,25 +148,38 @@ def _apply_cpu_flags() -> str:
   return ''
 
 
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   added = _apply_cpu_flags()
   chosen = lib.preset(_PRESET.value, _SMOKE.value)
-  settings = ([lib.parse_setting(spec, chosen.steps) for spec in _MODELS.value]
-              if _MODELS.value else list(chosen.steps))
+  settings = (
+    [lib.parse_setting(spec, chosen.steps) for spec in _MODELS.value]
+    if _MODELS.value
+    else list(chosen.steps)
+  )
   sections = tuple(_SECTIONS.value or chosen.sections)
   unknown = set(sections) - set(lib.SECTIONS)
   if unknown:
-    raise app.UsageError(f'Unknown --sections {sorted(unknown)}; choose from {lib.SECTIONS}.')
+    raise app.UsageError(
+      f'Unknown --sections {sorted(unknown)}; choose from {lib.SECTIONS}.'
+    )
   results = lib.run(
-      chosen, settings, sections, _REPEATS.value or chosen.repeats, added_flags=added,
-      dtype=jnp.dtype(_DTYPE.value).type, objectives=_OBJECTIVES.value,
-      compare_cpu_xla=_COMPARE_CPU_XLA.value, peak_tflops=_PEAK_TFLOPS.value,
-      pets_dir=_PETS_DIR.value, tfds_data_dir=_TFDS_DATA_DIR.value,
-      loop_steps=_LOOP_STEPS.value, pointwise_as_dot=_POINTWISE_AS_DOT.value,
-      min_seconds=_MIN_SECONDS.value)
+    chosen,
+    settings,
+    sections,
+    _REPEATS.value or chosen.repeats,
+    added_flags=added,
+    dtype=jnp.dtype(_DTYPE.value).type,
+    objectives=_OBJECTIVES.value,
+    compare_cpu_xla=_COMPARE_CPU_XLA.value,
+    peak_tflops=_PEAK_TFLOPS.value,
+    pets_dir=_PETS_DIR.value,
+    tfds_data_dir=_TFDS_DATA_DIR.value,
+    loop_steps=_LOOP_STEPS.value,
+    pointwise_as_dot=_POINTWISE_AS_DOT.value,
+    min_seconds=_MIN_SECONDS.value,
+  )
   lib.print_tables(results)
   Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)
   Path(_OUT.value).write_text(json.dumps(results, indent=2))

@@ -9,17 +9,18 @@ these functions next to other entry points without flag-name clashes.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import dataclasses
 import functools
 import math
 import os
+from pathlib import Path
 import platform
 import shutil
 import sys
 import tempfile
 import time
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from absl import app
 import flax.linen as nn
@@ -32,8 +33,8 @@ from cco_jax import cams as cams_lib
 from cco_jax import configuration
 from cco_jax import losses
 from cco_jax import models
-from cco_jax import train_step as step_lib
 from cco_jax import runtime
+from cco_jax import train_step as step_lib
 
 # `cco_jax.train` (input pipeline: TFDS, Grain) and the configs (ml_collections)
 # are imported where the `cpu` preset and the loop need them, so that the `gpu`
@@ -49,9 +50,11 @@ OBJECTIVES = ('ce', 'ace', 'ace_kld')
 # Settings.
 # ----------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class StepSetting:
   """A model and batch to time train steps on."""
+
   label: str
   name: str  # A models.STAGE_SIZES name, or 'config:VARIANT' (experiments/configs/pets.py).
   image_size: int
@@ -69,10 +72,11 @@ class StepSetting:
 @dataclasses.dataclass(frozen=True)
 class CamSetting:
   """Shapes for the map section."""
+
   name: str
   image_size: int
-  batch: int            # Features-level comparison.
-  network_batch: int    # Whole-network comparison.
+  batch: int  # Features-level comparison.
+  network_batch: int  # Whole-network comparison.
   classes: tuple[int, ...]
   num_filters: int = 64
   stem: str = 'imagenet'
@@ -91,16 +95,26 @@ class Preset:
 
 
 def _pets_config(variant: str):
-  from experiments.configs import pets as pets_config  # pylint: disable=g-import-not-at-top
+  from experiments.configs import (
+    pets as pets_config,  # pylint: disable=g-import-not-at-top
+  )
+
   return pets_config.get_config(variant)
 
 
 def _config_setting(variant: str, label: str, **overrides) -> StepSetting:
   config = _pets_config(variant)
   model = config.model
-  fields = dict(label=label, name=f'config:{variant}', image_size=config.data.image_size,
-                batch=config.batch_size, num_classes=2, num_filters=model.num_filters,
-                stem=model.stem, stage_sizes=tuple(model.stage_sizes))
+  fields = dict(
+    label=label,
+    name=f'config:{variant}',
+    image_size=config.data.image_size,
+    batch=config.batch_size,
+    num_classes=2,
+    num_filters=model.num_filters,
+    stem=model.stem,
+    stage_sizes=tuple(model.stage_sizes),
+  )
   fields.update(overrides)
   return StepSetting(**fields)
 
@@ -110,32 +124,94 @@ def preset(name: str, smoke: bool) -> Preset:
   if smoke:
     tiny = dict(num_filters=8, stem='strided', stage_sizes=(1, 1, 1, 1))
     return Preset(
-        steps=(StepSetting('tiny_resnet18', 'resnet18', 32, 4, 2,
-                           objectives=('ce', 'ace_kld'), **tiny),),
-        cams=CamSetting('resnet50', 32, batch=2, network_batch=1, classes=(2, 5), **tiny),
-        sections=SECTIONS, repeats=2, loop_steps=3,
-        loop_overrides={'data.image_size': 32, 'model.num_filters': 4, 'batch_size': 8,
-                        'log_every_steps': 2})
+      steps=(
+        StepSetting(
+          'tiny_resnet18',
+          'resnet18',
+          32,
+          4,
+          2,
+          objectives=('ce', 'ace_kld'),
+          **tiny,
+        ),
+      ),
+      cams=CamSetting(
+        'resnet50', 32, batch=2, network_batch=1, classes=(2, 5), **tiny
+      ),
+      sections=SECTIONS,
+      repeats=2,
+      loop_steps=3,
+      loop_overrides={
+        'data.image_size': 32,
+        'model.num_filters': 4,
+        'batch_size': 8,
+        'log_every_steps': 2,
+      },
+    )
   if name == 'cpu':
     return Preset(
-        steps=(StepSetting('resnet18_128', 'resnet18', 128, 32, 2),
-               StepSetting('resnet18_128_control', 'resnet18', 128, 32, 2,
-                           objectives=('ce',), cam_faithful=False),
-               _config_setting('cpu', 'cpu_config'),
-               StepSetting('resnet50_224_b8_c37', 'resnet50', 224, 8, 37),
-               StepSetting('resnet50_224_b8_c37_control', 'resnet50', 224, 8, 37,
-                           objectives=('ce',), cam_faithful=False)),
-        cams=CamSetting('resnet50', 224, batch=8, network_batch=1, classes=(2, 37)),
-        sections=SECTIONS, repeats=7, loop_steps=20)
+      steps=(
+        StepSetting('resnet18_128', 'resnet18', 128, 32, 2),
+        StepSetting(
+          'resnet18_128_control',
+          'resnet18',
+          128,
+          32,
+          2,
+          objectives=('ce',),
+          cam_faithful=False,
+        ),
+        _config_setting('cpu', 'cpu_config'),
+        StepSetting('resnet50_224_b8_c37', 'resnet50', 224, 8, 37),
+        StepSetting(
+          'resnet50_224_b8_c37_control',
+          'resnet50',
+          224,
+          8,
+          37,
+          objectives=('ce',),
+          cam_faithful=False,
+        ),
+      ),
+      cams=CamSetting(
+        'resnet50', 224, batch=8, network_batch=1, classes=(2, 37)
+      ),
+      sections=SECTIONS,
+      repeats=7,
+      loop_steps=20,
+    )
   return Preset(
-      steps=(StepSetting('resnet50_224_b80_c37', 'resnet50', 224, 80, 37),
-             StepSetting('resnet50_224_b80_c2', 'resnet50', 224, 80, 2,
-                         objectives=('ce', 'ace_kld')),
-             StepSetting('resnet50_224_b192_c37', 'resnet50', 224, 192, 37,
-                         objectives=('ace_kld',))),
-      cams=CamSetting('resnet50', 224, batch=80, network_batch=8, classes=(2, 37),
-                      network_repeats=3),
-      sections=('step', 'cams'), repeats=20, loop_steps=50)
+    steps=(
+      StepSetting('resnet50_224_b80_c37', 'resnet50', 224, 80, 37),
+      StepSetting(
+        'resnet50_224_b80_c2',
+        'resnet50',
+        224,
+        80,
+        2,
+        objectives=('ce', 'ace_kld'),
+      ),
+      StepSetting(
+        'resnet50_224_b192_c37',
+        'resnet50',
+        224,
+        192,
+        37,
+        objectives=('ace_kld',),
+      ),
+    ),
+    cams=CamSetting(
+      'resnet50',
+      224,
+      batch=80,
+      network_batch=8,
+      classes=(2, 37),
+      network_repeats=3,
+    ),
+    sections=('step', 'cams'),
+    repeats=20,
+    loop_steps=50,
+  )
 
 
 def parse_setting(spec: str, settings: Sequence[StepSetting]) -> StepSetting:
@@ -146,44 +222,61 @@ def parse_setting(spec: str, settings: Sequence[StepSetting]) -> StepSetting:
   parts = spec.split(':')
   if len(parts) != 4 or parts[0] not in models.STAGE_SIZES:
     raise app.UsageError(
-        f'--models entry {spec!r} is neither a preset label '
-        f'({[s.label for s in settings]}) nor NAME:SIZE:BATCH:CLASSES with NAME in '
-        f'{sorted(models.STAGE_SIZES)}.')
+      f'--models entry {spec!r} is neither a preset label '
+      f'({[s.label for s in settings]}) nor NAME:SIZE:BATCH:CLASSES with NAME in '
+      f'{sorted(models.STAGE_SIZES)}.'
+    )
   name, size, batch, classes = parts[0], *map(int, parts[1:])
   return StepSetting(spec.replace(':', '_'), name, size, batch, classes)
 
 
-def build_model(setting: StepSetting | CamSetting, dtype=jnp.float32,
-                pointwise_as_dot: bool = True) -> models.ResNet:
+def build_model(
+  setting: StepSetting | CamSetting,
+  dtype=jnp.float32,
+  pointwise_as_dot: bool = True,
+) -> models.ResNet:
   """The setting's model (CamSettings get 2 classes; callers clone)."""
   name = setting.name
   if name.startswith('config:'):
     name = _pets_config(name.split(':', 1)[1]).model.name
-  return models.create_model(name, getattr(setting, 'num_classes', 2),
-                             cam_faithful=getattr(setting, 'cam_faithful', True),
-                             dtype=dtype, num_filters=setting.num_filters,
-                             stem=setting.stem, stage_sizes=setting.stage_sizes or None,
-                             pointwise_as_dot=pointwise_as_dot)
+  return models.create_model(
+    name,
+    getattr(setting, 'num_classes', 2),
+    cam_faithful=getattr(setting, 'cam_faithful', True),
+    dtype=dtype,
+    num_filters=setting.num_filters,
+    stem=setting.stem,
+    stage_sizes=setting.stage_sizes or None,
+    pointwise_as_dot=pointwise_as_dot,
+  )
 
 
 # ----------------------------------------------------------------------------
 # Helpers.
 # ----------------------------------------------------------------------------
 
+
 def _key(seed: int = 0) -> jax.Array:
   # RBG keys: threefry random-bit kernels compile slowly on CPU (jax 0.10.2).
   return jax.random.key(seed, impl='rbg')
 
 
-def synthetic_batch(model: models.ResNet, image_size: int, batch: int,
-                    num_classes: int, seed: int = 0) -> dict:
+def synthetic_batch(
+  model: models.ResNet,
+  image_size: int,
+  batch: int,
+  num_classes: int,
+  seed: int = 0,
+) -> dict:
   """Images in [0, 1], random labels and random binary masks at CAM size."""
   rng = np.random.default_rng(seed)
   height, width = models.cam_size(model, image_size)
   return {
-      'image': jnp.asarray(rng.random((batch, image_size, image_size, 3), np.float32)),
-      'label': jnp.asarray(rng.integers(0, num_classes, batch), jnp.int32),
-      'mask': jnp.asarray(rng.random((batch, height, width)) < 0.4, jnp.float32),
+    'image': jnp.asarray(
+      rng.random((batch, image_size, image_size, 3), np.float32)
+    ),
+    'label': jnp.asarray(rng.integers(0, num_classes, batch), jnp.int32),
+    'mask': jnp.asarray(rng.random((batch, height, width)) < 0.4, jnp.float32),
   }
 
 
@@ -221,12 +314,17 @@ def _median(values: Sequence[float]) -> float:
 # Section 1: train steps.
 # ----------------------------------------------------------------------------
 
+
 def compile_step(state, batch, objective: str, compiler_options: dict | None):
   """The library's step for `objective`, jitted with donation, and its timings."""
-  fn = jax.jit(functools.partial(step_lib.train_step,
-                                 objective=losses.make_objective(objective,
-                                                                 log_all_terms=False),
-                                 axis_name=None), donate_argnums=(0,))
+  fn = jax.jit(
+    functools.partial(
+      step_lib.train_step,
+      objective=losses.make_objective(objective, log_all_terms=False),
+      axis_name=None,
+    ),
+    donate_argnums=(0,),
+  )
   start = time.perf_counter()
   lowered = fn.lower(state, batch)
   lower_s = time.perf_counter() - start
@@ -235,10 +333,17 @@ def compile_step(state, batch, objective: str, compiler_options: dict | None):
   return compiled, lower_s, time.perf_counter() - start
 
 
-def time_steps(setting: StepSetting, objectives: Sequence[str], repeats: int, *,
-               dtype=jnp.float32, xla_variants: dict[str, dict] | None = None,
-               peak_tflops: float = 0.0, pointwise_as_dot: bool = True,
-               min_seconds: float = 0.0) -> dict:
+def time_steps(
+  setting: StepSetting,
+  objectives: Sequence[str],
+  repeats: int,
+  *,
+  dtype=jnp.float32,
+  xla_variants: dict[str, dict] | None = None,
+  peak_tflops: float = 0.0,
+  pointwise_as_dot: bool = True,
+  min_seconds: float = 0.0,
+) -> dict:
   """Median step time of each (XLA variant, objective), taking turns step by step.
 
   Times max(`repeats`, `min_seconds` / warm-up step time) steps of each (at
@@ -248,25 +353,40 @@ def time_steps(setting: StepSetting, objectives: Sequence[str], repeats: int, *,
   model = build_model(setting, dtype, pointwise_as_dot)
   tx = optax.adam(1e-3)
   state0 = step_lib.create_train_state(_key(), model, setting.image_size, tx)
-  batch = synthetic_batch(model, setting.image_size, setting.batch, setting.num_classes)
+  batch = synthetic_batch(
+    model, setting.image_size, setting.batch, setting.num_classes
+  )
   runs = {}
   load_start = loadavg()
   for variant, options in xla_variants.items():
     for objective in objectives:
-      compiled, lower_s, compile_s = compile_step(state0, batch, objective, options)
+      compiled, lower_s, compile_s = compile_step(
+        state0, batch, objective, options
+      )
       runs[variant, objective] = {
-          'compiled': compiled, 'state': jax.tree.map(jnp.copy, state0),
-          'lower_s': lower_s, 'compile_s': compile_s, 'flops': _flops(compiled),
-          'wall': [], 'cpu': []}
+        'compiled': compiled,
+        'state': jax.tree.map(jnp.copy, state0),
+        'lower_s': lower_s,
+        'compile_s': compile_s,
+        'flops': _flops(compiled),
+        'wall': [],
+        'cpu': [],
+      }
   warm_up = []
   for run in runs.values():  # Warm-up, excluded.
-    (run['state'], _), wall, _ = timed(lambda r=run: r['compiled'](r['state'], batch))
+    (run['state'], _), wall, _ = timed(
+      lambda r=run: r['compiled'](r['state'], batch)
+    )
     warm_up.append(wall)
   # Short steps are noisy: take at least `min_seconds` of steps per objective.
-  repeats = max(repeats, min(MAX_REPEATS, math.ceil(min_seconds / max(min(warm_up), 1e-6))))
+  repeats = max(
+    repeats, min(MAX_REPEATS, math.ceil(min_seconds / max(min(warm_up), 1e-6)))
+  )
   for _ in range(repeats):
     for run in runs.values():
-      (run['state'], metrics), wall, cpu = timed(lambda r=run: r['compiled'](r['state'], batch))
+      (run['state'], metrics), wall, cpu = timed(
+        lambda r=run: r['compiled'](r['state'], batch)
+      )
       run['wall'].append(wall)
       run['cpu'].append(cpu)
       run['loss'] = float(metrics['loss'])
@@ -275,15 +395,18 @@ def time_steps(setting: StepSetting, objectives: Sequence[str], repeats: int, *,
     median = _median(run['wall'])
     key = f'{objective}@{variant}' if variant else objective
     row = {
-        'objective': objective, 'xla_variant': variant,
-        'median_s': median, 'min_s': float(np.min(run['wall'])),
-        'times_s': [round(t, 4) for t in run['wall']],
-        'cpu_s_median': _median(run['cpu']),
-        'images_per_s': setting.batch / median,
-        'lower_s': run['lower_s'], 'compile_s': run['compile_s'],
-        'gflops_per_step': run['flops'] / 1e9,
-        'achieved_tflops': run['flops'] / median / 1e12,
-        'loss_last': run['loss'],
+      'objective': objective,
+      'xla_variant': variant,
+      'median_s': median,
+      'min_s': float(np.min(run['wall'])),
+      'times_s': [round(t, 4) for t in run['wall']],
+      'cpu_s_median': _median(run['cpu']),
+      'images_per_s': setting.batch / median,
+      'lower_s': run['lower_s'],
+      'compile_s': run['compile_s'],
+      'gflops_per_step': run['flops'] / 1e9,
+      'achieved_tflops': run['flops'] / median / 1e12,
+      'loss_last': run['loss'],
     }
     if peak_tflops:
       row['mfu'] = row['achieved_tflops'] / peak_tflops
@@ -292,16 +415,22 @@ def time_steps(setting: StepSetting, objectives: Sequence[str], repeats: int, *,
       row['ratio_to_ce'] = median / _median(ce['wall'])
     results[key] = row
   del runs
-  return {'setting': dataclasses.asdict(setting), 'dtype': jnp.dtype(dtype).name,
-          'pointwise_as_dot': pointwise_as_dot,
-          'cam_size': list(models.cam_size(model, setting.image_size)),
-          'loadavg_start': load_start, 'loadavg_end': loadavg(), 'repeats': repeats,
-          'objectives': results}
+  return {
+    'setting': dataclasses.asdict(setting),
+    'dtype': jnp.dtype(dtype).name,
+    'pointwise_as_dot': pointwise_as_dot,
+    'cam_size': list(models.cam_size(model, setting.image_size)),
+    'loadavg_start': load_start,
+    'loadavg_end': loadavg(),
+    'repeats': repeats,
+    'objectives': results,
+  }
 
 
 # ----------------------------------------------------------------------------
 # Section 2: maps by one einsum versus per-class autodiff.
 # ----------------------------------------------------------------------------
+
 
 def head_logits(features: jax.Array, kernel: jax.Array) -> jax.Array:
   """The faithful model's head: global average pooling, then a bias-free dense."""
@@ -325,8 +454,12 @@ def autodiff_maps_vmap(features, kernel):
 
 def autodiff_maps_loop(features, kernel):
   """One jitted backward per class (Python loop), stacked to (B, H, W, C)."""
-  return jnp.stack([autodiff_map_of_class(features, kernel, c)
-                    for c in range(kernel.shape[1])], -1)
+  return jnp.stack(
+    [
+      autodiff_map_of_class(features, kernel, c) for c in range(kernel.shape[1])
+    ],
+    -1,
+  )
 
 
 def _time_repeated(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
@@ -344,20 +477,30 @@ def _relative_error(a, b) -> float:
   return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-def time_feature_maps(features: jax.Array, num_classes: int, repeats: int) -> dict:
+def time_feature_maps(
+  features: jax.Array, num_classes: int, repeats: int
+) -> dict:
   """Einsum versus per-class autodiff through the head, on given features."""
   kernel = jax.random.normal(_key(1), (features.shape[-1], num_classes)) * 0.02
   hirescam = jax.jit(cams_lib.hirescam)
   einsum_s, maps = _time_repeated(lambda: hirescam(features, kernel), repeats)
-  loop_s, loop_maps = _time_repeated(lambda: autodiff_maps_loop(features, kernel), repeats)
-  vmap_s, vmap_maps = _time_repeated(lambda: autodiff_maps_vmap(features, kernel), repeats)
-  return {'classes': num_classes, 'features_shape': list(features.shape),
-          'einsum_s': einsum_s, 'autodiff_head_loop_s': loop_s,
-          'autodiff_head_vmap_s': vmap_s,
-          'ratio_loop_to_einsum': loop_s / einsum_s,
-          'ratio_vmap_to_einsum': vmap_s / einsum_s,
-          'max_rel_err_loop': _relative_error(loop_maps, maps),
-          'max_rel_err_vmap': _relative_error(vmap_maps, maps)}
+  loop_s, loop_maps = _time_repeated(
+    lambda: autodiff_maps_loop(features, kernel), repeats
+  )
+  vmap_s, vmap_maps = _time_repeated(
+    lambda: autodiff_maps_vmap(features, kernel), repeats
+  )
+  return {
+    'classes': num_classes,
+    'features_shape': list(features.shape),
+    'einsum_s': einsum_s,
+    'autodiff_head_loop_s': loop_s,
+    'autodiff_head_vmap_s': vmap_s,
+    'ratio_loop_to_einsum': loop_s / einsum_s,
+    'ratio_vmap_to_einsum': vmap_s / einsum_s,
+    'max_rel_err_loop': _relative_error(loop_maps, maps),
+    'max_rel_err_vmap': _relative_error(vmap_maps, maps),
+  }
 
 
 def network_functions(model: models.ResNet, variables: dict, images: jax.Array):
@@ -374,18 +517,25 @@ def network_functions(model: models.ResNet, variables: dict, images: jax.Array):
     captured = []
 
     def perturb_head_input(next_fun, args, kwargs, context):
-      if isinstance(context.module, models.CamHead) and context.method_name == '__call__':
+      if (
+        isinstance(context.module, models.CamHead)
+        and context.method_name == '__call__'
+      ):
         captured.append(args[0])
         return next_fun(args[0] + perturbation, *args[1:], **kwargs)
       return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(perturb_head_input):
-      logits, _ = model.apply({'params': params, 'batch_stats': batch_stats}, images,
-                              train=False)
+      logits, _ = model.apply(
+        {'params': params, 'batch_stats': batch_stats}, images, train=False
+      )
     return logits, captured[0]
 
-  forward_with_maps = jax.jit(lambda params: model.apply(
-      {'params': params, 'batch_stats': batch_stats}, images, train=False))
+  forward_with_maps = jax.jit(
+    lambda params: model.apply(
+      {'params': params, 'batch_stats': batch_stats}, images, train=False
+    )
+  )
 
   @jax.jit
   def forward_for_vjp(params, perturbation):
@@ -393,57 +543,82 @@ def network_functions(model: models.ResNet, variables: dict, images: jax.Array):
 
   @functools.partial(jax.jit, static_argnums=(3,))
   def backward_of_class(vjp_fn, features, c, num_classes):
-    cotangent = jnp.broadcast_to(jax.nn.one_hot(c, num_classes), (features.shape[0],
-                                                                  num_classes))
+    cotangent = jnp.broadcast_to(
+      jax.nn.one_hot(c, num_classes), (features.shape[0], num_classes)
+    )
     param_grads, feature_grads = vjp_fn(cotangent)
     return param_grads, (feature_grads * features).sum(-1)
 
   return forward_with_maps, forward_for_vjp, backward_of_class
 
 
-def time_network_maps(setting: CamSetting, num_classes: int,
-                      classes_to_time: Sequence[int]) -> dict:
+def time_network_maps(
+  setting: CamSetting, num_classes: int, classes_to_time: Sequence[int]
+) -> dict:
   """Forward (maps by einsum) versus forward + one whole-network backward per class."""
   model = build_model(setting).clone(num_classes=num_classes)
   shape = (setting.network_batch, setting.image_size, setting.image_size, 3)
   images = jax.random.uniform(_key(2), shape)
-  variables = jax.jit(functools.partial(model.init, train=False))(_key(3), images[:1])
+  variables = jax.jit(functools.partial(model.init, train=False))(
+    _key(3), images[:1]
+  )
   forward_with_maps, forward_for_vjp, backward_of_class = network_functions(
-      model, variables, images)
+    model, variables, images
+  )
   params = variables['params']
   height, width = models.cam_size(model, setting.image_size)
-  features_shape = (setting.network_batch, height, width,
-                    params['head']['kernel'].shape[0])
+  features_shape = (
+    setting.network_batch,
+    height,
+    width,
+    params['head']['kernel'].shape[0],
+  )
   zero = jnp.zeros(features_shape, jnp.float32)
   repeats = setting.network_repeats
-  forward_s, (_, einsum_maps) = _time_repeated(lambda: forward_with_maps(params), repeats)
+  forward_s, (_, einsum_maps) = _time_repeated(
+    lambda: forward_with_maps(params), repeats
+  )
   vjp_s, (_, vjp_fn, features) = _time_repeated(
-      lambda: forward_for_vjp(params, zero), repeats)
-  _block(backward_of_class(vjp_fn, features, 0, num_classes))  # Compile, warm up.
+    lambda: forward_for_vjp(params, zero), repeats
+  )
+  _block(
+    backward_of_class(vjp_fn, features, 0, num_classes)
+  )  # Compile, warm up.
   hirescam = jax.jit(cams_lib.hirescam)
-  results = {'network_batch': setting.network_batch, 'features_shape': list(features_shape),
-             'num_classes_of_network': num_classes, 'forward_with_maps_s': forward_s,
-             'forward_keeping_vjp_s': vjp_s, 'classes': {}}
+  results = {
+    'network_batch': setting.network_batch,
+    'features_shape': list(features_shape),
+    'num_classes_of_network': num_classes,
+    'forward_with_maps_s': forward_s,
+    'forward_keeping_vjp_s': vjp_s,
+    'classes': {},
+  }
   for count in classes_to_time:
     times, maps = [], None
     for _ in range(repeats):
       start = time.perf_counter()
-      outputs = [backward_of_class(vjp_fn, features, c, num_classes) for c in range(count)]
+      outputs = [
+        backward_of_class(vjp_fn, features, c, num_classes)
+        for c in range(count)
+      ]
       _block(outputs)
       times.append(time.perf_counter() - start)
       maps = jnp.stack([m for _, m in outputs], -1)
     backward_s = _median(times)
     autodiff_s = vjp_s + backward_s
     kernel = params['head']['kernel'][:, :count]
-    einsum_s, _ = _time_repeated(lambda k=kernel: hirescam(features, k), max(repeats, 5))
+    einsum_s, _ = _time_repeated(
+      lambda k=kernel: hirescam(features, k), max(repeats, 5)
+    )
     results['classes'][str(count)] = {
-        'backward_passes': count, 'backwards_s': backward_s,
-        'backward_per_class_s': backward_s / count,
-        'autodiff_total_s': autodiff_s,
-        'einsum_on_these_features_s': einsum_s,
-        'ratio_backwards_to_einsum': backward_s / einsum_s,
-        'ratio_autodiff_total_to_forward_with_maps': autodiff_s / forward_s,
-        'max_rel_err': _relative_error(maps, einsum_maps[..., :count]),
+      'backward_passes': count,
+      'backwards_s': backward_s,
+      'backward_per_class_s': backward_s / count,
+      'autodiff_total_s': autodiff_s,
+      'einsum_on_these_features_s': einsum_s,
+      'ratio_backwards_to_einsum': backward_s / einsum_s,
+      'ratio_autodiff_total_to_forward_with_maps': autodiff_s / forward_s,
+      'max_rel_err': _relative_error(maps, einsum_maps[..., :count]),
     }
   return results
 
@@ -452,34 +627,59 @@ def time_cams(setting: CamSetting, repeats: int) -> dict:
   load_start = loadavg()
   model = build_model(setting)
   height, width = models.cam_size(model, setting.image_size)
-  shapes = jax.eval_shape(lambda x: model.init(_key(), x, train=False), jax.ShapeDtypeStruct(
-      (1, setting.image_size, setting.image_size, 3), jnp.float32))
+  shapes = jax.eval_shape(
+    lambda x: model.init(_key(), x, train=False),
+    jax.ShapeDtypeStruct(
+      (1, setting.image_size, setting.image_size, 3), jnp.float32
+    ),
+  )
   channels = shapes['params']['head']['kernel'].shape[0]
-  features = jax.random.normal(_key(4), (setting.batch, height, width, channels))
-  feature_level = {str(c): time_feature_maps(features, c, repeats)
-                   for c in setting.classes}
-  network = time_network_maps(setting, max(setting.classes), sorted(setting.classes))
-  return {'setting': dataclasses.asdict(setting), 'features': feature_level,
-          'network': network, 'loadavg_start': load_start, 'loadavg_end': loadavg()}
+  features = jax.random.normal(
+    _key(4), (setting.batch, height, width, channels)
+  )
+  feature_level = {
+    str(c): time_feature_maps(features, c, repeats) for c in setting.classes
+  }
+  network = time_network_maps(
+    setting, max(setting.classes), sorted(setting.classes)
+  )
+  return {
+    'setting': dataclasses.asdict(setting),
+    'features': feature_level,
+    'network': network,
+    'loadavg_start': load_start,
+    'loadavg_end': loadavg(),
+  }
 
 
 # ----------------------------------------------------------------------------
 # Section 3: the training loop versus the step alone.
 # ----------------------------------------------------------------------------
 
+
 def loop_config(pets_dir: str, tfds_data_dir: str, overrides: dict):
   return configuration.apply_overrides(
-      _pets_config('cpu'), {'data.manual_dir': pets_dir,
-                            'data.tfds_data_dir': tfds_data_dir, **overrides})
+    _pets_config('cpu'),
+    {
+      'data.manual_dir': pets_dir,
+      'data.tfds_data_dir': tfds_data_dir,
+      **overrides,
+    },
+  )
 
 
 def time_loop(config, steps: int, rounds: int = 3) -> dict:
   """Images/s: input pipeline alone, step alone, and both as `train` runs them."""
   from cco_jax import train  # pylint: disable=g-import-not-at-top
+
   load_start = loadavg()
   setup, build_s, _ = timed(lambda: train.build(config))
-  state = step_lib.create_train_state(jax.random.key(config.seed, impl=config.rng_impl or None),
-                                      setup.model, config.data.image_size, setup.tx)
+  state = step_lib.create_train_state(
+    jax.random.key(config.seed, impl=config.rng_impl or None),
+    setup.model,
+    config.data.image_size,
+    setup.tx,
+  )
   state = step_lib.replicate(state)
   fixed = step_lib.shard(train.device_batch(next(setup.train_iter)))
   (state, _), first_s, _ = timed(lambda: setup.p_train_step(state, fixed))
@@ -512,20 +712,33 @@ def time_loop(config, steps: int, rounds: int = 3) -> dict:
 
   rates = {'input_pipeline_alone': [], 'step_alone': [], 'full_loop': []}
   for _ in range(rounds):
-    for name, fn in (('step_alone', step_alone), ('full_loop', full_loop),
-                     ('input_pipeline_alone', input_alone)):
+    for name, fn in (
+      ('step_alone', step_alone),
+      ('full_loop', full_loop),
+      ('input_pipeline_alone', input_alone),
+    ):
       _, wall, _ = timed(fn)
       rates[name].append(steps * images_per_step / wall)
   setup.train_iter.close()
-  result = {name: {'images_per_s_median': _median(r), 'images_per_s': r}
-            for name, r in rates.items()}
-  result.update({
-      'config': 'cpu', 'image_size': config.data.image_size,
-      'batch': images_per_step, 'steps_per_round': steps, 'rounds': rounds,
-      'build_s': build_s, 'first_step_s (compile + run)': first_s,
-      'loop_over_step': result['full_loop']['images_per_s_median'] /
-                        result['step_alone']['images_per_s_median'],
-      'loadavg_start': load_start, 'loadavg_end': loadavg()})
+  result = {
+    name: {'images_per_s_median': _median(r), 'images_per_s': r}
+    for name, r in rates.items()
+  }
+  result.update(
+    {
+      'config': 'cpu',
+      'image_size': config.data.image_size,
+      'batch': images_per_step,
+      'steps_per_round': steps,
+      'rounds': rounds,
+      'build_s': build_s,
+      'first_step_s (compile + run)': first_s,
+      'loop_over_step': result['full_loop']['images_per_s_median']
+      / result['step_alone']['images_per_s_median'],
+      'loadavg_start': load_start,
+      'loadavg_end': loadavg(),
+    }
+  )
   return result
 
 
@@ -533,122 +746,191 @@ def time_loop(config, steps: int, rounds: int = 3) -> dict:
 # Output.
 # ----------------------------------------------------------------------------
 
+
 def environment(added_flags: str) -> dict:
   from importlib import metadata  # pylint: disable=g-import-not-at-top
+
   device = jax.devices()[0]
   return {
-      'machine': platform.machine(), 'processor': platform.processor(),
-      'cpus': os.cpu_count(), 'python': sys.version.split()[0],
-      'jax': jax.__version__, 'jaxlib': metadata.version('jaxlib'),
-      'flax': metadata.version('flax'), 'optax': metadata.version('optax'),
-      'numpy': np.__version__, 'backend': jax.default_backend(),
-      'device_kind': device.device_kind, 'device_count': jax.device_count(),
-      'xla_flags': os.environ.get('XLA_FLAGS', ''), 'cpu_xla_flags_added': added_flags,
-      'loadavg_start': list(os.getloadavg()),
+    'machine': platform.machine(),
+    'processor': platform.processor(),
+    'cpus': os.cpu_count(),
+    'python': sys.version.split()[0],
+    'jax': jax.__version__,
+    'jaxlib': metadata.version('jaxlib'),
+    'flax': metadata.version('flax'),
+    'optax': metadata.version('optax'),
+    'numpy': np.__version__,
+    'backend': jax.default_backend(),
+    'device_kind': device.device_kind,
+    'device_count': jax.device_count(),
+    'xla_flags': os.environ.get('XLA_FLAGS', ''),
+    'cpu_xla_flags_added': added_flags,
+    'loadavg_start': list(os.getloadavg()),
   }
 
 
 def print_tables(results: dict) -> None:
   env = results['environment']
-  print(f"\n{env['backend']} ({env['device_kind']}), {env['cpus']} CPUs, jax "
-        f"{env['jax']}, XLA_FLAGS={env['xla_flags']!r}")
+  print(
+    f'\n{env["backend"]} ({env["device_kind"]}), {env["cpus"]} CPUs, jax '
+    f'{env["jax"]}, XLA_FLAGS={env["xla_flags"]!r}'
+  )
   for entry in results.get('step', []):
     setting = entry['setting']
-    print(f"\n[step] {setting['label']}: {setting['name']} @{setting['image_size']} px, "
-          f"batch {setting['batch']}, {setting['num_classes']} classes, "
-          f"{'' if setting.get('cam_faithful', True) else 'CE control architecture, '}"
-          f"{entry['dtype']}, {'1x1 as dot' if entry.get('pointwise_as_dot', True) else '1x1 by nn.Conv'}, "
-          f"maps {entry['cam_size']}, median of {entry['repeats']}, "
-          f"load {entry['loadavg_start']} -> {entry['loadavg_end']}")
-    print(f"  {'objective':22s} {'median s':>9s} {'img/s':>8s} {'/ CE':>6s} "
-          f"{'CPU s':>7s} {'compile s':>9s} {'GFLOP':>8s} {'TFLOP/s':>8s}"
-          + (f" {'MFU':>6s}" if any('mfu' in r for r in entry['objectives'].values()) else ''))
+    print(
+      f'\n[step] {setting["label"]}: {setting["name"]} @{setting["image_size"]} px, '
+      f'batch {setting["batch"]}, {setting["num_classes"]} classes, '
+      f'{"" if setting.get("cam_faithful", True) else "CE control architecture, "}'
+      f'{entry["dtype"]}, '
+      f'{"1x1 as dot" if entry.get("pointwise_as_dot", True) else "1x1 by nn.Conv"}, '
+      f'maps {entry["cam_size"]}, median of {entry["repeats"]}, '
+      f'load {entry["loadavg_start"]} -> {entry["loadavg_end"]}'
+    )
+    print(
+      f'  {"objective":22s} {"median s":>9s} {"img/s":>8s} {"/ CE":>6s} '
+      f'{"CPU s":>7s} {"compile s":>9s} {"GFLOP":>8s} {"TFLOP/s":>8s}'
+      + (
+        f' {"MFU":>6s}'
+        if any('mfu' in r for r in entry['objectives'].values())
+        else ''
+      )
+    )
     for key, row in entry['objectives'].items():
-      ratio = f"{row['ratio_to_ce']:.3f}" if 'ratio_to_ce' in row else '-'
-      mfu = f" {row['mfu']:6.1%}" if 'mfu' in row else ''
-      print(f"  {key:22s} {row['median_s']:9.3f} {row['images_per_s']:8.1f} {ratio:>6s} "
-            f"{row['cpu_s_median']:7.2f} {row['lower_s'] + row['compile_s']:9.1f} "
-            f"{row['gflops_per_step']:8.1f} {row['achieved_tflops']:8.3f}{mfu}")
+      ratio = f'{row["ratio_to_ce"]:.3f}' if 'ratio_to_ce' in row else '-'
+      mfu = f' {row["mfu"]:6.1%}' if 'mfu' in row else ''
+      print(
+        f'  {key:22s} {row["median_s"]:9.3f} {row["images_per_s"]:8.1f} {ratio:>6s} '
+        f'{row["cpu_s_median"]:7.2f} {row["lower_s"] + row["compile_s"]:9.1f} '
+        f'{row["gflops_per_step"]:8.1f} {row["achieved_tflops"]:8.3f}{mfu}'
+      )
   if 'cams' in results:
     cams = results['cams']
-    print(f"\n[cams] load {cams['loadavg_start']} -> {cams['loadavg_end']}")
+    print(f'\n[cams] load {cams["loadavg_start"]} -> {cams["loadavg_end"]}')
     for count, row in cams['features'].items():
-      print(f"  C={count:>3s} features {row['features_shape']}: einsum "
-            f"{row['einsum_s'] * 1e3:.3f} ms; autodiff through the head: loop "
-            f"{row['autodiff_head_loop_s'] * 1e3:.2f} ms ({row['ratio_loop_to_einsum']:.0f}x), "
-            f"vmap {row['autodiff_head_vmap_s'] * 1e3:.2f} ms "
-            f"({row['ratio_vmap_to_einsum']:.0f}x); max rel err "
-            f"{max(row['max_rel_err_loop'], row['max_rel_err_vmap']):.1e}")
+      print(
+        f'  C={count:>3s} features {row["features_shape"]}: einsum '
+        f'{row["einsum_s"] * 1e3:.3f} ms; autodiff through the head: loop '
+        f'{row["autodiff_head_loop_s"] * 1e3:.2f} ms ({row["ratio_loop_to_einsum"]:.0f}x), '
+        f'vmap {row["autodiff_head_vmap_s"] * 1e3:.2f} ms '
+        f'({row["ratio_vmap_to_einsum"]:.0f}x); max rel err '
+        f'{max(row["max_rel_err_loop"], row["max_rel_err_vmap"]):.1e}'
+      )
     net = cams['network']
-    print(f"  whole network, batch {net['network_batch']}: forward with all maps "
-          f"{net['forward_with_maps_s']:.3f} s; forward keeping the VJP "
-          f"{net['forward_keeping_vjp_s']:.3f} s")
+    print(
+      f'  whole network, batch {net["network_batch"]}: forward with all maps '
+      f'{net["forward_with_maps_s"]:.3f} s; forward keeping the VJP '
+      f'{net["forward_keeping_vjp_s"]:.3f} s'
+    )
     for count, row in net['classes'].items():
-      extra = (f"; backwards / einsum on the same features "
-               f"{row['ratio_backwards_to_einsum']:.0f}x")
-      print(f"  C={count:>3s}: {row['backward_passes']} backward passes "
-            f"{row['backwards_s']:.3f} s ({row['backward_per_class_s']:.3f} s each); "
-            f"autodiff total / forward with maps "
-            f"{row['ratio_autodiff_total_to_forward_with_maps']:.1f}x{extra}; max rel err "
-            f"{row['max_rel_err']:.1e}")
+      extra = (
+        f'; backwards / einsum on the same features '
+        f'{row["ratio_backwards_to_einsum"]:.0f}x'
+      )
+      print(
+        f'  C={count:>3s}: {row["backward_passes"]} backward passes '
+        f'{row["backwards_s"]:.3f} s ({row["backward_per_class_s"]:.3f} s each); '
+        f'autodiff total / forward with maps '
+        f'{row["ratio_autodiff_total_to_forward_with_maps"]:.1f}x{extra}; max rel err '
+        f'{row["max_rel_err"]:.1e}'
+      )
   if 'loop' in results:
     loop = results['loop']
     if 'skipped' in loop:
-      print(f"\n[loop] skipped: {loop['skipped']}")
+      print(f'\n[loop] skipped: {loop["skipped"]}')
     else:
-      print(f"\n[loop] cpu config @{loop['image_size']} px, batch {loop['batch']}, "
-            f"{loop['steps_per_round']} steps x {loop['rounds']} rounds, load "
-            f"{loop['loadavg_start']} -> {loop['loadavg_end']}")
+      print(
+        f'\n[loop] cpu config @{loop["image_size"]} px, batch {loop["batch"]}, '
+        f'{loop["steps_per_round"]} steps x {loop["rounds"]} rounds, load '
+        f'{loop["loadavg_start"]} -> {loop["loadavg_end"]}'
+      )
       for name in ('input_pipeline_alone', 'step_alone', 'full_loop'):
-        print(f"  {name:22s} {loop[name]['images_per_s_median']:8.1f} images/s")
-def run(chosen: Preset, settings: Sequence[StepSetting], sections: Sequence[str],
-        repeats: int, *, added_flags: str = '', dtype=jnp.float32,
-        objectives: Sequence[str] | None = None, compare_cpu_xla: bool = False,
-        peak_tflops: float = 0.0, pets_dir: str = '', tfds_data_dir: str = '',
-        loop_steps: int | None = None, compiler_options: dict | None = None,
-        pointwise_as_dot: bool = True, min_seconds: float = 0.0) -> dict:
+        print(f'  {name:22s} {loop[name]["images_per_s_median"]:8.1f} images/s')
+
+
+def run(
+  chosen: Preset,
+  settings: Sequence[StepSetting],
+  sections: Sequence[str],
+  repeats: int,
+  *,
+  added_flags: str = '',
+  dtype=jnp.float32,
+  objectives: Sequence[str] | None = None,
+  compare_cpu_xla: bool = False,
+  peak_tflops: float = 0.0,
+  pets_dir: str = '',
+  tfds_data_dir: str = '',
+  loop_steps: int | None = None,
+  compiler_options: dict | None = None,
+  pointwise_as_dot: bool = True,
+  min_seconds: float = 0.0,
+) -> dict:
   """Runs the sections; returns the results (also what `main` writes as JSON).
 
   `compiler_options` (XLA debug options) apply to the timed steps' compilation,
   e.g. a lower optimisation level to make a smoke test compile faster.
   """
-  results = {'environment': environment(added_flags),
-             'settings': {'sections': list(sections), 'repeats': repeats,
-                          'dtype': jnp.dtype(dtype).name,
-                          'compare_cpu_xla': compare_cpu_xla, 'peak_tflops': peak_tflops,
-                          'pointwise_as_dot': pointwise_as_dot}}
-  variants = ({'xla_default': dict(compiler_options or {}),
-               'cpu_tuned': {**(compiler_options or {}), **runtime.COMPILER_OPTIONS}}
-              if compare_cpu_xla else {'': dict(compiler_options or {})})
+  results = {
+    'environment': environment(added_flags),
+    'settings': {
+      'sections': list(sections),
+      'repeats': repeats,
+      'dtype': jnp.dtype(dtype).name,
+      'compare_cpu_xla': compare_cpu_xla,
+      'peak_tflops': peak_tflops,
+      'pointwise_as_dot': pointwise_as_dot,
+    },
+  }
+  variants = (
+    {
+      'xla_default': dict(compiler_options or {}),
+      'cpu_tuned': {**(compiler_options or {}), **runtime.COMPILER_OPTIONS},
+    }
+    if compare_cpu_xla
+    else {'': dict(compiler_options or {})}
+  )
   if 'step' in sections:
     results['step'] = []
     for setting in settings:
       chosen_objectives = tuple(objectives or setting.objectives)
       print(f'[step] {setting.label} {chosen_objectives} ...', flush=True)
-      results['step'].append(time_steps(setting, chosen_objectives, repeats, dtype=dtype,
-                                        xla_variants=variants, peak_tflops=peak_tflops,
-                                        pointwise_as_dot=pointwise_as_dot,
-                                        min_seconds=min_seconds))
+      results['step'].append(
+        time_steps(
+          setting,
+          chosen_objectives,
+          repeats,
+          dtype=dtype,
+          xla_variants=variants,
+          peak_tflops=peak_tflops,
+          pointwise_as_dot=pointwise_as_dot,
+          min_seconds=min_seconds,
+        )
+      )
   if 'cams' in sections:
     print('[cams] ...', flush=True)
     results['cams'] = time_cams(chosen.cams, repeats)
   if 'loop' in sections:
     print('[loop] ...', flush=True)
-    results['loop'] = run_loop(chosen, pets_dir, tfds_data_dir, loop_steps or chosen.loop_steps)
+    results['loop'] = run_loop(
+      chosen, pets_dir, tfds_data_dir, loop_steps or chosen.loop_steps
+    )
   results['environment']['loadavg_end'] = list(os.getloadavg())
   return results
 
 
-def run_loop(chosen: Preset, pets_dir: str, tfds_data_dir: str, steps: int) -> dict:
+def run_loop(
+  chosen: Preset, pets_dir: str, tfds_data_dir: str, steps: int
+) -> dict:
   if not os.path.isdir(pets_dir):
     return {'skipped': f'no Pets sample at {pets_dir}'}
   temporary = None
   if not tfds_data_dir:
     temporary = tfds_data_dir = tempfile.mkdtemp(prefix='cco_benchmark_tfds_')
   try:
-    return time_loop(loop_config(pets_dir, tfds_data_dir, chosen.loop_overrides), steps)
+    return time_loop(
+      loop_config(pets_dir, tfds_data_dir, chosen.loop_overrides), steps
+    )
   finally:
     if temporary:
       shutil.rmtree(temporary, ignore_errors=True)
-
-

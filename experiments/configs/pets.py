@@ -31,16 +31,16 @@ def get_data_config() -> ml_collections.ConfigDict:
   """The data fields read by `cco_jax.input_pipeline` (see its docstring)."""
   data = ml_collections.ConfigDict()
   data.name = 'oxford_iiit_pet'
-  data.manual_dir = ''           # Local Pets in the official layout; '' = download.
-  data.ood_manual_dir = ''       # Local Cats-vs-Dogs (PetImages/); '' = download.
-  data.tfds_data_dir = ''        # Where prepared data lives; '' = TFDS default.
-  data.task = 'species'          # 'species' (2 classes) or 'breed' (37).
-  data.image_size = 224          # Images are squashed to image_size^2.
+  data.manual_dir = ''  # Local Pets in the official layout; '' = download.
+  data.ood_manual_dir = ''  # Local Cats-vs-Dogs (PetImages/); '' = download.
+  data.tfds_data_dir = ''  # Where prepared data lives; '' = TFDS default.
+  data.task = 'species'  # 'species' (2 classes) or 'breed' (37).
+  data.image_size = 224  # Images are squashed to image_size^2.
   data.validation_fraction = 0.1
   data.boundary_is_foreground = False
-  data.mask_resize = 'nearest'   # Or 'area' (soft masks).
+  data.mask_resize = 'nearest'  # Or 'area' (soft masks).
   data.empty_mask_policy = 'all_ones'  # Or 'drop'.
-  data.normalize = False         # The seed used [0, 1] without mean/std.
+  data.normalize = False  # The seed used [0, 1] without mean/std.
   data.augment_flip = False
   data.augment_crop = False
   data.num_workers = 0
@@ -69,19 +69,21 @@ def get_default_config() -> ml_collections.ConfigDict:
   config.model.cam_faithful = True
   config.model.num_filters = 64
   config.model.stem = 'imagenet'
-  config.model.stage_sizes = ()   # () = the named depth.
+  config.model.stage_sizes = ()  # () = the named depth.
   config.model.dtype = 'float32'  # 'bfloat16' for mixed precision.
   # 1x1 convolutions as matrix products (faster on CPU; same parameters).
   config.model.pointwise_as_dot = True
 
   config.loss = ml_collections.ConfigDict()
-  config.loss.name = 'ace_kld'    # One of cco_jax.losses.OBJECTIVES.
+  config.loss.name = 'ace_kld'  # One of cco_jax.losses.OBJECTIVES.
   config.loss.ce_weight = 1.0
   config.loss.ace_weight = 1.0
   config.loss.kld_weight = 1e-3
   config.loss.cam_scale = 10.0
   config.loss.mask_scale = 50.0
-  config.loss.divergence_form = 'talk'  # 'paper': weights (1e-3, 1), scales (50, 1).
+  config.loss.divergence_form = (
+    'talk'  # 'paper': weights (1e-3, 1), scales (50, 1).
+  )
   config.loss.label_smoothing = 0.0
   config.loss.log_all_terms = True
 
@@ -95,18 +97,20 @@ def get_default_config() -> ml_collections.ConfigDict:
   config.optimizer.grad_clip_norm = 0.0  # 0 = off.
 
   # Durations: num_train_steps > 0 overrides num_epochs.
-  config.batch_size = 80          # Global batch per optimizer step (all devices).
-  config.accumulation_steps = 1   # Micro-batches per step: batch_size/accum each.
+  config.batch_size = 80  # Global batch per optimizer step (all devices).
+  config.accumulation_steps = (
+    1  # Micro-batches per step: batch_size/accum each.
+  )
   config.num_epochs = 100.0
   config.num_train_steps = -1
   config.eval_batch_size = 80
   config.log_every_steps = 50
-  config.eval_every_steps = -1    # -1 = once per epoch.
+  config.eval_every_steps = -1  # -1 = once per epoch.
   config.checkpoint_every_steps = -1  # -1 = at every evaluation.
-  config.keep_checkpoints = 3     # The last k, plus the best by valid accuracy.
+  config.keep_checkpoints = 3  # The last k, plus the best by valid accuracy.
   config.identity_tolerance = 1e-4  # Relative to max |logit| + 1.
   config.num_figure_examples = 8
-  config.eval_ood = True          # Cats-vs-Dogs accuracy (species models only).
+  config.eval_ood = True  # Cats-vs-Dogs accuracy (species models only).
   return config
 
 
@@ -157,20 +161,22 @@ def _cpu_ace():
 
 
 VARIANTS = {
-    'binary': _binary,
-    'breeds': _breeds,
-    'binary_ce': lambda: _as_ce_control(_binary()),
-    'breeds_ce': lambda: _as_ce_control(_breeds()),
-    'cpu': _cpu,
-    'cpu_ce': _cpu_ce,
-    'cpu_ace': _cpu_ace,
+  'binary': _binary,
+  'breeds': _breeds,
+  'binary_ce': lambda: _as_ce_control(_binary()),
+  'breeds_ce': lambda: _as_ce_control(_breeds()),
+  'cpu': _cpu,
+  'cpu_ce': _cpu_ce,
+  'cpu_ace': _cpu_ace,
 }
 
 
 def get_config(variant: str = 'binary') -> ml_collections.ConfigDict:
   """Returns the locked config of a variant (see the module docstring)."""
   if variant not in VARIANTS:
-    raise ValueError(f'Unknown variant {variant!r}; choose one of {sorted(VARIANTS)}.')
+    raise ValueError(
+      f'Unknown variant {variant!r}; choose one of {sorted(VARIANTS)}.'
+    )
   config = VARIANTS[variant]()
   config.lock()
   return config

@@ -22,11 +22,19 @@ from absl import flags
 from PIL import Image
 
 _OUT = flags.DEFINE_string('out', '.gpu_bundle', 'Output folder.')
-_PETS = flags.DEFINE_string('pets_dir', '../shared/data/oxford-iiit-pet-sample',
-                            'Oxford-IIIT Pet in the official layout.')
-_CVD = flags.DEFINE_string('cvd_dir', '../shared/data/cats-vs-dogs-sample',
-                           'Cats-vs-Dogs (PetImages/{Cat,Dog}).')
-_MAX_SIDE = flags.DEFINE_integer('max_side', 256, 'Longest side after shrinking.')
+_PETS = flags.DEFINE_string(
+  'pets_dir',
+  '../shared/data/oxford-iiit-pet-sample',
+  'Oxford-IIIT Pet in the official layout.',
+)
+_CVD = flags.DEFINE_string(
+  'cvd_dir',
+  '../shared/data/cats-vs-dogs-sample',
+  'Cats-vs-Dogs (PetImages/{Cat,Dog}).',
+)
+_MAX_SIDE = flags.DEFINE_integer(
+  'max_side', 256, 'Longest side after shrinking.'
+)
 
 
 def shrink(source: str, target: str, max_side: int, *, trimap: bool) -> None:
@@ -37,9 +45,13 @@ def shrink(source: str, target: str, max_side: int, *, trimap: bool) -> None:
       image = image.convert('RGB')
     scale = max_side / max(image.size)
     if scale < 1:
-      size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-      image = image.resize(size, Image.Resampling.NEAREST if trimap
-                           else Image.Resampling.BILINEAR)
+      size = (
+        max(1, round(image.width * scale)),
+        max(1, round(image.height * scale)),
+      )
+      image = image.resize(
+        size, Image.Resampling.NEAREST if trimap else Image.Resampling.BILINEAR
+      )
     if trimap:
       image.save(target, format='PNG')
     else:
@@ -60,11 +72,19 @@ def pack_pets(pets_dir: str, out: str, max_side: int) -> int:
       continue
     stem = name[:-4]
     trimap = os.path.join(pets_dir, 'annotations', 'trimaps', stem + '.png')
-    shrink(os.path.join(pets_dir, 'images', name), os.path.join(out, 'images', name),
-           max_side, trimap=False)
+    shrink(
+      os.path.join(pets_dir, 'images', name),
+      os.path.join(out, 'images', name),
+      max_side,
+      trimap=False,
+    )
     if os.path.exists(trimap):
-      shrink(trimap, os.path.join(out, 'annotations', 'trimaps', stem + '.png'),
-             max_side, trimap=True)
+      shrink(
+        trimap,
+        os.path.join(out, 'annotations', 'trimaps', stem + '.png'),
+        max_side,
+        trimap=True,
+      )
     count += 1
   return count
 
@@ -72,15 +92,26 @@ def pack_pets(pets_dir: str, out: str, max_side: int) -> int:
 def main(argv):
   del argv
   if not os.path.isdir(os.path.join(_PETS.value, 'images')):
-    raise ValueError(f'--pets_dir={_PETS.value} has no images/ folder; point it at '
-                     'Oxford-IIIT Pet in the official layout.')
+    raise ValueError(
+      f'--pets_dir={_PETS.value} has no images/ folder; point it at '
+      'Oxford-IIIT Pet in the official layout.'
+    )
   if not os.path.isdir(os.path.join(_CVD.value, 'PetImages')):
     raise ValueError(f'--cvd_dir={_CVD.value} has no PetImages/ folder.')
-  count = pack_pets(_PETS.value, os.path.join(_OUT.value, 'pets'), _MAX_SIDE.value)
-  shutil.copytree(_CVD.value, os.path.join(_OUT.value, 'cvd'), dirs_exist_ok=True)
-  size = sum(os.path.getsize(os.path.join(d, f))
-             for d, _, files in os.walk(_OUT.value) for f in files)
-  print(f'{count} Pets images and Cats-vs-Dogs in {_OUT.value}: {size / 2**20:.1f} MiB')
+  count = pack_pets(
+    _PETS.value, os.path.join(_OUT.value, 'pets'), _MAX_SIDE.value
+  )
+  shutil.copytree(
+    _CVD.value, os.path.join(_OUT.value, 'cvd'), dirs_exist_ok=True
+  )
+  size = sum(
+    os.path.getsize(os.path.join(d, f))
+    for d, _, files in os.walk(_OUT.value)
+    for f in files
+  )
+  print(
+    f'{count} Pets images and Cats-vs-Dogs in {_OUT.value}: {size / 2**20:.1f} MiB'
+  )
 
 
 if __name__ == '__main__':

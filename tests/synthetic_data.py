@@ -1,10 +1,8 @@
 """Data for the dataset and input-pipeline tests.
 
-Synthetic copies of the official layouts (always available) and the real
-samples in `shared/data` (tests that need them skip when they are absent). Every
-directory lives at a fixed name under pytest's session temp dir, so each dataset
-is written and prepared at most once per test run, even though each test module
-imports these fixtures (and so gets its own session-scoped instance).
+Synthetic copies of the official layouts (always available) and where the real
+samples in `shared/data` live (tests that need them skip when they are absent).
+The pytest fixtures over these are in `conftest.py`.
 
 Synthetic Pets images are dark blue with a bright yellow rectangle in their
 left half; the trimap marks that rectangle as pet (1), a one-pixel ring around
@@ -17,19 +15,20 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-import pytest
 
 from cco_jax import input_pipeline
 from cco_jax.datasets import oxford_iiit_pet
 
-SHARED_DATA = Path(os.environ.get(
+SHARED_DATA = Path(
+  os.environ.get(
     'CCO_SHARED_DATA',
-    Path(__file__).resolve().parents[1].parent / 'shared' / 'data'))
+    Path(__file__).resolve().parents[1].parent / 'shared' / 'data',
+  )
+)
 REAL_PETS = SHARED_DATA / 'oxford-iiit-pet-sample'
 REAL_CATS_VS_DOGS = SHARED_DATA / 'cats-vs-dogs-sample'
 
@@ -69,8 +68,9 @@ def fg_rectangle(width: int, height: int) -> tuple[int, int, int, int]:
   return (width // 8, height // 4, width // 2, 3 * height // 4)
 
 
-def synthetic_pair(width: int, height: int, *, trimap_kind: str = 'normal'
-                   ) -> tuple[Image.Image, np.ndarray]:
+def synthetic_pair(
+  width: int, height: int, *, trimap_kind: str = 'normal'
+) -> tuple[Image.Image, np.ndarray]:
   """An RGB image and its trimap (uint8 (H, W)) in the synthetic convention."""
   left, top, right, bottom = fg_rectangle(width, height)
   pixels = np.empty((height, width, 3), np.uint8)
@@ -78,8 +78,9 @@ def synthetic_pair(width: int, height: int, *, trimap_kind: str = 'normal'
   pixels[top:bottom, left:right] = FG_COLOR
   trimap = np.full((height, width), oxford_iiit_pet.TRIMAP_BACKGROUND, np.uint8)
   if trimap_kind == 'normal':
-    trimap[top - 1:bottom + 1, left - 1:right + 1] = (
-        oxford_iiit_pet.TRIMAP_BOUNDARY)
+    trimap[top - 1 : bottom + 1, left - 1 : right + 1] = (
+      oxford_iiit_pet.TRIMAP_BOUNDARY
+    )
     trimap[top:bottom, left:right] = oxford_iiit_pet.TRIMAP_PET
   elif trimap_kind == 'boundary_only':
     trimap[top:bottom, left:right] = oxford_iiit_pet.TRIMAP_BOUNDARY
@@ -103,27 +104,36 @@ def write_synthetic_pets(root: Path) -> Path:
   """Writes a small Oxford-IIIT Pet in the official layout under `root`."""
   (root / 'images').mkdir(parents=True)
   (root / 'annotations' / 'trimaps').mkdir(parents=True)
-  lines = {'trainval': ['# Official lists have no comments; list.txt has.'],
-           'test': ['#Image CLASS-ID SPECIES BREED ID', '']}
+  lines = {
+    'trainval': ['# Official lists have no comments; list.txt has.'],
+    'test': ['#Image CLASS-ID SPECIES BREED ID', ''],
+  }
   for breed, species in SYNTHETIC_BREEDS:
     class_id = oxford_iiit_pet.BREEDS.index(breed) + 1
     for number in range(1, NUM_TRAINVAL_PER_BREED + NUM_TEST_PER_BREED + 1):
       name = f'{breed}_{number}'
       split = 'trainval' if number <= NUM_TRAINVAL_PER_BREED else 'test'
       lines[split].append(f'{name} {class_id} {species + 1} {number}')
-  names = [line.split()[0] for split in lines.values() for line in split
-           if line and not line.startswith('#')] + [UNLISTED_GIF]
+  names = [
+    line.split()[0]
+    for split in lines.values()
+    for line in split
+    if line and not line.startswith('#')
+  ] + [UNLISTED_GIF]
   for i, name in enumerate(names):
     width, height = (96, 64) if i % 2 else (64, 80)
     kind = {EMPTY_TRIMAP: 'empty', BOUNDARY_ONLY: 'boundary_only'}.get(
-        name, 'normal')
+      name, 'normal'
+    )
     image, trimap = synthetic_pair(width, height, trimap_kind=kind)
     (root / 'images' / f'{name}.jpg').write_bytes(_image_bytes(image, name))
-    Image.fromarray(trimap).save(root / 'annotations' / 'trimaps' /
-                                 f'{name}.png')
+    Image.fromarray(trimap).save(
+      root / 'annotations' / 'trimaps' / f'{name}.png'
+    )
   for split, split_lines in lines.items():
     (root / 'annotations' / f'{split}.txt').write_text(
-        '\n'.join(split_lines) + '\n')
+      '\n'.join(split_lines) + '\n'
+    )
   return root
 
 
@@ -133,92 +143,20 @@ def write_synthetic_cats_vs_dogs(root: Path) -> Path:
     directory = root / 'PetImages' / folder
     directory.mkdir(parents=True)
     for number in range(6):
-      Image.new('RGB', (40, 30), color).save(directory / f'{number}.jpg',
-                                             quality=90)
+      Image.new('RGB', (40, 30), color).save(
+        directory / f'{number}.jpg', quality=90
+      )
     (directory / 'Thumbs.db').write_bytes(b'not an image')
-  Image.new('RGB', (30, 40), BLUE).save(root / 'PetImages' / 'Dog' / '7.jpg',
-                                        format='PNG')
+  Image.new('RGB', (30, 40), BLUE).save(
+    root / 'PetImages' / 'Dog' / '7.jpg', format='PNG'
+  )
   (root / 'PetImages' / 'Cat' / '666.jpg').write_bytes(b'')
   (root / 'PetImages' / 'Dog' / '11702.jpg').write_bytes(b'garbage' * 10)
   return root
 
 
-def data_config(**overrides) -> 'input_pipeline.ml_collections.ConfigDict':
+def data_config(**overrides) -> input_pipeline.ml_collections.ConfigDict:
   """`default_config()` with `overrides`, small images and in-process reading."""
   config = input_pipeline.default_config()
   config.update(dict(image_size=32, prefetch=0), **overrides)
   return config
-
-
-def _session_dir(tmp_path_factory, name: str, write=None) -> Path:
-  """`name` under the session temp dir, written by `write(path)` only once."""
-  path = tmp_path_factory.getbasetemp() / name
-  done = path.parent / f'{name}.done'
-  if not done.exists():
-    if path.exists():
-      shutil.rmtree(path)
-    path.mkdir()
-    if write is not None:
-      write(path)
-    done.touch()
-  return path
-
-
-@pytest.fixture(scope='session')
-def synthetic_pets_dir(tmp_path_factory) -> Path:
-  return _session_dir(tmp_path_factory, 'pets_manual', write_synthetic_pets)
-
-
-@pytest.fixture(scope='session')
-def synthetic_cvd_dir(tmp_path_factory) -> Path:
-  return _session_dir(tmp_path_factory, 'cvd_manual',
-                      write_synthetic_cats_vs_dogs)
-
-
-@pytest.fixture(scope='session')
-def synthetic_data_dir(tmp_path_factory, synthetic_pets_dir,
-                       synthetic_cvd_dir) -> Path:
-  """A TFDS data dir holding both synthetic datasets, prepared."""
-  data_dir = _session_dir(tmp_path_factory, 'tfds_synthetic')
-  input_pipeline.prepare_dataset('oxford_iiit_pet',
-                                 manual_dir=str(synthetic_pets_dir),
-                                 data_dir=str(data_dir))
-  input_pipeline.prepare_dataset('cats_vs_dogs',
-                                 manual_dir=str(synthetic_cvd_dir),
-                                 data_dir=str(data_dir))
-  return data_dir
-
-
-@pytest.fixture(scope='session')
-def synthetic_config(synthetic_pets_dir, synthetic_cvd_dir, synthetic_data_dir):
-  """A factory of data configs over the prepared synthetic data."""
-  def make(**overrides):
-    return data_config(manual_dir=str(synthetic_pets_dir),
-                       ood_manual_dir=str(synthetic_cvd_dir),
-                       tfds_data_dir=str(synthetic_data_dir), **overrides)
-  return make
-
-
-@pytest.fixture(scope='session')
-def real_data_dir(tmp_path_factory) -> Path:
-  """An empty TFDS data dir for the real samples (prepared by the tests)."""
-  if not (REAL_PETS.is_dir() and REAL_CATS_VS_DOGS.is_dir()):
-    pytest.skip(f'Real data samples not found under {SHARED_DATA} '
-                '(set CCO_SHARED_DATA).')
-  return _session_dir(tmp_path_factory, 'tfds_real')
-
-
-@pytest.fixture(scope='session')
-def real_config(real_data_dir):
-  """A factory of data configs over the real samples, prepared once."""
-  input_pipeline.prepare_dataset('oxford_iiit_pet', manual_dir=str(REAL_PETS),
-                                 data_dir=str(real_data_dir))
-  input_pipeline.prepare_dataset('cats_vs_dogs',
-                                 manual_dir=str(REAL_CATS_VS_DOGS),
-                                 data_dir=str(real_data_dir))
-
-  def make(**overrides):
-    return data_config(manual_dir=str(REAL_PETS),
-                       ood_manual_dir=str(REAL_CATS_VS_DOGS),
-                       tfds_data_dir=str(real_data_dir), **overrides)
-  return make
