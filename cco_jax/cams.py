@@ -14,6 +14,13 @@ einsum, with no backward pass, and decomposes the logit exactly:
 Softmax only sees logit differences, so the maps that matter are differences of
 maps (ContrastiveCAMs): `K[..., c] = M[..., y] - M[..., c]`, zero at the label.
 
+Both the head's dot (`models.CamHead`) and the map einsum run at
+`HEAD_PRECISION` (`Precision.HIGHEST`): at the default precision an
+accelerator may compute float32 products in TF32 (H100/H200) or one bfloat16
+pass (TPU), and the identity then holds only to ~1e-3 of the logits. Both dots
+are tiny next to the backbone, so full float32 costs nothing measurable.
+`identity_tolerance(dtype)` states how closely the identity holds per dtype.
+
 All functions are pure, channels-last, and safe under `jit`, `vmap` and `pmap`.
 Shape checks are static (they run while tracing); value checks (label range)
 run only on concrete inputs.
@@ -29,6 +36,9 @@ import jax.numpy as jnp
 from cco_jax import checks
 
 Array = jax.Array
+
+# Precision of the head's dot and the map einsum (module docstring).
+HEAD_PRECISION = jax.lax.Precision.HIGHEST
 
 
 def hirescam(features: Array, kernel: Array) -> Array:
@@ -58,7 +68,8 @@ def hirescam(features: Array, kernel: Array) -> Array:
       'kernel must be (F, C) with F = features.shape[-1].'
     )
   height, width = features.shape[1:3]
-  return jnp.einsum('bhwf,fc->bhwc', features, kernel) / (height * width)
+  maps = jnp.einsum('bhwf,fc->bhwc', features, kernel, precision=HEAD_PRECISION)
+  return maps / (height * width)
 
 
 def contrastive_cams(cams: Array, labels: Array) -> Array:
@@ -82,7 +93,7 @@ def contrastive_cams(cams: Array, labels: Array) -> Array:
 def pixel_influence(contrastive: Array, fg_mask: Array) -> Mapping[str, Array]:
   """How much contrastive evidence lies on the object versus the background.
 
-  Per example (METHOD.md §8): `net = sum_{h,w,c} |K|`,
+  Per example (docs/method.md §8): `net = sum_{h,w,c} |K|`,
   `fg = sum m |K|`, `bg = sum (1 - m) |K|`, so `net == fg + bg`.
 
   Args:
@@ -119,3 +130,40 @@ def identity_error(
   if bias is not None:
     recon = recon + bias.astype(jnp.float32)
   return jnp.max(jnp.abs(recon - logits.astype(jnp.float32)))
+
+
+def identity_tolerance(dtype) -> float:
+  """How closely the logit-sum identity holds for maps computed in `dtype`.
+
+  The bound applies to the relative error that `train_step.eval_step` reports,
+  `max |sum_{h,w} M + b - s| / (max |s| + 1)`, with the head's dot and einsum
+  at `HEAD_PRECISION`. Two parts: rounding the maps (and logits) to `dtype`,
+  a few units of its epsilon, plus float32 accumulation over the `F * H * W`
+  products of each logit:
+
+      tolerance = 4 eps(dtype) + 64 eps(float32)
+
+  float32 8.1e-6, float16 3.9e-3, bfloat16 3.1e-2. Measured on a ResNet-50
+  sized head (`(16, 14, 14, 2048)` features, 37 classes, logits up to ~350,
+  mixed-sign and ReLU features, on CPU): float32 6e-7 to 8e-7; maps rounded to
+  float16 1.4e-4 to 2.1e-4, to bfloat16 1.3e-3 to 1.7e-3; each >= 10x below its
+  tolerance. TF32 products (the GPU default for float32 dots; simulated by
+  rounding both dots' inputs to a 10-bit mantissa) give 1.6e-4 to 2.6e-4, far
+  above the float32 tolerance, so a head left at default precision fails.
+  `models.CamHead` computes in float32 whatever the backbone's dtype, so a
+  ResNet's maps take the float32 tolerance even for a bfloat16 backbone.
+
+  Args:
+    dtype: dtype of the maps and logits (e.g. `cams.dtype`), floating.
+
+  Returns:
+    The largest relative identity error a correct model produces, as a float.
+  """
+  dtype = jnp.dtype(dtype)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(
+      f'identity_tolerance needs a floating dtype (that of the maps); got '
+      f'{dtype.name}.'
+    )
+  eps = float(jnp.finfo(dtype).eps)
+  return 4 * eps + 64 * float(jnp.finfo(jnp.float32).eps)

@@ -1,4 +1,4 @@
-"""ResNets whose logits decompose exactly into per-pixel maps (METHOD.md §5).
+"""ResNets whose logits decompose exactly into per-pixel maps (docs/method.md §5).
 
 `create_model(name, num_classes, cam_faithful=True)` builds a Flax linen ResNet
 whose `apply(variables, images, train=...)` returns `(logits, cams)`:
@@ -41,6 +41,11 @@ STAGE_SIZES = {
 }
 # Single 3x3-conv stems for low-resolution inputs, by their stride.
 STEM_STRIDES = {'small': 1, 'strided': 2}
+# Convolutions and the stem's max-pool pad symmetrically, as torchvision does
+# (3x3: 1 on every side; 7x7 stem: 3). Flax's 'SAME' would pad a stride-2
+# window of an even size only on the high side, shifting every sample by one
+# pixel, so torchvision's weights would compute something else.
+PAD_3X3 = ((1, 1), (1, 1))
 BOTTLENECK = {
   'resnet18': False,
   'resnet34': False,
@@ -82,9 +87,11 @@ class ResidualBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     residual = x
-    y = self.conv(self.filters, (3, 3), (self.strides, self.strides))(x)
+    y = self.conv(
+      self.filters, (3, 3), (self.strides, self.strides), padding=PAD_3X3
+    )(x)
     y = nn.relu(self.norm()(y))
-    y = self.conv(self.filters, (3, 3))(y)
+    y = self.conv(self.filters, (3, 3), padding=PAD_3X3)(y)
     return _residual_output(self, residual, y)
 
 
@@ -101,7 +108,9 @@ class BottleneckBlock(nn.Module):
   def __call__(self, x):
     residual = x
     y = nn.relu(self.norm()(self.conv(self.filters, (1, 1))(x)))
-    y = self.conv(self.filters, (3, 3), (self.strides, self.strides))(y)
+    y = self.conv(
+      self.filters, (3, 3), (self.strides, self.strides), padding=PAD_3X3
+    )(y)
     y = nn.relu(self.norm()(y))
     y = self.conv(self.filters * 4, (1, 1))(y)
     return _residual_output(self, residual, y)
@@ -127,7 +136,9 @@ class CamHead(nn.Module):
       (features.shape[-1], self.num_classes),
       jnp.float32,
     )
-    logits = features.mean((1, 2)) @ kernel
+    logits = jnp.matmul(
+      features.mean((1, 2)), kernel, precision=cams_lib.HEAD_PRECISION
+    )
     if self.use_bias:
       logits = logits + self.param(
         'bias', nn.initializers.zeros_init(), (self.num_classes,), jnp.float32
@@ -136,7 +147,10 @@ class CamHead(nn.Module):
 
 
 class ResNet(nn.Module):
-  """ResNet v1.5 with a CAM head.
+  """ResNet v1.5 with a CAM head; torchvision's layout and padding.
+
+  With `cam_faithful=False` and the 'imagenet' stem it computes torchvision's
+  `resnet18`...`resnet152` in eval mode (`cco_jax.pretrained` loads weights).
 
   Attributes:
     stage_sizes: blocks per stage.
@@ -192,10 +206,16 @@ class ResNet(nn.Module):
         name='conv_init',
       )(x)
       x = nn.relu(norm(name='bn_init')(x))
-      x = ops.max_pool(x, 3, 2)
+      x = ops.max_pool(x, 3, 2, 1)
     elif self.stem in STEM_STRIDES:
       stride = STEM_STRIDES[self.stem]
-      x = conv(self.num_filters, (3, 3), (stride, stride), name='conv_init')(x)
+      x = conv(
+        self.num_filters,
+        (3, 3),
+        (stride, stride),
+        padding=PAD_3X3,
+        name='conv_init',
+      )(x)
       x = nn.relu(norm(name='bn_init')(x))
     else:
       raise ValueError(
