@@ -1,7 +1,7 @@
-"""Property tests for `cco_jax.cams` (METHOD.md §1-2, §8).
+"""Property tests for `cco_jax.cams` (docs/method.md §1-2, §8).
 
 Each function is checked against an independent float64 numpy reference written
-from METHOD.md, against its defining property (autodiff for HiResCAM, the
+from docs/method.md, against its defining property (autodiff for HiResCAM, the
 logit-difference identity for ContrastiveCAMs), under jit and without, and at its
 input checks.
 """
@@ -24,7 +24,7 @@ RTOL = 1e-5
 
 
 # ---------------------------------------------------------------------------
-# numpy references (float64), written from METHOD.md
+# numpy references (float64), written from docs/method.md
 # ---------------------------------------------------------------------------
 
 
@@ -417,3 +417,144 @@ class IdentityErrorTest(parameterized.TestCase):
       ValueError, match=r'cams must have rank 4 .*got shape \(2, 1, 2\)'
     ):
       cams_lib.identity_error(np.zeros((2, 2)), np.zeros((2, 1, 2)))
+
+
+# ---------------------------------------------------------------------------
+# Precision of the head and the maps on accelerators, identity tolerance
+# ---------------------------------------------------------------------------
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def dot_precisions(closed_jaxpr) -> list:
+  """The `precision` of every dot_general in a jaxpr, sub-jaxprs included."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == 'dot_general':
+        found.append(eqn.params['precision'])
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          if hasattr(sub, 'eqns'):
+            walk(sub)
+          elif hasattr(sub, 'jaxpr') and hasattr(sub.jaxpr, 'eqns'):
+            walk(sub.jaxpr)
+
+  walk(closed_jaxpr.jaxpr)
+  return found
+
+
+def is_highest(precision) -> bool:
+  return precision is not None and all(p == HIGHEST for p in precision)
+
+
+def round_mantissa(x, bits: int):
+  """float32 `x` rounded to `bits` mantissa bits (10: TF32's products)."""
+  raw = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+  drop = 23 - bits
+  raw = (raw + (1 << (drop - 1))) & ~np.uint64((1 << drop) - 1)
+  return raw.astype(np.uint32).view(np.float32)
+
+
+class PrecisionTest(parameterized.TestCase):
+  def test_map_einsum_runs_at_highest(self):
+    jaxpr = jax.make_jaxpr(cams_lib.hirescam)(
+      jnp.ones((2, 3, 3, 5)), jnp.ones((5, 4))
+    )
+    precisions = dot_precisions(jaxpr)
+    self.assertLen(precisions, 1)
+    self.assertTrue(is_highest(precisions[0]), precisions)
+
+  @parameterized.parameters(jnp.float32, jnp.bfloat16)
+  def test_only_the_head_dots_run_at_highest(self, dtype):
+    """Forward and gradient: head dot, einsum and their transposes at
+    HIGHEST; the backbone's dots (1x1 convolutions) keep the fast default."""
+    from cco_jax import models  # pylint: disable=g-import-not-at-top
+
+    model = models.create_model(
+      'resnet50',
+      3,
+      num_filters=4,
+      stem='small',
+      stage_sizes=(1, 1),
+      dtype=dtype,
+    )
+    images = jnp.zeros((2, 8, 8, 3))
+    variables = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), images, train=False)
+    )
+    params = variables['params']
+    batch_stats = variables['batch_stats']
+
+    def forward(p, s):
+      return model.apply({'params': p, 'batch_stats': s}, images, train=False)
+
+    forward_dots = dot_precisions(jax.make_jaxpr(forward)(params, batch_stats))
+    self.assertLen([p for p in forward_dots if is_highest(p)], 2)
+    self.assertGreater(len([p for p in forward_dots if p is None]), 3)
+
+    def loss(p, s):
+      logits, cams = forward(p, s)
+      return logits.sum() + (cams**2).sum()
+
+    grad_dots = dot_precisions(
+      jax.make_jaxpr(jax.grad(loss))(params, batch_stats)
+    )
+    highest = [p for p in grad_dots if is_highest(p)]
+    # 2 forward + the kernel's cotangent of each + the features' cotangent of
+    # each (the backbone's gradient flows through both).
+    self.assertLen(highest, 6)
+    self.assertGreater(len(grad_dots), len(highest))
+
+
+class IdentityToleranceTest(parameterized.TestCase):
+  def test_values_and_order(self):
+    f32 = cams_lib.identity_tolerance(jnp.float32)
+    self.assertAlmostEqual(f32, 66 * 2.0**-23, delta=1e-12)
+    self.assertAlmostEqual(
+      cams_lib.identity_tolerance('bfloat16'), 2 * 2.0**-7 + 64 * 2.0**-23
+    )
+    self.assertLess(f32, cams_lib.identity_tolerance(jnp.float16))
+    self.assertLess(
+      cams_lib.identity_tolerance(jnp.float16),
+      cams_lib.identity_tolerance(jnp.bfloat16),
+    )
+    with pytest.raises(ValueError, match='floating dtype.*int32'):
+      cams_lib.identity_tolerance(jnp.int32)
+
+  @parameterized.parameters((0, False), (1, True))
+  def test_separates_exact_heads_from_low_precision_ones(self, seed, relu):
+    """A ResNet-50 sized head at HIGHEST passes the float32 tolerance; the
+    same head with TF32 products (the GPU default) fails it; maps rounded to
+    bfloat16 pass the bfloat16 tolerance, maps missing a row of pixels do not."""
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(4, 14, 14, 2048)).astype(np.float32)
+    if relu:
+      features = np.maximum(features, 0)
+    features += rng.normal(size=(4, 1, 1, 2048)).astype(np.float32)
+    kernel = (rng.normal(size=(2048, 37)) * 30 / np.sqrt(2048)).astype(
+      np.float32
+    )
+
+    def relative_error(rounding=lambda x: x, maps_dtype=jnp.float32):
+      """`rounding` is applied to each dot's inputs, as TF32 products do."""
+      pooled = features.mean((1, 2))
+      logits = jnp.matmul(rounding(pooled), rounding(kernel), precision=HIGHEST)
+      maps = cams_lib.hirescam(rounding(features), rounding(kernel))
+      maps = maps.astype(maps_dtype).astype(jnp.float32)
+      error = cams_lib.identity_error(logits, maps)
+      return float(error / (jnp.abs(logits).max() + 1)), maps, logits
+
+    exact, maps, logits = relative_error()
+    self.assertLess(exact, cams_lib.identity_tolerance(jnp.float32))
+    tf32, _, _ = relative_error(lambda x: round_mantissa(x, 10))
+    self.assertGreater(tf32, 5 * cams_lib.identity_tolerance(jnp.float32))
+    bf16, _, _ = relative_error(maps_dtype=jnp.bfloat16)
+    self.assertLess(bf16, cams_lib.identity_tolerance(jnp.bfloat16))
+    # A real mistake (one row of pixels lost) exceeds even bfloat16's.
+    dropped = maps.at[:, 0].set(0)
+    worst = float(
+      cams_lib.identity_error(logits, dropped) / (jnp.abs(logits).max() + 1)
+    )
+    self.assertGreater(worst, cams_lib.identity_tolerance(jnp.bfloat16))
