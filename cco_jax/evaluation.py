@@ -55,7 +55,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -68,12 +67,13 @@ import numpy as np
 
 from cco_jax import cams as cams_lib
 from cco_jax import checkpointing
-from cco_jax import input_pipeline
+from cco_jax import data as input_pipeline
 from cco_jax import models
 from cco_jax import optimizers
 from cco_jax import train
 from cco_jax import train_step as step_lib
-from cco_jax.datasets import DATASETS
+from cco_jax.data.sources import prepared_source  # noqa: F401
+from cco_jax.data.sources import resolve_data_dir
 
 GRAY = 0.5
 DEFAULT_NOISE_STD = 0.25
@@ -641,64 +641,6 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   data.update(raw.get('data', {}))
   raw['data'] = data
   return ml_collections.ConfigDict(raw)
-
-
-def prepared_source(name: str, data_dir: str) -> str | None:
-  """Where `data_dir` prepared dataset `name` from ('download', a resolved
-  path, 'unknown'), or None if it is not prepared there. Prepares nothing."""
-  builder = DATASETS[name].builder_cls(
-    data_dir=data_dir or None, file_format='array_record'
-  )
-  if not builder.is_prepared():
-    return None
-  try:
-    return builder.info.metadata['source']
-  except (KeyError, TypeError):
-    return 'unknown'
-
-
-def resolve_data_dir(
-  name: str, manual_dir: str, data_dir: str, scratch_root: str
-) -> tuple[str, str]:
-  """`(manual_dir, data_dir)` to open dataset `name` from `manual_dir`.
-
-  A TFDS data dir holds one prepared copy per dataset and refuses another
-  source (`input_pipeline.prepare_dataset`). So:
-    * `data_dir` does not hold `name` yet: prepare it there, unchanged;
-    * it holds `name` from `manual_dir` (or `manual_dir` is ''): use it;
-    * it holds `name` from elsewhere: use (and prepare on first use)
-      `scratch_root/tfds_<first 12 hex digits of SHA-256 of realpath(manual_dir)>`;
-    * `manual_dir` does not exist (a relative path written by a run started
-      elsewhere) but `data_dir` holds a prepared copy: use that copy
-      (`manual_dir` = ''), with a warning.
-  """
-  source = prepared_source(name, data_dir)
-  if source is None or not manual_dir:
-    return manual_dir, data_dir
-  wanted = os.path.realpath(os.path.expanduser(manual_dir))
-  if source == wanted:
-    return manual_dir, data_dir
-  if not os.path.isdir(wanted):
-    logging.warning(
-      '%s: manual dir %r does not exist here; using the copy '
-      'prepared in %r from %r.',
-      name,
-      manual_dir,
-      data_dir,
-      source,
-    )
-    return '', data_dir
-  digest = hashlib.sha256(wanted.encode()).hexdigest()[:12]
-  alternative = os.path.join(scratch_root, f'tfds_{digest}')
-  logging.info(
-    '%s: %r holds a copy prepared from %r; preparing %r in %r.',
-    name,
-    data_dir,
-    source,
-    wanted,
-    alternative,
-  )
-  return manual_dir, alternative
 
 
 @dataclasses.dataclass

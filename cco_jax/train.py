@@ -28,8 +28,8 @@ import ml_collections
 import numpy as np
 
 from cco_jax import checkpointing
+from cco_jax import data as input_pipeline
 from cco_jax import figures
-from cco_jax import input_pipeline
 from cco_jax import losses
 from cco_jax import metric_writers
 from cco_jax import models

@@ -21,7 +21,7 @@ import json
 from absl import app
 from absl import flags
 
-from cco_jax import spurious
+from cco_jax.data import spurious
 
 _PETS_DIR = flags.DEFINE_string(
   'pets_dir',

@@ -3,15 +3,22 @@ r"""Prepares a dataset once, TF-free, and prints its split sizes as JSON.
     python -m experiments.prepare --dataset=oxford_iiit_pet \
         [--manual_dir=DIR] [--data_dir=DIR] [--validation_fraction=0.1]
     python -m experiments.prepare --dataset=cats_vs_dogs [--manual_dir=DIR]
+    python -m experiments.prepare --dataset=folder --manual_dir=ROOT \
+        [--missing_masks=error|all_ones|drop] [--resize_masks] \
+        [--skip_bad_images]
+    python -m experiments.prepare --dataset=waterbirds [--manual_dir=DIR]
 
-Without --manual_dir the official archives are downloaded through TFDS. With
-it, DIR must hold the official layout (Pets: images/, annotations/trimaps/,
-annotations/{trainval,test}.txt; Cats-vs-Dogs: PetImages/{Cat,Dog}/).
+Without --manual_dir the official archives are downloaded through TFDS (from
+--download_mirror/<official file name> when given). With it, DIR must hold
+the dataset's layout (docs/data.md). --store_size=S stores images squashed to
+(S, S); training must then set config.data.store_size=S too (the options
+that change prepared data are config.data fields: pass the same values).
 
 The last line on stdout is a JSON object of split sizes as the input pipeline
-sees them: {"train", "validation", "test"} for Pets (validation carved from
-trainval with --validation_fraction, the same carve as training uses), and the
-single TFDS split {"train"} for Cats-vs-Dogs (the pipeline's 'ood' split).
+sees them: {"train", "validation"[, "test"]} (validation carved from train
+with --validation_fraction when the dataset has no validation split, the same
+carve as training uses), and the single TFDS split {"train"} for Cats-vs-Dogs
+(the pipeline's 'ood' split).
 """
 
 import json
@@ -19,48 +26,74 @@ import json
 from absl import app
 from absl import flags
 
-from cco_jax import input_pipeline
+from cco_jax import data as data_lib
+from cco_jax.data import config as config_lib
+from cco_jax.data.datasets import DATASETS
 
+_DEFAULTS = config_lib.default_config()
 _DATASET = flags.DEFINE_enum(
-  'dataset',
-  'oxford_iiit_pet',
-  ['oxford_iiit_pet', 'cats_vs_dogs'],
-  'Dataset to prepare.',
+  'dataset', 'oxford_iiit_pet', list(DATASETS), 'Dataset to prepare.'
 )
 _MANUAL_DIR = flags.DEFINE_string(
-  'manual_dir', '', 'Local copy in the official layout; empty = download.'
+  'manual_dir', '', 'Local copy in the dataset layout; empty = download.'
 )
 _DATA_DIR = flags.DEFINE_string(
   'data_dir', '', 'TFDS data directory; empty = the TFDS default.'
 )
 _VALIDATION_FRACTION = flags.DEFINE_float(
   'validation_fraction',
-  input_pipeline.default_config().validation_fraction,
-  'Share of trainval held out for validation (Pets only).',
+  _DEFAULTS.validation_fraction,
+  'Share of train held out for validation when the dataset has none.',
+)
+_STORE_SIZE = flags.DEFINE_integer(
+  'store_size', 0, 'Store images squashed to (S, S); 0 = as they are.'
+)
+_MISSING_MASKS = flags.DEFINE_enum(
+  'missing_masks',
+  _DEFAULTS.missing_masks,
+  list(config_lib.MISSING_MASK_POLICIES),
+  'folder: what a row without a mask file gets.',
+)
+_RESIZE_MASKS = flags.DEFINE_bool(
+  'resize_masks', False, 'folder: resize masks of another size than the image.'
+)
+_SKIP_BAD_IMAGES = flags.DEFINE_bool(
+  'skip_bad_images', False, 'folder: skip unreadable images (and count them).'
+)
+_DOWNLOAD_MIRROR = flags.DEFINE_string(
+  'download_mirror', '', 'Base URL serving the official archive names.'
 )
 
 
 def split_sizes(
-  dataset: str, *, manual_dir: str, data_dir: str, validation_fraction: float
+  dataset: str,
+  *,
+  manual_dir: str,
+  data_dir: str,
+  validation_fraction: float,
+  **options,
 ) -> dict[str, int]:
-  """Prepares `dataset` if needed and returns its split sizes."""
-  builder = input_pipeline.prepare_dataset(
-    dataset, manual_dir=manual_dir, data_dir=data_dir
-  )
-  if dataset == input_pipeline.OOD_DATASET:
-    return {
-      name: split.num_examples for name, split in builder.info.splits.items()
-    }
-  config = input_pipeline.default_config()
+  """Prepares `dataset` if needed and returns its split sizes.
+
+  `options` are further `config.data` fields (store_size, missing_masks, ...).
+  """
+  config = config_lib.default_config()
   config.update(
     dict(
       name=dataset,
       manual_dir=manual_dir,
       tfds_data_dir=data_dir,
       validation_fraction=validation_fraction,
+      task=next(iter(DATASETS[dataset].tasks)),
+      **options,
     )
   )
-  return input_pipeline.split_sizes(config)
+  builder = data_lib.prepare_from_config(config)
+  if dataset == data_lib.OOD_DATASET:
+    return {
+      name: split.num_examples for name, split in builder.info.splits.items()
+    }
+  return data_lib.split_sizes(config)
 
 
 def main(argv):
@@ -71,6 +104,11 @@ def main(argv):
     manual_dir=_MANUAL_DIR.value,
     data_dir=_DATA_DIR.value,
     validation_fraction=_VALIDATION_FRACTION.value,
+    store_size=_STORE_SIZE.value,
+    missing_masks=_MISSING_MASKS.value,
+    resize_masks=_RESIZE_MASKS.value,
+    skip_bad_images=_SKIP_BAD_IMAGES.value,
+    download_mirror=_DOWNLOAD_MIRROR.value,
   )
   print(json.dumps(sizes), flush=True)
 

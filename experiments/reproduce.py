@@ -153,7 +153,7 @@ def dataset_dir(dataset: str, out: str, pets_dir: str) -> str:
 
 def ensure_spurious(out: str, pets_dir: str, correlation: float) -> str:
   """Builds the spurious benchmark under OUT/data/spurious once."""
-  from cco_jax import spurious  # pylint: disable=g-import-not-at-top
+  from cco_jax.data import spurious  # pylint: disable=g-import-not-at-top
 
   target = dataset_dir('spurious', out, pets_dir)
   if not os.path.exists(os.path.join(target, spurious.METADATA_FILE)):

@@ -33,7 +33,7 @@ from synthetic_data import data_config  # noqa: E402
 from synthetic_data import write_synthetic_cats_vs_dogs  # noqa: E402
 from synthetic_data import write_synthetic_pets  # noqa: E402
 
-from cco_jax import input_pipeline  # noqa: E402
+from cco_jax import data as input_pipeline  # noqa: E402
 
 
 def _session_dir(tmp_path_factory, name: str, write=None) -> Path:

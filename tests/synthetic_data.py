@@ -17,11 +17,12 @@ import io
 import os
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 from PIL import Image
 
-from cco_jax import input_pipeline
-from cco_jax.datasets import oxford_iiit_pet
+from cco_jax import data as input_pipeline
+from cco_jax.data.datasets import oxford_iiit_pet
 
 SHARED_DATA = Path(
   os.environ.get(
@@ -155,7 +156,7 @@ def write_synthetic_cats_vs_dogs(root: Path) -> Path:
   return root
 
 
-def data_config(**overrides) -> input_pipeline.ml_collections.ConfigDict:
+def data_config(**overrides) -> ml_collections.ConfigDict:
   """`default_config()` with `overrides`, small images and in-process reading."""
   config = input_pipeline.default_config()
   config.update(dict(image_size=32, prefetch=0), **overrides)

@@ -14,9 +14,9 @@ import pytest
 import synthetic_data as df
 import tensorflow_datasets as tfds
 
-from cco_jax import input_pipeline
-from cco_jax.datasets import cats_vs_dogs
-from cco_jax.datasets import oxford_iiit_pet
+from cco_jax import data as input_pipeline
+from cco_jax.data.datasets import cats_vs_dogs
+from cco_jax.data.datasets import oxford_iiit_pet
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,8 +9,8 @@ import pytest
 import synthetic_data
 from test_train import tiny_config
 
+from cco_jax import data as input_pipeline
 from cco_jax import evaluation as ev
-from cco_jax import input_pipeline
 from cco_jax import train
 from experiments import evaluate as evaluate_cli
 from experiments import reproduce

@@ -7,7 +7,10 @@ from PIL import Image
 import pytest
 import synthetic_data as df
 
-from cco_jax import input_pipeline as ip
+from cco_jax import data as ip
+from cco_jax.data import cache as cache_lib
+from cco_jax.data import pipeline
+from cco_jax.data import sources
 
 CAM = (4, 4)
 # The two ways training batches are rendered.
@@ -17,7 +20,7 @@ TRAIN_PATHS = pytest.mark.parametrize(
     dict(augment_crop=True),  # Per-example rendering (Pillow).
     dict(
       cache_decoded=True, augment_crop=False
-    ),  # Whole-batch gathers (_CachedBatches).
+    ),  # Whole-batch gathers (cache.CachedBatches).
   ],
   ids=['per_example', 'cached_batches'],
 )
@@ -117,7 +120,9 @@ def test_train_batch_shapes_dtypes_and_ranges(synthetic_config):
     synthetic_config(), cam_size=CAM, global_batch_size=8, num_devices=4, seed=0
   )
   batch = next(iterator)
-  assert set(batch) == {'image', 'mask', 'label'}
+  assert set(batch) == {'image', 'mask', 'label', 'group'}
+  # Pets without a spurious benchmark has one group: every example is 0.
+  assert batch['group'].dtype == np.int32 and not batch['group'].any()
   assert batch['image'].shape == (4, 2, 32, 32, 3)
   assert batch['mask'].shape == (4, 2, *CAM)
   assert batch['label'].shape == (4, 2)
@@ -289,6 +294,7 @@ def test_cached_array_path_equals_the_pillow_path(mask_resize, size, cam):
       'fg': Image.fromarray(fgs[i]),
       'label': i % 2,
       'index': i,
+      'group': i % 3,
       'file_name': f'{i}.jpg',
     }
     for i in range(n)
@@ -301,28 +307,35 @@ def test_cached_array_path_equals_the_pillow_path(mask_resize, size, cam):
     def __getitem__(self, i):
       return source[i]
 
-  cached = ip._cache(_List(), size, cam_size=cam, mask_resize=mask_resize)
-  assert cached.cam_masks.shape == (n, *cam)
-  np.testing.assert_array_equal(cached.cam_masks[-1], np.ones(cam, np.float32))
+  cached = cache_lib.build_cache(
+    _List(), size, cam_size=cam, mask_resize=mask_resize, with_pixel_mask=True
+  )
+  assert cached.masks.shape == (n, *cam)
+  np.testing.assert_array_equal(cached.masks[-1], np.ones(cam, np.float32))
   for i in range(n):
     item = cached[i]
     for flip in (False, True):
       for normalize in (False, True):
-        fast = ip._cached_model_input(item, normalize=normalize, flip=flip)
+        fast = cache_lib.cached_model_input(
+          item, normalize=normalize, flip=flip
+        )
         slow = ip.to_model_input(
-          ip._as_images(item),
+          cache_lib.as_images(item),
           image_size=size,
           cam_size=cam,
           mask_resize=mask_resize,
           normalize=normalize,
-          with_pixel_mask=False,
+          with_pixel_mask=True,
+          pixel_mask_empty_as_ones=True,
           flip=flip,
         )
-        for key in ('image', 'mask', 'label', 'index'):
+        keys = ('image', 'mask', 'pixel_mask', 'label', 'index', 'group')
+        assert set(keys) <= set(fast)
+        for key in keys:
           assert fast[key].dtype == slow[key].dtype, key
           np.testing.assert_array_equal(fast[key], slow[key], err_msg=key)
   # Whole batches render each example as `_cached_model_input` does.
-  batches = ip._CachedBatches(
+  batches = cache_lib.CachedBatches(
     cached,
     batch_size=4,
     num_devices=2,
@@ -330,7 +343,7 @@ def test_cached_array_path_equals_the_pillow_path(mask_resize, size, cam):
     augment_seed=4,
     flip=True,
     normalize=True,
-    keys=('image', 'mask', 'label', 'index'),
+    keys=('image', 'mask', 'pixel_mask', 'label', 'index', 'group'),
   )
   flipped = 0
   for k in range(5):  # 20 examples: three epochs of 6 and part of a fourth.
@@ -343,7 +356,7 @@ def test_cached_array_path_equals_the_pillow_path(mask_resize, size, cam):
         for key, value in batch.items()
       }
       candidates = [
-        ip._cached_model_input(cached[position], normalize=True, flip=f)
+        cache_lib.cached_model_input(cached[position], normalize=True, flip=f)
         for f in (False, True)
       ]
       matches = [
@@ -357,6 +370,68 @@ def test_cached_array_path_equals_the_pillow_path(mask_resize, size, cam):
   )  # Two epochs.
   for epoch in np.split(stream, 2):
     np.testing.assert_array_equal(np.sort(epoch), np.arange(n))
+
+
+@pytest.mark.parametrize('policy', ['all_ones', 'drop'])
+@pytest.mark.parametrize('mask_resize', ['nearest', 'area'])
+def test_cached_and_uncached_paths_give_identical_batches(
+  synthetic_config, policy, mask_resize
+):
+  # Same examples, order, flips, images and masks (CAM and pixel), whether
+  # decoded per example or gathered from the RAM cache; the empty-mask policy
+  # is applied the same way (decided on the full-resolution foreground).
+  def batches(cache):
+    config = synthetic_config(
+      cache_decoded=cache,
+      augment_flip=True,
+      empty_mask_policy=policy,
+      mask_resize=mask_resize,
+      pixel_masks=True,
+    )
+    iterator = ip.create_train_iterator(
+      config,
+      cam_size=(3, 5),
+      global_batch_size=10,
+      num_devices=2,
+      seed=7,
+      with_index=True,
+    )
+    return _take(iterator, 6)  # Two epochs and more.
+
+  pillow, cached = batches(False), batches(True)
+  for x, y in zip(pillow, cached):
+    assert (
+      set(x)
+      == set(y)
+      == {'image', 'mask', 'pixel_mask', 'label', 'group', 'index'}
+    )
+    for key in x:
+      assert x[key].dtype == y[key].dtype, key
+      np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+  config = synthetic_config(mask_resize=mask_resize)
+  source = ip.load_split_sources(config, ['train'])['train']
+  empty = set(pipeline.empty_mask_positions(source, config, cam_size=(3, 5)))
+  assert len(empty) == df.NUM_EMPTY_DEFAULT
+  seen = {}
+  for batch in pillow:
+    for i, mask, pixel in zip(
+      batch['index'].ravel(),
+      batch['mask'].reshape(-1, 3, 5),
+      batch['pixel_mask'].reshape(-1, 32, 32),
+    ):
+      seen[int(i)] = (mask, pixel)
+  if policy == 'drop':
+    assert not empty & set(seen)
+    assert len(seen) == NUM_TRAIN - len(empty)
+  else:
+    assert empty <= set(seen)
+    for i in empty:
+      np.testing.assert_array_equal(seen[i][0], np.ones((3, 5)))
+      np.testing.assert_array_equal(seen[i][1], np.ones((32, 32)))
+  flipped = [
+    np.array_equal(pixel[:, ::-1], pixel) for _, pixel in seen.values()
+  ]
+  assert not all(flipped)  # Foregrounds are not symmetric.
 
 
 # ----------------------------------------------------------------------------
@@ -417,13 +492,13 @@ def test_nearest_masks_are_binary_and_area_masks_soft(synthetic_config):
 def test_empty_masks_become_ones_or_are_dropped(synthetic_config):
   config = synthetic_config()
   source = ip.load_split_sources(config, ['train'])['train']
-  empty = ip.empty_mask_positions(source, config, cam_size=CAM)
-  names = {ip._as_str(source[int(i)]['file_name']) for i in empty}
+  empty = pipeline.empty_mask_positions(source, config, cam_size=CAM)
+  names = {sources.as_str(source[int(i)]['file_name']) for i in empty}
   assert names == {f'{df.EMPTY_TRIMAP}.jpg', f'{df.BOUNDARY_ONLY}.jpg'}
   with_boundary = synthetic_config(boundary_is_foreground=True)
   assert [
-    ip._as_str(source[int(i)]['file_name'])
-    for i in ip.empty_mask_positions(source, with_boundary, cam_size=CAM)
+    sources.as_str(source[int(i)]['file_name'])
+    for i in pipeline.empty_mask_positions(source, with_boundary, cam_size=CAM)
   ] == [f'{df.EMPTY_TRIMAP}.jpg']
 
   def seen(config):

@@ -11,9 +11,9 @@ from PIL import Image
 import pytest
 import synthetic_data
 
-from cco_jax import input_pipeline
-from cco_jax import spurious
-from cco_jax.datasets import oxford_iiit_pet
+from cco_jax import data as input_pipeline
+from cco_jax.data import spurious
+from cco_jax.data.datasets import oxford_iiit_pet
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_LISTED = synthetic_data.NUM_TRAINVAL + synthetic_data.NUM_TEST

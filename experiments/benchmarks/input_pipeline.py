@@ -34,7 +34,7 @@ import numpy as np
 import PIL
 import tensorflow_datasets as tfds
 
-from cco_jax import input_pipeline
+from cco_jax import data as input_pipeline
 
 _SHARED = Path(__file__).resolve().parents[2].parent / 'shared' / 'data'
 _MANUAL_DIR = flags.DEFINE_string(

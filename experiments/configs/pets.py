@@ -26,26 +26,13 @@ the config is locked, so a misspelt key is an error.
 
 import ml_collections
 
+from cco_jax.data import config as data_config
+
 
 def get_data_config() -> ml_collections.ConfigDict:
-  """The data fields read by `cco_jax.input_pipeline` (see its docstring)."""
-  data = ml_collections.ConfigDict()
-  data.name = 'oxford_iiit_pet'
-  data.manual_dir = ''  # Local Pets in the official layout; '' = download.
-  data.ood_manual_dir = ''  # Local Cats-vs-Dogs (PetImages/); '' = download.
-  data.tfds_data_dir = ''  # Where prepared data lives; '' = TFDS default.
-  data.task = 'species'  # 'species' (2 classes) or 'breed' (37).
-  data.image_size = 224  # Images are squashed to image_size^2.
-  data.validation_fraction = 0.1
-  data.boundary_is_foreground = False
-  data.mask_resize = 'nearest'  # Or 'area' (soft masks).
-  data.empty_mask_policy = 'all_ones'  # Or 'drop'.
-  data.normalize = False  # The seed used [0, 1] without mean/std.
-  data.augment_flip = False
-  data.augment_crop = False
-  data.num_workers = 0
-  data.prefetch = 2
-  data.shuffle_seed_offset = 0
+  """`config.data`: the library's defaults (`cco_jax.data.config`) and the
+  RAM cache."""
+  data = data_config.default_config()
   # Decode and squash each training image once and keep it in RAM (~150 kB at
   # 224 px: ~0.5 GB for Pets trainval); uncropped batches are then one array
   # gather (~1 % of a CPU step, thousands of images/s at 224 px): without it,

@@ -27,12 +27,15 @@ import warnings
 
 from absl import logging
 from etils import epath
-from PIL import Image
 import tensorflow_datasets as tfds
 
-from cco_jax.datasets.oxford_iiit_pet import code_path_property
-from cco_jax.datasets.oxford_iiit_pet import ordered_parallel_map
-from cco_jax.datasets.oxford_iiit_pet import rgb_jpeg_bytes
+from cco_jax.data.datasets.common import UNREADABLE as _UNREADABLE
+from cco_jax.data.datasets.common import ProjectBuilder
+from cco_jax.data.datasets.common import code_path_property
+from cco_jax.data.datasets.common import manual_dir_or_none
+from cco_jax.data.datasets.common import mirrored
+from cco_jax.data.datasets.common import ordered_parallel_map
+from cco_jax.data.datasets.common import rgb_jpeg_bytes
 
 URL = (
   'https://download.microsoft.com/download/3/E/1/'
@@ -51,7 +54,6 @@ MANUAL_DIR_HINT = (
 )
 
 _NUMBER = re.compile(r'\d+')
-_UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def find_pet_images(path: os.PathLike[str] | str) -> epath.Path:
@@ -111,7 +113,7 @@ def _read(item: tuple[int, epath.Path]):
   return species, path, jpeg, reencoded
 
 
-class CatsVsDogsOod(tfds.core.GeneratorBasedBuilder):
+class CatsVsDogsOod(ProjectBuilder):
   """Microsoft Cats-vs-Dogs, undecodable files skipped; no TensorFlow needed."""
 
   VERSION = tfds.core.Version('1.0.0')
@@ -151,16 +153,17 @@ class CatsVsDogsOod(tfds.core.GeneratorBasedBuilder):
     self, dl_manager: tfds.download.DownloadManager
   ) -> epath.Path:
     """`PetImages` of a non-empty manual directory, else of the download."""
-    try:
-      manual_dir = dl_manager.manual_dir
-    except AssertionError:  # No manual directory, or an empty one.
-      manual_dir = None
+    manual_dir = manual_dir_or_none(dl_manager)
     if manual_dir is not None:
       pet_images = find_pet_images(manual_dir)
       self.info.metadata['source'] = os.fspath(epath.Path(manual_dir).resolve())
       return pet_images
     self.info.metadata['source'] = 'download'
-    return find_pet_images(dl_manager.download_and_extract(URL))
+    return find_pet_images(
+      dl_manager.download_and_extract(
+        mirrored(URL, self.options.download_mirror)
+      )
+    )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     return {'train': self._generate_examples(self._pet_images(dl_manager))}
@@ -168,12 +171,19 @@ class CatsVsDogsOod(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, pet_images: epath.Path):
     """Yields ('Cat/123.jpg', example) for each decodable file."""
     files = list_files(pet_images)
+
+    def read(item):
+      species, path, jpeg, was_reencoded = _read(item)
+      if jpeg is not None:
+        jpeg = self.stored(jpeg)[0]
+      return species, path, jpeg, was_reencoded
+
     skipped, reencoded = [], []
     with warnings.catch_warnings():
       # Pillow warns about the many broken EXIF blocks of this release.
       warnings.simplefilter('ignore', UserWarning)
       for species, path, jpeg, was_reencoded in ordered_parallel_map(
-        _read, files
+        read, files
       ):
         file_name = f'{CLASSES[species]}/{path.name}'
         if jpeg is None:

@@ -1,29 +1,32 @@
 """TFDS builders of the project's datasets, prepared without TensorFlow.
 
-Importing this package registers two TFDS builders, named so that they do not
-clash with TFDS's own `oxford_iiit_pet` and `cats_vs_dogs`:
+Importing this package registers the TFDS builders, named so that they do not
+clash with TFDS's own datasets:
 
   oxford_iiit_pet_masks  Oxford-IIIT Pet: image, trimap, breed, species.
   cats_vs_dogs_ood       Microsoft Cats-vs-Dogs: image, species (OOD test set).
 
 `DATASETS` maps the project's dataset names (the values of `config.data.name`
-and of `experiments.prepare --dataset`) to a `DatasetInfo` entry; it is the one
-place where a new dataset is registered.
+and of `experiments.prepare --dataset`) to a `DatasetEntry`; it is the one
+place where a new dataset is registered. Helpers the builders share are in
+`common`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 import dataclasses
 import types
 
 from etils import epath
 import tensorflow_datasets as tfds
 
-from cco_jax.datasets import cats_vs_dogs
-from cco_jax.datasets import oxford_iiit_pet
-from cco_jax.datasets.cats_vs_dogs import CatsVsDogsOod
-from cco_jax.datasets.oxford_iiit_pet import OxfordIiitPetMasks
+from cco_jax.data.datasets import cats_vs_dogs
+from cco_jax.data.datasets import common
+from cco_jax.data.datasets import oxford_iiit_pet
+from cco_jax.data.datasets.cats_vs_dogs import CatsVsDogsOod
+from cco_jax.data.datasets.common import PrepareOptions
+from cco_jax.data.datasets.oxford_iiit_pet import OxfordIiitPetMasks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,16 +34,22 @@ class DatasetEntry:
   """How the project builds and checks one dataset.
 
   Attributes:
-    builder_cls: the TFDS builder class.
+    builder_cls: the TFDS builder class (takes `options=PrepareOptions`).
     check_manual_dir: raises ValueError unless a directory has the layout.
-    has_masks: whether examples carry a 'segmentation_mask' trimap.
+    has_masks: whether examples carry a 'segmentation_mask', a trimap in the
+      Pets convention (1 = object, 2 = background, 3 = boundary): builders of
+      binary masks store 1 / 2.
     splits: the TFDS splits the builder writes.
+    tasks: {task (`config.data.task`): the feature holding its label}.
+    needs_manual_dir: the data cannot be downloaded.
   """
 
   builder_cls: type[tfds.core.GeneratorBasedBuilder]
   check_manual_dir: Callable[[str], epath.Path]
   has_masks: bool
   splits: tuple[str, ...]
+  tasks: Mapping[str, str]
+  needs_manual_dir: bool = False
 
 
 DATASETS = types.MappingProxyType(
@@ -50,12 +59,14 @@ DATASETS = types.MappingProxyType(
       check_manual_dir=oxford_iiit_pet.check_manual_dir,
       has_masks=True,
       splits=('train', 'test'),
+      tasks={'species': 'species', 'breed': 'label'},
     ),
     'cats_vs_dogs': DatasetEntry(
       builder_cls=CatsVsDogsOod,
       check_manual_dir=cats_vs_dogs.check_manual_dir,
       has_masks=False,
       splits=('train',),
+      tasks={'species': 'species'},
     ),
   }
 )
@@ -65,6 +76,8 @@ __all__ = [
   'DatasetEntry',
   'CatsVsDogsOod',
   'OxfordIiitPetMasks',
+  'PrepareOptions',
   'cats_vs_dogs',
+  'common',
   'oxford_iiit_pet',
 ]

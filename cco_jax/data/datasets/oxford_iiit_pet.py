@@ -36,14 +36,10 @@ compression); anything else is decoded, converted to RGB and re-encoded as a JPE
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-import concurrent.futures
 import dataclasses
-import inspect
 import io
-import itertools
+import json
 import os
-from typing import TypeVar
 
 from absl import logging
 from etils import epath
@@ -51,8 +47,14 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-_T = TypeVar('_T')
-_S = TypeVar('_S')
+from cco_jax.data.datasets.common import JPEG_QUALITY  # noqa: F401
+from cco_jax.data.datasets.common import ProjectBuilder
+from cco_jax.data.datasets.common import code_path_property
+from cco_jax.data.datasets.common import image_size as _image_size
+from cco_jax.data.datasets.common import manual_dir_or_none
+from cco_jax.data.datasets.common import mirrored
+from cco_jax.data.datasets.common import ordered_parallel_map
+from cco_jax.data.datasets.common import rgb_jpeg_bytes
 
 IMAGES_URL = 'https://thor.robots.ox.ac.uk/~vgg/data/pets/images.tar.gz'
 ANNOTATIONS_URL = (
@@ -104,8 +106,6 @@ SPECIES = ('cat', 'dog')
 # Trimap pixel values.
 TRIMAP_PET, TRIMAP_BACKGROUND, TRIMAP_BOUNDARY = 1, 2, 3
 
-JPEG_QUALITY = 95
-
 LAYOUT = (
   'DIR/images/<NAME>.jpg, DIR/annotations/trimaps/<NAME>.png and the split '
   'lists DIR/annotations/trainval.txt and DIR/annotations/test.txt (lines '
@@ -117,12 +117,13 @@ MANUAL_DIR_HINT = (
   '--dataset=oxford_iiit_pet) or config.data.manual_dir to such a directory, '
   'or leave it empty to download the official archives.'
 )
+# The spurious-background benchmark's groups (species x background kind).
+SPURIOUS_METADATA = 'spurious.json'
+SPURIOUS_KINDS = ('smooth', 'textured')
+SPURIOUS_GROUP_NAMES = tuple(
+  f'{species}/{kind}' for species in SPECIES for kind in SPURIOUS_KINDS
+)
 SPLIT_FILES = {'train': 'trainval.txt', 'test': 'test.txt'}
-
-# Threads that validate and re-encode images while preparing (Pillow releases
-# the GIL while decoding), and how many images each batch of work holds.
-_NUM_THREADS = max(1, min(8, os.cpu_count() or 1))
-_CHUNK_SIZE = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +175,23 @@ def check_manual_dir(path: os.PathLike[str] | str) -> epath.Path:
   return root
 
 
+def spurious_kinds(root: epath.Path) -> dict[str, str] | None:
+  """{image name: background kind} of a spurious-background benchmark.
+
+  `root/spurious.json` is written by `cco_jax.data.spurious.make_benchmark`;
+  None when `root` has none (the plain Pets release).
+  """
+  path = root / SPURIOUS_METADATA
+  if not path.exists():
+    return None
+  return json.loads(path.read_text())['kinds']
+
+
+def spurious_group(entry: ListEntry, kinds: dict[str, str]) -> int:
+  """species x background kind -> an index into `SPURIOUS_GROUP_NAMES`."""
+  return 2 * entry.species + SPURIOUS_KINDS.index(kinds[entry.name])
+
+
 def read_split_list(path: os.PathLike[str] | str) -> list[ListEntry]:
   """Parses an official split list, skipping blank lines and '#' comments.
 
@@ -216,41 +234,6 @@ def _parse_line(line: str) -> ListEntry | None:
   return ListEntry(name=name, label=class_id - 1, species=species - 1)
 
 
-def rgb_jpeg_bytes(
-  data: bytes, *, quality: int = JPEG_QUALITY
-) -> tuple[bytes, bool]:
-  """Returns `data` as the bytes of a decodable RGB JPEG.
-
-  A file that is already an RGB JPEG and decodes completely is returned
-  unchanged; any other image Pillow can read (GIF, PNG, RGBA, CMYK, greyscale)
-  is converted to RGB and re-encoded.
-
-  Args:
-    data: the bytes of an image file.
-    quality: JPEG quality used when re-encoding.
-
-  Returns:
-    (jpeg_bytes, reencoded).
-
-  Raises:
-    PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError: when Pillow
-      cannot decode `data` (empty, truncated or not an image).
-  """
-  with Image.open(io.BytesIO(data)) as image:
-    image.load()  # Decodes everything: truncated files fail here.
-    if image.format == 'JPEG' and image.mode == 'RGB':
-      return data, False
-    if image.mode in ('RGBA', 'LA') or (
-      image.mode == 'P' and 'transparency' in image.info
-    ):
-      image = image.convert('RGBA')
-      # Alpha is dropped, as TFDS's own builder does.
-    rgb = image.convert('RGB')
-  buffer = io.BytesIO()
-  rgb.save(buffer, format='JPEG', quality=quality)
-  return buffer.getvalue(), True
-
-
 def trimap_png_bytes(data: bytes, size: tuple[int, int]) -> tuple[bytes, bool]:
   """Returns a trimap as single-channel PNG bytes of the image's `size`.
 
@@ -278,39 +261,7 @@ def trimap_png_bytes(data: bytes, size: tuple[int, int]) -> tuple[bytes, bool]:
   return buffer.getvalue(), True
 
 
-def ordered_parallel_map(
-  fn: Callable[[_T], _S],
-  items: Iterable[_T],
-  *,
-  num_threads: int = _NUM_THREADS,
-  chunk_size: int = _CHUNK_SIZE,
-) -> Iterator[_S]:
-  """Yields `fn(item)` for each item, in order, computed by a thread pool.
-
-  At most `chunk_size` results are held at once, so memory stays bounded.
-  """
-  items = iter(items)
-  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-    while chunk := list(itertools.islice(items, chunk_size)):
-      yield from pool.map(fn, chunk)
-
-
-def _code_path(cls) -> epath.Path:
-  return epath.Path(inspect.getfile(cls))
-
-
-# TFDS 4.9.10 locates a builder's source through `importlib_resources`, a
-# package it does not install on Python >= 3.9, unless the builder lives in a
-# zip app; builders outside TFDS's own tree therefore set `code_path` directly.
-code_path_property = tfds.core.utils.classproperty(classmethod(_code_path))
-
-
-def _image_size(jpeg: bytes) -> tuple[int, int]:
-  with Image.open(io.BytesIO(jpeg)) as image:
-    return image.size
-
-
-class OxfordIiitPetMasks(tfds.core.GeneratorBasedBuilder):
+class OxfordIiitPetMasks(ProjectBuilder):
   """Oxford-IIIT Pet: images, trimaps, breed and species; no TensorFlow needed."""
 
   VERSION = tfds.core.Version('1.0.0')
@@ -361,16 +312,16 @@ class OxfordIiitPetMasks(tfds.core.GeneratorBasedBuilder):
     self, dl_manager: tfds.download.DownloadManager
   ) -> tuple[epath.Path, epath.Path]:
     """(images_dir, annotations_dir) of a non-empty manual dir, else downloads."""
-    try:
-      manual_dir = dl_manager.manual_dir
-    except AssertionError:  # No manual directory, or an empty one.
-      manual_dir = None
+    manual_dir = manual_dir_or_none(dl_manager)
     if manual_dir is not None:
       root = check_manual_dir(manual_dir)
       self.info.metadata['source'] = os.fspath(root.resolve())
       return root / 'images', root / 'annotations'
     paths = dl_manager.download_and_extract(
-      {'images': IMAGES_URL, 'annotations': ANNOTATIONS_URL}
+      {
+        'images': mirrored(IMAGES_URL, self.options.download_mirror),
+        'annotations': mirrored(ANNOTATIONS_URL, self.options.download_mirror),
+      }
     )
     self.info.metadata['source'] = 'download'
     return (
@@ -383,6 +334,9 @@ class OxfordIiitPetMasks(tfds.core.GeneratorBasedBuilder):
     self.info.metadata['reencoded_images'] = []
     self.info.metadata['fixed_trimaps'] = []
     self.info.metadata['splits'] = {}
+    kinds = spurious_kinds(annotations_dir.parent)
+    if kinds is not None:
+      self.info.metadata['group_names'] = list(SPURIOUS_GROUP_NAMES)
     splits = {}
     for split, list_file in SPLIT_FILES.items():
       entries = read_split_list(annotations_dir / list_file)
@@ -390,6 +344,10 @@ class OxfordIiitPetMasks(tfds.core.GeneratorBasedBuilder):
         'file_names': [f'{e.name}.jpg' for e in entries],
         'labels': [e.label for e in entries],
       }
+      if kinds is not None:
+        self.info.metadata['splits'][split]['groups'] = [
+          spurious_group(e, kinds) for e in entries
+        ]
       splits[split] = self._generate_examples(
         images_dir, annotations_dir / 'trimaps', entries
       )
@@ -416,6 +374,7 @@ class OxfordIiitPetMasks(tfds.core.GeneratorBasedBuilder):
       trimap, fixed = trimap_png_bytes(
         trimap_path.read_bytes(), _image_size(image)
       )
+      image, trimap = self.stored(image, trimap)
       return entry, image, reencoded, trimap, fixed
 
     for entry, image, reencoded, trimap, fixed in ordered_parallel_map(

@@ -41,7 +41,8 @@ import shutil
 import numpy as np
 from PIL import Image
 
-from cco_jax.datasets import oxford_iiit_pet
+from cco_jax.data.datasets import common
+from cco_jax.data.datasets import oxford_iiit_pet
 
 JPEG_QUALITY = 95
 SMOOTH, TEXTURED = 'smooth', 'textured'
@@ -319,7 +320,7 @@ def make_benchmark(
     raise ValueError(f'{pets_dir}: an image is listed twice in trainval/test.')
 
   threads = {} if num_threads is None else {'num_threads': num_threads}
-  for _ in oxford_iiit_pet.ordered_parallel_map(
+  for _ in common.ordered_parallel_map(
     lambda name: _render(
       pets_dir, out_dir, name, kinds[name], seed, jpeg_quality
     ),

@@ -1,0 +1,64 @@
+"""The data layer: datasets, preparation, transforms and input pipelines.
+
+One job per module:
+  config      the schema and defaults of `config.data` (`default_config`).
+  sources     preparing datasets, where prepared data lives, opening splits
+              and the validation carve.
+  info        split sizes, class names and group names of a configured dataset.
+  transforms  decode, crop, squash, masks on the CAM grid.
+  order       which example and which augmentation at each stream position.
+  cache       the RAM cache of decoded, squashed training examples.
+  pipeline    the training and evaluation iterators.
+  datasets    the TFDS builders (no TensorFlow) and their shared helpers.
+  spurious    the spurious-background benchmark built from Pets.
+
+The names below are the public API the trainer and the experiments use.
+"""
+
+from cco_jax.data.config import IMAGENET_MEAN
+from cco_jax.data.config import IMAGENET_STD
+from cco_jax.data.config import default_config  # noqa: I001
+from cco_jax.data.info import class_names
+from cco_jax.data.info import group_names
+from cco_jax.data.info import num_classes
+from cco_jax.data.info import num_examples
+from cco_jax.data.info import split_sizes
+from cco_jax.data.pipeline import TrainIterator
+from cco_jax.data.pipeline import create_eval_iterator
+from cco_jax.data.pipeline import create_train_iterator
+from cco_jax.data.sources import OOD_DATASET
+from cco_jax.data.sources import carve_validation
+from cco_jax.data.sources import check_config
+from cco_jax.data.sources import load_split_sources
+from cco_jax.data.sources import prepare_dataset
+from cco_jax.data.sources import prepare_from_config
+from cco_jax.data.sources import prepare_options
+from cco_jax.data.sources import prepared_source
+from cco_jax.data.sources import resolve_data_dir
+from cco_jax.data.transforms import decode
+from cco_jax.data.transforms import to_model_input
+
+__all__ = [
+  'IMAGENET_MEAN',
+  'IMAGENET_STD',
+  'OOD_DATASET',
+  'TrainIterator',
+  'carve_validation',
+  'check_config',
+  'class_names',
+  'create_eval_iterator',
+  'create_train_iterator',
+  'decode',
+  'default_config',
+  'group_names',
+  'load_split_sources',
+  'num_classes',
+  'num_examples',
+  'prepare_dataset',
+  'prepare_from_config',
+  'prepare_options',
+  'prepared_source',
+  'resolve_data_dir',
+  'split_sizes',
+  'to_model_input',
+]

@@ -1,0 +1,217 @@
+"""Helpers shared by the project's TFDS builders (no TensorFlow needed).
+
+rgb_jpeg_bytes          any image file Pillow reads -> RGB JPEG bytes.
+ordered_parallel_map    a bounded, ordered thread-pool map for preparing.
+code_path_property      lets TFDS locate builders outside its own tree.
+manual_dir_or_none      the manual directory of a download manager, if any.
+squash_jpeg             store images pre-squashed (`data.store_size`).
+decode_mask_png         8-bit PNG of any mode -> uint8 (H, W) values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+import concurrent.futures
+import dataclasses
+import inspect
+import io
+import itertools
+import os
+from typing import TypeVar
+
+from etils import epath
+import numpy as np
+from PIL import Image
+import tensorflow_datasets as tfds
+
+_T = TypeVar('_T')
+_S = TypeVar('_S')
+
+JPEG_QUALITY = 95
+# Errors Pillow raises on files that are empty, truncated or not images.
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+# Threads that validate and re-encode images while preparing (Pillow releases
+# the GIL while decoding), and how many images each batch of work holds.
+_NUM_THREADS = max(1, min(8, os.cpu_count() or 1))
+_CHUNK_SIZE = 64
+
+
+def rgb_jpeg_bytes(
+  data: bytes, *, quality: int = JPEG_QUALITY
+) -> tuple[bytes, bool]:
+  """Returns `data` as the bytes of a decodable RGB JPEG.
+
+  A file that is already an RGB JPEG and decodes completely is returned
+  unchanged; any other image Pillow can read (GIF, PNG, RGBA, CMYK, greyscale)
+  is converted to RGB and re-encoded.
+
+  Args:
+    data: the bytes of an image file.
+    quality: JPEG quality used when re-encoding.
+
+  Returns:
+    (jpeg_bytes, reencoded).
+
+  Raises:
+    PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError: when Pillow
+      cannot decode `data` (empty, truncated or not an image).
+  """
+  with Image.open(io.BytesIO(data)) as image:
+    image.load()  # Decodes everything: truncated files fail here.
+    if image.format == 'JPEG' and image.mode == 'RGB':
+      return data, False
+    if image.mode in ('RGBA', 'LA') or (
+      image.mode == 'P' and 'transparency' in image.info
+    ):
+      image = image.convert('RGBA')
+      # Alpha is dropped, as TFDS's own builder does.
+    rgb = image.convert('RGB')
+  buffer = io.BytesIO()
+  rgb.save(buffer, format='JPEG', quality=quality)
+  return buffer.getvalue(), True
+
+
+def ordered_parallel_map(
+  fn: Callable[[_T], _S],
+  items: Iterable[_T],
+  *,
+  num_threads: int = _NUM_THREADS,
+  chunk_size: int = _CHUNK_SIZE,
+) -> Iterator[_S]:
+  """Yields `fn(item)` for each item, in order, computed by a thread pool.
+
+  At most `chunk_size` results are held at once, so memory stays bounded.
+  """
+  items = iter(items)
+  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+    while chunk := list(itertools.islice(items, chunk_size)):
+      yield from pool.map(fn, chunk)
+
+
+def _code_path(cls) -> epath.Path:
+  return epath.Path(inspect.getfile(cls))
+
+
+# TFDS 4.9.10 locates a builder's source through `importlib_resources`, a
+# package it does not install on Python >= 3.9, unless the builder lives in a
+# zip app; builders outside TFDS's own tree therefore set `code_path` directly.
+code_path_property = tfds.core.utils.classproperty(classmethod(_code_path))
+
+
+def manual_dir_or_none(
+  dl_manager: tfds.download.DownloadManager,
+) -> epath.Path | None:
+  """The manual directory of `dl_manager`; None when unset or empty."""
+  try:
+    return epath.Path(dl_manager.manual_dir)
+  except AssertionError:  # No manual directory, or an empty one.
+    return None
+
+
+def image_size(jpeg: bytes) -> tuple[int, int]:
+  """(width, height) of encoded image bytes, without decoding the pixels."""
+  with Image.open(io.BytesIO(jpeg)) as image:
+    return image.size
+
+
+def squash_jpeg(
+  jpeg: bytes, size: int, *, quality: int = JPEG_QUALITY
+) -> bytes:
+  """An image squashed to (size, size) (bilinear), as JPEG bytes.
+
+  What `data.store_size` stores: the pipeline then decodes (S, S) JPEGs, which
+  is several times faster than decoding full-size ones.
+  """
+  with Image.open(io.BytesIO(jpeg)) as image:
+    image.draft('RGB', (size, size))
+    rgb = image.convert('RGB').resize((size, size), Image.Resampling.BILINEAR)
+  buffer = io.BytesIO()
+  rgb.save(buffer, format='JPEG', quality=quality)
+  return buffer.getvalue()
+
+
+def squash_mask_png(png: bytes, size: int) -> bytes:
+  """A single-channel PNG mask squashed to (size, size) (nearest)."""
+  with Image.open(io.BytesIO(png)) as mask:
+    values = np.asarray(mask)
+  resized = Image.fromarray(values.astype(np.uint8), mode='L').resize(
+    (size, size), Image.Resampling.NEAREST
+  )
+  return png_bytes(np.asarray(resized))
+
+
+def png_bytes(values: np.ndarray) -> bytes:
+  """uint8 (H, W) -> single-channel ('L') PNG bytes."""
+  buffer = io.BytesIO()
+  Image.fromarray(values.astype(np.uint8), mode='L').save(buffer, format='PNG')
+  return buffer.getvalue()
+
+
+def decode_mask_png(data: bytes) -> np.ndarray:
+  """An 8-bit PNG mask of any mode -> uint8 (H, W).
+
+  'L' and 'P' keep their stored values (for 'P', the palette indices); 'LA'
+  keeps its grey channel; 'RGB'/'RGBA' masks become grey ('L'), so a black and
+  white mask reads 0 / 255 whichever mode it was saved in; '1' reads 0 / 255.
+
+  Raises:
+    ValueError: a 16-bit or float PNG (modes 'I', 'I;16', 'F').
+  """
+  with Image.open(io.BytesIO(data)) as mask:
+    mask.load()
+    if mask.mode in ('L', 'P'):
+      return np.asarray(mask, np.uint8)
+    if mask.mode in ('1', 'LA', 'RGB', 'RGBA'):
+      return np.asarray(mask.convert('L'), np.uint8)
+    raise ValueError(
+      f'mask mode {mask.mode!r} is not 8-bit; save it as an 8-bit PNG '
+      "(mode 'L': 0 = background, >0 = object)."
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareOptions:
+  """Options that change what preparing writes (the `config.data` fields).
+
+  Attributes:
+    store_size: 0 = images as they are; S = squashed to (S, S) (JPEG, bilinear;
+      masks nearest).
+    missing_masks: 'folder': 'error', 'all_ones' or 'drop' a row without a
+      mask.
+    resize_masks: 'folder': resize a mask of another size than its image.
+    skip_bad_images: 'folder': skip unreadable images instead of failing.
+    download_mirror: '' or a base URL that serves the official file names.
+  """
+
+  store_size: int = 0
+  missing_masks: str = 'error'
+  resize_masks: bool = False
+  skip_bad_images: bool = False
+  download_mirror: str = ''
+
+
+def mirrored(url: str, mirror: str) -> str:
+  """`url`, or `mirror/<url's file name>` when a mirror is given."""
+  if not mirror:
+    return url
+  return f'{mirror.rstrip("/")}/{url.rsplit("/", 1)[-1]}'
+
+
+class ProjectBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A GeneratorBasedBuilder that takes the project's `PrepareOptions`."""
+
+  def __init__(self, *, options: PrepareOptions | None = None, **kwargs):
+    self.options = options or PrepareOptions()
+    super().__init__(**kwargs)
+
+  def stored(
+    self, image: bytes, mask: bytes | None = None
+  ) -> tuple[bytes, bytes | None]:
+    """(image, mask) as stored: squashed to `options.store_size` if > 0."""
+    size = self.options.store_size
+    if not size:
+      return image, mask
+    return squash_jpeg(image, size), (
+      None if mask is None else squash_mask_png(mask, size)
+    )

@@ -1,0 +1,437 @@
+"""Training and evaluation iterators: prepared TFDS data -> NumPy batches.
+
+Examples are read (`sources`), decoded and transformed (`transforms`) inside
+Grain, optionally from a RAM cache (`cache`), and batched as
+(num_devices, per_device_batch, ...) for pmap. No TensorFlow.
+
+Every batch carries 'group' int32 (D, b): the example's group, an index into
+`info.group_names(config.data)` (0 for datasets without groups). With
+`config.data.pixel_masks`, training batches also carry 'pixel_mask'.
+
+Empty masks: an example whose uncropped CAM mask (made from its
+full-resolution foreground) is empty gets an all-ones mask, for which ablated
+CE equals CE; with `empty_mask_policy='drop'` such examples are instead left
+out of the training split (evaluation always covers the whole split). The
+number of empty masks is counted and logged when a train iterator is built.
+The cached and the Pillow path apply this identically.
+
+Determinism: a train iterator is a pure function of (data, data_config, seed,
+batch geometry, process_index/count) (`cco_jax.data.order`): the k-th batch
+does not depend on the number of workers or threads, and
+`TrainIterator.get_state()` records k, so a restored iterator continues with
+exactly the remaining batches.
+
+Worker processes (num_workers > 0) are spawned by Grain and read absl flags;
+outside an absl app the flags are marked parsed so that defaults apply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+import dataclasses
+import functools
+import math
+from typing import Any
+
+from absl import logging
+import grain
+import ml_collections
+import numpy as np
+
+from cco_jax.data import batching
+from cco_jax.data import cache as cache_lib
+from cco_jax.data import config as config_lib
+from cco_jax.data import order
+from cco_jax.data import transforms
+from cco_jax.data.sources import SplitSource
+from cco_jax.data.sources import load_split_sources
+
+Batch = batching.Batch
+TrainIterator = batching.TrainIterator
+Example = transforms.Example
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoded:
+  """Decodes the records of a `SplitSource` on access (a Grain source)."""
+
+  source: SplitSource
+  task: str
+  boundary_is_foreground: bool
+  draft_size: int | None = None
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, i: int) -> Example:
+    return transforms.decode(
+      self.source[i],
+      task=self.task,
+      boundary_is_foreground=self.boundary_is_foreground,
+      draft_size=self.draft_size,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stream:
+  """The endless training stream over `source` (`cco_jax.data.order`)."""
+
+  source: Any  # Decoded or cache.Cached
+  shuffle_seed: int
+
+  def __len__(self) -> int:
+    return cache_lib.ENDLESS
+
+  def __getitem__(self, i: int) -> Example:
+    position = order.stream_positions([i], len(self.source), self.shuffle_seed)
+    return {**self.source[int(position[0])], 'stream': i}
+
+
+# ----------------------------------------------------------------------------
+# Training.
+# ----------------------------------------------------------------------------
+
+
+def empty_mask_positions(
+  source: SplitSource,
+  data_config: ml_collections.ConfigDict,
+  *,
+  cam_size: tuple[int, int],
+) -> np.ndarray:
+  """Positions in `source` whose uncropped CAM mask is empty.
+
+  Decodes only the masks, at full resolution. Returns a sorted int64 array.
+  """
+  if not source.has_masks:
+    return np.zeros(0, np.int64)
+
+  def empty(record: Example) -> bool:
+    fg = transforms.decode_foreground(
+      record, boundary_is_foreground=data_config.boundary_is_foreground
+    )
+    return transforms.is_empty(
+      transforms.cam_mask(fg, cam_size, data_config.mask_resize)
+    )
+
+  flags_ = (
+    grain.MapDataset.source(source)
+    .map(empty)
+    .to_iter_dataset(cache_lib.read_options(cache_lib.SCAN_THREADS))
+  )
+  return np.flatnonzero(np.fromiter(flags_, bool, count=len(source)))
+
+
+def _train_example(
+  example: Example,
+  *,
+  data_config: ml_collections.ConfigDict,
+  cam_size: tuple[int, int],
+  augment_seed: int,
+) -> Example:
+  """Draws this example's crop box and flip (`order.example_rng`), renders."""
+  rng = order.example_rng(augment_seed, example['stream'])
+  cached = 'image_array' in example
+  if cached:
+    height, width = example['image_array'].shape[:2]
+  else:
+    width, height = example['image'].size
+  box = (
+    transforms.random_crop_box(width, height, rng)
+    if data_config.augment_crop
+    else transforms.FULL_BOX
+  )
+  flip = bool(data_config.augment_flip and rng.random() < 0.5)
+  if cached and box == transforms.FULL_BOX:
+    return cache_lib.cached_model_input(
+      example, normalize=data_config.normalize, flip=flip
+    )
+  return transforms.to_model_input(
+    cache_lib.as_images(example) if cached else example,
+    image_size=data_config.image_size,
+    cam_size=cam_size,
+    mask_resize=data_config.mask_resize,
+    normalize=data_config.normalize,
+    with_pixel_mask=config_lib.get(data_config, 'pixel_masks'),
+    pixel_mask_empty_as_ones=True,
+    box=box,
+    flip=flip,
+  )
+
+
+def draft_size(
+  data_config: ml_collections.ConfigDict, *, training: bool
+) -> int:
+  """Smallest decoded side that still leaves every crop >= image_size."""
+  if (
+    training
+    and data_config.augment_crop
+    and not config_lib.get(data_config, 'cache_decoded')
+  ):
+    smallest = config_lib.CROP_AREA_RANGE[0] * config_lib.CROP_ASPECT_RANGE[0]
+    return math.ceil(data_config.image_size / math.sqrt(smallest))
+  return data_config.image_size
+
+
+def create_train_iterator(
+  data_config: ml_collections.ConfigDict,
+  *,
+  cam_size: tuple[int, int],
+  global_batch_size: int,
+  num_devices: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  with_index: bool = False,
+) -> batching.TrainIterator:
+  """Endless, shuffled, deterministic training batches for this host.
+
+  Args:
+    data_config: `config.data` (`cco_jax.data.config`).
+    cam_size: (h, w) of the CAM grid, e.g. (14, 14) for 224 px inputs.
+    global_batch_size: examples per step over all hosts and devices.
+    num_devices: local devices D of this host.
+    seed: training seed (shuffle order and augmentations).
+    process_index: this host; it reads examples process_index::process_count.
+    process_count: number of hosts.
+    with_index: also yield 'index' int32 (D, b), each example's position in
+      the training split (for debugging and tests).
+
+  Returns:
+    A `TrainIterator` of {'image': float32 (D, b, S, S, 3), 'mask': float32
+    (D, b, h, w), 'label': int32 (D, b), 'group': int32 (D, b)} and, with
+    `config.data.pixel_masks`, 'pixel_mask' float32 (D, b, S, S) in {0, 1}
+    (empty ones all ones); b = global_batch_size // (num_devices *
+    process_count).
+
+  Raises:
+    ValueError: indivisible batch size, a bad config, or a training split
+      smaller than one batch.
+  """
+  cam_size = batching.check_cam_size(cam_size)
+  per_device = batching.per_device_batch_size(
+    global_batch_size, num_devices, process_count
+  )
+  source = load_split_sources(data_config, ['train'])['train']
+  empty = empty_mask_positions(source, data_config, cam_size=cam_size)
+  logging.info(
+    '%d of %d training examples have an empty mask at CAM size %s; '
+    'empty_mask_policy=%r.',
+    len(empty),
+    len(source),
+    cam_size,
+    data_config.empty_mask_policy,
+  )
+  if data_config.empty_mask_policy == 'drop':
+    source = source.subset(np.setdiff1d(np.arange(len(source)), empty))
+  source = source.subset(np.arange(len(source))[process_index::process_count])
+  per_host = per_device * num_devices
+  if len(source) < per_host:
+    raise ValueError(
+      f'The training split has {len(source)} examples on this '
+      f'host, fewer than one batch ({per_host}).'
+    )
+  pixel_masks = config_lib.get(data_config, 'pixel_masks')
+  decoded = Decoded(
+    source,
+    data_config.task,
+    data_config.boundary_is_foreground,
+    draft_size=draft_size(data_config, training=True),
+  )
+  if config_lib.get(data_config, 'cache_decoded'):
+    decoded = cache_lib.build_cache(
+      decoded,
+      data_config.image_size,
+      cam_size=cam_size,
+      mask_resize=data_config.mask_resize,
+      with_pixel_mask=pixel_masks,
+    )
+  shuffle_seed, augment_seed = order.derived_seeds(
+    seed, config_lib.get(data_config, 'shuffle_seed_offset')
+  )
+  keys = ('image', 'mask', 'label', 'group')
+  keys += ('pixel_mask',) * pixel_masks + ('index',) * with_index
+  if isinstance(decoded, cache_lib.Cached) and not data_config.augment_crop:
+    batches = grain.MapDataset.source(
+      cache_lib.CachedBatches(
+        decoded,
+        batch_size=per_host,
+        num_devices=num_devices,
+        shuffle_seed=shuffle_seed,
+        augment_seed=augment_seed,
+        flip=data_config.augment_flip,
+        normalize=data_config.normalize,
+        keys=keys,
+      )
+    )
+  else:
+    batches = (
+      grain.MapDataset.source(_Stream(decoded, shuffle_seed))
+      .map(
+        functools.partial(
+          _train_example,
+          data_config=data_config,
+          cam_size=cam_size,
+          augment_seed=augment_seed,
+        )
+      )
+      .batch(
+        per_host,
+        drop_remainder=True,
+        batch_fn=functools.partial(
+          batching.stack_for_devices, num_devices=num_devices, keys=keys
+        ),
+      )
+    )
+  fingerprint = {
+    'num_examples': len(source),
+    # Not num_devices: batch k holds the same examples however many local
+    # devices split it, so a checkpoint restores on another device count.
+    'global_batch_size': global_batch_size,
+    'process_index': process_index,
+    'process_count': process_count,
+    'seed': seed,
+    'cam_size': list(cam_size),
+    **{key: data_config.get(key) for key in config_lib.CONTENT_FIELDS},
+  }
+  return batching.TrainIterator(
+    batches,
+    num_workers=data_config.num_workers,
+    prefetch=data_config.prefetch,
+    fingerprint=fingerprint,
+  )
+
+
+# ----------------------------------------------------------------------------
+# Evaluation.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Padded:
+  """A host's share of a split, padded with placeholders (a Grain source)."""
+
+  decoded: Decoded
+  positions: np.ndarray  # int64 (P,): position in the split, -1 = padding.
+
+  def __len__(self) -> int:
+    return len(self.positions)
+
+  def __getitem__(self, i: int) -> Example:
+    position = int(self.positions[i])
+    return {'padding': True} if position < 0 else self.decoded[position]
+
+
+def _eval_example(
+  example: Example,
+  *,
+  data_config: ml_collections.ConfigDict,
+  cam_size: tuple[int, int],
+  with_pixel_mask: bool,
+) -> Example:
+  size = data_config.image_size
+  if example.get('padding'):
+    out = {
+      'image': np.zeros((size, size, 3), np.float32),
+      'mask': np.zeros(cam_size, np.float32),
+      'label': np.int32(0),
+      'index': np.int32(-1),
+      'group': np.int32(0),
+      'file_name': '',
+      'weight': np.float32(0),
+    }
+    if with_pixel_mask:
+      out['pixel_mask'] = np.zeros((size, size), np.float32)
+    return out
+  out = transforms.to_model_input(
+    example,
+    image_size=size,
+    cam_size=cam_size,
+    mask_resize=data_config.mask_resize,
+    normalize=data_config.normalize,
+    with_pixel_mask=with_pixel_mask,
+  )
+  out['weight'] = np.float32(1)
+  return out
+
+
+def create_eval_iterator(
+  data_config: ml_collections.ConfigDict,
+  split: str,
+  *,
+  cam_size: tuple[int, int],
+  global_batch_size: int,
+  num_devices: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  with_pixel_mask: bool = False,
+  with_file_name: bool = False,
+) -> Iterator[Batch]:
+  """One pass over a split, every example exactly once across all hosts.
+
+  Args:
+    data_config: `config.data` (`cco_jax.data.config`).
+    split: 'train' (unaugmented), 'validation', 'test' or 'ood'.
+    cam_size: (h, w) of the CAM grid.
+    global_batch_size: examples per step over all hosts and devices.
+    num_devices: local devices D of this host.
+    process_index: this host; it reads positions process_index::process_count.
+    process_count: number of hosts.
+    with_pixel_mask: also yield 'pixel_mask' float32 (D, b, S, S), the
+      foreground at image resolution (nearest), empty ones left empty.
+    with_file_name: also yield 'file_name', a str array (D, b) ('' = padding);
+      drop it before handing the batch to jax.
+
+  Returns:
+    An iterator of {'image': float32 (D, b, S, S, 3), 'mask': float32
+    (D, b, h, w), 'label': int32 (D, b), 'group': int32 (D, b), 'weight':
+    float32 (D, b) (1 = real example, 0 = padding), 'index': int32 (D, b)
+    (position in the split, -1 = padding)}, with the optional keys above.
+    Padding examples are zeros.
+
+  Raises:
+    ValueError: indivisible batch size, an empty split or a bad config.
+  """
+  cam_size = batching.check_cam_size(cam_size)
+  per_device = batching.per_device_batch_size(
+    global_batch_size, num_devices, process_count
+  )
+  source = load_split_sources(data_config, [split])[split]
+  if not len(source):
+    raise ValueError(
+      f'Split {split!r} is empty (validation_fraction='
+      f'{data_config.validation_fraction}).'
+    )
+  positions = batching.eval_positions(
+    len(source),
+    per_host_batch=per_device * num_devices,
+    process_index=process_index,
+    process_count=process_count,
+  )
+  decoded = Decoded(
+    source,
+    data_config.task,
+    data_config.boundary_is_foreground,
+    draft_size=draft_size(data_config, training=False),
+  )
+  keys = ('image', 'mask', 'label', 'group', 'weight', 'index')
+  keys += ('pixel_mask',) * with_pixel_mask + ('file_name',) * with_file_name
+  batches = (
+    grain.MapDataset.source(_Padded(decoded, positions))
+    .map(
+      functools.partial(
+        _eval_example,
+        data_config=data_config,
+        cam_size=cam_size,
+        with_pixel_mask=with_pixel_mask,
+      )
+    )
+    .batch(
+      per_device * num_devices,
+      batch_fn=functools.partial(
+        batching.stack_for_devices, num_devices=num_devices, keys=keys
+      ),
+    )
+  )
+  return batching.iterate(
+    batches, data_config.num_workers, data_config.prefetch
+  )
