@@ -16,7 +16,7 @@ from cco_jax.data.sources import prepared_builder
 def split_sizes(data_config: ml_collections.ConfigDict) -> dict[str, int]:
   """{'train': N1, 'validation': N2[, 'test': N3]} of the primary dataset."""
   splits = ['train', 'validation']
-  if 'test' in dataset_entry(data_config.name).splits:
+  if 'test' in prepare_from_config(data_config).info.splits:
     splits.append('test')
   return {
     split: len(source)

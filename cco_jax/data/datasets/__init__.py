@@ -5,6 +5,7 @@ clash with TFDS's own datasets:
 
   oxford_iiit_pet_masks  Oxford-IIIT Pet: image, trimap, breed, species.
   cats_vs_dogs_ood       Microsoft Cats-vs-Dogs: image, species (OOD test set).
+  folder_dataset         your own images, masks, labels and groups (labels.csv).
 
 `DATASETS` maps the project's dataset names (the values of `config.data.name`
 and of `experiments.prepare --dataset`) to a `DatasetEntry`; it is the one
@@ -23,9 +24,11 @@ import tensorflow_datasets as tfds
 
 from cco_jax.data.datasets import cats_vs_dogs
 from cco_jax.data.datasets import common
+from cco_jax.data.datasets import folder
 from cco_jax.data.datasets import oxford_iiit_pet
 from cco_jax.data.datasets.cats_vs_dogs import CatsVsDogsOod
 from cco_jax.data.datasets.common import PrepareOptions
+from cco_jax.data.datasets.folder import FolderDataset
 from cco_jax.data.datasets.oxford_iiit_pet import OxfordIiitPetMasks
 
 
@@ -68,6 +71,14 @@ DATASETS = types.MappingProxyType(
       splits=('train',),
       tasks={'species': 'species'},
     ),
+    'folder': DatasetEntry(
+      builder_cls=FolderDataset,
+      check_manual_dir=folder.check_manual_dir,
+      has_masks=True,
+      splits=('train', 'validation', 'test'),
+      tasks={'label': 'label'},
+      needs_manual_dir=True,
+    ),
   }
 )
 
@@ -75,9 +86,11 @@ __all__ = [
   'DATASETS',
   'DatasetEntry',
   'CatsVsDogsOod',
+  'FolderDataset',
   'OxfordIiitPetMasks',
   'PrepareOptions',
   'cats_vs_dogs',
   'common',
+  'folder',
   'oxford_iiit_pet',
 ]
