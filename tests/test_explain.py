@@ -1,6 +1,9 @@
 """Explanations of any image: identity, channel maps, autodiff equality, files,
 masks."""
 
+import json
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -217,3 +220,167 @@ def test_mask_influence(tmp_path):
     )
   with pytest.raises(ValueError, match=r'masks must be \(2, S, S\)'):
     explainer.explain(images, masks=masks[:1])
+
+
+def write_tiny_run(workdir, config, best_step=2, last_step=4):
+  """A run directory as training leaves it, without training: config.json and
+  checkpoints at `best_step` (validation accuracy 0.9) and `last_step` (0.5),
+  whose parameters differ. Returns {step: variables}."""
+  from cco_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from cco_jax import optimizers  # pylint: disable=g-import-not-at-top
+  from cco_jax import restore  # pylint: disable=g-import-not-at-top
+  from cco_jax import train_step  # pylint: disable=g-import-not-at-top
+  from cco_jax.data import info  # pylint: disable=g-import-not-at-top
+
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  model = restore.model_from_config(config, info.num_classes(config.data))
+  tx = optimizers.create_optimizer(config.optimizer, 1, 1, 1)
+  state = train_step.create_train_state(
+    jax.random.key(0), model, config.data.image_size, tx
+  )
+  manager = checkpointing.create_manager(str(workdir))
+  saved = {}
+  for step, accuracy in ((best_step, 0.9), (last_step, 0.5)):
+    state = state.replace(
+      params=jax.tree.map(lambda x, s=step: x * 1.5 + 0.01 * s, state.params),
+      step=jnp.asarray(step, jnp.int32),
+    )
+    checkpointing.save(
+      manager, step, state, jax.random.key(1), {}, {'eval_accuracy': accuracy}
+    )
+    saved[step] = {'params': state.params, 'batch_stats': state.batch_stats}
+  manager.close()
+  return saved
+
+
+@pytest.fixture(scope='module')
+def tiny_run(
+  tmp_path_factory, synthetic_pets_dir, synthetic_cvd_dir, synthetic_data_dir
+):
+  from test_train import tiny_config  # pylint: disable=g-import-not-at-top
+
+  workdir = tmp_path_factory.mktemp('explain_run')
+  config = tiny_config(
+    synthetic_pets_dir, synthetic_cvd_dir, synthetic_data_dir
+  )
+  saved = write_tiny_run(str(workdir), config)
+  return workdir, saved
+
+
+def test_restore_chooses_best_last_or_a_step(tiny_run):
+  from cco_jax import restore  # pylint: disable=g-import-not-at-top
+
+  workdir, saved = tiny_run
+  for step, expected_step, how in (
+    ('best', 2, 'best'),
+    ('last', 4, 'last'),
+    (4, 4, 'step'),
+  ):
+    run = restore.restore_run(str(workdir), step=step)
+    assert (run.step, run.checkpoint) == (expected_step, how)
+    size = run.config.data.image_size
+    x = np.random.default_rng(0).normal(size=(2, size, size, 3))
+    expected, _ = run.model.apply(saved[expected_step], x, train=False)
+    logits, _ = run.predict_fn()(x.astype(np.float32))
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r'No checkpoint at step 3.*\[2, 4\]'):
+    restore.restore_run(str(workdir), step=3)
+  with pytest.raises(FileNotFoundError, match='config.json'):
+    restore.restore_run(str(workdir / 'nope'))
+
+
+def test_explain_entry_point_end_to_end(
+  tiny_run, tmp_path, synthetic_pets_dir, capsys
+):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  from experiments import explain as cli  # pylint: disable=g-import-not-at-top
+
+  tiny_run, _ = tiny_run
+  images = sorted((synthetic_pets_dir / 'images').glob('*.jpg'))[:3]
+  folder = tmp_path / 'mine'
+  folder.mkdir()
+  (folder / 'Bengal_7.png').write_bytes(images[1].read_bytes())
+  _write_image(folder / 'other.png', 5)
+  (folder / 'broken.jpg').write_bytes(b'\xff\xd8 truncated')
+  masks = synthetic_pets_dir / 'annotations' / 'trimaps'
+  out = tmp_path / 'out'
+  argv = [
+    'explain',
+    f'--workdir={tiny_run}',
+    f'--out={out}',
+    f'--masks={masks}',
+    '--step=2',
+    '--batch_size=2',
+    str(images[0]),
+    str(folder),
+    str(tmp_path / 'nothing_*.jpg'),
+  ]
+  flags.FLAGS.unparse_flags()
+  status = cli.main(flags.FLAGS(argv))
+  printed = capsys.readouterr().out
+  assert status == 1  # broken.jpg and the empty glob failed
+  assert 'at step 2 (step checkpoint)' in printed
+  report = json.loads((out / 'explanations.json').read_text())
+  assert report['step'] == 2
+  failed = sorted(os.path.basename(f['path']) for f in report['failed'])
+  assert failed == ['broken.jpg', 'nothing_*.jpg']
+  entries = report['images']
+  assert [os.path.basename(e['path']) for e in entries] == [
+    images[0].name,
+    'Bengal_7.png',
+    'other.png',
+  ]
+  names = report['class_names']
+  for entry in entries:
+    logits = np.array(entry['logits'])
+    recon = np.array(entry['map_sums']) + np.array(entry['bias'])
+    assert np.all(np.abs(logits - recon) <= 1e-4 * (1 + np.abs(logits)))
+    assert entry['predicted_index'] == int(np.argmax(logits))
+    assert entry['predicted_class'] == names[entry['predicted_index']]
+    np.testing.assert_allclose(sum(entry['probabilities']), 1, rtol=1e-5)
+    assert entry['map_shape'] == [4, 4]
+    assert os.path.getsize(entry['figure']) > 0
+  # Pets images have trimaps of the same stem; the others do not.
+  assert set(entries[0]['influence']) == {'net', 'fg', 'bg', 'bg_share'}
+  assert 'influence' not in entries[2]
+  assert entries[1]['true_class'] == 'cat'  # Bengal: a cat breed
+  assert entries[2]['true_class'] is None
+
+  # The best checkpoint by default, printed.
+  flags.FLAGS.unparse_flags()
+  status = cli.main(
+    flags.FLAGS(
+      [
+        'explain',
+        f'--workdir={tiny_run}',
+        f'--out={tmp_path / "best"}',
+        str(images[0]),
+      ]
+    )
+  )
+  assert status == 0
+  assert 'checkpoint)' in capsys.readouterr().out
+  flags.FLAGS.unparse_flags()
+
+
+def test_paths_stems_and_true_classes(tmp_path):
+  from experiments import explain as cli  # pylint: disable=g-import-not-at-top
+
+  for name in ('Cat/1.jpg', 'Dog/1.jpg', 'Dog/notes.txt'):
+    (tmp_path / name).parent.mkdir(exist_ok=True)
+    (tmp_path / name).write_bytes(b'')
+  paths = cli.expand_paths([str(tmp_path), str(tmp_path / 'Cat' / '1.jpg')])
+  assert [os.path.relpath(p, tmp_path) for p in paths] == [
+    'Cat/1.jpg',
+    'Dog/1.jpg',
+  ]
+  assert cli.unique_stems(paths) == ['1', 'Dog_1']
+  assert cli.true_class(paths[1], ('cat', 'dog')) == 'dog'
+  assert cli.true_class('x/american_bulldog_12.jpg', ('cat', 'dog')) == 'dog'
+  assert cli.true_class('x/Abyssinian_3.jpg', ('Abyssinian', 'Bengal')) == (
+    'Abyssinian'
+  )
+  assert cli.true_class('x/holiday.jpg', ('cat', 'dog')) is None
