@@ -175,6 +175,31 @@ def test_input_pipeline_reads_the_benchmark(benchmark, tmp_path):
   )
   assert train_batch['image'].shape == (2, 2, 32, 32, 3)
   assert np.isfinite(train_batch['image']).all()
+  # Groups: species x background kind, from spurious.json, in every batch.
+  names = input_pipeline.group_names(config)
+  assert names == ('cat/smooth', 'cat/textured', 'dog/smooth', 'dog/textured')
+  kinds = json.loads((out / spurious.METADATA_FILE).read_text())['kinds']
+  seen = 0
+  for batch in input_pipeline.create_eval_iterator(
+    config,
+    'test',
+    cam_size=(4, 4),
+    global_batch_size=4,
+    num_devices=2,
+    with_file_name=True,
+  ):
+    for name, group, label, weight in zip(
+      batch['file_name'].ravel(),
+      batch['group'].ravel(),
+      batch['label'].ravel(),
+      batch['weight'].ravel(),
+    ):
+      if weight:
+        species = ('cat', 'dog')[label]
+        assert names[group] == f'{species}/{kinds[name[:-4]]}', name
+        seen += 1
+  assert seen == synthetic_data.NUM_TEST
+  assert set(np.unique(train_batch['group'])) <= {0, 1, 2, 3}
 
 
 def test_background_kinds_differ_in_spatial_frequency():
