@@ -14,29 +14,39 @@ import jax
 import jax.numpy as jnp
 
 
-def _same_padding(
-  size: int, window: int, stride: int
+def _window_padding(
+  size: int, window: int, stride: int, padding: int | str
 ) -> tuple[int, tuple[int, int]]:
-  """Output size and (low, high) padding of a 'SAME' window, as XLA pads."""
-  out = -(-size // stride)
-  total = max((out - 1) * stride + window - size, 0)
-  return out, (total // 2, total - total // 2)
+  """Output size and (low, high) padding of a pooling window along one axis.
+
+  `padding` is 'SAME' (as XLA pads: the low side gets the smaller half) or an
+  int `p` (`p` on both sides, as torch's `MaxPool2d(padding=p)`).
+  """
+  if padding == 'SAME':
+    out = -(-size // stride)
+    total = max((out - 1) * stride + window - size, 0)
+    return out, (total // 2, total - total // 2)
+  return (size + 2 * padding - window) // stride + 1, (padding, padding)
 
 
-def _max_pool_grad_by_slices(x, y, g, window: int, stride: int):
-  """`select_and_scatter_add` of `g` for a 'SAME' max pool, from strided slices.
+def _flax_padding(padding: int | str):
+  return padding if padding == 'SAME' else ((padding, padding),) * 2
+
+
+def _max_pool_grad_by_slices(x, y, g, window: int, stride: int, padding):
+  """`select_and_scatter_add` of `g` for a max pool, from strided slices.
 
   Each window routes its gradient to its first maximal element in row-major
   window order (XLA's select-and-scatter with `>=`), and each input element
   sums what it receives in window order, as XLA's CPU scatter does, so the
   result is bit-identical on CPU. XLA's CPU expansion of select-and-scatter
   (a variadic reduce-window plus a scatter) is several times slower
-  (docs/benchmarks/training.md, "CPU kernels").
+  (docs/benchmarks/training.md, "CPU kernels"). `padding` as in `max_pool`.
   """
   n, h, w, c = x.shape
   (oh, (top, bottom)), (ow, (left, right)) = (
-    _same_padding(h, window, stride),
-    _same_padding(w, window, stride),
+    _window_padding(h, window, stride, padding),
+    _window_padding(w, window, stride, padding),
   )
   padded = jnp.pad(
     x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=-jnp.inf
@@ -77,40 +87,61 @@ def _max_pool_grad_by_slices(x, y, g, window: int, stride: int):
     2,
   )
   grid = grid.reshape(n, stride * (oh + shifts), stride * (ow + shifts), c)
+  # Rows and columns no window reaches (possible with explicit padding) get 0.
+  grid = jnp.pad(
+    grid,
+    (
+      (0, 0),
+      (0, max(top + h - grid.shape[1], 0)),
+      (0, max(left + w - grid.shape[2], 0)),
+      (0, 0),
+    ),
+  )
   return grid[:, top : top + h, left : left + w, :]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
-  """`nn.max_pool(x, (window,) * 2, (stride,) * 2, 'SAME')` with a faster CPU gradient.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def max_pool(
+  x: jax.Array, window: int, stride: int, padding: int | str = 'SAME'
+) -> jax.Array:
+  """`nn.max_pool` of square windows on `(N, H, W, C)` with a faster CPU gradient.
 
-  The value is `nn.max_pool`'s. The gradient is JAX's (select-and-scatter: each
-  window's cotangent goes to its first maximal element); on CPU it is computed
-  from strided slices (`_max_pool_grad_by_slices`, bit-identical), elsewhere
-  by JAX's own rule.
+  `padding` is 'SAME' (XLA's: for stride 2 and even sizes only the high side
+  is padded) or an int `p`, padding `p` rows and columns of -inf on every
+  side as torch's `nn.MaxPool2d(window, stride, padding=p)` does (torchvision's
+  ResNet stem pool is `max_pool(x, 3, 2, 1)`). The value is `nn.max_pool`'s.
+  The gradient is JAX's (select-and-scatter: each window's cotangent goes to
+  its first maximal element); on CPU it is computed from strided slices
+  (`_max_pool_grad_by_slices`, bit-identical), elsewhere by JAX's own rule.
   """
   return nn.max_pool(
-    x, (window, window), strides=(stride, stride), padding='SAME'
+    x,
+    (window, window),
+    strides=(stride, stride),
+    padding=_flax_padding(padding),
   )
 
 
-def _max_pool_fwd(x, window, stride):
-  y = max_pool(x, window, stride)
+def _max_pool_fwd(x, window, stride, padding):
+  y = max_pool(x, window, stride, padding)
   return y, (x, y)
 
 
-def _max_pool_bwd(window, stride, residuals, g):
+def _max_pool_bwd(window, stride, padding, residuals, g):
   x, y = residuals
 
   def default(x, y, g):
     del y
     pool = lambda x: nn.max_pool(
-      x, (window, window), strides=(stride, stride), padding='SAME'
+      x,
+      (window, window),
+      strides=(stride, stride),
+      padding=_flax_padding(padding),
     )
     return jax.vjp(pool, x)[1](g)[0]
 
   def cpu(x, y, g):
-    return _max_pool_grad_by_slices(x, y, g, window, stride)
+    return _max_pool_grad_by_slices(x, y, g, window, stride, padding)
 
   return (jax.lax.platform_dependent(x, y, g, cpu=cpu, default=default),)
 

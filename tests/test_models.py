@@ -310,7 +310,7 @@ class SyncBatchNormTest(chex.TestCase):
 
 
 # ---------------------------------------------------------------------------
-# The three faithful changes (METHOD.md §5)
+# The three faithful changes (docs/method.md §5)
 # ---------------------------------------------------------------------------
 
 
@@ -493,37 +493,53 @@ class MaxPoolTest(parameterized.TestCase):
   """`ops.max_pool` is `nn.max_pool` with a bit-identical, faster CPU gradient."""
 
   @parameterized.parameters(
-    ((2, 7, 9, 3), 3, 2),
-    ((3, 16, 16, 4), 3, 2),
-    ((2, 10, 11, 4), 2, 2),
-    ((2, 9, 9, 2), 3, 1),
-    ((1, 13, 6, 2), 5, 3),
+    ((2, 7, 9, 3), 3, 2, 'SAME'),
+    ((3, 16, 16, 4), 3, 2, 'SAME'),
+    ((2, 10, 11, 4), 2, 2, 'SAME'),
+    ((2, 9, 9, 2), 3, 1, 'SAME'),
+    ((1, 13, 6, 2), 5, 3, 'SAME'),
+    ((3, 16, 16, 4), 3, 2, 1),  # torchvision's stem pool on an even size.
+    ((2, 7, 10, 3), 3, 2, 1),
+    ((2, 9, 8, 2), 3, 1, 1),
+    ((1, 13, 6, 2), 5, 3, 2),
+    ((2, 11, 12, 2), 4, 3, 1),  # Rows no window reaches: zero gradient.
+    ((2, 8, 9, 3), 2, 2, 0),
   )
   def test_value_and_gradient_equal_flax_bit_for_bit(
-    self, shape, window, stride
+    self, shape, window, stride, padding
   ):
     rng = np.random.default_rng(sum(shape) + window)
     # Quantised ReLU outputs: many tied maxima, so the tie rule is exercised.
     x = jnp.asarray(
       np.round(np.maximum(rng.normal(size=shape), 0) * 4) / 4, jnp.float32
     )
+    flax_padding = padding if padding == 'SAME' else [(padding, padding)] * 2
     reference = lambda x: nn.max_pool(
-      x, (window, window), strides=(stride, stride), padding='SAME'
+      x, (window, window), strides=(stride, stride), padding=flax_padding
     )
     y = reference(x)
     g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
-    value, vjp = jax.vjp(lambda x: ops.max_pool(x, window, stride), x)
+    pool = lambda x: ops.max_pool(x, window, stride, padding)
+    value, vjp = jax.vjp(pool, x)
     expected = jax.jit(lambda x, g: jax.vjp(reference, x)[1](g)[0])(x, g)
     np.testing.assert_array_equal(value, y)
     np.testing.assert_array_equal(vjp(g)[0], expected)
     np.testing.assert_array_equal(
-      jax.jit(
-        lambda x, g: jax.vjp(lambda x: ops.max_pool(x, window, stride), x)[1](
-          g
-        )[0]
-      )(x, g),
-      expected,
+      jax.jit(lambda x, g: jax.vjp(pool, x)[1](g)[0])(x, g), expected
     )
+
+  def test_symmetric_padding_pools_centred_windows(self):
+    """Padding 1, stride 2 on an even size: windows centred on even pixels."""
+    x = jnp.arange(2 * 6 * 6, dtype=jnp.float32).reshape(1, 6, 6, 2)
+    x = x * jnp.asarray([1.0, -1.0])  # Channel 1: maxima at the low corner.
+    y = np.asarray(ops.max_pool(x, 3, 2, 1))
+    x = np.asarray(x)
+    for a in range(3):
+      for b in range(3):
+        window = x[
+          0, max(2 * a - 1, 0) : 2 * a + 2, max(2 * b - 1, 0) : 2 * b + 2
+        ]
+        np.testing.assert_array_equal(y[0, a, b], window.max((0, 1)))
 
 
 class PointwiseConvTest(parameterized.TestCase):
