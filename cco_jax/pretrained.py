@@ -171,7 +171,8 @@ def convert(
   Args:
     state_dict: key -> array, torchvision naming (see `torch_names`).
     model: a `models.ResNet` with the 'imagenet' stem.
-    rng: key for a fresh head when the file's class count differs.
+    rng: key for a fresh head when the file's class count differs (None:
+      `jax.random.key(0)`, noted in the report).
     source: how errors name the state dict (the file path).
 
   Returns:
@@ -246,7 +247,10 @@ def convert(
   if any(problems.values()):
     raise ValueError(_problem_message(source, model, problems))
   if fresh_head:
-    values.update(_fresh_head(model, target, rng, source))
+    if rng is None:
+      rng = jax.random.key(0)
+      report.notes.append('fresh head drawn from key 0 (no rng given).')
+    values.update(_fresh_head(model, target, rng))
     report.fresh += [
       '/'.join(k) for k in sorted(target) if k[:2] == ('params', 'head')
     ]
@@ -292,12 +296,8 @@ def _problem_message(source, model, problems) -> str:
   return '\n'.join(lines)
 
 
-def _fresh_head(model, target, rng, source) -> dict:
-  if rng is None:
-    raise ValueError(
-      f"{source}: the file's head has another class count than the model "
-      f'({model.num_classes}); pass rng= to initialise a fresh head.'
-    )
+def _fresh_head(model, target, rng) -> dict:
+  """The model's own head initialisation (`models.CamHead`), from `rng`."""
   features = target[('params', 'head', 'kernel')].shape[0]
   head = models.CamHead(model.num_classes, use_bias=not model.cam_faithful)
   params = head.init(rng, jnp.zeros((1, 1, 1, features), jnp.float32))
@@ -367,7 +367,8 @@ def load_resnet(
     path: `.safetensors`, `.npz` or `.pth`/`.pt` (needs torch) state dict.
     model: `models.create_model('resnet18'...'resnet152', num_classes, ...)`
       with the 'imagenet' stem, 64 filters and the named depth.
-    rng: key for a fresh head if the file's class count differs.
+    rng: key for a fresh head if the file's class count differs (None:
+      `jax.random.key(0)`).
 
   Returns:
     `{'params': ..., 'batch_stats': ...}` for `model.apply`. What was dropped

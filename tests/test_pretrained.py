@@ -301,8 +301,6 @@ class ForwardTest(parameterized.TestCase):
   def test_fresh_head_from_rng(self):
     sd = torchvision_state_dict('resnet18', 3, width=8, layers=(1, 1, 1, 1))
     model = _model('resnet18', 2, True, num_filters=8, stage_sizes=(1, 1, 1, 1))
-    with self.assertRaisesRegex(ValueError, 'class count.*pass rng='):
-      pretrained.convert(sd, model)
     variables, report = pretrained.convert(sd, model, rng=jax.random.key(1))
     self.assertEqual(report.fresh, ['params/head/kernel'])
     self.assertEqual(
@@ -324,6 +322,14 @@ class ForwardTest(parameterized.TestCase):
     np.testing.assert_array_equal(again['params']['head']['kernel'], kernel)
     other, _ = pretrained.convert(sd, model, rng=jax.random.key(2))
     self.assertFalse(np.array_equal(other['params']['head']['kernel'], kernel))
+    default, report = pretrained.convert(sd, model)
+    self.assertIn('key 0', str(report))
+    np.testing.assert_array_equal(
+      default['params']['head']['kernel'],
+      pretrained.convert(sd, model, rng=jax.random.key(0))[0]['params']['head'][
+        'kernel'
+      ],
+    )
     images = np.random.default_rng(0).normal(size=(2, 32, 32, 3))
     logits, cams = _apply(model, variables, images.astype(np.float32))
     self.assertLess(logit_sum_gap(variables, logits, cams), 1e-5)
@@ -484,6 +490,22 @@ def compare_with_torchvision(name: str, size: int = 224, batch: int = 2):
 
 
 class TorchvisionTest(parameterized.TestCase):
+  def test_pth_files(self):
+    torch = pytest.importorskip('torch')
+    sd = torchvision_state_dict('resnet18', 6, width=4, layers=(1, 1, 1, 1))
+    model = _model('resnet18', 1000, False, num_filters=4, stage_sizes=(1,) * 4)
+    expected, _ = pretrained.convert(sd, model)
+    tensors = {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}
+    directory = self.enter_context(tempfile.TemporaryDirectory())
+    for name, content in (
+      ('plain.pth', tensors),
+      ('checkpoint.pt', {'state_dict': tensors, 'epoch': 3}),
+    ):
+      path = os.path.join(directory, name)
+      torch.save(content, path)
+      loaded = pretrained.load_resnet(path, model)
+      jax.tree.map(np.testing.assert_array_equal, loaded, expected)
+
   @parameterized.parameters('resnet18', 'resnet50')
   def test_equals_torchvision_eval(self, name):
     pytest.importorskip('torch')
