@@ -1,23 +1,39 @@
-"""Orbax checkpoints of the train state and the data iterator's position.
+"""Orbax checkpoints of the train state and the data iterators' positions.
 
 One `CheckpointManager` in `workdir/checkpoints` keeps the last `keep`
 checkpoints plus the best one by validation accuracy. Each checkpoint holds
 `state` (params, batch statistics, optimizer state, step; saved unreplicated, so
-it restores on any number of devices), `rng`, and `data` (the input iterator's
-state, as JSON), so a resumed run sees exactly the batches it had not seen.
+it restores on any number of devices), `rng`, and `data`: every host's input
+iterator state (JSON, a list indexed by `jax.process_index()`, gathered from all
+hosts before the primary host writes it), so a resumed run sees exactly the
+batches it had not seen, on every host.
+
+`restore_newest` falls back to older checkpoints when the newest cannot be read
+(a truncated file, a missing `_METADATA`, a missing item) and reports which
+steps were bad and why; `set_aside` moves such steps out of the manager's way
+(to `workdir/unrestorable_checkpoints/`), never deleting them. A save that fails
+(e.g. a full disk) raises an `OSError` naming the path and the free space.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno as errno_lib
+import json
 import os
+import re
+import shutil
 from typing import Any
 
+from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 BEST_METRIC = 'eval_accuracy'
+UNRESTORABLE_DIR = 'unrestorable_checkpoints'
 
 
 def create_manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:
@@ -45,50 +61,123 @@ def create_manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:
   )
 
 
+def _gather_json(text: str) -> list[str]:
+  """Every host's `text`, in process order (one element on a single host)."""
+  if jax.process_count() == 1:
+    return [text]
+  data = np.frombuffer(text.encode(), np.uint8)
+  lengths = multihost_utils.process_allgather(np.int64(len(data)))
+  padded = np.zeros(int(np.max(lengths)), np.uint8)
+  padded[: len(data)] = data
+  gathered = multihost_utils.process_allgather(padded)
+  return [
+    bytes(row[:n]).decode()
+    for row, n in zip(np.asarray(gathered), np.asarray(lengths))
+  ]
+
+
+def _free_space(path: str) -> str:
+  """Free space on the disk holding `path` (or its nearest existing parent)."""
+  while path and not os.path.exists(path):
+    path = os.path.dirname(path)
+  try:
+    free = shutil.disk_usage(path or '.').free
+  except OSError:
+    return 'unknown free space'
+  return f'{free / 2**20:.1f} MiB free'
+
+
+def _underlying_errno(error: BaseException) -> int:
+  """The errno of the first `OSError` in `error`'s chain, else one in its text."""
+  seen = error
+  while seen is not None:
+    if isinstance(seen, OSError) and seen.errno:
+      return seen.errno
+    seen = seen.__cause__ or seen.__context__
+  match = re.search(r'(?:OS error|errno)[^0-9]{0,4}(\d+)', str(error), re.I)
+  return int(match.group(1)) if match else errno_lib.EIO
+
+
 def save(
   manager: ocp.CheckpointManager,
   step: int,
   state: Any,
   rng: jax.Array,
-  data_state: dict,
+  data_state: dict | str | bytes,
   metrics: dict | None = None,
 ) -> None:
-  """Saves an unreplicated `state`, the RNG key and the iterator state.
+  """Saves an unreplicated `state`, the RNG key and this host's iterator state.
 
+  Every host must call it (the iterator states are gathered from all hosts).
   `data_state` is what the iterator's `get_state()` returned: JSON-compatible
   data, or JSON text as `str`/`bytes` (restored as `str`).
+
+  Raises:
+    OSError: the write failed (disk full, no permission, ...): the message
+      names the checkpoint path, the free space and the cause; the errno is
+      the underlying one. Earlier checkpoints are untouched.
   """
   rng_data = np.asarray(jax.random.key_data(rng))
   if isinstance(data_state, bytes):
     data_state = data_state.decode()
-  data = {'iterator': data_state, 'rng_impl': str(jax.random.key_impl(rng))}
-  manager.save(
-    step,
-    args=ocp.args.Composite(
-      state=ocp.args.StandardSave(jax.device_get(state)),
-      rng=ocp.args.StandardSave({'key_data': rng_data}),
-      data=ocp.args.JsonSave(data),
-    ),
-    metrics=metrics,
-    force=True,
-  )
-  manager.wait_until_finished()
+  iterators = [json.loads(s) for s in _gather_json(json.dumps(data_state))]
+  data = {'iterators': iterators, 'rng_impl': str(jax.random.key_impl(rng))}
+  try:
+    manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(jax.device_get(state)),
+        rng=ocp.args.StandardSave({'key_data': rng_data}),
+        data=ocp.args.JsonSave(data),
+      ),
+      metrics=metrics,
+      force=True,
+    )
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    path = os.path.join(str(manager.directory), str(step))
+    _remove_partial_save(str(manager.directory), step)
+    code = _underlying_errno(e)
+    raise OSError(
+      code,
+      f'Saving the checkpoint of step {step} failed ({os.strerror(code)}; '
+      f'{_free_space(path)} there): {type(e).__name__}: '
+      f'{str(e).splitlines()[0] if str(e) else ""} Earlier checkpoints '
+      f'are intact: steps {list(manager.all_steps())}. Free some space (or '
+      'fix the permissions) and run again to resume.',
+      path,
+    ) from e
 
 
-def restore(
-  manager: ocp.CheckpointManager, template_state: Any, step: int | None = None
-) -> tuple[Any, jax.Array, dict, int]:
-  """Restores `(state, rng, data_state, step)` at `step` (default: latest).
+def _remove_partial_save(directory: str, step: int) -> None:
+  """Removes the temporary directory of a save of `step` that failed."""
+  if not os.path.isdir(directory):
+    return
+  for name in os.listdir(directory):
+    if name.startswith(f'{step}.orbax-checkpoint-tmp'):
+      logging.warning(
+        'Removing the partial checkpoint %s/%s of a failed save.',
+        directory,
+        name,
+      )
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
-  `template_state` is an unreplicated state of the right structure (e.g. a
-  freshly created one); its arrays give the shapes and dtypes to restore to.
-  """
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'No checkpoint in {manager.directory}.')
-  abstract = jax.tree.map(
-    ocp.utils.to_shape_dtype_struct, jax.device_get(template_state)
-  )
+
+@dataclasses.dataclass
+class Restored:
+  """What `restore_newest` found."""
+
+  state: Any
+  rng: jax.Array
+  data_state: Any
+  step: int
+  # Newer steps that could not be restored: {step: reason}.
+  unrestorable: dict[int, str]
+
+
+def _restore_step(
+  manager: ocp.CheckpointManager, abstract: Any, step: int
+) -> tuple[Any, jax.Array, Any]:
   restored = manager.restore(
     step,
     args=ocp.args.Composite(
@@ -98,7 +187,138 @@ def restore(
     ),
   )
   data = restored['data']
+  if data is None or restored['state'] is None or restored['rng'] is None:
+    missing = [k for k in ('state', 'rng', 'data') if restored[k] is None]
+    raise FileNotFoundError(f'item(s) {missing} missing')
   rng = jax.random.wrap_key_data(
     np.asarray(restored['rng']['key_data'], np.uint32), impl=data['rng_impl']
   )
-  return restored['state'], rng, data['iterator'], step
+  if 'iterators' in data:
+    iterators = data['iterators']
+    if len(iterators) != jax.process_count():
+      raise ValueError(
+        f'written by {len(iterators)} process(es), restored by '
+        f'{jax.process_count()}: resume with the same number of processes'
+      )
+    iterator = iterators[jax.process_index()]
+  else:  # Written before per-host states: one host's state.
+    iterator = data['iterator']
+  return restored['state'], rng, iterator
+
+
+def _abstract(template_state: Any) -> Any:
+  return jax.tree.map(
+    ocp.utils.to_shape_dtype_struct, jax.device_get(template_state)
+  )
+
+
+def _reason(error: BaseException) -> str:
+  message = error.args[0] if error.args else ''
+  text = str(message if isinstance(error, KeyError) else error)
+  text = text.strip().splitlines()
+  return f'{type(error).__name__}: {text[0] if text else ""}'[:300]
+
+
+def restore(
+  manager: ocp.CheckpointManager, template_state: Any, step: int | None = None
+) -> tuple[Any, jax.Array, Any, int]:
+  """Restores `(state, rng, data_state, step)` at `step` (default: newest).
+
+  `template_state` is an unreplicated state of the right structure (e.g. a
+  freshly created one, or `jax.eval_shape` of one); its arrays give the shapes
+  and dtypes to restore to. Without `step`, falls back to older checkpoints
+  when newer ones cannot be read (`restore_newest`).
+
+  Raises:
+    FileNotFoundError: no checkpoint (or no such step).
+    ValueError: the checkpoint(s) cannot be restored; the reason is named.
+  """
+  if step is None:
+    r = restore_newest(manager, template_state)
+    return r.state, r.rng, r.data_state, r.step
+  if step not in manager.all_steps():
+    raise FileNotFoundError(
+      f'No checkpoint of step {step} in {manager.directory} (steps there: '
+      f'{list(manager.all_steps())}).'
+    )
+  try:
+    state, rng, data_state = _restore_step(
+      manager, _abstract(template_state), step
+    )
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(
+      f'The checkpoint {manager.directory}/{step} cannot be restored: '
+      f'{_reason(e)}'
+    ) from e
+  return state, rng, data_state, step
+
+
+def restore_newest(
+  manager: ocp.CheckpointManager, template_state: Any
+) -> Restored:
+  """The newest checkpoint that restores; newer unreadable ones are reported.
+
+  Each unreadable step is logged (step and reason) and listed in
+  `Restored.unrestorable`; nothing is deleted or moved here.
+
+  Raises:
+    FileNotFoundError: there is no checkpoint.
+    ValueError: no checkpoint restores (e.g. the config's model differs from
+      the one that wrote them); every step's reason is listed.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
+    raise FileNotFoundError(f'No checkpoint in {manager.directory}.')
+  abstract = _abstract(template_state)
+  bad = {}
+  for step in steps:
+    try:
+      state, rng, data_state = _restore_step(manager, abstract, step)
+    except Exception as e:  # pylint: disable=broad-except
+      bad[step] = _reason(e)
+      logging.warning(
+        'Checkpoint %s/%d cannot be restored (%s); trying an older one.',
+        manager.directory,
+        step,
+        bad[step],
+      )
+      continue
+    return Restored(state, rng, data_state, step, bad)
+  raise ValueError(
+    f'No checkpoint in {manager.directory} can be restored: '
+    + '; '.join(f'step {s}: {r}' for s, r in bad.items())
+  )
+
+
+def set_aside(manager: ocp.CheckpointManager, steps) -> list[str]:
+  """Moves unrestorable `steps` to `workdir/unrestorable_checkpoints/`.
+
+  They are kept for inspection (never deleted) but no longer shadow the good
+  checkpoints or block saving those steps again. Only the primary host moves
+  files; returns the new paths. Reloads the manager.
+  """
+  moved = []
+  directory = os.fspath(manager.directory)
+  target_dir = os.path.join(os.path.dirname(directory), UNRESTORABLE_DIR)
+  if jax.process_index() == 0:
+    for step in steps:
+      source = os.path.join(directory, str(step))
+      if not os.path.exists(source):
+        continue
+      os.makedirs(target_dir, exist_ok=True)
+      target = os.path.join(target_dir, str(step))
+      suffix = 1
+      while os.path.exists(target):
+        target = os.path.join(target_dir, f'{step}.{suffix}')
+        suffix += 1
+      os.rename(source, target)
+      logging.warning(
+        'Moved the unrestorable checkpoint %s to %s (kept, not deleted).',
+        source,
+        target,
+      )
+      moved.append(target)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('cco_jax.checkpointing.set_aside')
+  manager.reload()
+  return moved

@@ -34,3 +34,86 @@ def _field(node: ml_collections.ConfigDict, name: str, key: str) -> Any:
       f'{", ".join(sorted(node.keys()))}.'
     )
   return node[name]
+
+
+def check_training_config(config: ml_collections.ConfigDict) -> None:
+  """Refuses settings that would crash later or silently do something else.
+
+  Raises:
+    ValueError: one line naming the field, its value and what to set instead.
+  """
+
+  def fail(field: str, problem: str) -> None:
+    value = config
+    for part in field.split('.'):
+      value = value[part]
+    raise ValueError(f'config.{field}={value!r}: {problem}')
+
+  if config.num_train_steps == 0 or config.num_train_steps < -1:
+    fail(
+      'num_train_steps',
+      'give a positive number of steps, or -1 to train num_epochs epochs.',
+    )
+  if config.num_train_steps == -1 and not config.num_epochs > 0:
+    fail('num_epochs', 'must be positive (or set num_train_steps > 0).')
+  for field in ('batch_size', 'eval_batch_size', 'accumulation_steps'):
+    if config[field] < 1:
+      fail(field, 'must be a positive integer.')
+  if config.keep_checkpoints < 1:
+    fail('keep_checkpoints', 'must be at least 1.')
+  if not 0 < config.data.validation_fraction < 1:
+    fail(
+      'data.validation_fraction',
+      'must be in (0, 1): evaluation during training, the choice of the '
+      'best checkpoint and the identity check need a validation split.',
+    )
+
+
+# Fields a resumed run may change: durations, cadences, where the data lives
+# and how fast it is read. Any other difference in these sections means the
+# checkpoints do not belong to this config.
+RESUMABLE_SECTIONS = ('model', 'data')
+RESUMABLE_TOP_LEVEL = (
+  'seed',
+  'rng_impl',
+  'batch_size',
+  'accumulation_steps',
+)
+MAY_CHANGE_ON_RESUME = (
+  'data.manual_dir',
+  'data.ood_manual_dir',
+  'data.tfds_data_dir',
+  'data.download_mirror',
+  'data.num_workers',
+  'data.prefetch',
+  'data.cache_decoded',
+)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def resume_differences(saved: Mapping[str, Any], new: Mapping[str, Any]):
+  """Fields that differ between a run's saved config and a resuming one.
+
+  Both are JSON-like dicts (`json.loads(config.to_json_best_effort())`).
+  Compared: every `model.*` and `data.*` field (except `MAY_CHANGE_ON_RESUME`)
+  and `RESUMABLE_TOP_LEVEL`. Fields present on one side only (added to the
+  code since) are not compared. Returns ['model.num_filters: 4 -> 8', ...].
+  """
+  old, cur = _flatten(saved), _flatten(new)
+
+  def compared(key: str) -> bool:
+    return (
+      key.split('.')[0] in RESUMABLE_SECTIONS or key in RESUMABLE_TOP_LEVEL
+    ) and key not in MAY_CHANGE_ON_RESUME
+
+  keys = sorted(k for k in set(old) & set(cur) if compared(k))
+  return [f'{k}: {old[k]!r} -> {cur[k]!r}' for k in keys if old[k] != cur[k]]

@@ -22,19 +22,56 @@ def _to_python(value):
 
 
 class MetricWriter:
-  """Appends metrics to `metrics.jsonl` and TensorBoard (only on process 0)."""
+  """Appends metrics to `metrics.jsonl` and TensorBoard (only on process 0).
+
+  A resumed run first calls `discard_after(step)`: records of steps after the
+  restored checkpoint (written before an interruption) are dropped, so each
+  step is recorded once; TensorBoard purges its events after that step too.
+  """
 
   def __init__(self, workdir: str, *, enabled: bool = True):
     self._enabled = enabled
+    self._workdir = workdir
     self._path = os.path.join(workdir, 'metrics.jsonl')
     self._tb = None
-    if enabled:
-      os.makedirs(workdir, exist_ok=True)
+    self._purge_step = None
+
+  def discard_after(self, step: int, rewritten=lambda record: False) -> int:
+    """Drops the records of steps > `step`, and those at `step` that a resumed
+    run writes again (`rewritten(record)` true). Returns how many it dropped.
+    """
+    if not self._enabled or not os.path.exists(self._path):
+      return 0
+    records = read_metrics(self._workdir)
+    kept = [
+      r
+      for r in records
+      if r['step'] < step or (r['step'] == step and not rewritten(r))
+    ]
+    if len(kept) != len(records):
+      temporary = self._path + '.tmp'
+      with open(temporary, 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in kept)
+      os.replace(temporary, self._path)
+      logging.info(
+        'Dropped %d records of steps after %d from %s (they are written again).',
+        len(records) - len(kept),
+        step,
+        self._path,
+      )
+    self._purge_step = step + 1
+    return len(records) - len(kept)
+
+  def _tensorboard(self):
+    if self._tb is None:
       from tensorboardX import (
         SummaryWriter,  # pylint: disable=g-import-not-at-top
       )
 
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self._tb = SummaryWriter(
+        os.path.join(self._workdir, 'tensorboard'), purge_step=self._purge_step
+      )
+    return self._tb
 
   def write(self, step: int, metrics: dict) -> None:
     """Records `metrics` (scalars or small arrays) at `step`."""
@@ -44,20 +81,23 @@ class MetricWriter:
       'step': int(step),
       **{k: _to_python(v) for k, v in metrics.items()},
     }
+    os.makedirs(self._workdir, exist_ok=True)
     with open(self._path, 'a') as f:
       f.write(json.dumps(record) + '\n')
+    tb = self._tensorboard()
     for key, value in record.items():
       if (
         key != 'step'
         and isinstance(value, (int, float))
         and math.isfinite(value)
       ):
-        self._tb.add_scalar(key, value, int(step))
-    self._tb.flush()
+        tb.add_scalar(key, value, int(step))
+    tb.flush()
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+      self._tb = None
 
 
 def read_metrics(workdir: str) -> list[dict]:

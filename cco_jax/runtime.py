@@ -1,4 +1,15 @@
-"""XLA CPU settings that make training steps faster, applied before JAX starts.
+"""Process setup before JAX starts: XLA CPU flags, several hosts, workdir lock.
+
+* `apply()`: XLA CPU flags (below).
+* `initialize_distributed(...)`: joins a multi-process run
+  (`jax.distributed.initialize`) from flags or the `JAX_COORDINATOR_ADDRESS`,
+  `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID` environment variables; on CPU the
+  processes' collectives go over gloo.
+* `WorkdirLock`: one run per workdir (an exclusive `fcntl` lock).
+* `quiet_library_logs()`: no Orbax INFO flood, no repeated dataset lines;
+* `apply_gpu()`, `enable_compilation_cache()`: GPU flags, compilation cache.
+
+XLA CPU flags.
 
 jaxlib 0.10.2 hands convolutions on CPU to YNNPACK ("ynn_fusion"). Its weight
 gradient (the convolution of activations with output gradients) is 10-20x
@@ -22,10 +33,13 @@ only affect compilation for the CPU backend; GPU and TPU steps are unchanged.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
+import logging as logging_lib
 import mmap
 import os
 from pathlib import Path
+import socket
 
 OPTION = 'xla_cpu_experimental_ynn_fusion_type'
 # Remove convolutions from the default YNNPACK fusions (keeps reduce and dot).
@@ -160,3 +174,174 @@ def enable_compilation_cache(
     'jax_persistent_cache_min_compile_time_secs', min_compile_seconds
   )
   return directory
+
+
+ENV_COORDINATOR = 'JAX_COORDINATOR_ADDRESS'
+ENV_NUM_PROCESSES = 'JAX_NUM_PROCESSES'
+ENV_PROCESS_ID = 'JAX_PROCESS_ID'
+
+
+def _env_int(name: str) -> int | None:
+  value = os.environ.get(name, '').strip()
+  if not value:
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(
+      f'Environment variable {name}={value!r} is not an integer.'
+    ) from None
+
+
+def distributed_settings(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> dict:
+  """The arguments of `jax.distributed.initialize`: flags, else environment.
+
+  Returns {} when nothing is set (a single-process run, or Cloud TPU, where
+  JAX finds them itself). Raises ValueError when only some are set.
+  """
+  settings = {
+    'coordinator_address': coordinator_address
+    or os.environ.get(ENV_COORDINATOR)
+    or None,
+    'num_processes': num_processes
+    if num_processes is not None
+    else _env_int(ENV_NUM_PROCESSES),
+    'process_id': process_id
+    if process_id is not None
+    else _env_int(ENV_PROCESS_ID),
+  }
+  given = {k: v for k, v in settings.items() if v is not None}
+  if given and len(given) != len(settings):
+    missing = sorted(set(settings) - set(given))
+    raise ValueError(
+      f'Multi-process run: {", ".join(missing)} not set. Give all three of '
+      f'--coordinator_address/{ENV_COORDINATOR}, --num_processes/'
+      f'{ENV_NUM_PROCESSES} and --process_id/{ENV_PROCESS_ID}.'
+    )
+  if given and not 0 <= settings['process_id'] < settings['num_processes']:
+    raise ValueError(
+      f'process_id={settings["process_id"]} must be in '
+      f'[0, num_processes={settings["num_processes"]}).'
+    )
+  return given
+
+
+def initialize_distributed(
+  enabled: bool = False,
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> bool:
+  """Joins a multi-process run if asked to; returns whether it did.
+
+  Asked = `enabled` (Cloud TPU: JAX finds the rest) or any of the settings
+  given (arguments first, then the `JAX_*` environment variables). With more
+  than one process, CPU collectives go over gloo (without it, XLA's CPU
+  backend cannot run a computation across processes), unless
+  `jax_cpu_collectives_implementation` is already set. Call it before any JAX
+  computation.
+  """
+  settings = distributed_settings(
+    coordinator_address, num_processes, process_id
+  )
+  if not (enabled or settings):
+    return False
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if settings.get('num_processes', 2) > 1:
+    current = jax.config.jax_cpu_collectives_implementation
+    if current in (None, '', 'none'):
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(**settings)
+  return True
+
+
+class WorkdirInUse(RuntimeError):
+  """Another process holds the workdir's lock."""
+
+
+class WorkdirLock:
+  """An exclusive lock on a workdir, held while a run writes into it.
+
+  `acquire()` takes an `fcntl` lock on `workdir/<name>` without waiting and
+  writes the holder's PID and host into it; a second process fails at once
+  with `WorkdirInUse` naming them. The kernel releases the lock when the
+  process ends, even on `kill -9`, so a stale file never blocks a new run.
+  Multi-process runs use one lock file per process (`run.lock.<index>` after
+  the first), so a second run on the same workdir is refused on every host.
+  """
+
+  def __init__(self, workdir: str, process_index: int = 0):
+    name = 'run.lock' if process_index == 0 else f'run.lock.{process_index}'
+    self.path = os.path.join(workdir, name)
+    self._fd = None
+
+  def acquire(self) -> WorkdirLock:
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      holder = os.pread(fd, 256, 0).decode(errors='replace').split()
+      os.close(fd)
+      pid, host = (holder + ['?', '?'])[:2]
+      raise WorkdirInUse(
+        f'workdir in use by PID {pid} on host {host} ({self.path} is '
+        'locked): wait for that run to end, stop it, or choose another '
+        '--workdir.'
+      ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f'{os.getpid()} {socket.gethostname()}\n'.encode(), 0)
+    self._fd = fd
+    return self
+
+  def release(self) -> None:
+    if self._fd is not None:
+      fcntl.flock(self._fd, fcntl.LOCK_UN)
+      os.close(self._fd)
+      self._fd = None
+
+  def __enter__(self) -> WorkdirLock:
+    return self.acquire()
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+class QuietLibraryLogs(logging_lib.Filter):
+  """Keeps the log readable: drops Orbax's INFO chatter (dozens of lines per
+  checkpoint) and repeats of TFDS's and the data pipeline's INFO lines ("Load
+  dataset info ...", "Using ... at ..."), which every evaluation would log
+  again. Warnings and errors always pass."""
+
+  _REPEATED = ('/tensorflow_datasets/', '/cco_jax/data/', '/input_pipeline.py')
+
+  def __init__(self):
+    super().__init__()
+    self._seen = set()
+
+  def filter(self, record: logging_lib.LogRecord) -> bool:
+    if record.levelno > logging_lib.INFO:
+      return True
+    path = record.pathname.replace(os.sep, '/')
+    if '/orbax/' in path:
+      return False
+    if any(part in path for part in self._REPEATED):
+      key = (path, record.lineno, record.getMessage())
+      if key in self._seen:
+        return False
+      self._seen.add(key)
+    return True
+
+
+def quiet_library_logs() -> None:
+  """Installs `QuietLibraryLogs` on absl's handler (entry points call it)."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, QuietLibraryLogs) for f in handler.filters):
+    handler.addFilter(QuietLibraryLogs())

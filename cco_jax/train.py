@@ -10,6 +10,16 @@
 Everything it writes lands in `workdir`: `metrics.jsonl`, `tensorboard/`,
 `config.json`, `checkpoints/`, `figures/`. A "step" is one call of the train
 step (one micro-batch when `accumulation_steps > 1`).
+
+Guarantees: one run per workdir (`runtime.WorkdirLock`; the second fails at
+once); every step's non-finite flag is checked before anything is evaluated or
+saved, and an evaluation with a non-finite loss or identity error stops the run
+before its checkpoint, so no saved state has diverged; a resume refuses a
+changed model/data config before touching `config.json`, falls back past
+unreadable checkpoints (`checkpointing.restore_newest`), and drops records of
+steps after the restored one from `metrics.jsonl`. On several hosts every
+process runs the same loop; only process 0 writes records, figures and
+`config.json`.
 """
 
 from __future__ import annotations
@@ -28,12 +38,15 @@ import ml_collections
 import numpy as np
 
 from cco_jax import checkpointing
+from cco_jax import configuration
 from cco_jax import data as input_pipeline
 from cco_jax import figures
 from cco_jax import losses
 from cco_jax import metric_writers
 from cco_jax import models
 from cco_jax import optimizers
+from cco_jax import pretrained
+from cco_jax import runtime
 from cco_jax import train_step as step_lib
 
 DTYPES = {
@@ -112,6 +125,7 @@ def resolve_schedule(
   config: ml_collections.ConfigDict, num_train_examples: int
 ) -> Schedule:
   """Turns epochs / steps / cadences of the config into step counts."""
+  configuration.check_training_config(config)
   if config.batch_size % config.accumulation_steps:
     raise ValueError(
       f'batch_size={config.batch_size} must be divisible by '
@@ -209,6 +223,8 @@ def eval_iterator(
     cam_size=setup.cam_size,
     global_batch_size=config.eval_batch_size,
     num_devices=jax.local_device_count(),
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
     **kwargs,
   )
 
@@ -218,21 +234,55 @@ def eval_iterator(
 # ----------------------------------------------------------------------------
 
 
+def check_resumable(config, workdir: str) -> None:
+  """Refuses to resume `workdir` with a different model or data config.
+
+  Compares with the run's `config.json` (`configuration.resume_differences`)
+  when checkpoints exist, before anything in the workdir is changed.
+  """
+  path = os.path.join(workdir, 'config.json')
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  has_checkpoints = os.path.isdir(checkpoints) and any(
+    name.isdigit() for name in os.listdir(checkpoints)
+  )
+  if not (has_checkpoints and os.path.exists(path)):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  differences = configuration.resume_differences(
+    saved, json.loads(config.to_json_best_effort())
+  )
+  if differences:
+    raise ValueError(
+      f'{workdir} holds checkpoints of another config; this one differs in '
+      f'{"; ".join(differences)}. Use a new --workdir, or the same settings '
+      'to resume.'
+    )
+
+
 def restore_or_create(
   config, setup: Setup, manager
 ) -> tuple[Any, jax.Array, int]:
-  """Phase 2: the unreplicated state, the RNG and the first step to run."""
+  """Phase 2: the unreplicated state, the RNG and the first step to run.
+
+  Resumes from the newest checkpoint that restores; newer unreadable ones
+  are logged and moved to `workdir/unrestorable_checkpoints/` (kept).
+  """
   rng = jax.random.key(config.seed, impl=config.rng_impl or None)
   rng, init_rng = jax.random.split(rng)
   state = step_lib.create_train_state(
     init_rng, setup.model, config.data.image_size, setup.tx
   )
   if manager.latest_step() is None:
+    init_from = config.model.get('init_from', '')
+    state = pretrained.init_train_state(state, setup.model, init_from, init_rng)
     return state, rng, 0
-  state, rng, data_state, step = checkpointing.restore(manager, state)
-  setup.train_iter.set_state(data_state)
-  logging.info('Resumed from step %d of %s.', step, manager.directory)
-  return state, rng, step
+  restored = checkpointing.restore_newest(manager, state)
+  if restored.unrestorable:
+    checkpointing.set_aside(manager, restored.unrestorable)
+  setup.train_iter.set_state(restored.data_state)
+  logging.info('Resumed from step %d of %s.', restored.step, manager.directory)
+  return restored.state, restored.rng, restored.step
 
 
 # ----------------------------------------------------------------------------
@@ -249,7 +299,8 @@ def evaluate(p_eval_step: Callable, state, batches: Iterator[dict]) -> dict:
       lambda x: np.asarray(x[0]),
       p_eval_step(state, step_lib.shard(device_batch(batch))),
     )
-    identity = max(identity, float(sums.pop('identity_error')))
+    # np.maximum, unlike max(), keeps a NaN (a broken model must not read 0).
+    identity = float(np.maximum(identity, sums.pop('identity_error')))
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
   if totals is None:
     raise ValueError('The evaluation split is empty.')
@@ -332,6 +383,7 @@ class Run:
     self.config = config
     self.workdir = workdir
     self.is_chief = jax.process_index() == 0
+    self.figure_dir = os.path.join(workdir, 'figures')
     self.setup = build(config)
     self.manager = checkpointing.create_manager(
       workdir, config.keep_checkpoints
@@ -339,31 +391,50 @@ class Run:
     self.writer = metric_writers.MetricWriter(workdir, enabled=self.is_chief)
     self._figure_batch = None
 
+  def close(self) -> None:
+    """Stops the input workers and closes the writers and the manager."""
+    close = getattr(self.setup.train_iter, 'close', None)
+    if close is not None:
+      close()
+    self.writer.close()
+    self.manager.close()
+
   def save_config(self) -> None:
     if self.is_chief:
       with open(os.path.join(self.workdir, 'config.json'), 'w') as f:
         f.write(self.config.to_json_best_effort(indent=2))
 
   def evaluate_split(self, state, split: str, **kwargs) -> dict:
-    return evaluate(
-      self.setup.p_eval_step,
-      state,
-      eval_iterator(self.config, self.setup, split, **kwargs),
-    )
+    batches = eval_iterator(self.config, self.setup, split, **kwargs)
+    try:
+      return evaluate(self.setup.p_eval_step, state, batches)
+    finally:
+      _close(batches)
 
   def save_figures(self, state, step: int) -> None:
-    if not self.is_chief or not self.config.num_figure_examples:
+    """CAM grid of validation examples and the learning curves.
+
+    Every process runs the (pmapped) prediction, which a multi-process pmap
+    needs; process 0 draws its examples and writes the files.
+    """
+    if not self.config.num_figure_examples:
       return
     if self._figure_batch is None:
-      self._figure_batch = next(
-        iter(eval_iterator(self.config, self.setup, 'validation'))
-      )
+      batches = eval_iterator(self.config, self.setup, 'validation')
+      try:
+        self._figure_batch = next(iter(batches))
+      finally:
+        _close(batches)
+      if self.is_chief:
+        logging.info('Figures go to %s.', self.figure_dir)
     batch = self._figure_batch
     logits, cams = self.setup.p_predict(state, batch['image'])
+    if not self.is_chief:
+      return
     n = self.config.num_figure_examples
     flat = lambda x: np.asarray(x).reshape((-1,) + np.shape(x)[2:])[:n]
     figures.save_cam_grid(
-      os.path.join(self.workdir, 'figures', f'cams_step_{step:07d}.png'),
+      os.path.join(self.figure_dir, f'cams_step_{step:07d}.png'),
       flat(batch['image']),
       flat(batch['mask']),
       flat(cams),
@@ -372,7 +443,7 @@ class Run:
       class_names=input_pipeline.class_names(self.config.data),
     )
     figures.save_learning_curves(
-      os.path.join(self.workdir, 'figures', 'learning_curves.png'),
+      os.path.join(self.figure_dir, 'learning_curves.png'),
       metric_writers.read_metrics(self.workdir),
     )
 
@@ -382,46 +453,135 @@ class Run:
     checkpointing.save(
       self.manager, step, step_lib.unreplicate(state), rng, data_state, metrics
     )
+    logging.info(
+      'Saved the checkpoint of step %d in %s.', step, self.manager.directory
+    )
+
+  def last_good_checkpoint(self) -> str:
+    """What a stopped run leaves to resume from, in words."""
+    step = self.manager.latest_step()
+    if step is None:
+      return (
+        f'No checkpoint was saved in {self.manager.directory} before it, so '
+        'there is no good state to resume from.'
+      )
+    return (
+      f'The last good checkpoint is step {step} in {self.manager.directory} '
+      '(nothing after it was saved).'
+    )
+
+
+def _close(iterator) -> None:
+  close = getattr(iterator, 'close', None)
+  if close is not None:
+    close()
 
 
 def summarise_metrics(step_metrics: list[dict], first_step: int) -> dict:
   """Means of the logged steps' metrics; raises on a non-finite step."""
+  check_finite_steps(step_metrics, first_step)
   stacked = jax.tree.map(
     lambda *x: np.stack([np.asarray(v)[0] for v in x]), *step_metrics
   )
-  bad = np.flatnonzero(stacked['nonfinite'] > 0)
-  if bad.size:
-    raise NonFiniteLoss(
-      f'Non-finite loss or gradient at step {first_step + int(bad[0]) + 1}.'
-    )
   stacked.pop('nonfinite')
   return {f'train_{k}': float(np.mean(v)) for k, v in stacked.items()}
 
 
+def check_finite_steps(step_metrics: list[dict], first_step: int) -> None:
+  """Raises `NonFiniteLoss` naming the first of steps first_step+1.. flagged."""
+  for i, metrics in enumerate(step_metrics):
+    if np.asarray(metrics['nonfinite'])[0] > 0:
+      raise NonFiniteLoss(
+        f'Non-finite loss or gradient at step {first_step + i + 1} (the '
+        'train step kept the previous state).'
+      )
+
+
+def check_evaluation(config, results: dict, step: int) -> None:
+  """Stops before a checkpoint of a state whose evaluation is not sound."""
+  bad = [k for k in ('ce', 'identity_error') if not np.isfinite(results[k])]
+  if bad:
+    raise NonFiniteLoss(
+      f'The validation {" and ".join(bad)} at step {step} is not finite '
+      f'({", ".join(f"{k}={results[k]}" for k in bad)}): the model diverged.'
+    )
+  if results['identity_error'] > config.identity_tolerance:
+    raise IdentityViolation(
+      f'The logit-sum identity fails at step {step}: max relative error '
+      f'{results["identity_error"]:.3g} > identity_tolerance = '
+      f'{config.identity_tolerance:.3g} on the validation split; the '
+      'parameters have grown out of float precision (the model diverged).'
+    )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains, evaluates and checkpoints as `config` says; returns final metrics."""
+  """Trains, evaluates and checkpoints as `config` says; returns final metrics.
+
+  Raises:
+    runtime.WorkdirInUse: another process is running in `workdir`.
+    ValueError: a bad config, or one that differs from the checkpoints' in
+      `workdir` (nothing in `workdir` is changed then).
+    NonFiniteLoss, IdentityViolation: the model diverged; nothing of the
+      diverged state was saved and the message names the last good checkpoint.
+  """
   os.makedirs(workdir, exist_ok=True)
-  run = Run(config, workdir)
-  run.save_config()
-  setup, schedule = run.setup, run.setup.schedule
+  lock = runtime.WorkdirLock(workdir, jax.process_index()).acquire()
+  run = None
+  try:
+    check_resumable(config, workdir)
+    run = Run(config, workdir)
+    return _train_and_evaluate(run)
+  finally:
+    if run is not None:
+      run.close()
+    lock.release()
+
+
+FINAL_SPLITS = ('validation', 'test', 'ood')
+
+
+def _rewritten_on_resume(record: dict) -> bool:
+  """A start (identity) or final-evaluation record, written again on resume."""
+  keys = set(record) - {'step'}
+  return keys == {'identity_error'} or all(
+    k.split('_')[0] in FINAL_SPLITS for k in keys
+  )
+
+
+def _train_and_evaluate(run: Run) -> dict:
+  config, setup, schedule = run.config, run.setup, run.setup.schedule
   state, rng, start_step = restore_or_create(config, setup, run.manager)
+  if start_step > schedule.num_train_steps:
+    raise ValueError(
+      f'{run.workdir} has already trained {start_step} steps, more than the '
+      f'{schedule.num_train_steps} this config asks for (num_train_steps='
+      f'{config.num_train_steps}, num_epochs={config.num_epochs}). Ask for at '
+      f'least {start_step} steps to continue (or to evaluate again), or use '
+      'a new --workdir.'
+    )
+  run.writer.discard_after(start_step, rewritten=_rewritten_on_resume)
+  run.save_config()
   state = step_lib.replicate(state)
   identity = check_identity(
     config, setup, state, 'after restore' if start_step else 'at initialisation'
   )
   run.writer.write(start_step, {'identity_error': identity})
   logging.info(
-    'Training steps %d..%d (%d per epoch, micro-batch %d) on %d devices.',
+    'Training steps %d..%d (%d per epoch, micro-batch %d) on %d devices%s; '
+    'records in %s, checkpoints in %s.',
     start_step,
     schedule.num_train_steps,
     schedule.steps_per_epoch,
     schedule.micro_batch_size,
     jax.device_count(),
+    f' of {jax.process_count()} processes' if jax.process_count() > 1 else '',
+    run.workdir,
+    run.manager.directory,
   )
 
   progress = metric_writers.ProgressLogger(schedule.num_train_steps, start_step)
   batches = prefetch_with_state(setup.train_iter)
-  pending, pending_from = [], start_step
+  pending, pending_from, checked = [], start_step, 0
   step = start_step
   try:
     for step in range(start_step + 1, schedule.num_train_steps + 1):
@@ -429,34 +589,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       state, metrics = setup.p_train_step(state, batch)
       pending.append(metrics)
       last = step == schedule.num_train_steps
-      if step % schedule.log_every == 0 or last:
+      due_log = step % schedule.log_every == 0 or last
+      due_eval = step % schedule.eval_every == 0 or last
+      due_save = step % schedule.checkpoint_every == 0 or last
+      if not (due_log or due_eval or due_save):
+        continue
+      # Every step since the last check, before anything is evaluated or saved.
+      check_finite_steps(pending[checked:], pending_from + checked)
+      checked = len(pending)
+      if due_log:
         summary = summarise_metrics(pending, pending_from)
-        pending, pending_from = [], step
+        pending, pending_from, checked = [], step, 0
         summary['train_steps_per_second'] = progress.log(
           step,
           f'loss {summary["train_loss"]:.4f} acc {summary["train_accuracy"]:.3f}',
         )
         run.writer.write(step, summary)
       eval_metrics = None
-      if step % schedule.eval_every == 0 or last:
-        eval_metrics = {
-          f'eval_{k}': v
-          for k, v in run.evaluate_split(state, 'validation').items()
-        }
+      if due_eval:
+        results = run.evaluate_split(state, 'validation')
+        check_evaluation(config, results, step)
+        logging.info(
+          'Validation at step %d: accuracy %.4f, ce %.4f, background share '
+          '%.3f (%d examples).',
+          step,
+          results['accuracy'],
+          results['ce'],
+          results['bg_share'],
+          results['count'],
+        )
+        eval_metrics = {f'eval_{k}': v for k, v in results.items()}
         run.writer.write(step, eval_metrics)
         run.save_figures(state, step)
-      if step % schedule.checkpoint_every == 0 or last:
+      if due_save:
         run.checkpoint(state, rng, step, data_state, eval_metrics)
-  except NonFiniteLoss as e:
-    raise NonFiniteLoss(
-      f'{e} The state was not updated by that step; training stopped. The last '
-      f'good checkpoint (step {run.manager.latest_step()}) is kept in '
-      f'{run.manager.directory}. Lower the learning rate or check the data.'
+  except (NonFiniteLoss, IdentityViolation) as e:
+    raise type(e)(
+      f'{e} Training stopped. {run.last_good_checkpoint()} Lower the '
+      'learning rate or check the data.'
     ) from None
+  finally:
+    batches.close()
 
-  final = final_evaluation(run, state, step)
-  run.writer.close()
-  return final
+  return final_evaluation(run, state, step)
 
 
 # ----------------------------------------------------------------------------
@@ -467,15 +642,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def final_evaluation(run: Run, state, step: int) -> dict:
   """Validation, test and, for species models, Cats-vs-Dogs accuracy."""
   results = {}
-  splits = ['validation', 'test']
+  splits = list(FINAL_SPLITS[:2])
   if run.config.eval_ood and run.config.data.task == 'species':
     splits.append('ood')
   for split in splits:
     metrics = run.evaluate_split(state, split)
+    logging.info(
+      'Final %s accuracy at step %d: %.4f (%d examples).',
+      split,
+      step,
+      metrics['accuracy'],
+      metrics['count'],
+    )
     results.update({f'{split}_{k}': v for k, v in metrics.items()})
   run.writer.write(step, results)
+  path = os.path.join(run.workdir, 'final_metrics.json')
   if run.is_chief:
-    with open(os.path.join(run.workdir, 'final_metrics.json'), 'w') as f:
+    with open(path, 'w') as f:
       json.dump({'step': step, **results}, f, indent=2)
-  logging.info('Final metrics at step %d: %s', step, json.dumps(results))
+    logging.info(
+      'Final metrics in %s; records in %s; checkpoints in %s; figures in %s.',
+      path,
+      os.path.join(run.workdir, 'metrics.jsonl'),
+      run.manager.directory,
+      run.figure_dir,
+    )
   return results

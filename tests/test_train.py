@@ -87,7 +87,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(
   with config.unlocked():
     config.optimizer.learning_rate = float('inf')
   with pytest.raises(
-    train.NonFiniteLoss, match=r'step 3\b.*last good checkpoint \(step 2\)'
+    train.NonFiniteLoss,
+    match=r'at step 3 .*last good checkpoint is step 2 in',
   ):
     train.train_and_evaluate(config, str(workdir))
   manager = checkpointing.create_manager(str(workdir))
@@ -150,15 +151,28 @@ def test_entry_point_on_shared_sample_writes_and_resumes(tmp_path):
   assert config['num_train_steps'] == 4
 
 
-def test_misspelt_config_key_is_an_error():
+@pytest.mark.parametrize(
+  'flag, message',
+  [
+    (
+      '--config.data.manul_dir=x',
+      """no config field 'manul_dir'. Did you mean "manual_dir" """,
+    ),
+    ('--config=experiments/configs/petz.py:cpu', 'petz.py does not exist'),
+    ('--config.num_train_steps=0', 'config.num_train_steps=0: give a'),
+    ('--config.batch_size=0', 'config.batch_size=0: must be a positive'),
+    ('--config.data.validation_fraction=0', 'validation_fraction=0.0: must'),
+  ],
+)
+def test_config_mistake_ends_with_one_clear_line(tmp_path, flag, message):
   result = subprocess.run(
     [
       sys.executable,
       '-m',
       'experiments.pets',
       '--config=experiments/configs/pets.py:cpu',
-      '--workdir=/tmp/unused',
-      '--config.data.manul_dir=x',
+      f'--workdir={tmp_path / "unused"}',
+      flag,
     ],
     cwd=REPO,
     capture_output=True,
@@ -166,4 +180,7 @@ def test_misspelt_config_key_is_an_error():
     timeout=300,
   )
   assert result.returncode != 0
-  assert 'manul_dir' in result.stderr
+  assert 'Traceback' not in result.stderr, result.stderr[-2000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert message.strip() in last and '\\' not in last, last
+  assert not (tmp_path / 'unused').exists()
