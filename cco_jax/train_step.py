@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cco_jax import cams as cams_lib
 from cco_jax import losses
+from cco_jax import metrics as metrics_lib
 
 AXIS_NAME = 'batch'
 
@@ -126,21 +126,15 @@ def eval_step(
   """
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   logits, cams = state.apply_fn(variables, batch['image'], train=False)
-  weight = batch['weight']
-  labels = batch['label']
-  ce = losses.cross_entropy(logits, labels)
-  influence = cams_lib.pixel_influence(
-    cams_lib.contrastive_cams(cams, labels), batch['mask']
+  sums = metrics_lib.batch_sums(
+    logits,
+    cams,
+    batch['label'],
+    batch['mask'],
+    batch['weight'],
+    bias=state.params['head'].get('bias'),
   )
-  bias = state.params['head'].get('bias')
-  scale = jnp.max(jnp.abs(logits)) + 1.0
-  sums = {
-    'count': weight.sum(),
-    'correct': (weight * (jnp.argmax(logits, -1) == labels)).sum(),
-    'ce': (weight * ce).sum(),
-    **{k: (weight * v).sum() for k, v in influence.items()},
-  }
-  identity = cams_lib.identity_error(logits, cams, bias) / scale
+  identity = sums.pop('identity_error')
   if axis_name is not None:
     sums = jax.lax.psum(sums, axis_name)
     identity = jax.lax.pmax(identity, axis_name)
