@@ -6,6 +6,7 @@ clash with TFDS's own datasets:
   oxford_iiit_pet_masks  Oxford-IIIT Pet: image, trimap, breed, species.
   cats_vs_dogs_ood       Microsoft Cats-vs-Dogs: image, species (OOD test set).
   folder_dataset         your own images, masks, labels and groups (labels.csv).
+  waterbirds             Waterbirds with CUB masks; groups bird type x place.
 
 `DATASETS` maps the project's dataset names (the values of `config.data.name`
 and of `experiments.prepare --dataset`) to a `DatasetEntry`; it is the one
@@ -26,10 +27,12 @@ from cco_jax.data.datasets import cats_vs_dogs
 from cco_jax.data.datasets import common
 from cco_jax.data.datasets import folder
 from cco_jax.data.datasets import oxford_iiit_pet
+from cco_jax.data.datasets import waterbirds
 from cco_jax.data.datasets.cats_vs_dogs import CatsVsDogsOod
 from cco_jax.data.datasets.common import PrepareOptions
 from cco_jax.data.datasets.folder import FolderDataset
 from cco_jax.data.datasets.oxford_iiit_pet import OxfordIiitPetMasks
+from cco_jax.data.datasets.waterbirds import Waterbirds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +82,13 @@ DATASETS = types.MappingProxyType(
       tasks={'label': 'label'},
       needs_manual_dir=True,
     ),
+    'waterbirds': DatasetEntry(
+      builder_cls=Waterbirds,
+      check_manual_dir=waterbirds.check_manual_dir,
+      has_masks=True,
+      splits=('train', 'validation', 'test'),
+      tasks={'label': 'label'},
+    ),
   }
 )
 
@@ -88,9 +98,11 @@ __all__ = [
   'CatsVsDogsOod',
   'FolderDataset',
   'OxfordIiitPetMasks',
+  'Waterbirds',
   'PrepareOptions',
   'cats_vs_dogs',
   'common',
   'folder',
   'oxford_iiit_pet',
+  'waterbirds',
 ]
