@@ -23,10 +23,16 @@ Sections (--sections, default all of the preset's):
         the parameters, like `loss.backward()`), compared with the network's
         forward pass, which yields the maps by the einsum. The maps of both
         methods are checked equal.
-  loop  Images/s of the training loop as `cco_jax.train` runs it (pmapped
-        step, input pipeline on the Pets sample, prefetch, metric summaries)
-        versus the same step on one fixed batch and versus the input pipeline
-        alone: whether input limits training. Uses the `cpu` config.
+  loop  What a user gets: `cco_jax.train.train_and_evaluate` itself (Grain
+        input on the Pets sample, pmapped step, metric summaries, evaluation
+        of the validation split, figures and checkpoints at the config's
+        cadence), timed from its own log records over whole evaluation
+        periods after the first (`training_lib.LoopSetting`); beside it the
+        same pmapped step on one fixed device batch (the bare step) and the
+        input pipeline alone. Images/s, TFLOP/s per device (XLA cost
+        analysis of the pmapped step) and, with --peak_tflops, MFU of loop
+        and step. --loop_eval_every sets the evaluation cadence (default:
+        one epoch of full Pets, not of the small sample).
 
 Presets:
   cpu    step: create_model('resnet18', num_classes=2) at 128 px, batch 32;
@@ -35,22 +41,30 @@ Presets:
          (cam_faithful=False: the unchanged architecture, whose last stage
          downsamples, a quarter of the last stage's FLOPs), to compare with
          `experiments.benchmarks.torch_reference --stock`. cams: ResNet-50 @224
-         features (8, 14, 14, 2048), C = 2 and 37; whole network at batch 1. loop: `cpu` config.
-  gpu    step: ResNet-50 @224 (--dtype, bfloat16 for mixed precision), batch
-         80 with 37 and 2 classes, and 37 classes at batch 192 (ACE +
-         divergence only). cams: features (80, 14, 14, 2048); network batch 8.
-  --smoke  a tiny ResNet (CE and ACE + divergence only), tiny maps, a 32 px loop
-         and 2 repeats: checks that everything runs (each step still takes
-         ~20 s to compile on a busy 2-core CPU), not speed.
+         features (8, 14, 14, 2048), C = 2 and 37; whole network at batch 1.
+         loop: `cpu` config, evaluation every 100 steps, one period timed.
+  gpu    step: the `binary` config's model (ResNet-50 @224, batch 80, 2
+         classes, ACE + divergence: label binary_config), ResNet-50 @224
+         (--dtype, bfloat16 for mixed precision), batch 80 with 37 and 2
+         classes, and 37 classes at batch 192 (ACE + divergence only). cams:
+         features (80, 14, 14, 2048); network batch 8. loop: the `binary`
+         config, evaluation every 40 steps, three periods timed.
+  --smoke  a tiny ResNet (CE and ACE + divergence only), tiny maps, a 32 px
+         loop (10 steps, evaluation every 4) and 2 repeats: checks that
+         everything runs (each step still takes ~20 s to compile on a busy
+         2-core CPU), not speed.
 
 On CPU, `cco_jax.runtime`'s XLA flag is applied (as `experiments.pets`
-does) unless --nocpu_xla_tuning; --compare_cpu_xla times every objective both
+does) unless --nocpu_xla_tuning; on GPU, its GPU flags (`runtime.apply_gpu`),
+and the persistent compilation cache of --compilation_cache or
+$CCO_COMPILATION_CACHE; --compare_cpu_xla times every objective both
 without and with it, in the same process. Timings on a shared machine are
 noisy: the load average is recorded with every section.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 
@@ -130,28 +144,61 @@ _TFDS_DATA_DIR = flags.DEFINE_string(
   '',
   "Prepared data for the loop; '' = a fresh temporary directory.",
 )
-_LOOP_STEPS = flags.DEFINE_integer(
-  'loop_steps', None, 'Steps per loop measurement.'
+_LOOP_EVAL_EVERY = flags.DEFINE_integer(
+  'loop_eval_every',
+  None,
+  "Evaluate every N steps in the loop section (default: the preset's, "
+  'one epoch of full Pets).',
+)
+_LOOP_OVERRIDES = flags.DEFINE_multi_string(
+  'loop_override',
+  [],
+  'KEY=VALUE config overrides of the loop (e.g. num_figure_examples=0), '
+  'values parsed as Python literals where they can be.',
+)
+_COMPILATION_CACHE = flags.DEFINE_string(
+  'compilation_cache',
+  None,
+  'Persistent XLA compilation cache directory (default: '
+  f'${runtime.COMPILATION_CACHE_ENV} if set; "" = off).',
 )
 
 
 # ----------------------------------------------------------------------------
 # Main.
 # ----------------------------------------------------------------------------
+def _parse_overrides(items) -> dict:
+  """KEY=VALUE strings to a dict, values as Python literals where they parse."""
+  overrides = {}
+  for item in items:
+    key, sep, value = item.partition('=')
+    if not sep:
+      raise app.UsageError(f'--loop_override {item!r} is not KEY=VALUE.')
+    try:
+      overrides[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      overrides[key] = value
+  return overrides
+
+
 def _apply_cpu_flags() -> str:
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
 
   if xla_bridge.backends_are_initialized():
     raise RuntimeError('JAX started before the XLA flags were set.')
+  added = runtime.apply_gpu()  # Only where a CUDA plugin is installed.
   if _CPU_XLA_TUNING.value and not _COMPARE_CPU_XLA.value:
-    return runtime.apply()
-  return ''
+    added = f'{added} {runtime.apply()}'
+  return added.strip()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   added = _apply_cpu_flags()
+  cache = runtime.enable_compilation_cache(_COMPILATION_CACHE.value)
+  if cache:
+    print(f'Persistent compilation cache: {cache}')
   chosen = lib.preset(_PRESET.value, _SMOKE.value)
   settings = (
     [lib.parse_setting(spec, chosen.steps) for spec in _MODELS.value]
@@ -176,7 +223,8 @@ def main(argv):
     peak_tflops=_PEAK_TFLOPS.value,
     pets_dir=_PETS_DIR.value,
     tfds_data_dir=_TFDS_DATA_DIR.value,
-    loop_steps=_LOOP_STEPS.value,
+    loop_eval_every=_LOOP_EVAL_EVERY.value,
+    loop_overrides=_parse_overrides(_LOOP_OVERRIDES.value),
     pointwise_as_dot=_POINTWISE_AS_DOT.value,
     min_seconds=_MIN_SECONDS.value,
   )

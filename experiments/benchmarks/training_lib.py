@@ -90,8 +90,7 @@ class Preset:
   cams: CamSetting
   sections: tuple[str, ...]
   repeats: int
-  loop_steps: int
-  loop_overrides: dict = dataclasses.field(default_factory=dict)
+  loop: LoopSetting
 
 
 def _pets_config(variant: str):
@@ -140,13 +139,19 @@ def preset(name: str, smoke: bool) -> Preset:
       ),
       sections=SECTIONS,
       repeats=2,
-      loop_steps=3,
-      loop_overrides={
-        'data.image_size': 32,
-        'model.num_filters': 4,
-        'batch_size': 8,
-        'log_every_steps': 2,
-      },
+      loop=LoopSetting(
+        'cpu',
+        eval_every=4,
+        log_every=2,
+        evals=1,
+        overrides=(
+          ('data.image_size', 32),
+          ('model.num_filters', 4),
+          ('batch_size', 8),
+          ('eval_batch_size', 16),
+          ('num_figure_examples', 2),
+        ),
+      ),
     )
   if name == 'cpu':
     return Preset(
@@ -178,10 +183,14 @@ def preset(name: str, smoke: bool) -> Preset:
       ),
       sections=SECTIONS,
       repeats=7,
-      loop_steps=20,
+      # One epoch of full Pets (3,312 training images) at batch 32 is ~103
+      # steps: evaluation (validation split, figures, checkpoint) that often.
+      loop=LoopSetting('cpu', eval_every=100, log_every=10, evals=1),
     )
   return Preset(
     steps=(
+      # The model, batch and objective the loop section trains.
+      _config_setting('binary', 'binary_config', objectives=('ace_kld',)),
       StepSetting('resnet50_224_b80_c37', 'resnet50', 224, 80, 37),
       StepSetting(
         'resnet50_224_b80_c2',
@@ -208,9 +217,11 @@ def preset(name: str, smoke: bool) -> Preset:
       classes=(2, 37),
       network_repeats=3,
     ),
-    sections=('step', 'cams'),
+    sections=('step', 'cams', 'loop'),
     repeats=20,
-    loop_steps=50,
+    # The paper-scale `binary` config (ResNet-50 @224, batch 80, ACE +
+    # divergence). One epoch of full Pets at batch 80 is ~41 steps.
+    loop=LoopSetting('binary', eval_every=40, log_every=10, evals=3),
   )
 
 
@@ -657,23 +668,117 @@ def time_cams(setting: CamSetting, repeats: int) -> dict:
 # ----------------------------------------------------------------------------
 
 
-def loop_config(pets_dir: str, tfds_data_dir: str, overrides: dict):
-  return configuration.apply_overrides(
-    _pets_config('cpu'),
-    {
-      'data.manual_dir': pets_dir,
-      'data.tfds_data_dir': tfds_data_dir,
-      **overrides,
-    },
+@dataclasses.dataclass(frozen=True)
+class LoopSetting:
+  """The config the loop trains, and the cadence its timed window spans.
+
+  `train.train_and_evaluate` runs `(evals + 1) * eval_every + log_every`
+  steps. Its log records give steps/s per `log_every` steps, measured between
+  the synchronising log calls, so each evaluation's stall (evaluation, figures,
+  checkpoint) lands in the interval after it. The timed window starts after
+  the first evaluation's interval (which also compiles the eval and predict
+  steps) and holds `evals` whole evaluation periods.
+  """
+
+  variant: str  # experiments/configs/pets.py variant.
+  eval_every: int
+  log_every: int
+  evals: int = 2
+  overrides: tuple[tuple[str, Any], ...] = ()
+
+  @property
+  def window(self) -> tuple[int, int]:
+    """Steps `(start, end]` of the timed window."""
+    start = self.eval_every + self.log_every
+    return start, start + self.evals * self.eval_every
+
+  @property
+  def num_steps(self) -> int:
+    return self.window[1]
+
+
+def loop_config(
+  setting: LoopSetting,
+  pets_dir: str,
+  tfds_data_dir: str,
+  dtype=None,
+  extra: dict | None = None,
+):
+  """The variant's config with the loop's cadence, data and steps."""
+  if setting.eval_every % setting.log_every:
+    raise ValueError(
+      f'eval_every={setting.eval_every} must be a multiple of '
+      f'log_every={setting.log_every} (evaluations at log steps).'
+    )
+  overrides = {
+    'data.manual_dir': pets_dir,
+    'data.tfds_data_dir': tfds_data_dir,
+    'num_train_steps': setting.num_steps,
+    'eval_every_steps': setting.eval_every,
+    'log_every_steps': setting.log_every,
+    'eval_ood': False,
+    **dict(setting.overrides),
+    **(extra or {}),
+  }
+  if dtype is not None:
+    overrides['model.dtype'] = jnp.dtype(dtype).name
+  return configuration.apply_overrides(_pets_config(setting.variant), overrides)
+
+
+def window_rate(records: Sequence[dict], start: int, end: int) -> dict:
+  """Steps/s over the log intervals inside steps `(start, end]`.
+
+  `records` are `metrics.jsonl` rows; those with `train_steps_per_second`
+  (written at each log step, for the steps since the previous log) define
+  intervals `(previous log step, step]`. The rate is total steps over total
+  seconds of the intervals that lie inside the window.
+  """
+  logs = sorted(
+    (r['step'], r['train_steps_per_second'])
+    for r in records
+    if 'train_steps_per_second' in r
   )
+  intervals, previous = [], 0
+  for step, rate in logs:
+    if previous >= start and step <= end:
+      intervals.append((previous, step, (step - previous) / rate))
+    previous = step
+  covered = sum(b - a for a, b, _ in intervals)
+  if covered != end - start:
+    raise ValueError(
+      f'The log records cover {covered} of the {end - start} steps in '
+      f'({start}, {end}]; logs at steps {[s for s, _ in logs]}.'
+    )
+  seconds = sum(t for _, _, t in intervals)
+  return {
+    'steps_per_s': covered / seconds,
+    'interval_steps_per_s': [round((b - a) / t, 4) for a, b, t in intervals],
+    'window': [start, end],
+  }
 
 
-def time_loop(config, steps: int, rounds: int = 3) -> dict:
-  """Images/s: input pipeline alone, step alone, and both as `train` runs them."""
+def _pmapped_flops(p_train_step, state, batch) -> float:
+  """FLOPs of one device's step, from XLA's cost analysis of the pmapped step."""
+  try:
+    return _flops(p_train_step.lower(state, batch).compile())
+  except Exception:  # pylint: disable=broad-except
+    return float('nan')
+
+
+def time_loop(
+  setting: LoopSetting, config, workdir: str, peak_tflops: float = 0.0
+) -> dict:
+  """Images/s and MFU of the real loop (`train.train_and_evaluate`) and of
+  its pmapped step alone on one fixed batch, plus the input pipeline alone."""
+  from cco_jax import metric_writers  # pylint: disable=g-import-not-at-top
   from cco_jax import train  # pylint: disable=g-import-not-at-top
 
   load_start = loadavg()
-  setup, build_s, _ = timed(lambda: train.build(config))
+  _, train_s, _ = timed(lambda: train.train_and_evaluate(config, workdir))
+  start, end = setting.window
+  loop = window_rate(metric_writers.read_metrics(workdir), start, end)
+
+  setup = train.build(config)
   state = step_lib.create_train_state(
     jax.random.key(config.seed, impl=config.rng_impl or None),
     setup.model,
@@ -682,11 +787,9 @@ def time_loop(config, steps: int, rounds: int = 3) -> dict:
   )
   state = step_lib.replicate(state)
   fixed = step_lib.shard(train.device_batch(next(setup.train_iter)))
+  flops = _pmapped_flops(setup.p_train_step, state, fixed)
   (state, _), first_s, _ = timed(lambda: setup.p_train_step(state, fixed))
-  images_per_step = setup.schedule.micro_batch_size
-  log_every = setup.schedule.log_every
-  batches = train.prefetch_with_state(setup.train_iter)
-  next(batches)
+  steps = end - start
 
   def step_alone():
     nonlocal state
@@ -694,47 +797,52 @@ def time_loop(config, steps: int, rounds: int = 3) -> dict:
       state, metrics = setup.p_train_step(state, fixed)
     _block((state, metrics))
 
-  def full_loop():
-    nonlocal state
-    pending = []
-    for step in range(1, steps + 1):
-      batch, _ = next(batches)
-      state, metrics = setup.p_train_step(state, batch)
-      pending.append(metrics)
-      if step % log_every == 0 or step == steps:
-        train.summarise_metrics(pending, 0)
-        pending = []
-    _block(state)
-
   def input_alone():
     for _ in range(steps):
       next(setup.train_iter)
 
-  rates = {'input_pipeline_alone': [], 'step_alone': [], 'full_loop': []}
-  for _ in range(rounds):
-    for name, fn in (
-      ('step_alone', step_alone),
-      ('full_loop', full_loop),
-      ('input_pipeline_alone', input_alone),
-    ):
-      _, wall, _ = timed(fn)
-      rates[name].append(steps * images_per_step / wall)
-  setup.train_iter.close()
-  result = {
-    name: {'images_per_s_median': _median(r), 'images_per_s': r}
-    for name, r in rates.items()
+  _, step_s, _ = timed(step_alone)
+  _, input_s, _ = timed(input_alone)
+  close = getattr(setup.train_iter, 'close', None)
+  if close is not None:
+    close()
+  batch = setup.schedule.micro_batch_size
+  devices = jax.local_device_count()
+  rates = {
+    'full_loop': loop['steps_per_s'],
+    'step_alone': steps / step_s,
+    'input_pipeline_alone': steps / input_s,
   }
+  result = {
+    name: {
+      'steps_per_s': rate,
+      'images_per_s': rate * batch,
+      'images_per_s_per_device': rate * batch / devices,
+      'achieved_tflops_per_device': flops * rate / 1e12,
+    }
+    for name, rate in rates.items()
+  }
+  del result['input_pipeline_alone']['achieved_tflops_per_device']
+  if peak_tflops:
+    for name in ('full_loop', 'step_alone'):
+      result[name]['mfu'] = (
+        result[name]['achieved_tflops_per_device'] / peak_tflops
+      )
+  result['full_loop']['interval_steps_per_s'] = loop['interval_steps_per_s']
   result.update(
     {
-      'config': 'cpu',
+      'setting': dataclasses.asdict(setting),
+      'model': config.model.name,
+      'dtype': config.model.dtype,
       'image_size': config.data.image_size,
-      'batch': images_per_step,
-      'steps_per_round': steps,
-      'rounds': rounds,
-      'build_s': build_s,
+      'batch': batch,
+      'devices': devices,
+      'window_steps': list(loop['window']),
+      'evaluations_in_window': setting.evals,
+      'gflops_per_device_step': flops / 1e9,
+      'train_and_evaluate_s': train_s,
       'first_step_s (compile + run)': first_s,
-      'loop_over_step': result['full_loop']['images_per_s_median']
-      / result['step_alone']['images_per_s_median'],
+      'loop_over_step': rates['full_loop'] / rates['step_alone'],
       'loadavg_start': load_start,
       'loadavg_end': loadavg(),
     }
@@ -839,13 +947,25 @@ def print_tables(results: dict) -> None:
     if 'skipped' in loop:
       print(f'\n[loop] skipped: {loop["skipped"]}')
     else:
+      setting = loop['setting']
       print(
-        f'\n[loop] cpu config @{loop["image_size"]} px, batch {loop["batch"]}, '
-        f'{loop["steps_per_round"]} steps x {loop["rounds"]} rounds, load '
-        f'{loop["loadavg_start"]} -> {loop["loadavg_end"]}'
+        f'\n[loop] {setting["variant"]} config ({loop["model"]}, '
+        f'{loop["dtype"]}) @{loop["image_size"]} px, batch {loop["batch"]} on '
+        f'{loop["devices"]} device(s); steps {loop["window_steps"]} with '
+        f'{loop["evaluations_in_window"]} evaluation(s), every '
+        f'{setting["eval_every"]} steps; load {loop["loadavg_start"]} -> '
+        f'{loop["loadavg_end"]}'
       )
-      for name in ('input_pipeline_alone', 'step_alone', 'full_loop'):
-        print(f'  {name:22s} {loop[name]["images_per_s_median"]:8.1f} images/s')
+      for name in ('full_loop', 'step_alone', 'input_pipeline_alone'):
+        row = loop[name]
+        mfu = f'  MFU {row["mfu"]:6.1%}' if 'mfu' in row else ''
+        tflops = row.get('achieved_tflops_per_device')
+        tflops = f'  {tflops:8.3f} TFLOP/s/device' if tflops else ''
+        print(
+          f'  {name:22s} {row["images_per_s"]:9.1f} images/s '
+          f'({row["images_per_s_per_device"]:.1f} per device){tflops}{mfu}'
+        )
+      print(f'  loop / step {loop["loop_over_step"]:.3f}')
 
 
 def run(
@@ -861,7 +981,8 @@ def run(
   peak_tflops: float = 0.0,
   pets_dir: str = '',
   tfds_data_dir: str = '',
-  loop_steps: int | None = None,
+  loop_eval_every: int | None = None,
+  loop_overrides: dict | None = None,
   compiler_options: dict | None = None,
   pointwise_as_dot: bool = True,
   min_seconds: float = 0.0,
@@ -913,24 +1034,45 @@ def run(
   if 'loop' in sections:
     print('[loop] ...', flush=True)
     results['loop'] = run_loop(
-      chosen, pets_dir, tfds_data_dir, loop_steps or chosen.loop_steps
+      chosen,
+      pets_dir,
+      tfds_data_dir,
+      dtype=dtype,
+      peak_tflops=peak_tflops,
+      eval_every=loop_eval_every,
+      extra=loop_overrides,
     )
   results['environment']['loadavg_end'] = list(os.getloadavg())
   return results
 
 
 def run_loop(
-  chosen: Preset, pets_dir: str, tfds_data_dir: str, steps: int
+  chosen: Preset,
+  pets_dir: str,
+  tfds_data_dir: str,
+  *,
+  dtype=None,
+  peak_tflops: float = 0.0,
+  eval_every: int | None = None,
+  extra: dict | None = None,
 ) -> dict:
+  """The loop section on the Pets sample at `pets_dir` (skipped without it)."""
   if not os.path.isdir(pets_dir):
     return {'skipped': f'no Pets sample at {pets_dir}'}
-  temporary = None
-  if not tfds_data_dir:
-    temporary = tfds_data_dir = tempfile.mkdtemp(prefix='cco_benchmark_tfds_')
+  setting = chosen.loop
+  if eval_every:
+    setting = dataclasses.replace(setting, eval_every=eval_every)
+  temporary = tempfile.mkdtemp(prefix='cco_benchmark_loop_')
   try:
+    config = loop_config(
+      setting,
+      pets_dir,
+      tfds_data_dir or os.path.join(temporary, 'tfds'),
+      dtype,
+      extra,
+    )
     return time_loop(
-      loop_config(pets_dir, tfds_data_dir, chosen.loop_overrides), steps
+      setting, config, os.path.join(temporary, 'workdir'), peak_tflops
     )
   finally:
-    if temporary:
-      shutil.rmtree(temporary, ignore_errors=True)
+    shutil.rmtree(temporary, ignore_errors=True)

@@ -1,26 +1,40 @@
 #!/usr/bin/env bash
 # Here (a machine with pip access), from the repo root: fetch the wheels a lent
 # GPU machine lacks into .whl/ and pack the data samples into .gpu_bundle/.
-# Both folders are git-ignored; name them in the device tool's `carry`. See docs/gpu.md.
+# Both folders are git-ignored; name them in the device tool's `carry`. See
+# docs/gpu.md. WHEEL_DIR and BUNDLE_DIR (experiments/gpu/common.sh) move them.
+# Packages with no wheel on PyPI (promise: sdist only) are built into wheels
+# here; the folder is then checked complete (experiments.gpu.check_wheels).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-python=${PYTHON:-python3}
-# The GPU image has jax, flax, optax, chex, orbax, absl, etils, pillow, numpy,
-# matplotlib, protobuf, pyarrow, psutil, requests, tqdm, wrapt, cloudpickle, pyyaml.
+source experiments/gpu/common.sh
+# What the project needs beyond the image (jax 0.11.2, flax, optax, chex,
+# orbax, absl, etils, pillow, numpy, matplotlib, protobuf, pyarrow, psutil,
+# requests, tqdm, wrapt, attrs, cloudpickle, pyyaml, six: see check_wheels).
 wheels=(
   tensorflow-datasets==4.9.10 array-record==0.8.6 grain==0.2.18
   ml-collections==1.1.0 tensorboardX==2.6.5 tensorflow-metadata==1.21.0
-  dm-tree==0.1.10 immutabledict==4.3.1 promise==2.3 simple-parsing==0.1.9
-  docstring-parser==0.18.0 termcolor==3.3.0 toml==0.10.2 portpicker==1.6.0
-  googleapis-common-protos==1.76.0
+  dm-tree==0.1.10 immutabledict==4.3.1 promise==2.3 six==1.17.0
+  simple-parsing==0.1.9 docstring-parser==0.18.0 termcolor==3.3.0
+  toml==0.10.2 portpicker==1.6.0 googleapis-common-protos==1.76.0
 )
-mkdir -p .whl
+rm -rf "$wheel_dir"
+mkdir -p "$wheel_dir"
+sdists=$(mktemp -d)
+trap 'rm -rf "$sdists"' EXIT
 for wheel in "${wheels[@]}"; do
-  "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
-    --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 --platform any -d .whl "$wheel" || \
-  "$python" -m pip download -q --no-deps --no-binary=:none: -d .whl "$wheel"
+  if ! "$python" -m pip download -q --no-deps --only-binary=:all: \
+      --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+      --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+      --platform manylinux2014_x86_64 --platform any -d "$wheel_dir" "$wheel" \
+      2>/dev/null; then
+    echo "$wheel: no wheel on the index; building one from its sdist."
+    mkdir -p "$sdists/$wheel"
+    "$python" -m pip download -q --no-deps --no-binary=:all: -d "$sdists/$wheel" "$wheel"
+    "$python" -m pip wheel -q --no-deps -w "$wheel_dir" "$sdists/$wheel"/*
+  fi
 done
-"$python" -m experiments.gpu.make_bundle --out=.gpu_bundle "$@"
-du -sh .whl .gpu_bundle
+"$python" -m experiments.gpu.check_wheels "$wheel_dir"
+"$python" -m experiments.gpu.make_bundle --out="$bundle_dir" "$@"
+du -sh "$wheel_dir" "$bundle_dir"

@@ -1,28 +1,39 @@
 #!/usr/bin/env bash
 # On a lent GPU (H100/H200), from the repo root, after experiments/gpu/prepare.sh
 # here and with `carry: [".whl", ".gpu_bundle"]`:
-#   bash experiments/gpu/reproduce.sh [EPOCHS] [SEEDS]
+#   bash experiments/gpu/reproduce.sh [EPOCHS=100] [SEEDS=0] [reproduce flags...]
 # Trains the paper-scale species setting (ResNet-50 @224, batch 80, bfloat16)
 # on the travelling Pets sample: the CE control (binary_ce) and ACE + divergence
 # (binary), then evaluates both (test, interventions, Cats-vs-Dogs) and prints
-# the same table as the CPU reproduction. Results land in $OUT (or /tmp).
-# About 6-8 minutes of GPU time at 100 epochs of the 270-image sample.
+# the same table as the CPU reproduction. Results land in $OUT/gpu_reproduce.
+# Evaluation, figures and checkpoints every 30 steps (10 epochs of the
+# 270-image sample), not every epoch (3 steps). Stops itself after
+# REPRODUCE_BUDGET_S (default 560 s) and prints what finished; not yet run
+# on a GPU (docs/gpu.md). VARIANTS and DTYPE change the variants and compute
+# dtype (the CPU rehearsal: VARIANTS=cpu_ce,cpu DTYPE=float32).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source experiments/gpu/common.sh
 epochs=${1:-100}
 seeds=${2:-0}
-out=${OUT:-/tmp}/gpu_reproduce
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-    --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
-export PYTHONUNBUFFERED=1
-python3 -m experiments.reproduce --out="$out" --only=species \
-  --variants=binary_ce,binary --seeds="$seeds" --epochs="$epochs" \
-  --pets_dir=.gpu_bundle/pets --cvd_dir=.gpu_bundle/cvd \
-  --override=model.dtype=bfloat16 \
-  --override=log_every_steps=20 2>&1 | grep -vE "orbax|checkpoint_manager|event_tracking"
-cp "$out/table.md" "$out/table.json" "${OUT:-/tmp}/" 2>/dev/null || true
+shift $(($# > 2 ? 2 : $#))
+budget=${REPRODUCE_BUDGET_S:-560}
+variants=${VARIANTS:-binary_ce,binary}
+dtype=${DTYPE:-bfloat16}
+out=$out_root/gpu_reproduce
+start=$SECONDS
+install_wheels
+print_environment
+set +e
+timeout $((budget - (SECONDS - start))) "$python" -m experiments.reproduce \
+  --out="$out" --only=species --variants="$variants" --seeds="$seeds" \
+  --epochs="$epochs" --pets_dir="$bundle_dir/pets" --cvd_dir="$bundle_dir/cvd" \
+  --override=model.dtype="$dtype" --override=log_every_steps=10 \
+  --override=eval_every_steps=30 "$@" 2>&1 \
+  | grep -vE "orbax|checkpoint_manager|event_tracking|Generating|Shuffling"
+status=${PIPESTATUS[0]}
+set -e
+echo "reproduce: exit $status after $((SECONDS - start)) s"
+cat "$out/table.md" 2>/dev/null || echo "No table: no run finished."
+cp "$out/table.md" "$out/table.json" "$out_root/" 2>/dev/null || true
+exit "$status"

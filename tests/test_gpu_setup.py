@@ -1,0 +1,256 @@
+"""What the GPU scripts rely on: a complete wheel folder, the GPU XLA flags,
+the persistent compilation cache, and the loop benchmark's timed window.
+
+No GPU is needed: the flags are checked as environment edits (in subprocesses
+where JAX must not have started), the cache on CPU, where JAX stores and
+reloads compiled programs the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import pytest
+
+from cco_jax import runtime
+from experiments.benchmarks import training_lib
+from experiments.gpu import check_wheels
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------------------
+# check_wheels
+# ---------------------------------------------------------------------------
+
+
+def write_wheel(folder, filename: str, requires: tuple[str, ...] = ()) -> str:
+  """A minimal wheel: just its METADATA with `Requires-Dist` lines."""
+  name, version = filename.split('-')[:2]
+  path = os.path.join(folder, filename)
+  lines = ['Metadata-Version: 2.1', f'Name: {name}', f'Version: {version}']
+  lines += [f'Requires-Dist: {r}' for r in requires]
+  with zipfile.ZipFile(path, 'w') as archive:
+    archive.writestr(
+      f'{name}-{version}.dist-info/METADATA', '\n'.join(lines) + '\n'
+    )
+  return path
+
+
+def test_complete_folder_passes(tmp_path):
+  paths = [
+    write_wheel(
+      tmp_path,
+      'promise-2.3-py3-none-any.whl',
+      ('six', 'typing; python_version < "3.5"'),
+    ),
+    write_wheel(tmp_path, 'six-1.17.0-py2.py3-none-any.whl'),
+    write_wheel(
+      tmp_path,
+      'dm_tree-0.1.10-cp312-cp312-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl',
+      ('absl-py>=0.6.1', 'numpy', 'pytest; extra == "test"'),
+    ),
+  ]
+  assert check_wheels.problems(paths) == []
+
+
+def test_sdist_missing_requirement_and_wrong_platform_are_named(tmp_path):
+  sdist = tmp_path / 'promise-2.3.tar.gz'
+  sdist.write_text('')
+  paths = [
+    str(sdist),
+    # promise's wheel without six (the image failure this check prevents).
+    write_wheel(tmp_path, 'promise-2.3-py3-none-any.whl', ('six',)),
+    write_wheel(
+      tmp_path, 'array_record-0.8.6-cp311-cp311-manylinux_2_17_x86_64.whl'
+    ),
+    write_wheel(tmp_path, 'grain-0.2.18-cp312-cp312-macosx_11_0_arm64.whl'),
+    write_wheel(tmp_path, 'toml-0.10.2-py2.py3-none-any.whl'),
+    write_wheel(tmp_path, 'toml-0.10.1-py2.py3-none-any.whl'),
+  ]
+  found = '\n'.join(check_wheels.problems(paths))
+  assert 'promise-2.3.tar.gz: not a wheel' in found
+  assert 'promise requires six' in found
+  assert 'array_record-0.8.6-cp311' in found and 'CPython 3.12' in found
+  assert 'grain-0.2.18-cp312-cp312-macosx_11_0_arm64.whl: no tag' in found
+  assert 'toml: 2 versions' in found
+  assert len(check_wheels.problems(paths)) == 5
+
+
+def test_image_packages_cover_the_image_jax():
+  for name in ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'attrs'):
+    assert name in check_wheels.IMAGE_PACKAGES
+  for name in ('tensorflow-datasets', 'grain', 'promise', 'six'):
+    assert name not in check_wheels.IMAGE_PACKAGES
+
+
+# ---------------------------------------------------------------------------
+# runtime: GPU flags and compilation cache
+# ---------------------------------------------------------------------------
+
+
+def run_python(code: str, **env) -> str:
+  """Runs `code` in a fresh interpreter (JAX not started) and returns stdout."""
+  environment = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  environment.update(env)
+  result = subprocess.run(
+    [sys.executable, '-c', textwrap.dedent(code)],
+    capture_output=True,
+    text=True,
+    env=environment,
+    cwd=REPO,
+    check=True,
+  )
+  return result.stdout.strip()
+
+
+def test_gpu_flags_added_once_and_respect_the_user(monkeypatch):
+  monkeypatch.delenv('XLA_FLAGS', raising=False)
+  monkeypatch.delenv(runtime.GPU_DISABLE_ENV, raising=False)
+  added = runtime.apply_gpu(force=True)
+  assert added == ' '.join(runtime.GPU_XLA_FLAGS)
+  assert os.environ['XLA_FLAGS'] == added
+  assert runtime.apply_gpu(force=True) == ''  # Already there: not twice.
+  monkeypatch.setenv(
+    'XLA_FLAGS', '--xla_gpu_enable_latency_hiding_scheduler=false'
+  )
+  assert runtime.apply_gpu(force=True) == ''
+  assert os.environ['XLA_FLAGS'].endswith('=false')
+  monkeypatch.delenv('XLA_FLAGS')
+  monkeypatch.setenv(runtime.GPU_DISABLE_ENV, '0')
+  assert runtime.apply_gpu(force=True) == ''
+  assert 'XLA_FLAGS' not in os.environ
+
+
+def test_gpu_flags_only_with_a_cuda_plugin(monkeypatch):
+  monkeypatch.delenv('XLA_FLAGS', raising=False)
+  monkeypatch.delenv(runtime.GPU_DISABLE_ENV, raising=False)
+  monkeypatch.setattr(runtime, 'cuda_plugin_installed', lambda: False)
+  assert runtime.apply_gpu() == ''
+  assert 'XLA_FLAGS' not in os.environ
+  monkeypatch.setattr(runtime, 'cuda_plugin_installed', lambda: True)
+  assert runtime.apply_gpu() == ' '.join(runtime.GPU_XLA_FLAGS)
+
+
+def test_gpu_flags_accepted_by_xla():
+  """The flags parse: XLA aborts the process on an unknown flag."""
+  out = run_python(
+    """
+    from cco_jax import runtime
+    added = runtime.apply_gpu(force=True)
+    import jax, jax.numpy as jnp
+    print(added, float(jnp.ones(3).sum()))
+    """
+  )
+  assert out.endswith('3.0') and 'latency_hiding' in out
+
+
+def test_compilation_cache_stores_and_is_configurable(tmp_path, monkeypatch):
+  monkeypatch.setenv(runtime.COMPILATION_CACHE_ENV, str(tmp_path / 'env'))
+  assert runtime.compilation_cache_dir() == str(tmp_path / 'env')
+  assert runtime.compilation_cache_dir('') == ''
+  assert runtime.compilation_cache_dir('/x') == '/x'
+  directory = tmp_path / 'cache'
+  code = """
+    from cco_jax import runtime
+    print(runtime.enable_compilation_cache(None, min_compile_seconds=0))
+    import jax, jax.numpy as jnp
+    f = jax.jit(lambda x: jnp.sin(x) @ x.T + 1.0)
+    print(float(f(jnp.ones((64, 64))).sum()))
+    """
+  first = run_python(code, **{runtime.COMPILATION_CACHE_ENV: str(directory)})
+  assert first.splitlines()[0] == str(directory)
+  stamps = {e.name: e.stat().st_mtime_ns for e in os.scandir(directory)}
+  assert stamps, 'nothing was stored in the cache'
+  second = run_python(code, **{runtime.COMPILATION_CACHE_ENV: str(directory)})
+  assert second == first
+  # Loaded, not compiled and stored again.
+  assert {e.name: e.stat().st_mtime_ns for e in os.scandir(directory)} == stamps
+
+
+# ---------------------------------------------------------------------------
+# The loop benchmark's timed window
+# ---------------------------------------------------------------------------
+
+
+def test_loop_window_spans_whole_evaluation_periods():
+  setting = training_lib.LoopSetting(
+    'cpu', eval_every=40, log_every=10, evals=3
+  )
+  assert setting.window == (50, 170)
+  assert setting.num_steps == 170
+
+
+def test_window_rate_is_steps_over_seconds_of_the_window():
+  # Logs every 10 steps; intervals (0,10] compile, (40,50] holds the first
+  # evaluation's stall; the window (50, 90] takes 4 intervals.
+  seconds = {
+    10: 30.0,
+    20: 1.0,
+    30: 1.0,
+    40: 1.0,
+    50: 9.0,
+    60: 1.0,
+    70: 1.0,
+    80: 1.0,
+    90: 3.0,
+    100: 1.0,
+  }
+  records = [{'step': 0, 'identity_error': 0.0}]
+  for step, t in seconds.items():
+    records.append(
+      {'step': step, 'train_loss': 1.0, 'train_steps_per_second': 10 / t}
+    )
+    records.append({'step': step, 'eval_accuracy': 0.5})
+  rate = training_lib.window_rate(records, 50, 90)
+  assert rate['steps_per_s'] == pytest.approx(40 / 6.0)
+  assert rate['interval_steps_per_s'] == pytest.approx(
+    [10, 10, 10, 10 / 3], abs=1e-4
+  )
+  with pytest.raises(ValueError, match='cover 40 of the 45 steps'):
+    training_lib.window_rate(records, 50, 95)
+
+
+# ---------------------------------------------------------------------------
+# The check's summary
+# ---------------------------------------------------------------------------
+
+
+def test_summary_prints_images_per_second_and_mfu_of_step_and_loop():
+  from experiments.gpu import summarise  # pylint: disable=g-import-not-at-top
+
+  step = {
+    'environment': {'jax': '0.11.2', 'backend': 'gpu', 'device_count': 1},
+    'step': [
+      {
+        'setting': {'label': 'binary_config', 'batch': 80},
+        'dtype': 'bfloat16',
+        'objectives': {'ace_kld': {'images_per_s': 2600.0, 'mfu': 0.41}},
+      }
+    ],
+  }
+  row = {'images_per_s_per_device': 2400.0, 'mfu': 0.379}
+  loop = {
+    'loop': {
+      'full_loop': row,
+      'step_alone': {'images_per_s_per_device': 2550.0, 'mfu': 0.403},
+      'loop_over_step': 2400 / 2550,
+      'setting': {'eval_every': 40},
+      'batch': 80,
+      'dtype': 'bfloat16',
+    }
+  }
+  lines = summarise.summary_lines(step, loop, 'NVIDIA H200')
+  assert lines[0].startswith('card NVIDIA H200 | jax 0.11.2 | backend gpu')
+  assert '2600.0 images/s per device  MFU  41.0%' in lines[1]
+  assert '2400.0 images/s per device  MFU  37.9%' in lines[2]
+  assert 'step_alone' in lines[3] and 'MFU  40.3%' in lines[3]
+  assert lines[4].startswith('loop / step 0.941')
+  # A section that ran out of time is named, the other still printed.
+  partial = summarise.summary_lines(step, None, 'NVIDIA H200')
+  assert partial[-1] == 'loop  no result (the section did not finish)'
+  assert 'MFU' in partial[1]
