@@ -148,6 +148,51 @@ def forward_with_features(model: nn.Module, variables, images: jax.Array):
   return logits, cams, captured['features']
 
 
+def feature_gradients(model: nn.Module, variables, images, classes):
+  """`(d s_c / d A, A)`, both `(B, h, w, F)`: the gradient of each image's
+  class logit `s_c` (`classes` `(B,)`) with respect to the activations `A`
+  entering the head, by autodiff through the real head (one backward pass)."""
+
+  def total_logit(delta):
+    def interceptor(next_fun, args, kwargs, context):
+      if isinstance(context.module, models.CamHead):
+        args = (args[0].astype(jnp.float32) + delta,)
+      return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+      logits, _ = model.apply(variables, images, train=False)
+    return jnp.take_along_axis(logits, classes[:, None], -1).sum()
+
+  features = forward_with_features(model, variables, images)[2]
+  return jax.grad(total_logit)(jnp.zeros_like(features)), features
+
+
+def autodiff_hirescam(model: nn.Module, variables, images, classes):
+  """HiResCAM computed post hoc: `sum_f (d s_c / d A) * A`, `(B, h, w)`.
+
+  Equal to `cams[..., c]` for these models (`tests/test_explain.py`), at the
+  price of a backward pass per class. Source: R. L. Draelos, L. Carin, "Use
+  HiResCAM instead of Grad-CAM for faithful explanations of convolutional
+  neural networks" (2020).
+  """
+  grads, features = feature_gradients(model, variables, images, classes)
+  return (grads * features).sum(-1)
+
+
+def gradcam(model: nn.Module, variables, images, classes):
+  """Grad-CAM at the layer entering the head, by autodiff, `(B, h, w)`:
+  `ReLU(sum_f alpha_f A[..., f])` with `alpha_f = mean_{h,w} d s_c / d A`.
+
+  Source: R. R. Selvaraju et al., "Grad-CAM: Visual Explanations from Deep
+  Networks via Gradient-based Localization", ICCV 2017. (Behind a global
+  average pool the gradient is the same at every position, so this is the
+  class's HiResCAM clipped at 0: positive evidence only.)
+  """
+  grads, features = feature_gradients(model, variables, images, classes)
+  alpha = grads.mean((1, 2), keepdims=True)
+  return jax.nn.relu((alpha * features).sum(-1))
+
+
 @dataclasses.dataclass
 class Explanation:
   """What `Explainer.explain` returns; host arrays, leading axis B.

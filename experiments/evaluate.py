@@ -1,26 +1,27 @@
-r"""Evaluates a training run: interventions, pixel influence, OOD accuracy.
+r"""Evaluates one checkpoint of a training run.
 
     python -m experiments.evaluate --workdir=/tmp/pets_cpu [--split=test] \
+        [--best | --last | --step=N] [--evaluators=classification,...] \
         [--manual_dir=DIR] [--ood_manual_dir=DIR] [--tfds_data_dir=DIR] \
         [--max_examples=N]
 
-Restores the best checkpoint of `--workdir` (see `cco_jax.evaluation` for every
-definition) and writes, under `WORKDIR/evaluation/`:
-  report.json              the full report (`evaluation.evaluate_checkpoint`);
-  cams_<split>.png         image / mask / target contrastive map grid;
-  perturbations_<split>.png  each example clean and under every intervention,
-                           titled with the prediction;
-  influence_map_<split>.png  the average normalised influence map beside the
-                           average foreground mask.
+Restores the checkpoint (default: the best by validation accuracy; the step
+used is printed), runs the evaluators of `cco_jax.evaluation` (accuracy,
+context contribution, per-group and worst-group accuracy, interventions and
+RFS, pointing game and top-20% IoU, deletion / insertion AUC of our maps and
+of Grad-CAM; see each function's docstring for its definition and source)
+and writes, under `WORKDIR/evaluation/`:
+  report_<step>.json               the full report (one file per step);
+  cams_<split>_<step>.png          examples of every class with their maps;
+  perturbations_<split>_<step>.png each example under every intervention;
+  influence_map_<split>_<step>.png where the evidence lies on average.
 Then prints a short summary and, as the last line, the report's path.
 
 Data flags override the run's `config.data`. A Pets or Cats-vs-Dogs directory
-other than the one a data dir was prepared from (e.g. `--ood_manual_dir` with
-other Cats-vs-Dogs images, or `--manual_dir` of the spurious benchmark) is
-prepared under `WORKDIR/evaluation/tfds_<hash>` instead of being refused.
+other than the one a data dir was prepared from is prepared under
+`WORKDIR/evaluation/tfds_<hash>` instead of being refused.
 """
 
-import json
 import os
 
 from absl import app
@@ -35,8 +36,16 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of a training run.')
 _SPLIT = flags.DEFINE_enum(
   'split', 'test', ['test', 'validation', 'train'], 'Split to evaluate.'
 )
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate.')
+_BEST = flags.DEFINE_bool('best', False, 'The best checkpoint (default).')
+_LAST = flags.DEFINE_bool('last', False, 'The latest checkpoint.')
+_EVALUATORS = flags.DEFINE_list(
+  'evaluators',
+  list(evaluation.default_config().evaluators),
+  f'Which evaluators run, from {sorted(evaluation.EVALUATORS)}.',
+)
 _MANUAL_DIR = flags.DEFINE_string(
-  'manual_dir', None, 'Pets in the official layout; default: as trained.'
+  'manual_dir', None, 'The dataset in its layout; default: as trained.'
 )
 _OOD_MANUAL_DIR = flags.DEFINE_string(
   'ood_manual_dir', None, 'Cats-vs-Dogs (PetImages/); default: as trained.'
@@ -45,18 +54,13 @@ _TFDS_DATA_DIR = flags.DEFINE_string(
   'tfds_data_dir', None, 'TFDS data dir; default: as trained.'
 )
 _MAX_EXAMPLES = flags.DEFINE_integer(
-  'max_examples',
-  None,
-  'Evaluate this many evenly spaced examples of the split '
-  '(and of Cats-vs-Dogs); default: all.',
+  'max_examples', 0, 'Evaluate this many evenly spaced examples (0 = all).'
 )
 _NUM_FIGURE_EXAMPLES = flags.DEFINE_integer(
   'num_figure_examples', 6, 'Rows of the figures.'
 )
 _SEED = flags.DEFINE_integer(
-  'seed',
-  evaluation.DEFAULT_SEED,
-  'Seed of the noise and the background donors.',
+  'seed', 0, 'Seed of the noise and the background donors.'
 )
 _NO_OOD = flags.DEFINE_bool('no_ood', False, 'Skip Cats-vs-Dogs.')
 flags.mark_flags_as_required(['workdir'])
@@ -65,9 +69,12 @@ flags.mark_flags_as_required(['workdir'])
 def save_perturbation_grid(
   path: str, examples: dict, names, class_names, *, normalize: bool
 ) -> str:
-  """Rows: examples; columns: clean, then each intervention; titles: predictions."""
-  columns = [('clean', 'image', 'prediction')] + [
-    (name, f'image_{name}', f'prediction_{name}') for name in names
+  """Rows: examples; columns: clean, then each intervention; titles: what the
+  model predicts."""
+  columns = [('original', 'image', 'prediction')] + [
+    (name.replace('_', ' '), f'image_{name}', f'prediction_{name}')
+    for name in names
+    if f'image_{name}' in examples
   ]
   rows = len(examples['label'])
   fig, axes = plt.subplots(
@@ -82,63 +89,55 @@ def save_perturbation_grid(
       prediction = class_names[int(examples[prediction_key][i])]
       label = class_names[int(examples['label'][i])]
       axes[i, j].set_title(
-        f'{title}\npred {prediction} (label {label})', fontsize=7
+        f'{title}\nmodel says {prediction} (true {label})', fontsize=7
       )
       axes[i, j].axis('off')
+  fig.suptitle('What the model predicts when a region is changed', fontsize=9)
   fig.tight_layout()
-  return _save(fig, path)
+  return figures._save(fig, path)  # pylint: disable=protected-access
 
 
-def save_influence_map(
-  path: str, influence_map: np.ndarray, mean_mask: np.ndarray
-) -> str:
-  """The average normalised influence map beside the average CAM-resolution mask."""
-  fig, axes = plt.subplots(1, 2, figsize=(6.4, 3))
-  shown = axes[0].imshow(influence_map, cmap='magma')
-  axes[0].set_title('mean normalised |K| (sum over classes)', fontsize=8)
-  fig.colorbar(shown, ax=axes[0], fraction=0.046)
-  shown = axes[1].imshow(mean_mask, cmap='gray', vmin=0, vmax=1)
-  axes[1].set_title('mean foreground mask', fontsize=8)
-  fig.colorbar(shown, ax=axes[1], fraction=0.046)
-  for ax in axes:
-    ax.axis('off')
-  fig.tight_layout()
-  return _save(fig, path)
-
-
-def _save(fig, path: str) -> str:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
-  return path
+def _fmt(value, spec='.3f') -> str:
+  return 'n/a' if value is None else format(value, spec)
 
 
 def summary_lines(report: dict) -> list[str]:
   """A few human-readable lines of a report."""
   lines = [
     f'{report["workdir"]}: step {report["step"]} ({report["checkpoint"]} '
-    f'checkpoint), split {report["split"]!r}, {report["count"]} examples',
-    f'  accuracy {report["accuracy"]:.3f}  ce {report["ce"]:.3f}',
+    f'checkpoint), split {report["split"]!r}, {report.get("count")} examples'
   ]
-  for name, values in report['perturbations'].items():
+  if 'accuracy' in report:
+    lines.append(
+      f'  accuracy {report["accuracy"]:.3f}  ce {report["ce"]:.3f}  '
+      f'background share of evidence {_fmt(report.get("bg_share"))}'
+    )
+  if 'worst_group_accuracy' in report:
+    lines.append(
+      f'  worst-group accuracy {report["worst_group_accuracy"]:.3f} '
+      f'({report["worst_group"]}), average-group '
+      f'{report["average_group_accuracy"]:.3f}'
+    )
+  for name, values in report.get('perturbations', {}).items():
     lines.append(
       f'  {name:<17} accuracy {values["accuracy"]:.3f}  '
       f'flip rate {values["flip_rate"]:.3f}'
     )
-  rfs = report.get('relative_foreground_sensitivity')
   if 'relative_foreground_sensitivity' in report:
     lines.append(
       '  relative foreground sensitivity '
-      + ('n/a (nothing flips)' if rfs is None else f'{rfs:.3f}')
+      + _fmt(report['relative_foreground_sensitivity'])
     )
-  influence = report.get('influence')
-  if influence:
-    share = influence['bg_share_mean']
+  if 'pointing_game' in report:
+    iou = next((k for k in report if k.startswith('top_')), None)
     lines.append(
-      f'  influence net {influence["net"]:.3g} fg {influence["fg"]:.3g} '
-      f'bg {influence["bg"]:.3g}; background share: mean of images '
-      + ('n/a' if share is None else f'{share:.3f}')
-      + f', of sums {influence["bg_share_of_sums"] or 0:.3f}'
+      f'  pointing game {_fmt(report["pointing_game"])}  '
+      f'{iou} {_fmt(report.get(iou))}'
+    )
+  for name, values in (report.get('deletion_insertion') or {}).items():
+    lines.append(
+      f'  {name:<9} deletion AUC {values["deletion_auc"]:.3f}  '
+      f'insertion AUC {values["insertion_auc"]:.3f}'
     )
   if report.get('ood'):
     lines.append(
@@ -148,62 +147,74 @@ def summary_lines(report: dict) -> list[str]:
   return lines
 
 
-def write_outputs(
-  workdir: str, result: evaluation.CheckpointEvaluation, *, normalize: bool
-) -> str:
-  """Writes report.json and the figures under `workdir/evaluation`; returns the
+def write_outputs(workdir: str, result) -> str:
+  """Writes the report and figures under `workdir/evaluation`; returns the
   report's path."""
+  report, arrays = result.report, result.arrays
   out = os.path.join(workdir, evaluation.EVALUATION_DIR)
-  os.makedirs(out, exist_ok=True)
-  report, ev = result.report, result.evaluation
-  split = report['split']
-  examples = ev.examples
-  if examples:
+  tag = f'{report["split"]}_{report["step"]}'
+  examples = arrays.get('examples') or {}
+  names = list(result.class_names)
+  if 'cams' in examples:
     figures.save_cam_grid(
-      os.path.join(out, f'cams_{split}.png'),
-      evaluation.to_pixel_space(examples['image'], normalize=normalize),
+      os.path.join(out, f'cams_{tag}.png'),
+      evaluation.to_pixel_space(examples['image'], normalize=result.normalize),
       examples['mask'],
       examples['cams'],
       examples['label'],
       predictions=examples['prediction'],
-      class_names=result.class_names,
+      class_names=names,
+      step=report['step'],
     )
+  if any(k.startswith('image_') for k in examples):
     save_perturbation_grid(
-      os.path.join(out, f'perturbations_{split}.png'),
+      os.path.join(out, f'perturbations_{tag}.png'),
       examples,
-      list(report['perturbations']),
-      result.class_names,
-      normalize=normalize,
+      list(report.get('perturbations', {})),
+      names,
+      normalize=result.normalize,
     )
-  if ev.influence_map is not None:
-    save_influence_map(
-      os.path.join(out, f'influence_map_{split}.png'),
-      ev.influence_map,
-      ev.mean_mask,
+  if arrays.get('influence_map') is not None:
+    figures.save_average_influence(
+      os.path.join(out, f'influence_map_{tag}.png'),
+      arrays['influence_map'],
+      arrays['mean_mask'],
     )
-  path = os.path.join(out, 'report.json')
-  with open(path, 'w') as f:
-    json.dump(report, f, indent=2)
-  return path
+  return evaluation.write_report(workdir, report)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  workdir = _WORKDIR.value
-  result = evaluation.run_checkpoint_evaluation(
-    workdir,
-    split=_SPLIT.value,
-    manual_dir=_MANUAL_DIR.value,
-    ood_manual_dir=_OOD_MANUAL_DIR.value,
-    tfds_data_dir=_TFDS_DATA_DIR.value,
-    num_examples=_MAX_EXAMPLES.value,
-    with_ood=not _NO_OOD.value,
-    seed=_SEED.value,
-    keep_examples=_NUM_FIGURE_EXAMPLES.value,
+  if sum([_BEST.value, _LAST.value, _STEP.value is not None]) > 1:
+    raise app.UsageError('Use at most one of --best, --last and --step.')
+  step = 'last' if _LAST.value else _STEP.value
+  config = evaluation.default_config()
+  config.split = _SPLIT.value
+  config.evaluators = tuple(_EVALUATORS.value)
+  config.num_examples = _MAX_EXAMPLES.value
+  config.seed = _SEED.value
+  config.ood = not _NO_OOD.value
+  config.keep_examples = _NUM_FIGURE_EXAMPLES.value
+  result = evaluation.evaluate_checkpoint(
+    _WORKDIR.value,
+    config,
+    step='best' if step is None else step,
+    data_overrides={
+      'manual_dir': _MANUAL_DIR.value,
+      'tfds_data_dir': _TFDS_DATA_DIR.value,
+    },
+    ood_overrides={
+      'ood_manual_dir': _OOD_MANUAL_DIR.value,
+      'tfds_data_dir': _TFDS_DATA_DIR.value,
+    },
   )
-  normalize = evaluation.load_config(workdir).data.normalize
-  path = write_outputs(workdir, result, normalize=normalize)
+  print(
+    f'Evaluated step {result.report["step"]} '
+    f'({result.report["checkpoint"]} checkpoint).',
+    flush=True,
+  )
+  path = write_outputs(_WORKDIR.value, result)
   print('\n'.join(summary_lines(result.report)), flush=True)
   print(path, flush=True)
 

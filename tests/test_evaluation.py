@@ -1,5 +1,5 @@
-"""Evaluation: interventions touch only their region, flip rates, influence,
-and `evaluate_checkpoint` / `experiments.evaluate` on a tiny trained run."""
+"""Evaluation: interventions touch only their region; evaluators on oracle
+models; `evaluate_checkpoint` / `experiments.evaluate` on a tiny run."""
 
 import json
 import os
@@ -7,11 +7,16 @@ import os
 import numpy as np
 import pytest
 import synthetic_data
+from test_explain import write_tiny_run
 from test_train import tiny_config
 
-from cco_jax import data as input_pipeline
 from cco_jax import evaluation as ev
+from cco_jax import restore
 from cco_jax import train
+from cco_jax.data import config as data_config
+from cco_jax.evaluation import evaluators
+from cco_jax.evaluation import interventions as iv
+from cco_jax.evaluation import report as report_lib
 from experiments import evaluate as evaluate_cli
 from experiments import reproduce
 
@@ -33,33 +38,31 @@ def _donors(images_by_position, masks_by_position, seed=0):
   """A `Context.donors` over in-memory examples (position -> arrays)."""
 
   def donors(positions):
-    donor = ev.donor_positions(positions, len(images_by_position), seed=seed)
+    donor = iv.donor_positions(positions, len(images_by_position), seed=seed)
     return images_by_position[donor], masks_by_position[donor]
 
   return donors
 
 
-def _batches(num_batches=3, devices=2, per_device=3, num_padding=2, seed=0):
-  """Fake eval batches whose last `num_padding` examples are padding.
+def _batches(num_batches=3, per_batch=6, num_padding=2, seed=0):
+  """Fake flat eval batches whose last `num_padding` examples are padding.
 
-  Object pixels are bright (label 1) or dark (label 0); backgrounds random.
+  Object pixels are bright (label 1) or dark (label 0); backgrounds random;
+  groups 0..3 = 2 * label + position parity.
   """
   rng = np.random.default_rng(seed)
-  total = num_batches * devices * per_device
-  shape = (devices, per_device)
+  total = num_batches * per_batch
   images, masks, batches = [], [], []
   for b in range(num_batches):
-    image, mask = _images_and_mask(shape, seed=seed + b)
-    label = rng.integers(0, 2, shape).astype(np.int32)
+    image, mask = _images_and_mask((per_batch,), seed=seed + b)
+    label = rng.integers(0, 2, per_batch).astype(np.int32)
     level = np.where(label == 1, 0.9, 0.1)[..., None, None, None]
     image = np.where(mask[..., None] > 0.5, level, image).astype(np.float32)
-    index = (
-      b * devices * per_device + np.arange(devices * per_device)
-    ).reshape(shape)
+    index = b * per_batch + np.arange(per_batch)
     weight = (index < total - num_padding).astype(np.float32)
     index = np.where(weight > 0, index, -1).astype(np.int32)
     cam_mask = mask.reshape(
-      shape + (CAM[0], S // CAM[0], CAM[1], S // CAM[1])
+      (per_batch, CAM[0], S // CAM[0], CAM[1], S // CAM[1])
     ).mean((-3, -1))
     batches.append(
       {
@@ -67,12 +70,13 @@ def _batches(num_batches=3, devices=2, per_device=3, num_padding=2, seed=0):
         'pixel_mask': mask,
         'mask': cam_mask,
         'label': label,
+        'group': (2 * label + index % 2).astype(np.int32),
         'weight': weight,
         'index': index,
       }
     )
-    images.append(image.reshape(-1, S, S, 3))
-    masks.append(mask.reshape(-1, S, S))
+    images.append(image)
+    masks.append(mask)
   return batches, np.concatenate(images), np.concatenate(masks)
 
 
@@ -110,7 +114,7 @@ def test_foreground_grey_keeps_the_background_exactly(normalize):
   fg, bg = mask > 0.5, mask <= 0.5
   np.testing.assert_array_equal(out[bg], images[bg])
   grey = (
-    (0.5 - input_pipeline.IMAGENET_MEAN) / input_pipeline.IMAGENET_STD
+    (0.5 - data_config.IMAGENET_MEAN) / data_config.IMAGENET_STD
     if normalize
     else 0.5
   )
@@ -120,16 +124,16 @@ def test_foreground_grey_keeps_the_background_exactly(normalize):
 
 
 def test_noise_depends_on_position_not_batch():
-  a = ev.noise_fill(np.array([3, 5]), S, seed=1, std=0.25, normalize=False)
-  b = ev.noise_fill(np.array([[5]]), S, seed=1, std=0.25, normalize=False)
-  c = ev.noise_fill(np.array([5]), S, seed=2, std=0.25, normalize=False)
+  a = iv.noise_fill(np.array([3, 5]), S, seed=1, std=0.25, normalize=False)
+  b = iv.noise_fill(np.array([[5]]), S, seed=1, std=0.25, normalize=False)
+  c = iv.noise_fill(np.array([5]), S, seed=2, std=0.25, normalize=False)
   np.testing.assert_array_equal(a[1], b[0, 0])
   assert not np.array_equal(a[1], c[0]) and not np.array_equal(a[0], a[1])
   assert a.min() >= 0 and a.max() <= 1 and abs(a.mean() - 0.5) < 0.05
 
 
 def test_donors_form_one_cycle_without_fixed_points():
-  donors = ev.donor_positions(np.arange(50), 50, seed=3)
+  donors = iv.donor_positions(np.arange(50), 50, seed=3)
   assert sorted(donors) == list(range(50))
   assert not np.any(donors == np.arange(50))
   seen, p = set(), 0
@@ -138,14 +142,14 @@ def test_donors_form_one_cycle_without_fixed_points():
     p = donors[p]
   assert len(seen) == 50
   np.testing.assert_array_equal(
-    ev.donor_positions(np.array([[7, 9]]), 50, seed=3)[0], donors[[7, 9]]
+    iv.donor_positions(np.array([[7, 9]]), 50, seed=3)[0], donors[[7, 9]]
   )
 
 
 def test_swap_pastes_donor_background_and_greys_the_donor_object():
   images, mask = _images_and_mask((4,))
   donor_images, donor_masks = _images_and_mask((4,), seed=1)
-  out = ev.swap_background(
+  out = iv.swap_background(
     images, mask, donor_images, donor_masks, normalize=False
   )
   own = mask > 0.5
@@ -161,48 +165,36 @@ def test_swap_pastes_donor_background_and_greys_the_donor_object():
 def test_mask_at_cam_resolution_is_an_error_naming_pixel_mask():
   images, _ = _images_and_mask()
   with pytest.raises(ValueError, match='pixel_mask'):
-    ev.replace_background(images, np.ones((2, 3) + CAM), 0.5)
+    iv.replace_background(images, np.ones((2, 3) + CAM), 0.5)
 
 
 # ----------------------------------------------------------------------------
-# Flip rates and influence over batches.
+# Evaluators over batches, with oracle models.
 # ----------------------------------------------------------------------------
-
-
-def test_flip_rate_and_relative_foreground_sensitivity():
-  clean = np.array([[2.0, 1.0], [0.0, 1.0], [1.0, 0.0], [0.0, 3.0]])
-  assert ev.flip_rate(clean, clean) == 0.0
-  flipped = clean[:, ::-1]
-  assert ev.flip_rate(clean, flipped) == 1.0
-  assert ev.flip_rate(clean, flipped, np.array([1.0, 1.0, 0.0, 0.0])) == 1.0
-  partly = np.concatenate([clean[:1], flipped[1:]])
-  assert ev.flip_rate(clean, partly, np.array([3.0, 1.0, 0.0, 0.0])) == 0.25
-  assert ev.relative_foreground_sensitivity(0.3, 0.1) == pytest.approx(0.75)
-  assert ev.relative_foreground_sensitivity(0.0, 0.0) is None
 
 
 def test_model_ignoring_its_input_never_flips():
   batches, images, masks = _batches()
 
   def constant(x):
-    logits = np.broadcast_to(
-      np.array([0.3, -0.2], np.float32), x.shape[:-3] + (2,)
-    )
-    return logits, np.zeros(x.shape[:-3] + CAM + (2,), np.float32)
+    logits = np.broadcast_to(np.array([0.3, -0.2], np.float32), (len(x), 2))
+    return logits, np.zeros((len(x),) + CAM + (2,), np.float32)
 
-  result = ev.evaluate_batches(
-    constant, batches, context=ev.Context(donors=_donors(images, masks))
+  context = ev.Context(donors=_donors(images, masks))
+  report = dict(
+    evaluators.InterventionEvaluator(constant, context=context).run(batches)
   )
-  report = result.report
-  labels = np.concatenate([b['label'].reshape(-1) for b in batches])[
-    : report['count']
-  ]
-  assert report['count'] == len(images) - 2
-  assert report['accuracy'] == pytest.approx(np.mean(labels == 0))
   assert set(report['perturbations']) == set(ev.PERTURBATIONS)
   for values in report['perturbations'].values():
     assert values['flip_rate'] == 0.0
-  assert report['relative_foreground_sensitivity'] is None
+  labels = np.concatenate([b['label'] for b in batches])
+  weight = np.concatenate([b['weight'] for b in batches])
+  accuracy = (weight * (labels == 0)).sum() / weight.sum()
+  assert report['perturbations']['background_noise']['accuracy'] == (
+    pytest.approx(accuracy)
+  )
+  assert report['relative_foreground_sensitivity'] == 0.0
+  assert report['foreground_flip_share'] is None
 
 
 class _RegionReader:
@@ -232,103 +224,212 @@ class _RegionReader:
     return logits, cams
 
 
+def _interventions(reader, images, masks):
+  context = ev.Context(donors=_donors(images, masks))
+  evaluator = evaluators.InterventionEvaluator(
+    reader, context=context, keep_examples=3
+  )
+  return dict(evaluator.run(reader.stream()))
+
+
 def test_oracle_reading_only_the_object_ignores_background_interventions():
   batches, images, masks = _batches()
-  oracle = _RegionReader('fg', batches)
-  report = ev.evaluate_batches(
-    oracle, oracle.stream(), context=ev.Context(donors=_donors(images, masks))
-  ).report
-  assert report['accuracy'] == 1.0
+  report = _interventions(_RegionReader('fg', batches), images, masks)
   for name in BACKGROUND:
     assert report['perturbations'][name]['flip_rate'] == 0.0, name
+    assert report['perturbations'][name]['accuracy'] == 1.0, name
   # Grey 0.5 on the object: class 1 needs brightness > 0.5, so every label-1 flips.
   assert report['perturbations']['foreground_gray']['flip_rate'] > 0.2
-  assert report['relative_foreground_sensitivity'] == 1.0
+  assert report['foreground_flip_share'] == 1.0
+  # Accuracy 1 with a noisy background, lower with a noisy object: RFS = 1.
+  assert report['perturbations']['foreground_noise']['accuracy'] < 1.0
+  assert report['relative_foreground_sensitivity'] == pytest.approx(1.0)
+  examples = report['examples']
+  assert len(examples['label']) == 3
+  assert len(set(examples['label'].tolist())) == 2  # both classes shown
+  assert examples['image_background_gray'].shape == (3, S, S, 3)
 
 
-def test_model_reading_only_the_background_ignores_foreground_grey():
+def test_model_reading_only_the_background_ignores_foreground_changes():
   batches, images, masks = _batches()
-  reader = _RegionReader('bg', batches)
-  report = ev.evaluate_batches(
-    reader, reader.stream(), context=ev.Context(donors=_donors(images, masks))
-  ).report
+  report = _interventions(_RegionReader('bg', batches), images, masks)
   assert report['perturbations']['foreground_gray']['flip_rate'] == 0.0
+  assert report['perturbations']['foreground_noise']['flip_rate'] == 0.0
   assert report['perturbations']['background_noise']['flip_rate'] > 0.0
-  assert report['relative_foreground_sensitivity'] in (0.0, None)
+  assert report['foreground_flip_share'] == 0.0
 
 
-def test_influence_shares_and_map():
-  rng = np.random.default_rng(0)
-  cams = rng.normal(size=(5, 3, 3, 4)).astype(np.float32)
-  labels = rng.integers(0, 4, 5)
-  mask = (rng.random((5, 3, 3)) < 0.5).astype(np.float32)
-  influence = ev.pixel_influence(cams, labels, mask)
-  np.testing.assert_allclose(
-    influence['net'], influence['fg'] + influence['bg'], rtol=1e-5
+def _linear_predictor(classes=3, seed=0):
+  """Logits and exact maps of a linear model on 2x2-pixel cells."""
+  w = np.random.default_rng(seed).normal(size=(3, classes)).astype(np.float32)
+
+  def predict(images):
+    cells = images.reshape(len(images), CAM[0], S // CAM[0], CAM[1], -1, 3)
+    features = cells.mean((2, 4))  # (B, h, w, 3)
+    cams = features @ w / (CAM[0] * CAM[1])
+    return cams.sum((1, 2)) + 0.5, cams
+
+  return predict
+
+
+def test_classification_matches_an_independent_computation():
+  batches, _, _ = _batches()
+  predict = _linear_predictor(classes=2)
+  names = ['a', 'b', 'c', 'd']
+  report = dict(
+    evaluators.ClassificationEvaluator(
+      predict, bias=np.full(2, 0.5), group_names=names, keep_examples=2
+    ).run(batches)
   )
-  assert np.all((influence['bg_share'] >= 0) & (influence['bg_share'] <= 1))
-  np.testing.assert_allclose(influence['map'].sum((1, 2)), 1.0, rtol=1e-6)
-  outside = ev.pixel_influence(cams, labels, np.zeros_like(mask))
-  np.testing.assert_allclose(outside['bg_share'], 1.0, rtol=1e-6)
-
-
-def test_positions_select_what_counts_and_influence_is_reported():
-  batches, images, masks = _batches()
-  rng = np.random.default_rng(1)
-
-  def predict(x):
-    lead = x.shape[:-3]
-    return rng.normal(size=lead + (2,)), rng.normal(size=lead + CAM + (2,))
-
-  result = ev.evaluate_batches(
-    predict,
-    batches,
-    perturbations={},
-    positions=np.array([0, 4, 7]),
-    keep_positions=np.array([4]),
+  flat = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+  logits, cams = predict(flat['image'])
+  real = flat['weight'] > 0
+  labels = flat['label']
+  correct = logits.argmax(-1) == labels
+  assert report['count'] == real.sum()
+  assert report['accuracy'] == pytest.approx(correct[real].mean())
+  z = logits - logits.max(-1, keepdims=True)
+  ce = np.log(np.exp(z).sum(-1)) - z[np.arange(len(z)), labels]
+  assert report['ce'] == pytest.approx(ce[real].mean(), rel=1e-5)
+  k = np.abs(cams[np.arange(len(z)), ..., labels][..., None] - cams).sum(-1)
+  bg = (k * (1 - flat['mask'])).sum((1, 2))
+  assert report['bg_share'] == pytest.approx(
+    bg[real].sum() / k[real].sum(), rel=1e-5
   )
-  influence = result.report['influence']
-  assert result.report['count'] == 3 and result.report['perturbations'] == {}
-  assert influence['net'] == pytest.approx(influence['fg'] + influence['bg'])
-  for key in ('bg_share_mean', 'bg_share_of_sums'):
-    assert 0.0 <= influence[key] <= 1.0
-  assert result.influence_map.shape == CAM
-  assert result.influence_map.sum() == pytest.approx(1.0)
-  assert len(result.examples['label']) == 1
-  assert ev.subset_positions(10, 3).tolist() == [0, 3, 6]
-  assert (
-    ev.subset_positions(10, None) is None and ev.subset_positions(3, 5) is None
+  assert report['identity_error'] < 1e-6
+  for g, name in enumerate(names):
+    chosen = real & (flat['group'] == g)
+    expected = correct[chosen].mean() if chosen.any() else None
+    assert report[f'group_accuracy/{name}'] == pytest.approx(expected)
+  accuracies = [correct[real & (flat['group'] == g)].mean() for g in range(4)]
+  assert report['worst_group_accuracy'] == pytest.approx(min(accuracies))
+  assert report['average_group_accuracy'] == pytest.approx(np.mean(accuracies))
+  assert report['influence_map'].shape == CAM
+  assert report['influence_map'].sum() == pytest.approx(1.0)
+  assert report['examples']['cams'].shape == (2,) + CAM + (2,)
+
+
+def test_localisation_of_maps_on_and_off_the_object():
+  batches, _, _ = _batches()
+  for batch in batches:  # binary masks: the cells of largest object share
+    top = batch['mask'].max((1, 2), keepdims=True)
+    batch['mask'] = (batch['mask'] == top).astype(np.float32)
+
+  def on_object(images, sign=1.0):
+    batch = next(b for b in batches if b['image'] is images)
+    cams = np.repeat(sign * batch['mask'][..., None], 2, -1)
+    return np.zeros((len(images), 2)), cams
+
+  def run(predict):
+    return dict(evaluators.LocalisationEvaluator(predict).run(batches))
+
+  on = run(on_object)
+  off = run(lambda x: on_object(x, -1.0))
+  assert on['localisation_count'] > 0
+  assert on['pointing_game'] == 1.0 and off['pointing_game'] < 1.0
+  assert on['top_20_iou'] > off['top_20_iou']
+
+
+def test_deletion_insertion_ranks_a_faithful_map_first():
+  batches, _, _ = _batches()
+  predict = _linear_predictor(classes=2, seed=3)
+
+  def reversed_map(images, classes):
+    _, cams = predict(images)
+    return -cams[np.arange(len(images)), ..., classes]
+
+  out = dict(
+    evaluators.DeletionInsertionEvaluator(
+      predict, gradcam_fn=reversed_map, steps=4, max_examples=5
+    ).run(batches)
   )
+  assert out['deletion_insertion_count'] == 5
+  ours, reverse = (
+    out['deletion_insertion']['hirescam'],
+    out['deletion_insertion']['gradcam'],
+  )
+  assert ours['deletion_auc'] < reverse['deletion_auc']
+  assert ours['insertion_auc'] > reverse['insertion_auc']
+
+
+def test_subset_positions():
+  assert report_lib.subset_positions(10, 3).tolist() == [0, 3, 6]
+  assert report_lib.subset_positions(10, 0) is None
+  assert report_lib.subset_positions(3, 5) is None
+  with pytest.raises(ValueError, match='num_examples'):
+    report_lib.subset_positions(3, -1)
 
 
 # ----------------------------------------------------------------------------
-# A trained run, end to end.
+# A run, end to end.
 # ----------------------------------------------------------------------------
-
-
-REPORT_KEYS = {
-  'workdir',
-  'step',
-  'checkpoint',
-  'checkpoint_metrics',
-  'split',
-  'count',
-  'accuracy',
-  'ce',
-  'perturbations',
-  'relative_foreground_sensitivity',
-  'influence',
-  'ood',
-  'task',
-  'model',
-  'loss',
-  'data',
-}
 
 
 def test_evaluate_checkpoint_of_a_tiny_run(
   tmp_path, synthetic_pets_dir, synthetic_cvd_dir, synthetic_data_dir
 ):
+  workdir = tmp_path / 'run'
+  config = tiny_config(
+    synthetic_pets_dir, synthetic_cvd_dir, synthetic_data_dir
+  )
+  write_tiny_run(str(workdir), config)
+  # Cats-vs-Dogs images other than the training-time ones: the shared data dir
+  # holds the first copy, so this one must be prepared beside the run.
+  other_cvd = synthetic_data.write_synthetic_cats_vs_dogs(
+    tmp_path / 'other_cvd'
+  )
+  (other_cvd / 'PetImages' / 'Cat' / '0.jpg').unlink()
+  settings = ev.default_config()
+  settings.keep_examples = 2
+  settings.deletion_examples = 3
+  settings.deletion_steps = 2
+  result = ev.evaluate_checkpoint(
+    str(workdir),
+    settings,
+    ood_overrides={'ood_manual_dir': str(other_cvd)},
+  )
+  report = result.report
+  json.dumps(report, allow_nan=False)
+  assert report['step'] == 2 and report['checkpoint'] == 'best'
+  assert report['count'] == synthetic_data.NUM_TEST
+  assert set(report['perturbations']) == set(ev.PERTURBATIONS)
+  for key in ('accuracy', 'bg_share', 'pointing_game', 'top_20_iou'):
+    assert 0.0 <= report[key] <= 1.0, key
+  assert report['identity_error'] < 1e-5
+  assert set(report['deletion_insertion']) == {'hirescam', 'gradcam'}
+  assert np.array(report['influence_map']).shape == (4, 4)
+  assert report['ood']['count'] == synthetic_data.NUM_CVD_DECODABLE - 1
+  assert report['ood']['tfds_data_dir'].startswith(
+    os.path.join(str(workdir), ev.EVALUATION_DIR, 'tfds_')
+  )
+  assert report['data']['tfds_data_dir'] == str(synthetic_data_dir)
+
+  path = evaluate_cli.write_outputs(str(workdir), result)
+  assert path == str(workdir / 'evaluation' / 'report_2.json')
+  assert json.loads(open(path).read())['count'] == report['count']
+  for name in ('cams', 'perturbations', 'influence_map'):
+    assert os.path.getsize(workdir / 'evaluation' / f'{name}_test_2.png') > 0
+  lines = evaluate_cli.summary_lines(report)
+  assert any('Cats-vs-Dogs' in line for line in lines)
+  assert any('pointing game' in line for line in lines)
+
+  # Another checkpoint gets its own report; the first one stays.
+  settings = ev.default_config()
+  settings.evaluators = ('classification',)
+  settings.num_examples = 2
+  settings.ood = False
+  last = ev.evaluate_checkpoint(str(workdir), settings, step='last')
+  assert last.report['step'] == 4 and last.report['count'] == 2
+  assert 'perturbations' not in last.report and last.report['ood'] is None
+  evaluate_cli.write_outputs(str(workdir), last)
+  assert json.loads(open(path).read())['step'] == 2
+  assert (workdir / 'evaluation' / 'report_4.json').exists()
+
+
+def test_offline_evaluation_equals_the_training_loops(
+  tmp_path, synthetic_pets_dir, synthetic_cvd_dir, synthetic_data_dir
+):
+  """One path: a trained run's logged validation metrics are reproduced."""
   workdir = tmp_path / 'run'
   train.train_and_evaluate(
     tiny_config(
@@ -341,81 +442,27 @@ def test_evaluate_checkpoint_of_a_tiny_run(
     ),
     str(workdir),
   )
-  # Cats-vs-Dogs images other than the training-time ones: the shared data dir
-  # holds the first copy, so this one must be prepared beside the run.
-  other_cvd = synthetic_data.write_synthetic_cats_vs_dogs(
-    tmp_path / 'other_cvd'
-  )
-  (other_cvd / 'PetImages' / 'Cat' / '0.jpg').unlink()
-  result = ev.run_checkpoint_evaluation(
-    str(workdir), ood_manual_dir=str(other_cvd), keep_examples=2
-  )
-  report = result.report
-  assert REPORT_KEYS <= set(report)
-  json.dumps(report, allow_nan=False)
-  assert report['step'] == 2 and report['checkpoint'] == 'best'
-  assert report['count'] == synthetic_data.NUM_TEST
-  assert set(report['perturbations']) == set(ev.PERTURBATIONS)
-  for values in report['perturbations'].values():
-    assert (
-      0.0 <= values['accuracy'] <= 1.0 and 0.0 <= values['flip_rate'] <= 1.0
-    )
-  influence = report['influence']
-  assert influence['net'] == pytest.approx(
-    influence['fg'] + influence['bg'], rel=1e-4
-  )
-  assert np.array(influence['map']).shape == (4, 4)
-  assert report['ood']['count'] == synthetic_data.NUM_CVD_DECODABLE - 1
-  ood_dir = report['ood']['tfds_data_dir']
-  assert ood_dir.startswith(
-    os.path.join(str(workdir), ev.EVALUATION_DIR, 'tfds_')
-  )
-  assert report['data']['tfds_data_dir'] == str(synthetic_data_dir)
-
-  path = evaluate_cli.write_outputs(str(workdir), result, normalize=False)
-  assert json.loads(open(path).read())['count'] == report['count']
-  for name in (
-    'cams_test.png',
-    'perturbations_test.png',
-    'influence_map_test.png',
-  ):
-    assert os.path.getsize(workdir / ev.EVALUATION_DIR / name) > 0
-  assert any(
-    'Cats-vs-Dogs' in line for line in evaluate_cli.summary_lines(report)
-  )
-
-  # The restored model is the one training evaluated at that step.
-  validation = ev.evaluate_checkpoint(
-    str(workdir), split='validation', perturb=False, with_ood=False
-  )
-  logged = validation['checkpoint_metrics']
-  assert validation['accuracy'] == logged['eval_accuracy']
-  assert validation['ce'] == pytest.approx(logged['eval_ce'], rel=1e-4)
-  assert validation['influence']['bg_share_of_sums'] == pytest.approx(
-    logged['eval_bg_share'], rel=1e-4
-  )
-  small = ev.evaluate_checkpoint(
-    str(workdir),
-    split='validation',
-    num_examples=2,
-    perturb=False,
-    with_ood=False,
-  )
-  assert (
-    small['count'] == 2
-    and small['perturbations'] == {}
-    and small['ood'] is None
-  )
+  settings = ev.default_config()
+  settings.split = 'validation'
+  settings.evaluators = ('classification',)
+  settings.ood = False
+  report = ev.evaluate_checkpoint(str(workdir), settings).report
+  logged = report['checkpoint_metrics']
+  assert report['step'] == 2
+  assert report['accuracy'] == logged['eval_accuracy']
+  assert report['count'] == logged['eval_count']
+  assert report['ce'] == pytest.approx(logged['eval_ce'], rel=1e-4)
+  assert report['bg_share'] == pytest.approx(logged['eval_bg_share'], rel=1e-4)
 
 
 def test_config_json_restores_tuples(tmp_path):
   config = tiny_config('p', 'c', 'd')
   (tmp_path / 'config.json').write_text(config.to_json_best_effort())
-  restored = ev.load_config(str(tmp_path))
+  restored = restore.load_config(str(tmp_path))
   assert restored.model.stage_sizes == (1, 1, 1, 1)
   assert restored.data.to_dict() == config.data.to_dict()
   with pytest.raises(FileNotFoundError, match='config.json'):
-    ev.load_config(str(tmp_path / 'missing'))
+    restore.load_config(str(tmp_path / 'missing'))
 
 
 # ----------------------------------------------------------------------------
