@@ -229,11 +229,15 @@ def evaluate(
   out = os.path.join(workdir, evaluation.EVALUATION_DIR)
   os.makedirs(out, exist_ok=True)
 
-  def cached(file_name, **kwargs):
+  def cached(file_name, data_overrides=None, **settings):
     path = os.path.join(out, file_name)
     if reevaluate or not os.path.exists(path):
       start = time.time()
-      report = evaluation.evaluate_checkpoint(workdir, **kwargs)
+      config = evaluation.default_config()
+      config.update(settings)
+      report = evaluation.evaluate_checkpoint(
+        workdir, config, data_overrides=data_overrides
+      ).report
       report['evaluation_seconds'] = time.time() - start
       with open(path, 'w') as f:
         json.dump(report, f, indent=2)
@@ -244,11 +248,10 @@ def evaluate(
   if spec.dataset == 'species' and spurious_dir:
     reports['spurious_reversed'] = cached(
       CROSS_REPORT,
+      {'manual_dir': spurious_dir, 'tfds_data_dir': spurious_tfds},
       split='test',
-      manual_dir=spurious_dir,
-      tfds_data_dir=spurious_tfds,
-      with_ood=False,
-      perturb=False,
+      ood=False,
+      evaluators=('classification',),
     )
   return reports
 
@@ -279,8 +282,8 @@ def run_record(spec: RunSpec, workdir: str, reports: dict) -> dict:
     ),
     'ood_accuracy': report['ood']['accuracy'] if report.get('ood') else None,
     'ood_count': report['ood']['count'] if report.get('ood') else None,
-    'bg_share': report['influence']['bg_share_of_sums'],
-    'bg_share_mean_of_images': report['influence']['bg_share_mean'],
+    'bg_share': report['bg_share'],
+    'bg_share_mean_of_images': report['bg_share_mean'],
     'background_noise_flip': report['perturbations']['background_noise'][
       'flip_rate'
     ],
