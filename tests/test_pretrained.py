@@ -441,6 +441,72 @@ class FileTest(parameterized.TestCase):
 
 
 # ---------------------------------------------------------------------------
+# Training: config.model.init_from
+# ---------------------------------------------------------------------------
+
+
+class TrainingTest(parameterized.TestCase):
+  def test_init_train_state(self):
+    pytest.importorskip('safetensors')
+    import optax
+
+    from cco_jax import train_step as step_lib
+
+    model = _model('resnet18', 3, True, num_filters=4, stage_sizes=(1,) * 4)
+    variables = _random_variables(model, 0)
+    state = step_lib.TrainState.create(
+      apply_fn=model.apply,
+      params=variables['params'],
+      batch_stats=variables['batch_stats'],
+      tx=optax.adam(1e-3),
+    )
+    self.assertIs(
+      pretrained.init_train_state(state, model, '', jax.random.key(1)), state
+    )
+    sd = torchvision_state_dict('resnet18', 7, width=4, layers=(1,) * 4)
+    path = os.path.join(self.enter_context(tempfile.TemporaryDirectory()), 'f')
+    np.savez(path + '.npz', **sd)
+    loaded = pretrained.init_train_state(
+      state, model, path + '.npz', jax.random.key(1)
+    )
+    expected, _ = pretrained.convert(sd, model, rng=jax.random.key(1))
+    jax.tree.map(
+      np.testing.assert_array_equal, loaded.params, expected['params']
+    )
+    jax.tree.map(
+      np.testing.assert_array_equal,
+      loaded.batch_stats,
+      expected['batch_stats'],
+    )
+    self.assertEqual(
+      jax.tree.structure(loaded.opt_state), jax.tree.structure(state.opt_state)
+    )
+    zeros = jax.tree.map(jnp.zeros_like, loaded.params)
+    jax.tree.map(np.testing.assert_array_equal, loaded.opt_state[0].mu, zeros)
+
+  @parameterized.parameters(
+    ('binary_finetune', 2), ('breeds_finetune', 37), ('cpu_finetune', 2)
+  )
+  def test_finetune_variants_take_torchvision_weights(self, variant, classes):
+    from cco_jax import train
+    from experiments.configs import pets
+
+    config = pets.get_config(variant)
+    model = train.create_model(config, classes)
+    sd = {
+      k: np.broadcast_to(np.float32(1), s)
+      for k, s in torchvision_shapes(config.model.name).items()
+    }
+    _, report = pretrained.convert(sd, model)
+    self.assertEqual(report.fresh, ['params/head/kernel'])
+    self.assertTrue(config.data.normalize)  # ImageNet statistics.
+    with self.assertRaisesRegex(FileNotFoundError, 'init_from=PATH'):
+      pretrained.init_train_state(
+        None, model, config.model.init_from, jax.random.key(0)
+      )
+
+
+# ---------------------------------------------------------------------------
 # torchvision itself (only where torch and torchvision are installed)
 # ---------------------------------------------------------------------------
 

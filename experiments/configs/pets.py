@@ -1,15 +1,16 @@
 r"""Oxford-IIIT Pet: contrastive (ACE + divergence) training and its CE control.
 
-Reproduces the seed's setting (METHOD.md §7): a ResNet-50 at 224 px with the
-method's three changes, trained from scratch with Adam 1e-3 at batch 80 on the
-foreground-masked contrastive loss.
+Reproduces the setting of J. Setpal, "Crossing Cross-Entropy" (2024;
+docs/method.md §7): a ResNet-50 at 224 px with the method's three changes,
+trained from scratch with Adam 1e-3 at batch 80 on the foreground-masked
+contrastive loss.
 
 Variants (`--config=experiments/configs/pets.py:VARIANT`):
   binary     species (cat/dog), ResNet-50 @224 (bfloat16 compute, as are
              all four paper-scale variants), ACE + divergence, 100 epochs.
-             One V100 took ~4 h in the seed; expect ~91.5% valid (paper draft).
+             One V100 took ~4 h in the original work; expect ~91.5% valid (paper draft).
   breeds     37 breeds, same loss, effective batch 80 (20 x 4 accumulation),
-             227 epochs; the seed reached 51.5% valid accuracy.
+             227 epochs; the original work reached 51.5% valid accuracy.
   binary_ce  the cross-entropy control of `binary` (bias, final BN+ReLU, /32).
   breeds_ce  the cross-entropy control of `breeds`.
   cpu        a small faithful ResNet-18 (width 16, 64 px, 8x8 maps) that learns
@@ -20,6 +21,12 @@ Variants (`--config=experiments/configs/pets.py:VARIANT`):
                  --config.data.manual_dir=../shared/data/oxford-iiit-pet-sample \
                  --config.data.ood_manual_dir=../shared/data/cats-vs-dogs-sample
   cpu_ce, cpu_ace  the `cpu` model with the CE control / ACE alone.
+  binary_finetune, breeds_finetune  `binary` / `breeds` from a torchvision or
+             timm ResNet-50 (--config.model.init_from=PATH; the method's
+             surgery is applied): ImageNet-normalised inputs, Adam 1e-4
+             with 1 warm-up epoch and cosine decay, 15 / 30 epochs.
+  cpu_finetune  torchvision's ResNet-18 at 128 px (8x8 maps) on the shared
+             sample, 5 epochs; --config.model.init_from=resnet18.safetensors.
 
 Any field can be overridden on the command line (`--config.loss.name=ace`);
 the config is locked, so a misspelt key is an error.
@@ -61,6 +68,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   config.model.dtype = 'float32'  # 'bfloat16' for mixed precision.
   # 1x1 convolutions as matrix products (faster on CPU; same parameters).
   config.model.pointwise_as_dot = True
+  # A torchvision/timm ResNet state dict (.safetensors, .npz, .pth) to start
+  # from, loaded by `cco_jax.pretrained` with the method's surgery when
+  # cam_faithful; '' = random initialisation. Not read when resuming.
+  config.model.init_from = ''
 
   config.loss = ml_collections.ConfigDict()
   config.loss.name = 'ace_kld'  # One of cco_jax.losses.OBJECTIVES.
@@ -155,6 +166,45 @@ def _cpu_ace():
   return config
 
 
+# The *_finetune variants refuse to start until the path is given.
+INIT_FROM_REQUIRED = '(required: --config.model.init_from=PATH)'
+
+
+def _finetune(config):
+  """Start from ImageNet weights: their input statistics, a smaller learning
+  rate with warm-up (the head is new), and fewer epochs."""
+  config.model.init_from = INIT_FROM_REQUIRED
+  config.data.normalize = True  # ImageNet mean/std, as the weights expect.
+  config.optimizer.learning_rate = 1e-4
+  config.optimizer.schedule = 'cosine'
+  config.optimizer.warmup_epochs = 1.0
+  return config
+
+
+def _binary_finetune():
+  config = _finetune(_binary())
+  config.num_epochs = 15.0
+  return config
+
+
+def _breeds_finetune():
+  config = _finetune(_breeds())
+  config.num_epochs = 30.0
+  return config
+
+
+def _cpu_finetune():
+  """Torchvision's ResNet-18 (full width, 'imagenet' stem) at 128 px: 8x8 maps."""
+  config = _finetune(_cpu())
+  config.model.num_filters = 64
+  config.model.stem = 'imagenet'
+  config.model.stage_sizes = ()
+  config.data.image_size = 128
+  config.num_epochs = 5.0
+  config.optimizer.warmup_epochs = 0.5
+  return config
+
+
 VARIANTS = {
   'binary': _binary,
   'breeds': _breeds,
@@ -163,6 +213,9 @@ VARIANTS = {
   'cpu': _cpu,
   'cpu_ce': _cpu_ce,
   'cpu_ace': _cpu_ace,
+  'binary_finetune': _binary_finetune,
+  'breeds_finetune': _breeds_finetune,
+  'cpu_finetune': _cpu_finetune,
 }
 
 
