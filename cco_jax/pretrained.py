@@ -205,9 +205,10 @@ def convert(
   report = LoadReport()
   values, problems = {}, {'missing': [], 'unexpected': [], 'shape': []}
   head_kernel = ('params', 'head', 'kernel')
-  fresh_head = (
+  # A head of another class count, or none (timm's num_classes=0), is fresh.
+  headless = 'fc.weight' not in state_dict and 'fc.bias' not in state_dict
+  fresh_head = headless or (
     'fc.weight' in state_dict
-    and head_kernel in target
     and np.shape(state_dict['fc.weight'])[0] != target[head_kernel].shape[1]
   )
   for key in state_dict:
@@ -218,7 +219,7 @@ def convert(
   for key, (collection, path, kind) in tensors.items():
     where = (collection, *path)
     if fresh_head and key.startswith('fc.'):
-      if key in state_dict:
+      if key in state_dict and 'fc.weight' in state_dict:
         report.dropped[key] = (
           f'{np.shape(state_dict["fc.weight"])[0]}-class head; the model '
           f'has {target[head_kernel].shape[1]} classes'
@@ -247,6 +248,8 @@ def convert(
   if any(problems.values()):
     raise ValueError(_problem_message(source, model, problems))
   if fresh_head:
+    if headless:
+      report.notes.append('the file has no head (fc).')
     if rng is None:
       rng = jax.random.key(0)
       report.notes.append('fresh head drawn from key 0 (no rng given).')

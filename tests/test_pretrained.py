@@ -322,8 +322,11 @@ class ForwardTest(parameterized.TestCase):
     np.testing.assert_array_equal(again['params']['head']['kernel'], kernel)
     other, _ = pretrained.convert(sd, model, rng=jax.random.key(2))
     self.assertFalse(np.array_equal(other['params']['head']['kernel'], kernel))
-    default, report = pretrained.convert(sd, model)
+    headless = {k: v for k, v in sd.items() if not k.startswith('fc.')}
+    default, report = pretrained.convert(headless, model)
     self.assertIn('key 0', str(report))
+    self.assertIn('no head', str(report))
+    self.assertEqual(report.fresh, ['params/head/kernel'])
     np.testing.assert_array_equal(
       default['params']['head']['kernel'],
       pretrained.convert(sd, model, rng=jax.random.key(0))[0]['params']['head'][
