@@ -11,8 +11,9 @@ r"""Prepares a dataset once, TF-free, and prints its split sizes as JSON.
 Without --manual_dir the official archives are downloaded through TFDS (from
 --download_mirror/<official file name> when given). With it, DIR must hold
 the dataset's layout (docs/data.md). --store_size=S stores images squashed to
-(S, S); training must then set config.data.store_size=S too (the options
-that change prepared data are config.data fields: pass the same values).
+(S, S) (--store_format=jpeg, or raw pixels); training must then set
+config.data.store_size=S and store_format too (the options that change
+prepared data are config.data fields: pass the same values).
 
 The last line on stdout is a JSON object of split sizes as the input pipeline
 sees them: {"train", "validation"[, "test"]} (validation carved from train
@@ -47,6 +48,12 @@ _VALIDATION_FRACTION = flags.DEFINE_float(
 )
 _STORE_SIZE = flags.DEFINE_integer(
   'store_size', 0, 'Store images squashed to (S, S); 0 = as they are.'
+)
+_STORE_FORMAT = flags.DEFINE_enum(
+  'store_format',
+  _DEFAULTS.store_format,
+  list(config_lib.STORE_FORMATS),
+  'With --store_size: JPEG (smaller) or raw uint8 pixels (fastest to read).',
 )
 _MISSING_MASKS = flags.DEFINE_enum(
   'missing_masks',
@@ -105,6 +112,7 @@ def main(argv):
     data_dir=_DATA_DIR.value,
     validation_fraction=_VALIDATION_FRACTION.value,
     store_size=_STORE_SIZE.value,
+    store_format=_STORE_FORMAT.value,
     missing_masks=_MISSING_MASKS.value,
     resize_masks=_RESIZE_MASKS.value,
     skip_bad_images=_SKIP_BAD_IMAGES.value,

@@ -291,7 +291,7 @@ def create_train_iterator(
     'process_count': process_count,
     'seed': seed,
     'cam_size': list(cam_size),
-    **{key: data_config.get(key) for key in config_lib.CONTENT_FIELDS},
+    **config_lib.fingerprint_fields(data_config),
   }
   return batching.TrainIterator(
     batches,

@@ -10,7 +10,8 @@ Splits seen by the pipeline:
 
 Where prepared data lives (`prepared_data_dir`, the one place that decides):
   ``config.data.tfds_data_dir`` ('' = the TFDS default), then
-  ``stored_<S>/`` below it when ``store_size`` = S > 0, then for the 'folder'
+  ``stored_<S>/`` (``stored_<S>_raw/``) below it when ``store_size`` = S > 0,
+  then for the 'folder'
   dataset ``folder/<hash of the root and the preparing options>/``, so that
   every folder (and every option set) gets its own prepared copy.
 
@@ -91,7 +92,8 @@ def prepared_data_dir(
     return data_dir
   path = data_dir or tfds.core.constants.DATA_DIR
   if options.store_size:
-    path = os.path.join(path, f'stored_{options.store_size}')
+    raw = '_raw' * (options.store_format == 'raw')
+    path = os.path.join(path, f'stored_{options.store_size}{raw}')
   if entry.needs_manual_dir:
     if not manual_dir:
       raise ValueError(
@@ -342,9 +344,13 @@ def as_str(value: str | bytes) -> str:
 def _data_source(
   builder: tfds.core.DatasetBuilder, split: str, has_masks: bool
 ):
-  decoders = {'image': _SKIP_DECODING()}
-  if has_masks:
-    decoders['segmentation_mask'] = _SKIP_DECODING()
+  # Encoded images stay bytes (decoded by `transforms`); raw ones are arrays.
+  keys = ('image', 'segmentation_mask') if has_masks else ('image',)
+  decoders = {
+    key: _SKIP_DECODING()
+    for key in keys
+    if isinstance(builder.info.features[key], tfds.features.Image)
+  }
   return builder.as_data_source(split, decoders=decoders)
 
 
@@ -463,7 +469,8 @@ def load_split_sources(
       manual_dir=data_config.ood_manual_dir,
       data_dir=data_config.tfds_data_dir,
       options=PrepareOptions(
-        store_size=config_lib.get(data_config, 'store_size')
+        store_size=config_lib.get(data_config, 'store_size'),
+        store_format=config_lib.get(data_config, 'store_format'),
       ),
     )
     sources['ood'] = _whole_split(builder, 'train', dataset_entry(OOD_DATASET))

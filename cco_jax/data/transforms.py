@@ -50,19 +50,40 @@ Box = tuple[float, float, float, float]
 FULL_BOX: Box = (0.0, 0.0, 1.0, 1.0)
 
 
+# Trimap value -> foreground (0/1): `trimap == 1`, or `trimap != 2`.
+_FOREGROUND_LUT = np.array(
+  [int(v == oxford_iiit_pet.TRIMAP_PET) for v in range(256)], np.uint8
+)
+_FOREGROUND_OR_BOUNDARY_LUT = np.array(
+  [int(v != oxford_iiit_pet.TRIMAP_BACKGROUND) for v in range(256)], np.uint8
+)
+
+
 def foreground(
-  trimap: Image.Image, *, boundary_is_foreground: bool
+  trimap: Image.Image | np.ndarray, *, boundary_is_foreground: bool
 ) -> Image.Image:
-  """Mode 'L' image: 1 where `trimap == 1` (or `trimap != 2`), else 0."""
-  if boundary_is_foreground:
-    lut = [int(v != oxford_iiit_pet.TRIMAP_BACKGROUND) for v in range(256)]
-  else:
-    lut = [int(v == oxford_iiit_pet.TRIMAP_PET) for v in range(256)]
-  if trimap.mode != 'L':
-    trimap = Image.fromarray(
-      np.asarray(trimap).astype(np.uint8).reshape(trimap.size[::-1])
-    )
-  return trimap.point(lut)
+  """Mode 'L' image: 1 where `trimap == 1` (or `trimap != 2`), else 0.
+
+  `trimap` is a Pillow image ('L' or 'P' values) or uint8 (H, W[, 1]).
+  """
+  lut = (
+    _FOREGROUND_OR_BOUNDARY_LUT if boundary_is_foreground else (_FOREGROUND_LUT)
+  )
+  values = np.asarray(trimap)
+  if values.ndim == 3:
+    values = values[..., 0]
+  return Image.fromarray(lut[values.astype(np.uint8, copy=False)])
+
+
+def open_stored(value: bytes | np.ndarray) -> Image.Image:
+  """An encoded image (bytes) or stored uint8 pixels (H, W[, C]) as Pillow.
+
+  Encoded images are opened lazily (decoded on first use); raw pixels
+  (`config.data.store_format='raw'`) need no decoding.
+  """
+  if isinstance(value, np.ndarray):
+    return Image.fromarray(value[..., 0] if value.shape[-1] == 1 else value)
+  return Image.open(io.BytesIO(value))
 
 
 def decode_foreground(
@@ -71,8 +92,9 @@ def decode_foreground(
   """The foreground ('L', {0, 1}) of a record's trimap; None without one."""
   if 'segmentation_mask' not in record:
     return None
+  mask = record['segmentation_mask']
   return foreground(
-    Image.open(io.BytesIO(record['segmentation_mask'])),
+    mask if isinstance(mask, np.ndarray) else open_stored(mask),
     boundary_is_foreground=boundary_is_foreground,
   )
 
@@ -99,8 +121,8 @@ def decode(
     (None without a trimap), 'label': int, 'index': int, 'group': int,
     'file_name': str}.
   """
-  image = Image.open(io.BytesIO(record['image']))
-  if draft_size:
+  image = open_stored(record['image'])
+  if draft_size and image.format == 'JPEG':
     image.draft('RGB', (draft_size, draft_size))
   if image.mode != 'RGB':
     image = image.convert('RGB')

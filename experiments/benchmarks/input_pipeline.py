@@ -210,6 +210,13 @@ def main(argv):
       'oxford_iiit_pet': cpu_ms_per_image(config, 'test'),
       'cats_vs_dogs': cpu_ms_per_image(config, 'ood'),
     }
+    for store_format in ('jpeg', 'raw'):  # Pre-squashed when preparing.
+      stored = config.copy_and_resolve_references()
+      stored.store_size = _IMAGE_SIZE.value
+      stored.store_format = store_format
+      results['cpu_ms_per_image'][f'oxford_iiit_pet_stored_{store_format}'] = (
+        cpu_ms_per_image(stored, 'test')
+      )
     results['train'] = {}
     for workers in map(int, _WORKERS.value):
       config.num_workers = workers

@@ -136,9 +136,7 @@ class CatsVsDogsOod(ProjectBuilder):
       ),
       features=tfds.features.FeaturesDict(
         {
-          'image': tfds.features.Image(
-            shape=(None, None, 3), encoding_format='jpeg'
-          ),
+          'image': self.image_feature(),
           'species': tfds.features.ClassLabel(names=SPECIES),
           'file_name': tfds.features.Text(),
         }

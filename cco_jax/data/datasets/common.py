@@ -35,6 +35,9 @@ UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 # the GIL while decoding), and how many images each batch of work holds.
 _NUM_THREADS = max(1, min(8, os.cpu_count() or 1))
 _CHUNK_SIZE = 64
+# Raw pixels are stored as one bytes string (an int64 list per pixel would
+# make reading ~100x slower).
+_BYTES = tfds.features.Encoding.BYTES
 
 
 def rgb_jpeg_bytes(
@@ -116,8 +119,8 @@ def image_size(jpeg: bytes) -> tuple[int, int]:
 
 
 def squash_jpeg(
-  jpeg: bytes, size: int, *, quality: int = JPEG_QUALITY
-) -> bytes:
+  jpeg: bytes, size: int, *, quality: int = JPEG_QUALITY, raw: bool = False
+) -> bytes | np.ndarray:
   """An image squashed to (size, size) (bilinear), as JPEG bytes.
 
   What `data.store_size` stores: the pipeline then decodes (S, S) JPEGs, which
@@ -126,6 +129,8 @@ def squash_jpeg(
   with Image.open(io.BytesIO(jpeg)) as image:
     image.draft('RGB', (size, size))
     rgb = image.convert('RGB').resize((size, size), Image.Resampling.BILINEAR)
+  if raw:
+    return np.asarray(rgb)
   buffer = io.BytesIO()
   rgb.save(buffer, format='JPEG', quality=quality)
   return buffer.getvalue()
@@ -175,8 +180,9 @@ class PrepareOptions:
   """Options that change what preparing writes (the `config.data` fields).
 
   Attributes:
-    store_size: 0 = images as they are; S = squashed to (S, S) (JPEG, bilinear;
+    store_size: 0 = images as they are; S = squashed to (S, S) (bilinear;
       masks nearest).
+    store_format: with store_size, 'jpeg' or 'raw' (uint8 arrays).
     missing_masks: 'folder': 'error', 'all_ones' or 'drop' a row without a
       mask.
     resize_masks: 'folder': resize a mask of another size than its image.
@@ -185,6 +191,7 @@ class PrepareOptions:
   """
 
   store_size: int = 0
+  store_format: str = 'jpeg'
   missing_masks: str = 'error'
   resize_masks: bool = False
   skip_bad_images: bool = False
@@ -205,13 +212,43 @@ class ProjectBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self.options = options or PrepareOptions()
     super().__init__(**kwargs)
 
-  def stored(
-    self, image: bytes, mask: bytes | None = None
-  ) -> tuple[bytes, bytes | None]:
-    """(image, mask) as stored: squashed to `options.store_size` if > 0."""
-    size = self.options.store_size
-    if not size:
-      return image, mask
-    return squash_jpeg(image, size), (
-      None if mask is None else squash_mask_png(mask, size)
-    )
+  @property
+  def stores_raw(self) -> bool:
+    return bool(self.options.store_size) and self.options.store_format == 'raw'
+
+  def image_feature(self) -> tfds.features.FeatureConnector:
+    """The 'image' feature: a JPEG, or uint8 (S, S, 3) pixels when raw."""
+    if self.stores_raw:
+      size = self.options.store_size
+      return tfds.features.Tensor(
+        shape=(size, size, 3), dtype=np.uint8, encoding=_BYTES
+      )
+    return tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg')
+
+  def mask_feature(self) -> tfds.features.FeatureConnector:
+    """'segmentation_mask': a PNG, or uint8 (S, S, 1) values when raw."""
+    if self.stores_raw:
+      size = self.options.store_size
+      return tfds.features.Tensor(
+        shape=(size, size, 1), dtype=np.uint8, encoding=_BYTES
+      )
+    return tfds.features.Image(shape=(None, None, 1), encoding_format='png')
+
+  def stored(self, image: bytes, mask: bytes | None = None):
+    """`store(self.options, image, mask)`."""
+    return store(self.options, image, mask)
+
+
+def store(options: PrepareOptions, image: bytes, mask: bytes | None = None):
+  """(image, mask) as stored: squashed to `options.store_size` if > 0 (JPEG /
+  PNG bytes, or uint8 arrays (S, S, 3) / (S, S, 1) with store_format 'raw')."""
+  size = options.store_size
+  if not size:
+    return image, mask
+  raw = options.store_format == 'raw'
+  image = squash_jpeg(image, size, raw=raw)
+  if mask is not None:
+    mask = squash_mask_png(mask, size)
+    if raw:
+      mask = np.asarray(Image.open(io.BytesIO(mask)))[..., None]
+  return image, mask

@@ -181,7 +181,7 @@ def _check_row(
       return _Checked(row, missing_mask=True)
     values = np.ones(size[::-1], np.uint8)
     image, mask = jpeg, _trimap_png(values)
-    return _Checked(row, *_stored(options, image, mask), missing_mask=True)
+    return _Checked(row, *common.store(options, image, mask), missing_mask=True)
   try:
     values = common.decode_mask_png(path.read_bytes())
   except common.UNREADABLE as error:
@@ -201,16 +201,8 @@ def _check_row(
     resized = True
   return _Checked(
     row,
-    *_stored(options, jpeg, _trimap_png(values)),
+    *common.store(options, jpeg, _trimap_png(values)),
     resized_mask=resized,
-  )
-
-
-def _stored(options, image, mask):
-  if not options.store_size:
-    return image, mask
-  return common.squash_jpeg(image, options.store_size), (
-    common.squash_mask_png(mask, options.store_size)
   )
 
 
@@ -271,12 +263,8 @@ class FolderDataset(common.ProjectBuilder):
       description='Images with object masks from a labels.csv folder.',
       features=tfds.features.FeaturesDict(
         {
-          'image': tfds.features.Image(
-            shape=(None, None, 3), encoding_format='jpeg'
-          ),
-          'segmentation_mask': tfds.features.Image(
-            shape=(None, None, 1), encoding_format='png'
-          ),
+          'image': self.image_feature(),
+          'segmentation_mask': self.mask_feature(),
           'label': label,
           'file_name': tfds.features.Text(),
         }

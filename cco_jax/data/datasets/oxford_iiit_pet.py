@@ -285,12 +285,8 @@ class OxfordIiitPetMasks(ProjectBuilder):
       ),
       features=tfds.features.FeaturesDict(
         {
-          'image': tfds.features.Image(
-            shape=(None, None, 3), encoding_format='jpeg'
-          ),
-          'segmentation_mask': tfds.features.Image(
-            shape=(None, None, 1), encoding_format='png'
-          ),
+          'image': self.image_feature(),
+          'segmentation_mask': self.mask_feature(),
           'label': tfds.features.ClassLabel(names=BREEDS),
           'species': tfds.features.ClassLabel(names=SPECIES),
           'file_name': tfds.features.Text(),

@@ -151,12 +151,8 @@ class Waterbirds(common.ProjectBuilder):
       ),
       features=tfds.features.FeaturesDict(
         {
-          'image': tfds.features.Image(
-            shape=(None, None, 3), encoding_format='jpeg'
-          ),
-          'segmentation_mask': tfds.features.Image(
-            shape=(None, None, 1), encoding_format='png'
-          ),
+          'image': self.image_feature(),
+          'segmentation_mask': self.mask_feature(),
           'label': tfds.features.ClassLabel(names=CLASSES),
           'file_name': tfds.features.Text(),
         }
