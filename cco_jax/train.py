@@ -43,6 +43,7 @@ from cco_jax import data as input_pipeline
 from cco_jax import figures
 from cco_jax import losses
 from cco_jax import metric_writers
+from cco_jax import metrics as metrics_lib
 from cco_jax import models
 from cco_jax import optimizers
 from cco_jax import pretrained
@@ -293,28 +294,13 @@ def restore_or_create(
 def evaluate(p_eval_step: Callable, state, batches: Iterator[dict]) -> dict:
   """Means over a split: accuracy, ce, pixel influence and background share."""
   totals = None
-  identity = 0.0
   for batch in batches:
     sums = jax.tree.map(
       lambda x: np.asarray(x[0]),
       p_eval_step(state, step_lib.shard(device_batch(batch))),
     )
-    # np.maximum, unlike max(), keeps a NaN (a broken model must not read 0).
-    identity = float(np.maximum(identity, sums.pop('identity_error')))
-    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-  if totals is None:
-    raise ValueError('The evaluation split is empty.')
-  count = max(float(totals['count']), 1.0)
-  return {
-    'accuracy': float(totals['correct']) / count,
-    'ce': float(totals['ce']) / count,
-    'influence_net': float(totals['net']) / count,
-    'influence_fg': float(totals['fg']) / count,
-    'influence_bg': float(totals['bg']) / count,
-    'bg_share': float(totals['bg']) / max(float(totals['net']), 1e-12),
-    'identity_error': identity,
-    'count': int(count),
-  }
+    totals = metrics_lib.accumulate(totals, sums)
+  return metrics_lib.summarise(totals)
 
 
 def check_identity(config, setup: Setup, state, when: str) -> float:
