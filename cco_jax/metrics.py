@@ -89,7 +89,8 @@ def batch_sums(
 
 
 def accumulate(totals: dict | None, sums: Mapping) -> dict:
-  """Adds one batch's host sums to `totals` (`identity_error` by max)."""
+  """Adds one batch's host sums to `totals` (`identity_error` by max, which
+  keeps a NaN: a broken model must not read 0)."""
   sums = {k: np.asarray(v, np.float64) for k, v in sums.items()}
   if totals is None:
     return sums

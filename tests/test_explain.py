@@ -14,6 +14,7 @@ from test_models import random_variables
 
 from cco_jax import explain as explain_lib
 from cco_jax import models
+from experiments.benchmarks import explain as bench
 
 SIZE = 16
 
@@ -127,7 +128,7 @@ def _autodiff_hirescam(model, variables, images, class_index):
   return np.asarray((grads * features).sum(-1))
 
 
-def test_maps_equal_autodiff_hirescam():
+def test_maps_equal_autodiff_hirescam_and_bound_gradcam():
   model, variables = _model(classes=4, cam_faithful=False, seed=7)
   images = _images(3, seed=8)
   result = explain_lib.explain(model, variables, images)
@@ -138,6 +139,32 @@ def test_maps_equal_autodiff_hirescam():
       rtol=1e-4,
       atol=1e-6,
     )
+  # The library's post-hoc maps, one class per image.
+  classes = jnp.array([0, 3, 1])
+  rows = np.arange(3)
+  ours = result.cams[rows, ..., np.asarray(classes)]
+  np.testing.assert_allclose(
+    explain_lib.autodiff_hirescam(model, variables, images, classes),
+    ours,
+    rtol=1e-4,
+    atol=1e-6,
+  )
+  # Behind global average pooling, Grad-CAM is the class map clipped at 0.
+  np.testing.assert_allclose(
+    explain_lib.gradcam(model, variables, images, classes),
+    np.maximum(ours, 0),
+    rtol=1e-4,
+    atol=1e-6,
+  )
+
+
+def test_benchmark_checks_its_maps():
+  result = bench.measure(
+    'resnet18', 3, 16, 2, num_filters=4, autodiff_classes=1, repeats=1
+  )
+  assert set(result['seconds']) == {'ours', 'hirescam', 'gradcam'}
+  assert all(v < 1e-5 for v in result['relative_map_error'].values())
+  assert '| ours |' in bench.table(result, 2)
 
 
 def _write_image(path, seed, size=(23, 19)):
