@@ -517,10 +517,13 @@ class TrainingTest(parameterized.TestCase):
 def compare_with_torchvision(name: str, size: int = 224, batch: int = 2):
   """Measures load_resnet against torchvision (random weights and BN stats).
 
-  Returns `(control_error, faithful_identity_gap)`: the relative error of the
-  1,000-class control's logits against torchvision's eval-mode logits, and the
-  logit-sum gap of the same file loaded into a faithful 2-class model.
+  Returns `(control_error, faithful_identity_gap, export_error)`: the relative
+  error of the 1,000-class control's logits against torchvision's eval-mode
+  logits; the logit-sum gap of the same file loaded into a faithful 2-class
+  model; and the largest difference of torchvision's logits after a round
+  trip of the weights through `save_resnet` and a strict `load_state_dict`.
   """
+  from safetensors import torch as st_torch
   import torch
   import torchvision
 
@@ -535,26 +538,28 @@ def compare_with_torchvision(name: str, size: int = 224, batch: int = 2):
         module.running_var.uniform_(0.5, 1.5)
     images = torch.randn(batch, 3, size, size)
     expected = net(images).numpy()
-  from safetensors import torch as st_torch
-
-  path = os.path.join(
-    os.environ.get('TMPDIR', '/tmp'), f'{name}_tv.safetensors'
-  )
-  st_torch.save_file(
-    {k: v.contiguous() for k, v in net.state_dict().items()}, path
-  )
-  nhwc = images.numpy().transpose(0, 2, 3, 1)
-  control = _model(name, 1000, False)
-  logits, _ = jax.jit(lambda v, x: control.apply(v, x, train=False))(
-    pretrained.load_resnet(path, control), nhwc
-  )
-  faithful = _model(name, 2, True)
-  variables = pretrained.load_resnet(path, faithful, rng=jax.random.key(0))
-  f_logits, f_cams = jax.jit(lambda v, x: faithful.apply(v, x, train=False))(
-    variables, nhwc
-  )
-  return relative_error(logits, expected), logit_sum_gap(
-    variables, f_logits, f_cams
+  with tempfile.TemporaryDirectory() as directory:
+    path = os.path.join(directory, f'{name}.safetensors')
+    st_torch.save_file(
+      {k: v.contiguous() for k, v in net.state_dict().items()}, path
+    )
+    nhwc = images.numpy().transpose(0, 2, 3, 1)
+    control = _model(name, 1000, False)
+    control_variables = pretrained.load_resnet(path, control)
+    logits, _ = _apply(control, control_variables, nhwc)
+    faithful = _model(name, 2, True)
+    variables = pretrained.load_resnet(path, faithful, rng=jax.random.key(0))
+    f_logits, f_cams = _apply(faithful, variables, nhwc)
+    exported = os.path.join(directory, 'exported.safetensors')
+    pretrained.save_resnet(control_variables, exported)
+    again = getattr(torchvision.models, name)(weights=None).eval()
+    again.load_state_dict(st_torch.load_file(exported), strict=True)
+    with torch.no_grad():
+      export_error = float(np.abs(again(images).numpy() - expected).max())
+  return (
+    relative_error(logits, expected),
+    logit_sum_gap(variables, f_logits, f_cams),
+    export_error,
   )
 
 
@@ -580,7 +585,11 @@ class TorchvisionTest(parameterized.TestCase):
     pytest.importorskip('torch')
     pytest.importorskip('torchvision')
     pytest.importorskip('safetensors')
-    error, gap = compare_with_torchvision(name)
-    print(f'{name}: control relative error {error:.2e}, faithful gap {gap:.2e}')
+    error, gap, export_error = compare_with_torchvision(name)
+    print(
+      f'{name}: control relative error {error:.2e}, faithful gap {gap:.2e}, '
+      f'export {export_error:.1e}'
+    )
     self.assertLess(error, 1e-4)
     self.assertLess(gap, 1e-5)
+    self.assertEqual(export_error, 0.0)
