@@ -124,7 +124,7 @@ def save_explanation(
     title += f'; true class {true_class}'
   ax.set_title(f'{title}\nwhere the image argues for {name}', fontsize=9)
   colorbar = fig.colorbar(artist, ax=ax, fraction=0.046, pad=0.02)
-  colorbar.set_label('logit evidence per pixel', fontsize=7)
+  colorbar.set_label('evidence (logit units per map cell)', fontsize=7)
   colorbar.ax.tick_params(labelsize=6)
   for row, c in enumerate(top):
     ax = fig.add_subplot(grid[row, 2])
@@ -196,8 +196,9 @@ def save_cam_grid(
   if step is not None:
     heading += f' (step {step})'
   fig.suptitle(f'{heading}\n{MAP_LEGEND}', fontsize=8)
-  fig.tight_layout()
-  fig.colorbar(artist, ax=axes[:, 1].tolist(), fraction=0.05, shrink=0.8)
+  fig.tight_layout(rect=(0, 0, 0.86, 1))
+  colorbar = fig.colorbar(artist, cax=fig.add_axes((0.88, 0.3, 0.03, 0.4)))
+  colorbar.set_label('evidence (logit units per map cell)', fontsize=7)
   return _save(fig, path)
 
 
