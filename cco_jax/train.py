@@ -417,16 +417,23 @@ class Run:
     logits, cams = self.setup.p_predict(state, batch['image'])
     if not self.is_chief:
       return
-    n = self.config.num_figure_examples
-    flat = lambda x: np.asarray(x).reshape((-1,) + np.shape(x)[2:])[:n]
+    flat = lambda x: np.asarray(x).reshape((-1,) + np.shape(x)[2:])
+    real = np.flatnonzero(flat(batch['weight']) > 0)
+    chosen = real[
+      figures.examples_per_class(
+        flat(batch['label'])[real], self.config.num_figure_examples
+      )
+    ]
+    pick = lambda x: flat(x)[chosen]
     figures.save_cam_grid(
       os.path.join(self.figure_dir, f'cams_step_{step:07d}.png'),
-      flat(batch['image']),
-      flat(batch['mask']),
-      flat(cams),
-      flat(batch['label']),
-      predictions=flat(logits).argmax(-1),
+      pick(batch['image']),
+      pick(batch['mask']),
+      pick(cams),
+      pick(batch['label']),
+      predictions=pick(logits).argmax(-1),
       class_names=input_pipeline.class_names(self.config.data),
+      step=step,
     )
     figures.save_learning_curves(
       os.path.join(self.figure_dir, 'learning_curves.png'),
