@@ -152,6 +152,40 @@ def test_missing_listed_file_is_a_clear_error(synthetic_pets_dir, tmp_path):
     _builder('oxford_iiit_pet', manual, tmp_path / 'tfds')
 
 
+@pytest.mark.parametrize(
+  'corruption,message',
+  [
+    ('truncated', r'Bengal_2\.jpg: unreadable image'),
+    ('empty', r'Bengal_2\.jpg: unreadable image'),
+    ('trimap_values', r'Bengal_2\.png: bad trimap .*\[0, 7\] outside'),
+    ('duplicate', r'trainval\.txt:\d+: Bengal_2 is listed twice'),
+  ],
+)
+def test_corrupt_pets_files_are_errors_naming_them(
+  synthetic_pets_dir, tmp_path, corruption, message
+):
+  manual = tmp_path / 'pets'
+  shutil.copytree(synthetic_pets_dir, manual)
+  image = manual / 'images' / 'Bengal_2.jpg'
+  trimap = manual / 'annotations' / 'trimaps' / 'Bengal_2.png'
+  if corruption == 'truncated':
+    image.write_bytes(image.read_bytes()[:300])
+  elif corruption == 'empty':
+    image.write_bytes(b'')
+  elif corruption == 'trimap_values':
+    values = np.asarray(Image.open(trimap)).copy()
+    values[0, 0], values[-1, -1] = 0, 7
+    Image.fromarray(values).save(trimap)
+  else:
+    trainval = manual / 'annotations' / 'trainval.txt'
+    line = next(
+      x for x in trainval.read_text().splitlines() if x.startswith('Bengal_2 ')
+    )
+    trainval.write_text(trainval.read_text() + line + '\n')
+  with pytest.raises(ValueError, match=message):
+    _builder('oxford_iiit_pet', manual, tmp_path / 'tfds')
+
+
 # ----------------------------------------------------------------------------
 # Cats-vs-Dogs on synthetic data in the Microsoft layout.
 # ----------------------------------------------------------------------------
@@ -193,7 +227,8 @@ def test_without_manual_dir_the_official_archives_are_used(
   """The download branch, with the download itself replaced by local dirs."""
   requested = []
 
-  def fake_download_and_extract(self, urls):
+  def fake_download(self, urls):
+    # Already extracted directories: `common.download_and_extract` keeps them.
     del self
     requested.append(urls)
     if isinstance(urls, dict):  # Pets: each archive extracts to its own dir.
@@ -202,8 +237,8 @@ def test_without_manual_dir_the_official_archives_are_used(
 
   monkeypatch.setattr(
     tfds.download.DownloadManager,
-    'download_and_extract',
-    fake_download_and_extract,
+    'download',
+    fake_download,
   )
   builder = input_pipeline.prepare_dataset(name, data_dir=str(tmp_path))
   assert builder.info.metadata['source'] == 'download'

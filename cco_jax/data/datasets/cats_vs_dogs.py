@@ -32,6 +32,7 @@ import tensorflow_datasets as tfds
 from cco_jax.data.datasets.common import UNREADABLE as _UNREADABLE
 from cco_jax.data.datasets.common import ProjectBuilder
 from cco_jax.data.datasets.common import code_path_property
+from cco_jax.data.datasets.common import download_and_extract
 from cco_jax.data.datasets.common import manual_dir_or_none
 from cco_jax.data.datasets.common import mirrored
 from cco_jax.data.datasets.common import ordered_parallel_map
@@ -158,8 +159,8 @@ class CatsVsDogsOod(ProjectBuilder):
       return pet_images
     self.info.metadata['source'] = 'download'
     return find_pet_images(
-      dl_manager.download_and_extract(
-        mirrored(URL, self.options.download_mirror)
+      download_and_extract(
+        dl_manager, mirrored(URL, self.options.download_mirror)
       )
     )
 

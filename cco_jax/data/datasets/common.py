@@ -17,6 +17,7 @@ import inspect
 import io
 import itertools
 import os
+import shutil
 from typing import TypeVar
 
 from etils import epath
@@ -100,6 +101,46 @@ def _code_path(cls) -> epath.Path:
 # package it does not install on Python >= 3.9, unless the builder lives in a
 # zip app; builders outside TFDS's own tree therefore set `code_path` directly.
 code_path_property = tfds.core.utils.classproperty(classmethod(_code_path))
+
+
+def download_and_extract(dl_manager: tfds.download.DownloadManager, urls):
+  """Downloads `urls` (a str or a dict of them) and extracts each archive.
+
+  TFDS's own extractor needs TensorFlow; this one uses Python's `shutil`
+  (.tar, .tar.gz, .tgz, .zip) and extracts each archive once, next to it.
+
+  Returns:
+    The extracted directory (or a dict of them, with the keys of `urls`); a
+    download that is already a directory is returned as it is.
+  """
+  paths = dl_manager.download(urls)
+
+  def extract(path) -> epath.Path:
+    path = epath.Path(path)
+    if path.is_dir():
+      return path
+    target = epath.Path(f'{os.fspath(path)}.extracted')
+    if not (target / '.done').exists():
+      shutil.unpack_archive(os.fspath(path), os.fspath(target), _format(path))
+      (target / '.done').touch()
+    return target
+
+  if isinstance(paths, dict):
+    return {key: extract(path) for key, path in paths.items()}
+  return extract(paths)
+
+
+def _format(path: epath.Path) -> str:
+  """shutil's archive format of a downloaded file, from its name."""
+  name = path.name.lower()
+  for suffixes, archive_format in (
+    (('.tar.gz', '.tgz'), 'gztar'),
+    (('.tar',), 'tar'),
+    (('.zip',), 'zip'),
+  ):
+    if name.endswith(suffixes):
+      return archive_format
+  raise ValueError(f'{os.fspath(path)}: not a .tar, .tar.gz, .tgz or .zip.')
 
 
 def manual_dir_or_none(

@@ -48,8 +48,10 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from cco_jax.data.datasets.common import JPEG_QUALITY  # noqa: F401
+from cco_jax.data.datasets.common import UNREADABLE
 from cco_jax.data.datasets.common import ProjectBuilder
 from cco_jax.data.datasets.common import code_path_property
+from cco_jax.data.datasets.common import download_and_extract
 from cco_jax.data.datasets.common import image_size as _image_size
 from cco_jax.data.datasets.common import manual_dir_or_none
 from cco_jax.data.datasets.common import mirrored
@@ -203,10 +205,10 @@ def read_split_list(path: os.PathLike[str] | str) -> list[ListEntry]:
 
   Raises:
     ValueError: on a line that is not 'NAME CLASS-ID SPECIES BREED-ID' with
-      CLASS-ID in 1..37 and SPECIES in {1, 2}.
+      CLASS-ID in 1..37 and SPECIES in {1, 2}, or a name listed twice.
   """
   path = epath.Path(path)
-  entries = []
+  entries, first_line = [], {}
   for line_number, line in enumerate(path.read_text().splitlines(), start=1):
     line = line.strip()
     if not line or line.startswith('#'):
@@ -218,6 +220,12 @@ def read_split_list(path: os.PathLike[str] | str) -> list[ListEntry]:
         f'BREED-ID" with CLASS-ID in 1..{len(BREEDS)} and SPECIES in 1..2, '
         f'got {line!r}. Expected the official layout: {LAYOUT}.'
       )
+    if entry.name in first_line:
+      raise ValueError(
+        f'{os.fspath(path)}:{line_number}: {entry.name} is listed twice '
+        f'(first on line {first_line[entry.name]}); remove the duplicate.'
+      )
+    first_line[entry.name] = line_number
     entries.append(entry)
   return entries
 
@@ -245,14 +253,23 @@ def trimap_png_bytes(data: bytes, size: tuple[int, int]) -> tuple[bytes, bool]:
   Returns:
     (png_bytes, changed): `changed` is True when the trimap had to be
     re-encoded to mode 'L' or resized (nearest) to the image size.
+
+  Raises:
+    ValueError: a value outside {1, 2, 3}.
   """
   with Image.open(io.BytesIO(data)) as trimap:
     trimap.load()
-    if trimap.mode == 'L' and trimap.size == size:
-      return data, False
     values = np.asarray(
       trimap if trimap.mode in ('L', 'P') else trimap.convert('L')
     )
+    if values.min() < TRIMAP_PET or values.max() > TRIMAP_BOUNDARY:
+      bad = sorted(set(np.unique(values).tolist()) - {1, 2, 3})
+      raise ValueError(
+        f'trimap values {bad[:10]} outside {{1, 2, 3}} (1 = pet, '
+        '2 = background, 3 = boundary)'
+      )
+    if trimap.mode == 'L' and trimap.size == size:
+      return data, False
   fixed = Image.fromarray(values.astype(np.uint8), mode='L')
   if fixed.size != size:
     fixed = fixed.resize(size, Image.Resampling.NEAREST)
@@ -313,11 +330,12 @@ class OxfordIiitPetMasks(ProjectBuilder):
       root = check_manual_dir(manual_dir)
       self.info.metadata['source'] = os.fspath(root.resolve())
       return root / 'images', root / 'annotations'
-    paths = dl_manager.download_and_extract(
+    paths = download_and_extract(
+      dl_manager,
       {
         'images': mirrored(IMAGES_URL, self.options.download_mirror),
         'annotations': mirrored(ANNOTATIONS_URL, self.options.download_mirror),
-      }
+      },
     )
     self.info.metadata['source'] = 'download'
     return (
@@ -366,10 +384,22 @@ class OxfordIiitPetMasks(ProjectBuilder):
             f'{os.fspath(path)} is listed in a split but missing. Expected '
             f'the official layout: {LAYOUT}. {MANUAL_DIR_HINT}'
           )
-      image, reencoded = rgb_jpeg_bytes(image_path.read_bytes())
-      trimap, fixed = trimap_png_bytes(
-        trimap_path.read_bytes(), _image_size(image)
-      )
+      try:
+        image, reencoded = rgb_jpeg_bytes(image_path.read_bytes())
+      except UNREADABLE as error:
+        raise ValueError(
+          f'{os.fspath(image_path)}: unreadable image ({error}): empty, '
+          'truncated or not an image; replace it with the official file.'
+        ) from error
+      try:
+        trimap, fixed = trimap_png_bytes(
+          trimap_path.read_bytes(), _image_size(image)
+        )
+      except (*UNREADABLE, ValueError) as error:
+        raise ValueError(
+          f'{os.fspath(trimap_path)}: bad trimap ({error}); replace it with '
+          'the official file.'
+        ) from error
       image, trimap = self.stored(image, trimap)
       return entry, image, reencoded, trimap, fixed
 
@@ -383,6 +413,13 @@ class OxfordIiitPetMasks(ProjectBuilder):
         )
         self.info.metadata['reencoded_images'].append(file_name)
       if fixed:
+        # Another size than the image (resized, nearest) or not mode 'L'.
+        logging.warning(
+          'Oxford-IIIT Pet: trimap of %s re-encoded or resized to its image '
+          '(%d so far; names in metadata["fixed_trimaps"]).',
+          file_name,
+          len(self.info.metadata['fixed_trimaps']) + 1,
+        )
         self.info.metadata['fixed_trimaps'].append(file_name)
       yield (
         entry.name,

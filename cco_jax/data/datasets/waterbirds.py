@@ -175,11 +175,12 @@ class Waterbirds(common.ProjectBuilder):
       self.info.metadata['source'] = os.fspath(root.resolve())
       return root / WATERBIRDS_DIR, root / SEGMENTATIONS_DIR
     mirror = self.options.download_mirror
-    paths = dl_manager.download_and_extract(
+    paths = common.download_and_extract(
+      dl_manager,
       {
         'waterbirds': common.mirrored(WATERBIRDS_URL, mirror),
         'segmentations': common.mirrored(SEGMENTATIONS_URL, mirror),
-      }
+      },
     )
     self.info.metadata['source'] = 'download'
     return (
