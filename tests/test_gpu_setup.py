@@ -206,8 +206,10 @@ def test_window_rate_is_steps_over_seconds_of_the_window():
       {'step': step, 'train_loss': 1.0, 'train_steps_per_second': 10 / t}
     )
     records.append({'step': step, 'eval_accuracy': 0.5})
-  rate = training_lib.window_rate(records, 50, 90)
+  rate = training_lib.window_rate(records, 50, 90, eval_every=40)
   assert rate['steps_per_s'] == pytest.approx(40 / 6.0)
+  # (80, 90] follows the evaluation at 80; the other three are quiet.
+  assert rate['steps_per_s_without_evaluation'] == pytest.approx(10.0)
   assert rate['interval_steps_per_s'] == pytest.approx(
     [10, 10, 10, 10 / 3], abs=1e-4
   )

@@ -725,13 +725,17 @@ def loop_config(
   return configuration.apply_overrides(_pets_config(setting.variant), overrides)
 
 
-def window_rate(records: Sequence[dict], start: int, end: int) -> dict:
+def window_rate(
+  records: Sequence[dict], start: int, end: int, eval_every: int = 0
+) -> dict:
   """Steps/s over the log intervals inside steps `(start, end]`.
 
   `records` are `metrics.jsonl` rows; those with `train_steps_per_second`
   (written at each log step, for the steps since the previous log) define
   intervals `(previous log step, step]`. The rate is total steps over total
-  seconds of the intervals that lie inside the window.
+  seconds of the intervals that lie inside the window. With `eval_every`,
+  also the rate over the intervals that follow no evaluation (those starting
+  at a multiple of `eval_every` hold its stall): the loop without evaluation.
   """
   logs = sorted(
     (r['step'], r['train_steps_per_second'])
@@ -750,11 +754,18 @@ def window_rate(records: Sequence[dict], start: int, end: int) -> dict:
       f'({start}, {end}]; logs at steps {[s for s, _ in logs]}.'
     )
   seconds = sum(t for _, _, t in intervals)
-  return {
+  result = {
     'steps_per_s': covered / seconds,
     'interval_steps_per_s': [round((b - a) / t, 4) for a, b, t in intervals],
     'window': [start, end],
   }
+  if eval_every:
+    quiet = [(a, b, t) for a, b, t in intervals if a % eval_every]
+    if quiet:
+      result['steps_per_s_without_evaluation'] = sum(
+        b - a for a, b, _ in quiet
+      ) / sum(t for _, _, t in quiet)
+  return result
 
 
 def _pmapped_flops(p_train_step, state, batch) -> float:
@@ -776,7 +787,9 @@ def time_loop(
   load_start = loadavg()
   _, train_s, _ = timed(lambda: train.train_and_evaluate(config, workdir))
   start, end = setting.window
-  loop = window_rate(metric_writers.read_metrics(workdir), start, end)
+  loop = window_rate(
+    metric_writers.read_metrics(workdir), start, end, setting.eval_every
+  )
 
   setup = train.build(config)
   state = step_lib.create_train_state(
@@ -810,6 +823,7 @@ def time_loop(
   devices = jax.local_device_count()
   rates = {
     'full_loop': loop['steps_per_s'],
+    'loop_without_evaluation': loop['steps_per_s_without_evaluation'],
     'step_alone': steps / step_s,
     'input_pipeline_alone': steps / input_s,
   }
@@ -824,7 +838,7 @@ def time_loop(
   }
   del result['input_pipeline_alone']['achieved_tflops_per_device']
   if peak_tflops:
-    for name in ('full_loop', 'step_alone'):
+    for name in ('full_loop', 'loop_without_evaluation', 'step_alone'):
       result[name]['mfu'] = (
         result[name]['achieved_tflops_per_device'] / peak_tflops
       )
@@ -843,6 +857,12 @@ def time_loop(
       'train_and_evaluate_s': train_s,
       'first_step_s (compile + run)': first_s,
       'loop_over_step': rates['full_loop'] / rates['step_alone'],
+      'loop_without_evaluation_over_step': rates['loop_without_evaluation']
+      / rates['step_alone'],
+      # Share of the loop's time that evaluation (with figures, checkpoint)
+      # takes: 1 - loop rate / loop-without-evaluation rate.
+      'evaluation_share': 1
+      - rates['full_loop'] / rates['loop_without_evaluation'],
       'loadavg_start': load_start,
       'loadavg_end': loadavg(),
     }
@@ -956,7 +976,12 @@ def print_tables(results: dict) -> None:
         f'{setting["eval_every"]} steps; load {loop["loadavg_start"]} -> '
         f'{loop["loadavg_end"]}'
       )
-      for name in ('full_loop', 'step_alone', 'input_pipeline_alone'):
+      for name in (
+        'full_loop',
+        'loop_without_evaluation',
+        'step_alone',
+        'input_pipeline_alone',
+      ):
         row = loop[name]
         mfu = f'  MFU {row["mfu"]:6.1%}' if 'mfu' in row else ''
         tflops = row.get('achieved_tflops_per_device')
@@ -965,7 +990,11 @@ def print_tables(results: dict) -> None:
           f'  {name:22s} {row["images_per_s"]:9.1f} images/s '
           f'({row["images_per_s_per_device"]:.1f} per device){tflops}{mfu}'
         )
-      print(f'  loop / step {loop["loop_over_step"]:.3f}')
+      print(
+        f'  loop / step {loop["loop_over_step"]:.3f}; without evaluation '
+        f'{loop["loop_without_evaluation_over_step"]:.3f}; evaluation share '
+        f'{loop["evaluation_share"]:.1%}'
+      )
 
 
 def run(

@@ -46,8 +46,11 @@ def summary_lines(step: dict | None, loop: dict | None, card: str) -> list[str]:
   if section and 'skipped' not in section:
     for name, label in (
       ('full_loop', 'full_loop (train_and_evaluate)'),
+      ('loop_without_evaluation', 'loop_without_evaluation'),
       ('step_alone', 'step_alone (pmapped, fixed batch)'),
     ):
+      if name not in section:
+        continue
       row = section[name]
       lines.append(
         f'loop  {label}  {row["images_per_s_per_device"]:9.1f} images/s '
@@ -56,7 +59,8 @@ def summary_lines(step: dict | None, loop: dict | None, card: str) -> list[str]:
     lines.append(
       f'loop / step {section["loop_over_step"]:.3f} (evaluation every '
       f'{section["setting"]["eval_every"]} steps included; batch '
-      f'{section["batch"]}, {section["dtype"]})'
+      f'{section["batch"]}, {section["dtype"]}); evaluation share '
+      f'{section.get("evaluation_share", float("nan")):.1%}'
     )
   else:
     reason = (section or {}).get('skipped', 'the section did not finish')
