@@ -32,38 +32,40 @@ import numpy as np
 from cco_jax import evaluation
 from cco_jax import figures
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of a training run.')
-_SPLIT = flags.DEFINE_enum(
-  'split', 'test', ['test', 'validation', 'train'], 'Split to evaluate.'
-)
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate.')
-_BEST = flags.DEFINE_bool('best', False, 'The best checkpoint (default).')
-_LAST = flags.DEFINE_bool('last', False, 'The latest checkpoint.')
-_EVALUATORS = flags.DEFINE_list(
-  'evaluators',
-  list(evaluation.default_config().evaluators),
-  f'Which evaluators run, from {sorted(evaluation.EVALUATORS)}.',
-)
-_MANUAL_DIR = flags.DEFINE_string(
-  'manual_dir', None, 'The dataset in its layout; default: as trained.'
-)
-_OOD_MANUAL_DIR = flags.DEFINE_string(
-  'ood_manual_dir', None, 'Cats-vs-Dogs (PetImages/); default: as trained.'
-)
-_TFDS_DATA_DIR = flags.DEFINE_string(
-  'tfds_data_dir', None, 'TFDS data dir; default: as trained.'
-)
-_MAX_EXAMPLES = flags.DEFINE_integer(
-  'max_examples', 0, 'Evaluate this many evenly spaced examples (0 = all).'
-)
-_NUM_FIGURE_EXAMPLES = flags.DEFINE_integer(
-  'num_figure_examples', 6, 'Rows of the figures.'
-)
-_SEED = flags.DEFINE_integer(
-  'seed', 0, 'Seed of the noise and the background donors.'
-)
-_NO_OOD = flags.DEFINE_bool('no_ood', False, 'Skip Cats-vs-Dogs.')
-flags.mark_flags_as_required(['workdir'])
+
+def define_flags() -> None:
+  """The entry point's flags (defined only when run, so that tests can import
+  several entry points)."""
+  flags.DEFINE_string('workdir', None, 'Directory of a training run.')
+  flags.DEFINE_enum(
+    'split', 'test', ['test', 'validation', 'train'], 'Split to evaluate.'
+  )
+  flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate.')
+  flags.DEFINE_bool('best', False, 'The best checkpoint (default).')
+  flags.DEFINE_bool('last', False, 'The latest checkpoint.')
+  flags.DEFINE_list(
+    'evaluators',
+    list(evaluation.default_config().evaluators),
+    f'Which evaluators run, from {sorted(evaluation.EVALUATORS)}.',
+  )
+  flags.DEFINE_string(
+    'manual_dir', None, 'The dataset in its layout; default: as trained.'
+  )
+  flags.DEFINE_string(
+    'ood_manual_dir', None, 'Cats-vs-Dogs (PetImages/); default: as trained.'
+  )
+  flags.DEFINE_string(
+    'tfds_data_dir', None, 'TFDS data dir; default: as trained.'
+  )
+  flags.DEFINE_integer(
+    'max_examples', 0, 'Evaluate this many evenly spaced examples (0 = all).'
+  )
+  flags.DEFINE_integer('num_figure_examples', 6, 'Rows of the figures.')
+  flags.DEFINE_integer(
+    'seed', 0, 'Seed of the noise and the background donors.'
+  )
+  flags.DEFINE_bool('no_ood', False, 'Skip Cats-vs-Dogs.')
+  flags.mark_flags_as_required(['workdir'])
 
 
 def save_perturbation_grid(
@@ -186,27 +188,28 @@ def write_outputs(workdir: str, result) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if sum([_BEST.value, _LAST.value, _STEP.value is not None]) > 1:
+  f = flags.FLAGS
+  if sum([f.best, f.last, f.step is not None]) > 1:
     raise app.UsageError('Use at most one of --best, --last and --step.')
-  step = 'last' if _LAST.value else _STEP.value
+  step = 'last' if f.last else f.step
   config = evaluation.default_config()
-  config.split = _SPLIT.value
-  config.evaluators = tuple(_EVALUATORS.value)
-  config.num_examples = _MAX_EXAMPLES.value
-  config.seed = _SEED.value
-  config.ood = not _NO_OOD.value
-  config.keep_examples = _NUM_FIGURE_EXAMPLES.value
+  config.split = f.split
+  config.evaluators = tuple(f.evaluators)
+  config.num_examples = f.max_examples
+  config.seed = f.seed
+  config.ood = not f.no_ood
+  config.keep_examples = f.num_figure_examples
   result = evaluation.evaluate_checkpoint(
-    _WORKDIR.value,
+    f.workdir,
     config,
     step='best' if step is None else step,
     data_overrides={
-      'manual_dir': _MANUAL_DIR.value,
-      'tfds_data_dir': _TFDS_DATA_DIR.value,
+      'manual_dir': f.manual_dir,
+      'tfds_data_dir': f.tfds_data_dir,
     },
     ood_overrides={
-      'ood_manual_dir': _OOD_MANUAL_DIR.value,
-      'tfds_data_dir': _TFDS_DATA_DIR.value,
+      'ood_manual_dir': f.ood_manual_dir,
+      'tfds_data_dir': f.tfds_data_dir,
     },
   )
   print(
@@ -214,10 +217,11 @@ def main(argv):
     f'({result.report["checkpoint"]} checkpoint).',
     flush=True,
   )
-  path = write_outputs(_WORKDIR.value, result)
+  path = write_outputs(f.workdir, result)
   print('\n'.join(summary_lines(result.report)), flush=True)
   print(path, flush=True)
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

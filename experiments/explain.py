@@ -43,21 +43,25 @@ from cco_jax import figures
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif')
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of a training run.')
-_OUT = flags.DEFINE_string('out', None, 'Where to write figures and JSON.')
-_MASKS = flags.DEFINE_string(
-  'masks', None, 'Folder of object masks named <image stem>.png.'
-)
-_CLASSES = flags.DEFINE_list(
-  'classes', None, 'Class (name or index) to explain instead of the predicted.'
-)
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to restore.')
-_BEST = flags.DEFINE_bool(
-  'best', False, 'Restore the best checkpoint (default).'
-)
-_LAST = flags.DEFINE_bool('last', False, 'Restore the latest checkpoint.')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 32, 'Images per forward pass.')
-flags.mark_flags_as_required(['workdir', 'out'])
+
+def define_flags() -> None:
+  """The entry point's flags (defined only when run, so that tests can import
+  several entry points)."""
+  flags.DEFINE_string('workdir', None, 'Directory of a training run.')
+  flags.DEFINE_string('out', None, 'Where to write figures and JSON.')
+  flags.DEFINE_string(
+    'masks', None, 'Folder of object masks named <image stem>.png.'
+  )
+  flags.DEFINE_list(
+    'classes',
+    None,
+    'Class (name or index) to explain instead of the predicted.',
+  )
+  flags.DEFINE_integer('step', None, 'Checkpoint step to restore.')
+  flags.DEFINE_bool('best', False, 'Restore the best checkpoint (default).')
+  flags.DEFINE_bool('last', False, 'Restore the latest checkpoint.')
+  flags.DEFINE_integer('batch_size', 32, 'Images per forward pass.')
+  flags.mark_flags_as_required(['workdir', 'out'])
 
 
 def expand_paths(patterns: list[str]) -> list[str]:
@@ -223,40 +227,42 @@ def explain_paths(explainer, paths, out, *, mask_dir=None, target=None):
   return entries, failures
 
 
-def main(argv):
-  patterns = argv[1:]
-  if not patterns:
-    raise app.UsageError('Give at least one image file, folder or glob.')
-  if sum([_BEST.value, _LAST.value, _STEP.value is not None]) > 1:
-    raise app.UsageError('Use at most one of --best, --last and --step.')
-  step = 'last' if _LAST.value else _STEP.value
-  step = 'best' if step is None else step
+def run(
+  workdir: str,
+  out: str,
+  patterns: list[str],
+  *,
+  step='best',
+  masks: str | None = None,
+  classes: list[str] | None = None,
+  batch_size: int = 32,
+) -> int:
+  """Explains the images of `patterns` with the run's checkpoint `step`
+  ('best', 'last' or a number); writes `out`; returns the exit status."""
   explainer = explain_lib.Explainer.from_workdir(
-    _WORKDIR.value, step=step, batch_size=_BATCH_SIZE.value
+    workdir, step=step, batch_size=batch_size
   )
-  run = explainer.run
+  run_ = explainer.run
   print(
-    f'Explaining with {run.workdir} at step {run.step} ({run.checkpoint} '
-    f'checkpoint); classes {list(run.class_names)}.',
+    f'Explaining with {run_.workdir} at step {run_.step} ({run_.checkpoint} '
+    f'checkpoint); classes {list(run_.class_names)}.',
     flush=True,
   )
-  target = None
-  if _CLASSES.value:
-    target = parse_class(_CLASSES.value[0], run.class_names)
+  target = parse_class(classes[0], run_.class_names) if classes else None
   paths = expand_paths(patterns)
-  os.makedirs(_OUT.value, exist_ok=True)
+  os.makedirs(out, exist_ok=True)
   entries, failures = explain_paths(
-    explainer, paths, _OUT.value, mask_dir=_MASKS.value, target=target
+    explainer, paths, out, mask_dir=masks, target=target
   )
   report = {
-    'workdir': os.path.abspath(run.workdir),
-    'step': run.step,
-    'checkpoint': run.checkpoint,
-    'class_names': list(run.class_names),
+    'workdir': os.path.abspath(run_.workdir),
+    'step': run_.step,
+    'checkpoint': run_.checkpoint,
+    'class_names': list(run_.class_names),
     'images': entries,
     'failed': failures,
   }
-  path = os.path.join(_OUT.value, 'explanations.json')
+  path = os.path.join(out, 'explanations.json')
   with open(path, 'w') as f:
     json.dump(report, f, indent=1)
   worst = max((e['identity_error'] for e in entries), default=0.0)
@@ -270,5 +276,25 @@ def main(argv):
   return 1 if failures else 0
 
 
+def main(argv):
+  patterns = argv[1:]
+  if not patterns:
+    raise app.UsageError('Give at least one image file, folder or glob.')
+  f = flags.FLAGS
+  if sum([f.best, f.last, f.step is not None]) > 1:
+    raise app.UsageError('Use at most one of --best, --last and --step.')
+  step = 'last' if f.last else f.step
+  return run(
+    f.workdir,
+    f.out,
+    patterns,
+    step='best' if step is None else step,
+    masks=f.masks,
+    classes=f.classes,
+    batch_size=f.batch_size,
+  )
+
+
 if __name__ == '__main__':
+  define_flags()
   app.run(lambda argv: sys.exit(main(argv)))

@@ -321,8 +321,6 @@ def test_restore_chooses_best_last_or_a_step(tiny_run):
 def test_explain_entry_point_end_to_end(
   tiny_run, tmp_path, synthetic_pets_dir, capsys
 ):
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
   from experiments import explain as cli  # pylint: disable=g-import-not-at-top
 
   tiny_run, _ = tiny_run
@@ -334,19 +332,14 @@ def test_explain_entry_point_end_to_end(
   (folder / 'broken.jpg').write_bytes(b'\xff\xd8 truncated')
   masks = synthetic_pets_dir / 'annotations' / 'trimaps'
   out = tmp_path / 'out'
-  argv = [
-    'explain',
-    f'--workdir={tiny_run}',
-    f'--out={out}',
-    f'--masks={masks}',
-    '--step=2',
-    '--batch_size=2',
-    str(images[0]),
-    str(folder),
-    str(tmp_path / 'nothing_*.jpg'),
-  ]
-  flags.FLAGS.unparse_flags()
-  status = cli.main(flags.FLAGS(argv))
+  status = cli.run(
+    str(tiny_run),
+    str(out),
+    [str(images[0]), str(folder), str(tmp_path / 'nothing_*.jpg')],
+    step=2,
+    masks=str(masks),
+    batch_size=2,
+  )
   printed = capsys.readouterr().out
   assert status == 1  # broken.jpg and the empty glob failed
   assert 'at step 2 (step checkpoint)' in printed
@@ -377,20 +370,9 @@ def test_explain_entry_point_end_to_end(
   assert entries[2]['true_class'] is None
 
   # The best checkpoint by default, printed.
-  flags.FLAGS.unparse_flags()
-  status = cli.main(
-    flags.FLAGS(
-      [
-        'explain',
-        f'--workdir={tiny_run}',
-        f'--out={tmp_path / "best"}',
-        str(images[0]),
-      ]
-    )
-  )
+  status = cli.run(str(tiny_run), str(tmp_path / 'best'), [str(images[0])])
   assert status == 0
-  assert 'checkpoint)' in capsys.readouterr().out
-  flags.FLAGS.unparse_flags()
+  assert 'at step 2 (best checkpoint)' in capsys.readouterr().out
 
 
 def test_paths_stems_and_true_classes(tmp_path):

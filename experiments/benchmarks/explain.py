@@ -7,9 +7,15 @@ r"""Explanations per second: all-class maps from the forward pass vs autodiff.
 One explanation = the maps of EVERY class for one image. Three ways:
   ours       `explain.forward_with_features` (the model's forward pass, which
              returns all C maps by one einsum; what `Explainer` runs), jitted;
-  hirescam   post-hoc HiResCAM: per class one forward + backward to the
-             head's input (`explain.autodiff_hirescam`), jitted per call;
+  hirescam   post-hoc HiResCAM as a per-class explainer call computes it:
+             per class one forward pass and the gradient of that class's
+             logit with respect to the head's input (`explain.
+             autodiff_hirescam`, jitted; XLA differentiates only the head);
   gradcam    Grad-CAM at the same layer the same way (`explain.gradcam`).
+A post-hoc tool that keeps one forward pass and runs C backward passes
+through the head only would cost about one forward pass too; the training
+benchmark's `cams` section times backward passes through the whole network
+(`loss.backward()`-style), which is what common tools do.
 Each is timed on the same random batch after a compile call and a warm-up
 (`block_until_ready`), median over --repeats. The autodiff methods are timed
 over --autodiff_classes classes and scaled to all C (each class is one
