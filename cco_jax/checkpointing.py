@@ -94,7 +94,9 @@ def _underlying_errno(error: BaseException) -> int:
     if isinstance(seen, OSError) and seen.errno:
       return seen.errno
     seen = seen.__cause__ or seen.__context__
-  match = re.search(r'(?:OS error|errno)[^0-9]{0,4}(\d+)', str(error), re.I)
+  match = re.search(
+    r'(?:os error|errno|os_error_code)[^0-9]{0,4}(\d+)', str(error), re.I
+  )
   return int(match.group(1)) if match else errno_lib.EIO
 
 
@@ -146,7 +148,7 @@ def save(
       f'are intact: steps {list(manager.all_steps())}. Free some space (or '
       'fix the permissions) and run again to resume.',
       path,
-    ) from e
+    ) from None  # The cause is in the message; its traceback is Orbax's.
 
 
 def _remove_partial_save(directory: str, step: int) -> None:
@@ -176,7 +178,10 @@ class Restored:
 
 
 def _restore_step(
-  manager: ocp.CheckpointManager, abstract: Any, step: int
+  manager: ocp.CheckpointManager,
+  abstract: Any,
+  step: int,
+  need_iterator: bool = True,
 ) -> tuple[Any, jax.Array, Any]:
   restored = manager.restore(
     step,
@@ -196,6 +201,8 @@ def _restore_step(
   if 'iterators' in data:
     iterators = data['iterators']
     if len(iterators) != jax.process_count():
+      if not need_iterator:  # E.g. evaluation: only the state matters.
+        return restored['state'], rng, None
       raise ValueError(
         f'written by {len(iterators)} process(es), restored by '
         f'{jax.process_count()}: resume with the same number of processes'
@@ -224,6 +231,9 @@ def restore(
 ) -> tuple[Any, jax.Array, Any, int]:
   """Restores `(state, rng, data_state, step)` at `step` (default: newest).
 
+  With an explicit `step`, `data_state` is None when the checkpoint was
+  written by another number of processes (the state restores anywhere).
+
   `template_state` is an unreplicated state of the right structure (e.g. a
   freshly created one, or `jax.eval_shape` of one); its arrays give the shapes
   and dtypes to restore to. Without `step`, falls back to older checkpoints
@@ -243,7 +253,7 @@ def restore(
     )
   try:
     state, rng, data_state = _restore_step(
-      manager, _abstract(template_state), step
+      manager, _abstract(template_state), step, need_iterator=False
     )
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+import json
+import os
 from typing import Any
 
 import ml_collections
@@ -117,3 +119,29 @@ def resume_differences(saved: Mapping[str, Any], new: Mapping[str, Any]):
 
   keys = sorted(k for k in set(old) & set(cur) if compared(k))
   return [f'{k}: {old[k]!r} -> {cur[k]!r}' for k in keys if old[k] != cur[k]]
+
+
+def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses to resume `workdir` with a different model or data config.
+
+  Compares with the run's `config.json` (`resume_differences`)
+  when checkpoints exist, before anything in the workdir is changed.
+  """
+  path = os.path.join(workdir, 'config.json')
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  has_checkpoints = os.path.isdir(checkpoints) and any(
+    name.isdigit() for name in os.listdir(checkpoints)
+  )
+  if not (has_checkpoints and os.path.exists(path)):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  differences = resume_differences(
+    saved, json.loads(config.to_json_best_effort())
+  )
+  if differences:
+    raise ValueError(
+      f'{workdir} holds checkpoints of another config; this one differs in '
+      f'{"; ".join(differences)}. Use a new --workdir, or the same settings '
+      'to resume.'
+    )

@@ -54,10 +54,11 @@ class MetricWriter:
         f.writelines(json.dumps(r) + '\n' for r in kept)
       os.replace(temporary, self._path)
       logging.info(
-        'Dropped %d records of steps after %d from %s (they are written again).',
+        'Dropped %d records from %s that this run writes again (resuming '
+        'at step %d).',
         len(records) - len(kept),
-        step,
         self._path,
+        step,
       )
     self._purge_step = step + 1
     return len(records) - len(kept)

@@ -96,17 +96,11 @@ def create_model(
 
 def create_objective(config: ml_collections.ConfigDict) -> losses.Objective:
   """The objective of `config.loss`."""
-  weights = losses.LossWeights(
-    ce_weight=config.loss.ce_weight,
-    ace_weight=config.loss.ace_weight,
-    kld_weight=config.loss.kld_weight,
-    cam_scale=config.loss.cam_scale,
-    mask_scale=config.loss.mask_scale,
-    divergence_form=config.loss.divergence_form,
-    label_smoothing=config.loss.label_smoothing,
-  )
   return losses.make_objective(
-    config.loss.name, weights, log_all_terms=config.loss.log_all_terms
+    config.loss.name,
+    losses.LossWeights.from_config(config.loss),
+    log_all_terms=config.loss.log_all_terms,
+    seed=config.seed,
   )
 
 
@@ -235,32 +229,6 @@ def eval_iterator(
 # ----------------------------------------------------------------------------
 
 
-def check_resumable(config, workdir: str) -> None:
-  """Refuses to resume `workdir` with a different model or data config.
-
-  Compares with the run's `config.json` (`configuration.resume_differences`)
-  when checkpoints exist, before anything in the workdir is changed.
-  """
-  path = os.path.join(workdir, 'config.json')
-  checkpoints = os.path.join(workdir, 'checkpoints')
-  has_checkpoints = os.path.isdir(checkpoints) and any(
-    name.isdigit() for name in os.listdir(checkpoints)
-  )
-  if not (has_checkpoints and os.path.exists(path)):
-    return
-  with open(path) as f:
-    saved = json.load(f)
-  differences = configuration.resume_differences(
-    saved, json.loads(config.to_json_best_effort())
-  )
-  if differences:
-    raise ValueError(
-      f'{workdir} holds checkpoints of another config; this one differs in '
-      f'{"; ".join(differences)}. Use a new --workdir, or the same settings '
-      'to resume.'
-    )
-
-
 def restore_or_create(
   config, setup: Setup, manager
 ) -> tuple[Any, jax.Array, int]:
@@ -272,7 +240,11 @@ def restore_or_create(
   rng = jax.random.key(config.seed, impl=config.rng_impl or None)
   rng, init_rng = jax.random.split(rng)
   state = step_lib.create_train_state(
-    init_rng, setup.model, config.data.image_size, setup.tx
+    init_rng,
+    setup.model,
+    config.data.image_size,
+    setup.tx,
+    num_groups=getattr(create_objective(config), 'num_groups', 0),
   )
   if manager.latest_step() is None:
     init_from = config.model.get('init_from', '')
@@ -521,7 +493,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   lock = runtime.WorkdirLock(workdir, jax.process_index()).acquire()
   run = None
   try:
-    check_resumable(config, workdir)
+    configuration.check_resumable(config, workdir)
     run = Run(config, workdir)
     return _train_and_evaluate(run)
   finally:

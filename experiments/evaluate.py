@@ -31,6 +31,7 @@ import numpy as np
 
 from cco_jax import evaluation
 from cco_jax import figures
+from cco_jax import runtime
 
 
 def define_flags() -> None:
@@ -188,6 +189,7 @@ def write_outputs(workdir: str, result) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  runtime.quiet_library_logs()  # No Orbax INFO flood, no repeated lines.
   f = flags.FLAGS
   if sum([f.best, f.last, f.step is not None]) > 1:
     raise app.UsageError('Use at most one of --best, --last and --step.')
