@@ -56,6 +56,8 @@ def load_image(path: str, *, image_size: int, normalize: bool) -> np.ndarray:
   Raises:
     ValueError: the file cannot be read as an image (names the file).
   """
+  if not os.path.isfile(path):
+    raise ValueError(f'{path}: no such file.')
   try:
     with Image.open(path) as image:
       image.draft('RGB', (image_size, image_size))

@@ -195,7 +195,7 @@ def explain_paths(explainer, paths, out, *, mask_dir=None, target=None):
         loaded.append((path, *_load(explainer, path, mask_dir)))
       except (ValueError, OSError) as e:
         failures.append({'path': path, 'error': str(e)})
-        print(f'\nskipped {path}: {e}', file=sys.stderr)
+        print(f'\nskipped: {e}', file=sys.stderr)
     groups = [
       [x for x in loaded if x[2] is not None],
       [x for x in loaded if x[2] is None],
