@@ -501,3 +501,50 @@ def test_reproduce_selects_runs_and_aggregates():
     [row], {'platform': 'x', 'cpu_count': 2, 'jax': '0', 'devices': 'cpu'}, 60.0
   )
   assert '0.600 ± 0.141' in table and '| spurious | ACE |' in table
+
+
+def _write_grouped_folder(root, num=24, size=20, seed=0):
+  """A 'folder' dataset: two classes (bright / dark object), two groups
+  (background), labels.csv with a group column."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(seed)
+  (root / 'images').mkdir(parents=True)
+  (root / 'masks').mkdir()
+  rows = ['image,label,split,group']
+  for i in range(num):
+    label, group = ('bright', 'dark')[i % 2], ('land', 'water')[(i // 2) % 2]
+    pixels = rng.integers(0, 256, (size, size, 3)).astype(np.uint8)
+    mask = np.zeros((size, size), np.uint8)
+    mask[5:15, 5:15] = 255
+    pixels[mask > 0] = 230 if label == 'bright' else 20
+    Image.fromarray(pixels).save(root / 'images' / f'{i}.png')
+    Image.fromarray(mask).save(root / 'masks' / f'{i}.png')
+    split = 'test' if i % 3 == 0 else 'train'
+    rows.append(f'{i}.png,{label},{split},{group}')
+  (root / 'labels.csv').write_text('\n'.join(rows) + '\n')
+  return root
+
+
+def test_grouped_dataset_reports_worst_group_accuracy(tmp_path):
+  from cco_jax import configuration  # pylint: disable=g-import-not-at-top
+
+  root = _write_grouped_folder(tmp_path / 'grouped')
+  config = tiny_config(root, '', tmp_path / 'tfds')
+  configuration.apply_overrides(
+    config, {'data.name': 'folder', 'data.task': 'label'}
+  )
+  workdir = tmp_path / 'run'
+  write_tiny_run(str(workdir), config)
+  settings = ev.default_config()
+  settings.evaluators = ('classification',)
+  report = ev.evaluate_checkpoint(str(workdir), settings).report
+  assert report['class_names'] == ['bright', 'dark'] and report['ood'] is None
+  groups = [report[f'group_accuracy/{g}'] for g in ('land', 'water')]
+  assert report['worst_group_accuracy'] == min(groups)
+  assert report['average_group_accuracy'] == pytest.approx(np.mean(groups))
+  assert report['count'] == 8
+  assert any(
+    'worst-group accuracy' in line
+    for line in evaluate_cli.summary_lines(report)
+  )
