@@ -12,7 +12,12 @@ A non-finite loss, gradient or updated parameter leaves the state unchanged and 
 
 Batches are dicts: `image` `(b, S, S, 3)` float, `mask` `(b, H, W)` in [0, 1]
 at CAM resolution, `label` `(b,)` int; eval batches add `weight` `(b,)`
-(0 for padding). Under pmap each gets a leading device axis.
+(0 for padding). Under pmap each gets a leading device axis. Objectives that
+need more (`losses.StepObjective`: RRR, Group DRO, reweighting, SWD, CutMix)
+read `pixel_mask` `(b, S, S)` or `group` `(b,)` too; the step gives them the
+input gradient of their score (differentiated again: a double backward), the
+Group DRO weights carried in `TrainState.group_weights`, and a PRNG key derived
+from the step number (and the replica), so a resumed run draws the same keys.
 """
 
 from __future__ import annotations
@@ -35,9 +40,11 @@ AXIS_NAME = 'batch'
 
 
 class TrainState(train_state.TrainState):
-  """Parameters, optimizer state and step, plus BatchNorm statistics."""
+  """Parameters, optimizer state and step, plus BatchNorm statistics and the
+  Group DRO weights `(G,)` (None for other objectives)."""
 
   batch_stats: Any = None
+  group_weights: Any = None
 
 
 def create_train_state(
@@ -45,8 +52,12 @@ def create_train_state(
   model: flax.linen.Module,
   image_size: int,
   tx: optax.GradientTransformation,
+  num_groups: int = 0,
 ) -> TrainState:
-  """Initialises a model and its optimizer (unreplicated, on the host's device)."""
+  """Initialises a model and its optimizer (unreplicated, on the host's device).
+
+  `num_groups > 0` (an objective's `num_groups`) adds uniform Group DRO weights.
+  """
   images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   variables = jax.jit(functools.partial(model.init, train=False))(rng, images)
   state = TrainState.create(
@@ -54,6 +65,11 @@ def create_train_state(
     params=variables['params'],
     batch_stats=variables.get('batch_stats', {}),
     tx=tx,
+    group_weights=(
+      jnp.full((num_groups,), 1.0 / num_groups, jnp.float32)
+      if num_groups
+      else None
+    ),
   )
   # A typed step counter: the step's output then has the input's types and a
   # second call does not retrace.
@@ -65,11 +81,19 @@ def _all_finite(*trees) -> jax.Array:
   return jnp.all(jnp.stack(leaves))
 
 
+def _step_rng(seed: int, step: jax.Array, axis_name: str | None) -> jax.Array:
+  """A key for this step (and replica): the same after a resume."""
+  rng = jax.random.fold_in(jax.random.key(seed), step)
+  if axis_name is not None:
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+  return rng
+
+
 def train_step(
   state: TrainState,
   batch: dict,
   *,
-  objective: losses.Objective,
+  objective: losses.Objective | losses.StepObjective,
   axis_name: str | None = AXIS_NAME,
 ) -> tuple[TrainState, dict]:
   """One (micro-)step of gradient descent on `objective`.
@@ -77,28 +101,75 @@ def train_step(
   Args:
     state: the replica's `TrainState`.
     batch: the replica's shard: `image`, `mask`, `label` (module docstring).
-    objective: `(logits, cams, labels, mask) -> (loss, metrics)`, from
-      `losses.make_objective`.
+    objective: from `losses.make_objective`: `(logits, cams, labels, mask) ->
+      (loss, metrics)`, or a `losses.StepObjective`.
     axis_name: the mapped axis to average over, or None on a single device.
 
   Returns:
     The new state and a dict of scalar metrics (loss, ce, ace, kld, accuracy,
-    grad_norm, nonfinite), averaged over the axis.
+    grad_norm, nonfinite, and the objective's own), averaged over the axis.
   """
+  step_objective = isinstance(objective, losses.StepObjective)
+  rng = None
+  if step_objective:
+    objective.check_batch(batch)
+    if objective.num_groups and state.group_weights is None:
+      raise ValueError(
+        f'Objective {objective.name!r} carries group weights: create the state '
+        f'with create_train_state(..., num_groups={objective.num_groups}).'
+      )
+    if objective.needs_rng:
+      rng, augment_rng = jax.random.split(
+        _step_rng(objective.seed, state.step, axis_name)
+      )
+      batch = objective.augment(augment_rng, batch)
+  input_score = objective.input_score if step_objective else None
 
-  def loss_fn(params):
+  def forward(params, images):
     (logits, cams), updates = state.apply_fn(
       {'params': params, 'batch_stats': state.batch_stats},
-      batch['image'],
+      images,
       train=True,
       mutable=['batch_stats'],
     )
-    loss, metrics = objective(logits, cams, batch['label'], batch['mask'])
-    return loss, (updates['batch_stats'], metrics, logits)
+    return logits, cams, updates['batch_stats']
 
-  grads, (batch_stats, metrics, logits) = jax.grad(loss_fn, has_aux=True)(
-    state.params
-  )
+  def loss_fn(params):
+    input_grads = None
+    if input_score is None:
+      logits, cams, batch_stats = forward(params, batch['image'])
+    else:
+      # One forward pass gives the outputs and, differentiated with respect to
+      # the images, the input gradient the loss penalises (double backward).
+      def score(images):
+        outputs = forward(params, images)
+        return input_score(outputs[0]).sum(), outputs
+
+      input_grads, (logits, cams, batch_stats) = jax.grad(score, has_aux=True)(
+        batch['image']
+      )
+    if step_objective:
+      loss, metrics, group_weights = objective(
+        losses.StepInputs(
+          logits,
+          cams,
+          batch['label'],
+          batch['mask'],
+          batch=batch,
+          input_grads=input_grads,
+          group_weights=state.group_weights,
+          rng=rng,
+          axis_name=axis_name,
+        )
+      )
+    else:
+      loss, metrics = objective(logits, cams, batch['label'], batch['mask'])
+      group_weights = None
+    return loss, (batch_stats, metrics, logits, group_weights)
+
+  grads, (batch_stats, metrics, logits, group_weights) = jax.grad(
+    loss_fn, has_aux=True
+  )(state.params)
   metrics = dict(
     metrics, accuracy=jnp.mean(jnp.argmax(logits, -1) == batch['label'])
   )
@@ -106,6 +177,8 @@ def train_step(
     grads = jax.lax.pmean(grads, axis_name)
     metrics = jax.lax.pmean(metrics, axis_name)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  if group_weights is not None:
+    new_state = new_state.replace(group_weights=group_weights)
   finite = _all_finite(metrics['loss'], grads, new_state.params)
   new_state = jax.tree.map(
     functools.partial(jnp.where, finite), new_state, state
@@ -183,7 +256,9 @@ def shard(tree):
   return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
 
 
-def pmapped_train_step(objective: losses.Objective) -> Callable:
+def pmapped_train_step(
+  objective: losses.Objective | losses.StepObjective,
+) -> Callable:
   """`train_step` pmapped over local devices, the state's buffers donated."""
   return jax.pmap(
     functools.partial(train_step, objective=objective, axis_name=AXIS_NAME),

@@ -1,7 +1,7 @@
-"""Property tests for `cco_jax.losses` (METHOD.md §2-4).
+"""Property tests for `cco_jax.losses` (docs/method.md §2-4).
 
 Every loss is compared with an independent float64 numpy implementation written
-from METHOD.md, with optax where optax has the same loss, and with its defining
+from docs/method.md, with optax where optax has the same loss, and with its defining
 properties (ACE == CE with an all-ones mask, ACE >= CE, the divergence's target
 term carries no gradient, ...). Gradients are checked against finite differences
 in float64.
@@ -38,7 +38,7 @@ abce_jit = jax.jit(losses.ablated_binary_cross_entropy)
 
 
 # ---------------------------------------------------------------------------
-# numpy references (float64), written from METHOD.md
+# numpy references (float64), written from docs/method.md
 # ---------------------------------------------------------------------------
 
 
@@ -72,7 +72,7 @@ def np_contrastive(cams, labels):
 
 
 def np_ace(cams, labels, mask):
-  """METHOD.md §3: d_c = sum m K_c - sum |(1 - m) K_c|; ACE = log sum_c exp(-d_c)."""
+  """docs/method.md §3: d_c = sum m K_c - sum |(1 - m) K_c|; ACE = log sum_c exp(-d_c)."""
   k = np_contrastive(cams, labels)
   m = np.asarray(mask, np.float64)[..., None]
   d = (m * k).sum((1, 2)) - np.abs((1 - m) * k).sum((1, 2))
@@ -80,7 +80,7 @@ def np_ace(cams, labels, mask):
 
 
 def np_cam_divergence(cams, labels, mask, cam_scale, mask_scale, form):
-  """METHOD.md §4, one image and one class at a time."""
+  """docs/method.md §4, one image and one class at a time."""
   k = np_contrastive(cams, labels)
   batch, height, width, num_classes = k.shape
   out = np.zeros(batch)
@@ -97,7 +97,7 @@ def np_cam_divergence(cams, labels, mask, cam_scale, mask_scale, form):
 
 
 def np_ablated_bce(cams, targets, masks):
-  """METHOD.md §4: -t log sig(sum mM - sum|(1-m)M|) - (1-t) log(1 - sig(sum M))."""
+  """docs/method.md §4: -t log sig(sum mM - sum|(1-m)M|) - (1-t) log(1 - sig(sum M))."""
   m = np.asarray(masks, np.float64)
   c = np.asarray(cams, np.float64)
   t = np.asarray(targets, np.float64)
@@ -860,6 +860,7 @@ class MakeObjectiveTest(chex.TestCase):
     with pytest.raises(
       ValueError,
       match=rf"Unknown loss '{name}'; choose one of "
-      r"\['ace', 'ace_kld', 'ce', 'ce_kld'\]",
+      r"\['ace', 'ace_kld', 'ace_swd', 'ce', 'ce_bg_cam', 'ce_kld', "
+      r"'ce_reweighted', 'group_dro', 'rrr'\]",
     ):
       losses.make_objective(name)

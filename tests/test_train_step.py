@@ -201,3 +201,34 @@ def test_manager_keeps_last_k_and_best(setup, tmp_path):
     )
   assert sorted(manager.all_steps()) == [2, 4, 5]
   assert manager.best_step() == 2
+
+
+def test_group_dro_weights_are_checkpointed(setup, tmp_path):
+  model, tx, _, cam_hw, _ = setup
+  objective = losses.make_objective(
+    'group_dro', losses.LossWeights(dro_step_size=1.0, group_counts=(3, 5))
+  )
+  state = step_lib.create_train_state(
+    jax.random.key(0), model, IMAGE_SIZE, tx, num_groups=objective.num_groups
+  )
+  np.testing.assert_array_equal(state.group_weights, [0.5, 0.5])
+  batch = _batch(6, 8, cam_hw)
+  batch['group'] = (np.arange(8) % 2).astype(np.int32)
+  replicated, _ = step_lib.pmapped_train_step(objective)(
+    step_lib.replicate(state), _shard(batch, 4)
+  )
+  trained = step_lib.unreplicate(replicated)
+  assert abs(float(trained.group_weights[0]) - 0.5) > 1e-6
+  manager = checkpointing.create_manager(str(tmp_path), keep=1)
+  checkpointing.save(
+    manager, 1, trained, jax.random.key(0), {}, {'eval_accuracy': 0.5}
+  )
+  restored, _, _, _ = checkpointing.restore(manager, state)
+  np.testing.assert_array_equal(restored.group_weights, trained.group_weights)
+  with pytest.raises(ValueError, match='num_groups=2'):
+    step_lib.train_step(
+      step_lib.create_train_state(jax.random.key(0), model, IMAGE_SIZE, tx),
+      batch,
+      objective=objective,
+      axis_name=None,
+    )

@@ -85,6 +85,17 @@ def get_default_config() -> ml_collections.ConfigDict:
   )
   config.loss.label_smoothing = 0.0
   config.loss.log_all_terms = True
+  # The baselines (cco_jax.baseline_losses) and ACE's options.
+  config.loss.rrr_weight = 1.0  # rrr: lambda of the input-gradient penalty.
+  config.loss.bg_cam_weight = 0.1  # ce_bg_cam: lambda of sum |(1 - m) M_y|.
+  config.loss.swd_weight = 5.0  # ace_swd: lambda and the SWD's settings.
+  config.loss.swd_target_scale = 5.0
+  config.loss.swd_spatial_scale = 10.0
+  config.loss.swd_directions = 0  # 0 = the number of classes.
+  config.loss.dro_step_size = 0.01  # group_dro: eta.
+  # group_dro, ce_reweighted: training examples per group id (required).
+  config.loss.group_counts = ()
+  config.loss.cutmix_alpha = 0.0  # > 0: contrastive CutMix (ACE objectives).
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = 'adam'  # 'adam', 'adamw' or 'sgd'.
