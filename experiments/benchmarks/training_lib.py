@@ -785,12 +785,7 @@ def time_loop(
   from cco_jax import train  # pylint: disable=g-import-not-at-top
 
   load_start = loadavg()
-  _, train_s, _ = timed(lambda: train.train_and_evaluate(config, workdir))
   start, end = setting.window
-  loop = window_rate(
-    metric_writers.read_metrics(workdir), start, end, setting.eval_every
-  )
-
   setup = train.build(config)
   state = step_lib.create_train_state(
     jax.random.key(config.seed, impl=config.rng_impl or None),
@@ -802,20 +797,28 @@ def time_loop(
   fixed = step_lib.shard(train.device_batch(next(setup.train_iter)))
   flops = _pmapped_flops(setup.p_train_step, state, fixed)
   (state, _), first_s, _ = timed(lambda: setup.p_train_step(state, fixed))
-  steps = end - start
+  # The step alone runs half its steps before the loop and half after, so
+  # that load drifting on a shared machine hits both alike.
+  half = max(1, (end - start) // 2)
 
   def step_alone():
     nonlocal state
-    for _ in range(steps):
+    for _ in range(half):
       state, metrics = setup.p_train_step(state, fixed)
     _block((state, metrics))
 
   def input_alone():
-    for _ in range(steps):
+    for _ in range(end - start):
       next(setup.train_iter)
 
-  _, step_s, _ = timed(step_alone)
+  _, before_s, _ = timed(step_alone)
+  _, train_s, _ = timed(lambda: train.train_and_evaluate(config, workdir))
+  loop = window_rate(
+    metric_writers.read_metrics(workdir), start, end, setting.eval_every
+  )
+  _, after_s, _ = timed(step_alone)
   _, input_s, _ = timed(input_alone)
+  steps = end - start
   close = getattr(setup.train_iter, 'close', None)
   if close is not None:
     close()
@@ -824,7 +827,7 @@ def time_loop(
   rates = {
     'full_loop': loop['steps_per_s'],
     'loop_without_evaluation': loop['steps_per_s_without_evaluation'],
-    'step_alone': steps / step_s,
+    'step_alone': 2 * half / (before_s + after_s),
     'input_pipeline_alone': steps / input_s,
   }
   result = {
@@ -843,6 +846,10 @@ def time_loop(
         result[name]['achieved_tflops_per_device'] / peak_tflops
       )
   result['full_loop']['interval_steps_per_s'] = loop['interval_steps_per_s']
+  result['step_alone']['steps_per_s_before_and_after_the_loop'] = [
+    half / before_s,
+    half / after_s,
+  ]
   result.update(
     {
       'setting': dataclasses.asdict(setting),
