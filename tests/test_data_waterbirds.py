@@ -71,8 +71,8 @@ def _config(root, data_dir):
     config.batch_size = 8
     config.eval_batch_size = 8
     config.log_every_steps = 1
-    config.eval_every_steps = 2
-    config.num_figure_examples = 2
+    config.eval_every_steps = 1000  # Only the final evaluation.
+    config.num_figure_examples = 0
   return config
 
 
