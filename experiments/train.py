@@ -12,4 +12,4 @@ from absl import app
 from experiments import pets
 
 if __name__ == '__main__':
-  app.run(pets.main)
+  app.run(pets.main, flags_parser=pets.parse_flags)
