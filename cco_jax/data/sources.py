@@ -12,8 +12,9 @@ Where prepared data lives (`prepared_data_dir`, the one place that decides):
   ``config.data.tfds_data_dir`` ('' = the TFDS default), then
   ``stored_<S>/`` (``stored_<S>_raw/``) below it when ``store_size`` = S > 0,
   then for the 'folder'
-  dataset ``folder/<hash of the root and the preparing options>/``, so that
-  every folder (and every option set) gets its own prepared copy.
+  dataset ``folder/<hash of the root, its labels.csv and the preparing
+  options>/``, so that every folder (and every option set, and every edit of
+  labels.csv) gets its own prepared copy.
 
 Each example read from a `SplitSource` carries 'group': an int index into the
 dataset's `group_names` (metadata recorded by the builder); datasets without
@@ -100,9 +101,15 @@ def prepared_data_dir(
         f'Dataset {name!r} is read from a local directory: set '
         'config.data.manual_dir (or --manual_dir of experiments.prepare).'
       )
+    labels = os.path.join(_realpath(manual_dir), 'labels.csv')
+    listing = ''
+    if os.path.isfile(labels):  # Edited labels get a fresh prepared copy.
+      with open(labels, 'rb') as f:
+        listing = hashlib.sha256(f.read()).hexdigest()
     key = json.dumps(
       [
         _realpath(manual_dir),
+        listing,
         options.missing_masks,
         options.resize_masks,
         options.skip_bad_images,
