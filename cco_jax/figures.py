@@ -88,7 +88,7 @@ def save_explanation(
   target: int,
   class_names: Sequence[str],
   true_class: str | None = None,
-  panels: int = 3,
+  panels: int | Sequence[int] = 3,
   subtitle: str = '',
 ) -> str:
   """One image explained: the evidence map of `target` large, and small
@@ -102,11 +102,15 @@ def save_explanation(
     target: the class of the large map (usually the predicted one).
     class_names: the names of the C classes.
     true_class: the true class's name if known.
-    panels: how many top classes get a small panel.
+    panels: how many of the most probable classes get a small panel, or
+      the classes to show.
     subtitle: an extra line under the title (e.g. the checkpoint).
   """
   probabilities = np.asarray(probabilities)
-  top = list(np.argsort(-probabilities)[: min(panels, len(probabilities))])
+  if isinstance(panels, int):
+    top = list(np.argsort(-probabilities)[: min(panels, len(probabilities))])
+  else:
+    top = [int(c) for c in panels]
   shown_classes = [target] + top
   maps = evidence(np.repeat(cams[None], len(shown_classes), 0), shown_classes)
   limit = _limit(maps)

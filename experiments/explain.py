@@ -22,9 +22,10 @@ step used is always printed) and writes to `--out`:
 For every class `logits == map_sums + bias` up to float rounding (the
 logit-sum identity, docs/method.md); `identity_error` is the largest gap.
 `--masks=DIR` takes `DIR/<stem>.png` as the object mask of `<stem>.*` (Pets
-trimaps or binary masks). `--classes` names (or numbers) the class to explain
-instead of the predicted one: one for all images. An unreadable image is
-reported and skipped; the exit status is 1 if any image failed.
+trimaps or binary masks). `--classes=a,b,...` names (or numbers) classes:
+the large map and the contrastive maps are taken for the first instead of
+the predicted class, and the small panels show these classes. An unreadable
+image is reported and skipped; the exit status is 1 if any image failed.
 """
 
 from __future__ import annotations
@@ -178,8 +179,12 @@ def record(explainer, result, i: int, path: str, figure: str) -> dict:
   return entry
 
 
-def explain_paths(explainer, paths, out, *, mask_dir=None, target=None):
-  """Explains `paths` in batches; returns (entries, failures)."""
+def explain_paths(
+  explainer, paths, out, *, mask_dir=None, target=None, panels=3
+):
+  """Explains `paths` in batches; returns (entries, failures). `target`:
+  the class of the large map (None = the predicted one); `panels`: how many
+  top classes, or which classes, get small panels."""
   stems = dict(zip(paths, unique_stems(paths)))
   entries, failures = [], []
   subtitle = ''
@@ -219,6 +224,7 @@ def explain_paths(explainer, paths, out, *, mask_dir=None, target=None):
           ],
           true_class=true_class(path, explainer.class_names or ()),
           subtitle=subtitle,
+          panels=panels,
         )
         entries.append(record(explainer, result, i, path, figure))
     progress(min(start + len(chunk), len(paths)), len(paths))
@@ -248,11 +254,17 @@ def run(
     f'checkpoint); classes {list(run_.class_names)}.',
     flush=True,
   )
-  target = parse_class(classes[0], run_.class_names) if classes else None
+  chosen = [parse_class(c, run_.class_names) for c in classes or ()]
+  target = chosen[0] if chosen else None
   paths = expand_paths(patterns)
   os.makedirs(out, exist_ok=True)
   entries, failures = explain_paths(
-    explainer, paths, out, mask_dir=masks, target=target
+    explainer,
+    paths,
+    out,
+    mask_dir=masks,
+    target=target,
+    panels=chosen or 3,
   )
   report = {
     'workdir': os.path.abspath(run_.workdir),

@@ -160,7 +160,15 @@ def test_maps_equal_autodiff_hirescam_and_bound_gradcam():
 
 def test_benchmark_checks_its_maps():
   result = bench.measure(
-    'resnet18', 3, 16, 2, num_filters=4, autodiff_classes=1, repeats=1
+    'resnet18',
+    3,
+    16,
+    2,
+    num_filters=4,
+    autodiff_classes=1,
+    repeats=1,
+    stage_sizes=(1, 1),
+    stem='small',
   )
   assert set(result['seconds']) == {'ours', 'hirescam', 'gradcam'}
   assert all(v < 1e-5 for v in result['relative_map_error'].values())
@@ -300,11 +308,13 @@ def test_restore_chooses_best_last_or_a_step(tiny_run):
   from cco_jax import restore  # pylint: disable=g-import-not-at-top
 
   workdir, saved = tiny_run
-  for step, expected_step, how in (
-    ('best', 2, 'best'),
-    ('last', 4, 'last'),
-    (4, 4, 'step'),
-  ):
+  from cco_jax import checkpointing  # pylint: disable=g-import-not-at-top
+
+  manager = checkpointing.create_manager(str(workdir))
+  assert restore.choose_step(manager, 'last') == (4, 'last')
+  assert restore.choose_step(manager, 'best') == (2, 'best')
+  manager.close()
+  for step, expected_step, how in (('best', 2, 'best'), (4, 4, 'step')):
     run = restore.restore_run(str(workdir), step=step)
     assert (run.step, run.checkpoint) == (expected_step, how)
     size = run.config.data.image_size
@@ -370,9 +380,12 @@ def test_explain_entry_point_end_to_end(
   assert entries[2]['true_class'] is None
 
   # The best checkpoint by default, printed.
-  status = cli.run(str(tiny_run), str(tmp_path / 'best'), [str(images[0])])
+  best = tmp_path / 'best'
+  status = cli.run(str(tiny_run), str(best), [str(images[0])], classes=['dog'])
   assert status == 0
   assert 'at step 2 (best checkpoint)' in capsys.readouterr().out
+  (entry,) = json.loads((best / 'explanations.json').read_text())['images']
+  assert entry['target_class'] == 'dog' and entry['target_index'] == 1
 
 
 def test_paths_stems_and_true_classes(tmp_path):

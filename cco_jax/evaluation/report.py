@@ -63,8 +63,8 @@ def default_config() -> ml_collections.ConfigDict:
       seed=interventions.DEFAULT_SEED,
       noise_std=interventions.DEFAULT_NOISE_STD,
       iou_fraction=0.2,
-      deletion_steps=16,
-      deletion_examples=64,
+      deletion_steps=8,
+      deletion_examples=32,
       ood=True,
       keep_examples=0,
     )

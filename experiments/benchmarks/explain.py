@@ -72,9 +72,13 @@ def measure(
   num_filters: int = 64,
   autodiff_classes: int = 4,
   repeats: int = 3,
+  **model_kwargs,
 ) -> dict:
-  """{method: seconds per batch for all classes}, and the maps' checks."""
-  model = models.create_model(model_name, num_classes, num_filters=num_filters)
+  """{method: seconds per batch for all classes}, and the maps' checks.
+  `model_kwargs` go to `models.create_model` (e.g. a smaller `stage_sizes`)."""
+  model = models.create_model(
+    model_name, num_classes, num_filters=num_filters, **model_kwargs
+  )
   images = jax.random.normal(
     jax.random.key(0), (batch_size, image_size, image_size, 3)
   )
