@@ -193,6 +193,7 @@ def evaluate(workdir: str, reevaluate: bool = False) -> dict:
   if os.path.exists(path) and not reevaluate:
     with open(path) as f:
       return json.load(f)
+  os.makedirs(out, exist_ok=True)
   start = time.time()
   config = evaluation.default_config()
   config.split = 'test'
