@@ -73,13 +73,13 @@ def load_image(path: str, *, image_size: int, normalize: bool) -> np.ndarray:
   return transforms.finish_image(pixels, normalize=normalize)
 
 
-def load_mask(path: str, *, image_size: int) -> np.ndarray:
-  """A foreground mask file -> float32 `(S, S)` in {0, 1} (1 = object).
-
-  Accepts a Pets trimap (values in {1, 2, 3}: 1 = pet; 2 = background and 3 =
-  boundary count as background, as in training) or any binary/greyscale mask
-  (object = above half its maximum).
-  """
+def load_mask(
+  path: str, *, image_size: int, boundary_is_foreground: bool = False
+) -> np.ndarray:
+  """A foreground mask file -> float32 `(S, S)` in {0, 1} (1 = object): a
+  Pets trimap (values in {1, 2, 3}: 1 = pet, 2 = background, 3 = boundary,
+  which counts as `boundary_is_foreground` says, as in training) or any
+  binary/greyscale mask (object = above half its maximum)."""
   try:
     with Image.open(path) as mask:
       values = np.asarray(mask.convert('L')).astype(np.int32)
@@ -87,7 +87,7 @@ def load_mask(path: str, *, image_size: int) -> np.ndarray:
     raise ValueError(f'{path}: not a readable mask ({e}).') from None
   present = set(np.unique(values).tolist())
   if present <= {1, 2, 3} and 2 in present:
-    fg = values == 1
+    fg = values != 2 if boundary_is_foreground else values == 1
   else:
     fg = values > max(values.max(), 1) / 2
   image = Image.fromarray(fg.astype(np.uint8))
@@ -273,6 +273,7 @@ class Explainer:
     variables: its `{'params': ..., 'batch_stats': ...}`.
     image_size: S for file inputs (required to explain files).
     normalize: whether the model expects ImageNet-normalised inputs.
+    boundary_is_foreground: how trimap masks are read (`load_mask`).
     class_names: names of the classes (for reports).
     batch_size: images per forward pass (batches are padded to a power of two
       up to this, so only a few shapes compile).
@@ -287,6 +288,7 @@ class Explainer:
     normalize: bool = False,
     class_names: Sequence[str] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    boundary_is_foreground: bool = False,
   ):
     self.model = model
     self.variables = variables
@@ -294,6 +296,7 @@ class Explainer:
     self.normalize = normalize
     self.class_names = tuple(class_names) if class_names else None
     self.batch_size = batch_size
+    self.boundary_is_foreground = boundary_is_foreground
     bias = models.head_bias(variables)
     kernel = variables['params']['head']['kernel']
     self.kernel = np.asarray(kernel, np.float32)
@@ -321,12 +324,11 @@ class Explainer:
       image_size=run.config.data.image_size,
       normalize=run.config.data.normalize,
       class_names=run.class_names,
+      boundary_is_foreground=run.config.data.boundary_is_foreground,
       **kwargs,
     )
     explainer.run = run
     return explainer
-
-  # -- inputs ---------------------------------------------------------------
 
   def load(self, paths: Sequence[str]) -> np.ndarray:
     """Files -> `(B, S, S, 3)` model inputs (raises on the first bad file)."""
@@ -364,10 +366,12 @@ class Explainer:
     if isinstance(masks, (list, tuple)) and all(
       isinstance(m, (str, os.PathLike)) for m in masks
     ):
-      size = self.image_size
-      masks = np.stack(
-        [load_mask(os.fspath(m), image_size=size) for m in masks]
+      read = functools.partial(
+        load_mask,
+        image_size=self.image_size,
+        boundary_is_foreground=self.boundary_is_foreground,
       )
+      masks = np.stack([read(os.fspath(m)) for m in masks])
     masks = np.asarray(masks, np.float32)
     if masks.ndim != 3 or masks.shape[0] != batch:
       raise ValueError(
@@ -375,8 +379,6 @@ class Explainer:
         f'{batch} file paths; got shape {masks.shape}.'
       )
     return masks
-
-  # -- the forward pass ---------------------------------------------------
 
   def forward(self, images: np.ndarray):
     """Host `(logits, cams, features)` of `(B, S, S, 3)` images, in batches of

@@ -148,7 +148,11 @@ def _load(explainer, path: str, mask_dir: str | None):
     stem = os.path.splitext(os.path.basename(path))[0]
     mask_path = os.path.join(mask_dir, stem + '.png')
     if os.path.exists(mask_path):
-      mask = explain_lib.load_mask(mask_path, image_size=explainer.image_size)
+      mask = explain_lib.load_mask(
+        mask_path,
+        image_size=explainer.image_size,
+        boundary_is_foreground=explainer.boundary_is_foreground,
+      )
   return image, mask
 
 

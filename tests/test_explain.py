@@ -406,3 +406,21 @@ def test_paths_stems_and_true_classes(tmp_path):
     'Abyssinian'
   )
   assert cli.true_class('x/holiday.jpg', ('cat', 'dog')) is None
+
+
+def test_load_mask_reads_trimaps_and_binary_masks(tmp_path):
+  trimap = np.array([[1, 2], [3, 2]], np.uint8)
+  Image.fromarray(trimap).save(tmp_path / 'trimap.png')
+  Image.fromarray(np.array([[255, 0], [0, 0]], np.uint8)).save(
+    tmp_path / 'binary.png'
+  )
+  read = lambda name, **kw: explain_lib.load_mask(
+    str(tmp_path / name), image_size=2, **kw
+  )
+  np.testing.assert_array_equal(read('trimap.png'), [[1, 0], [0, 0]])
+  np.testing.assert_array_equal(
+    read('trimap.png', boundary_is_foreground=True), [[1, 0], [1, 0]]
+  )
+  np.testing.assert_array_equal(read('binary.png'), [[1, 0], [0, 0]])
+  with pytest.raises(ValueError, match='missing.png'):
+    read('missing.png')
