@@ -83,6 +83,12 @@ _REEVALUATE = flags.DEFINE_bool(
   'reevaluate', False, 'Evaluate again even where a report exists.'
 )
 _FIGURES = flags.DEFINE_bool('figures', True, 'Write the map figures.')
+_TRAIN = flags.DEFINE_bool(
+  'train',
+  True,
+  'Train unfinished runs; --notrain evaluates and tabulates the checkpoints '
+  'already in OUT (e.g. runs stopped after their last evaluation).',
+)
 _FIGURE_POSITIONS = flags.DEFINE_list(
   'figure_positions',
   [str(p) for p in FIGURE_POSITIONS],
@@ -399,7 +405,7 @@ def save_figures(maps: dict, out: str) -> list[str]:
       fontsize=7,
     )
     path = os.path.join(out, f'isic_{variant}.png')
-    fig.savefig(path, dpi=110, bbox_inches='tight')
+    fig.savefig(path, dpi=90, bbox_inches='tight')
     plt.close(fig)
     paths.append(path)
   return paths
@@ -418,7 +424,8 @@ def main(argv):
   seeds = [int(s) for s in _SEEDS.value]
   specs = [(v, s) for s in seeds for v in _VARIANTS.value]
   start = time.time()
-  prepare(_DATA_DIR.value, tfds_dir, _VARIANTS.value[0])
+  if _TRAIN.value:
+    prepare(_DATA_DIR.value, tfds_dir, _VARIANTS.value[0])
   jobs = []
   for variant, seed in specs:
     workdir = os.path.join(out, run_name(variant, seed))
@@ -436,7 +443,8 @@ def main(argv):
         ),
       )
     )
-  train_all(jobs, _PARALLEL.value)
+  if _TRAIN.value:
+    train_all(jobs, _PARALLEL.value)
   records = []
   for variant, seed in specs:
     workdir = os.path.join(out, run_name(variant, seed))

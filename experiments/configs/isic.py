@@ -16,9 +16,9 @@ Variants (`--config=experiments/configs/isic.py:VARIANT`):
   default_ce, default_ace  its cross-entropy control / ACE alone.
   cpu        the small faithful ResNet-18 of `pets.py:cpu` (width 16, one
              block per stage, 'strided' stem) at 96 px (12x12 maps), ACE +
-             divergence, batch 32, flips, images stored pre-squashed to 96 px
-             (cheap decoding), 6 epochs (~290 steps), evaluated every 2
-             epochs. On a shared 2-vCPU VM (load ~10) one run took ~4-5 min:
+             divergence, Adam 1e-3, batch 32, flips, images stored
+             pre-squashed to 96 px (cheap decoding), 72 steps (1.5 epochs),
+             one evaluation and checkpoint at the end:
                python -m experiments.prepare --dataset=folder \
                  --manual_dir=../shared/data/isic-2017-sample \
                  --data_dir=/tmp/isic_tfds --store_size=96
@@ -27,10 +27,14 @@ Variants (`--config=experiments/configs/isic.py:VARIANT`):
                  --workdir=/tmp/isic_cpu \
                  --config.data.manual_dir=../shared/data/isic-2017-sample \
                  --config.data.tfds_data_dir=/tmp/isic_tfds
-             The three objectives x 3 seeds, evaluated, with the table and
-             figures: `python -m experiments.isic --out=/tmp/isic`
-             (docs/results_isic.md has the numbers it gave: test accuracy
-             ~0.70, balanced accuracy ~0.40-0.45, nevi dominate).
+             On the shared 2-vCPU VM a 48-step run alone (load ~12) took
+             4.3 min wall; nine 72-step runs side by side (load 10-27) took
+             17-31 min each. The three objectives x 3 seeds, evaluated, with
+             the table and figures: `python -m experiments.isic --out=/tmp/isic`.
+             Expect what docs/results_isic.md measured: at 72 steps the
+             models mostly predict "nevus" (test accuracy ~0.68, balanced
+             accuracy ~0.34-0.42); ACE moves the maps onto the lesion
+             (background share ~0.38 vs ~0.75) without better diagnoses.
   cpu_ce, cpu_ace  the `cpu` model with the CE control / ACE alone.
 
 Class balance: nevi are 69 % of the data. The training pipeline has neither
