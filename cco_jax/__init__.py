@@ -1,12 +1,27 @@
 """cco-jax: classifiers that are interpretable by construction.
 
-Modules, in data-flow order:
-  datasets        TFDS builders (Oxford-IIIT Pet with masks, Cats-vs-Dogs).
-  input_pipeline  data sources -> device batches (images, CAM-resolution masks).
-  models          Flax ResNets whose logits decompose exactly into per-pixel maps.
-  cams            HiResCAM / ContrastiveCAM arithmetic (pure functions).
-  losses          CE, ablated CE, CAM divergence, and the objective registry.
-  train           pmapped train/eval steps and the training loop.
+Modules, in data-flow order (docs/architecture.md tells the whole path):
+  data              datasets, preparation, transforms and input pipelines.
+  models            Flax ResNets whose logits decompose exactly into maps.
+  ops               faster CPU kernels with the values of Flax's own.
+  pretrained        torchvision/timm ResNet weights in and out.
+  cams              HiResCAM / ContrastiveCAM arithmetic (pure functions).
+  losses            CE, ablated CE, CAM divergence, the objective registry.
+  baseline_losses   the field's baselines (RRR, CAM penalty, Group DRO, ...).
+  cutmix            contrastive CutMix.
+  optimizers        optax optimizer and schedule from the config.
+  train_step        pure, pmapped train and eval steps.
+  metrics           per-batch evaluation sums and the field's metrics.
+  checkpointing     Orbax checkpoints, with fallback past unreadable ones.
+  metric_writers    metrics.jsonl, TensorBoard and the console.
+  figures           maps overlaid on images, learning curves.
+  runtime           process setup before JAX starts: XLA flags, hosts, lock.
+  configuration     config overrides and checks.
+  checks            argument checks with clear errors.
+  train             the training loop.
+  restore           a trained run restored without the training loop.
+  evaluation        interventions, evaluators and checkpoint reports.
+  explain           explanations for any image.
 """
 
 __version__ = '0.1.0'
