@@ -27,10 +27,11 @@ Variants (`--config=experiments/configs/isic.py:VARIANT`):
                  --workdir=/tmp/isic_cpu \
                  --config.data.manual_dir=../shared/data/isic-2017-sample \
                  --config.data.tfds_data_dir=/tmp/isic_tfds
-             On the shared 2-vCPU VM a 48-step run alone (load ~12) took
-             4.3 min wall; nine 72-step runs side by side (load 10-27) took
-             17-31 min each. The three objectives x 3 seeds, evaluated, with
-             the table and figures: `python -m experiments.isic --out=/tmp/isic`.
+             On the shared 2-vCPU VM at load 6-9 one run trained in 154 s
+             (experiments.isic with prepare and evaluation: 4.2 min); nine
+             side by side at load 10-27 took 17-31 min each. The three
+             objectives x 3 seeds, evaluated, with the table and figures:
+               python -m experiments.isic --out=/tmp/isic
              Expect what docs/results_isic.md measured: at 72 steps the
              models mostly predict "nevus" (test accuracy ~0.68, balanced
              accuracy ~0.34-0.42); ACE moves the maps onto the lesion
