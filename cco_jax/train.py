@@ -1,7 +1,8 @@
 """The training loop: config + workdir in, trained model and records out.
 
 `train_and_evaluate(config, workdir)` runs in named phases:
-  1. `build` the model, objective, optimizer and data iterators from the config;
+  1. `build` the model, objective, optimizer and data iterators from the config
+     (`train_setup`);
   2. `restore_or_create` the state (resuming from `workdir/checkpoints`);
   3. `check_identity` of the logit-sum identity (at start and after a restore);
   4. the step loop, with periodic logging, evaluation, figures and checkpoints;
@@ -9,7 +10,8 @@
 
 Everything it writes lands in `workdir`: `metrics.jsonl`, `tensorboard/`,
 `config.json`, `checkpoints/`, `figures/`. A "step" is one call of the train
-step (one micro-batch when `accumulation_steps > 1`).
+step (one micro-batch when `accumulation_steps > 1`). The checks that stop a
+diverged run (`NonFiniteLoss`, `IdentityViolation`) are in `train_guards`.
 
 Guarantees: one run per workdir (`runtime.WorkdirLock`; the second fails at
 once); every step's non-finite flag is checked before anything is evaluated or
@@ -26,14 +28,12 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable, Iterator
-import dataclasses
 import json
 import os
 from typing import Any
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -41,187 +41,23 @@ from cco_jax import checkpointing
 from cco_jax import configuration
 from cco_jax import data as input_pipeline
 from cco_jax import figures
-from cco_jax import losses
 from cco_jax import metric_writers
 from cco_jax import metrics as metrics_lib
-from cco_jax import models
-from cco_jax import optimizers
 from cco_jax import pretrained
 from cco_jax import runtime
+from cco_jax import train_guards
+from cco_jax import train_setup
 from cco_jax import train_step as step_lib
 
-DTYPES = {
-  'float32': jnp.float32,
-  'bfloat16': jnp.bfloat16,
-  'float16': jnp.float16,
-}
-
-
-class IdentityViolation(RuntimeError):
-  """The model's maps no longer sum to its logits."""
-
-
-class NonFiniteLoss(FloatingPointError):
-  """A step produced a non-finite loss or gradient."""
-
-
-# ----------------------------------------------------------------------------
-# Phase 1: build everything the config describes.
-# ----------------------------------------------------------------------------
-
-
-def create_model(
-  config: ml_collections.ConfigDict,
-  num_classes: int,
-  bn_axis_name: str | None = None,
-) -> models.ResNet:
-  """The model of `config.model`."""
-  if config.model.dtype not in DTYPES:
-    raise ValueError(
-      f'Unknown model.dtype {config.model.dtype!r}; choose one of '
-      f'{sorted(DTYPES)}.'
-    )
-  return models.create_model(
-    config.model.name,
-    num_classes,
-    cam_faithful=config.model.cam_faithful,
-    dtype=DTYPES[config.model.dtype],
-    num_filters=config.model.num_filters,
-    stem=config.model.stem,
-    stage_sizes=tuple(config.model.stage_sizes) or None,
-    bn_axis_name=bn_axis_name,
-    pointwise_as_dot=config.model.get('pointwise_as_dot', True),
-  )
-
-
-def create_objective(config: ml_collections.ConfigDict) -> losses.Objective:
-  """The objective of `config.loss`."""
-  return losses.make_objective(
-    config.loss.name,
-    losses.LossWeights.from_config(config.loss),
-    log_all_terms=config.loss.log_all_terms,
-    seed=config.seed,
-  )
-
-
-@dataclasses.dataclass(frozen=True)
-class Schedule:
-  """Durations in steps (train-step calls), resolved from the config."""
-
-  micro_batch_size: int
-  steps_per_epoch: int
-  num_train_steps: int
-  log_every: int
-  eval_every: int
-  checkpoint_every: int
-
-
-def resolve_schedule(
-  config: ml_collections.ConfigDict, num_train_examples: int
-) -> Schedule:
-  """Turns epochs / steps / cadences of the config into step counts."""
-  configuration.check_training_config(config)
-  if config.batch_size % config.accumulation_steps:
-    raise ValueError(
-      f'batch_size={config.batch_size} must be divisible by '
-      f'accumulation_steps={config.accumulation_steps}.'
-    )
-  micro = config.batch_size // config.accumulation_steps
-  devices = jax.device_count()
-  if micro % devices:
-    raise ValueError(
-      f'The micro-batch batch_size/accumulation_steps = {micro} must be divisible '
-      f'by the number of devices ({devices}); change config.batch_size or '
-      'config.accumulation_steps.'
-    )
-  steps_per_epoch = max(1, num_train_examples // micro)
-  total = (
-    config.num_train_steps
-    if config.num_train_steps > 0
-    else int(round(config.num_epochs * steps_per_epoch))
-  )
-  eval_every = (
-    config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
-  )
-  ckpt_every = (
-    config.checkpoint_every_steps
-    if config.checkpoint_every_steps > 0
-    else eval_every
-  )
-  return Schedule(
-    micro,
-    steps_per_epoch,
-    total,
-    max(1, config.log_every_steps),
-    eval_every,
-    ckpt_every,
-  )
-
-
-@dataclasses.dataclass
-class Setup:
-  """What phase 1 builds."""
-
-  model: models.ResNet
-  num_classes: int
-  cam_size: tuple[int, int]
-  schedule: Schedule
-  tx: Any
-  train_iter: Any
-  p_train_step: Callable
-  p_eval_step: Callable
-  p_predict: Callable
-
-
-def build(config: ml_collections.ConfigDict) -> Setup:
-  """Phase 1: model, objective, optimizer, compiled steps and the train data."""
-  num_classes = input_pipeline.num_classes(config.data)
-  model = create_model(config, num_classes, bn_axis_name=step_lib.AXIS_NAME)
-  cam_size = models.cam_size(model, config.data.image_size)
-  schedule = resolve_schedule(
-    config, input_pipeline.num_examples(config.data, 'train')
-  )
-  tx = optimizers.create_optimizer(
-    config.optimizer,
-    max(1, schedule.steps_per_epoch // config.accumulation_steps),
-    max(1, schedule.num_train_steps // config.accumulation_steps),
-    config.accumulation_steps,
-  )
-  train_iter = input_pipeline.create_train_iterator(
-    config.data,
-    cam_size=cam_size,
-    global_batch_size=schedule.micro_batch_size,
-    num_devices=jax.local_device_count(),
-    seed=config.seed,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
-  return Setup(
-    model=model,
-    num_classes=num_classes,
-    cam_size=cam_size,
-    schedule=schedule,
-    tx=tx,
-    train_iter=train_iter,
-    p_train_step=step_lib.pmapped_train_step(create_objective(config)),
-    p_eval_step=step_lib.pmapped_eval_step(),
-    p_predict=jax.pmap(step_lib.predict_step),
-  )
-
-
-def eval_iterator(
-  config: ml_collections.ConfigDict, setup: Setup, split: str, **kwargs
-) -> Iterator[dict]:
-  return input_pipeline.create_eval_iterator(
-    config.data,
-    split,
-    cam_size=setup.cam_size,
-    global_batch_size=config.eval_batch_size,
-    num_devices=jax.local_device_count(),
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    **kwargs,
-  )
+# Re-exported: callers build models and catch the guards' errors from here.
+Setup = train_setup.Setup
+build = train_setup.build
+create_model = train_setup.create_model
+eval_iterator = train_setup.eval_iterator
+IdentityViolation = train_guards.IdentityViolation
+NonFiniteLoss = train_guards.NonFiniteLoss
+check_evaluation = train_guards.check_evaluation
+check_finite_steps = train_guards.check_finite_steps
 
 
 # ----------------------------------------------------------------------------
@@ -244,7 +80,7 @@ def restore_or_create(
     setup.model,
     config.data.image_size,
     setup.tx,
-    num_groups=getattr(create_objective(config), 'num_groups', 0),
+    num_groups=getattr(train_setup.create_objective(config), 'num_groups', 0),
   )
   if manager.latest_step() is None:
     init_from = config.model.get('init_from', '')
@@ -285,19 +121,14 @@ def check_identity(config, setup: Setup, state, when: str) -> float:
       ]
     )
   )
+  tolerance = train_guards.identity_tolerance(config)
   logging.info(
     'Logit-sum identity %s: max relative error %.3g (tolerance %.3g).',
     when,
     error,
-    config.identity_tolerance,
+    tolerance,
   )
-  if not error <= config.identity_tolerance:
-    raise IdentityViolation(
-      f'The logit-sum identity fails {when}: max |sum(maps) + bias - logits| / '
-      f'(max|logits| + 1) = {error:.3g} > identity_tolerance = '
-      f'{config.identity_tolerance:.3g}. The maps no longer explain the logits: '
-      'check the head (pooling + dense only) and the compute dtype.'
-    )
+  train_guards.check_identity_error(error, tolerance, when)
   return error
 
 
@@ -450,33 +281,6 @@ def summarise_metrics(step_metrics: list[dict], first_step: int) -> dict:
   )
   stacked.pop('nonfinite')
   return {f'train_{k}': float(np.mean(v)) for k, v in stacked.items()}
-
-
-def check_finite_steps(step_metrics: list[dict], first_step: int) -> None:
-  """Raises `NonFiniteLoss` naming the first of steps first_step+1.. flagged."""
-  for i, metrics in enumerate(step_metrics):
-    if np.asarray(metrics['nonfinite'])[0] > 0:
-      raise NonFiniteLoss(
-        f'Non-finite loss or gradient at step {first_step + i + 1} (the '
-        'train step kept the previous state).'
-      )
-
-
-def check_evaluation(config, results: dict, step: int) -> None:
-  """Stops before a checkpoint of a state whose evaluation is not sound."""
-  bad = [k for k in ('ce', 'identity_error') if not np.isfinite(results[k])]
-  if bad:
-    raise NonFiniteLoss(
-      f'The validation {" and ".join(bad)} at step {step} is not finite '
-      f'({", ".join(f"{k}={results[k]}" for k in bad)}): the model diverged.'
-    )
-  if results['identity_error'] > config.identity_tolerance:
-    raise IdentityViolation(
-      f'The logit-sum identity fails at step {step}: max relative error '
-      f'{results["identity_error"]:.3g} > identity_tolerance = '
-      f'{config.identity_tolerance:.3g} on the validation split; the '
-      'parameters have grown out of float precision (the model diverged).'
-    )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:

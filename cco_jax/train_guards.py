@@ -1,0 +1,76 @@
+"""Guards of the training loop: stop a run before it saves a diverged state.
+
+The loop calls them before anything is evaluated or saved:
+`check_finite_steps` on the per-step non-finite flags of the train step,
+`check_identity_error` on the logit-sum identity error (at the start and
+after a restore), `check_evaluation` on each validation evaluation before its
+checkpoint. They raise `NonFiniteLoss` or `IdentityViolation` with a message
+naming the step and the cause; the loop adds the last good checkpoint.
+
+The identity error is `max |sum_{h,w} M + b - s| / (max |s| + 1)`
+(J. Setpal, "Crossing Cross-Entropy" (2024); docs/method.md), compared with
+`config.identity_tolerance`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+import numpy as np
+
+
+class IdentityViolation(RuntimeError):
+  """The model's maps no longer sum to its logits."""
+
+
+class NonFiniteLoss(FloatingPointError):
+  """A step produced a non-finite loss or gradient."""
+
+
+def identity_tolerance(config: ml_collections.ConfigDict) -> float:
+  """The largest logit-sum identity error the run accepts."""
+  return config.identity_tolerance
+
+
+def check_finite_steps(step_metrics: list[dict], first_step: int) -> None:
+  """Raises `NonFiniteLoss` naming the first of steps first_step+1.. flagged.
+
+  Args:
+    step_metrics: per-step metrics of the pmapped train step; each has a
+      replicated `nonfinite` flag of shape `(devices,)`.
+    first_step: the step before the first of `step_metrics`.
+  """
+  for i, metrics in enumerate(step_metrics):
+    if np.asarray(metrics['nonfinite'])[0] > 0:
+      raise NonFiniteLoss(
+        f'Non-finite loss or gradient at step {first_step + i + 1} (the '
+        'train step kept the previous state).'
+      )
+
+
+def check_identity_error(error: float, tolerance: float, when: str) -> None:
+  """Raises `IdentityViolation` unless `error <= tolerance` (NaN fails)."""
+  if not error <= tolerance:
+    raise IdentityViolation(
+      f'The logit-sum identity fails {when}: max |sum(maps) + bias - logits| / '
+      f'(max|logits| + 1) = {error:.3g} > identity_tolerance = '
+      f'{tolerance:.3g}. The maps no longer explain the logits: '
+      'check the head (pooling + dense only) and the compute dtype.'
+    )
+
+
+def check_evaluation(config, results: dict, step: int) -> None:
+  """Stops before a checkpoint of a state whose evaluation is not sound."""
+  bad = [k for k in ('ce', 'identity_error') if not np.isfinite(results[k])]
+  if bad:
+    raise NonFiniteLoss(
+      f'The validation {" and ".join(bad)} at step {step} is not finite '
+      f'({", ".join(f"{k}={results[k]}" for k in bad)}): the model diverged.'
+    )
+  tolerance = identity_tolerance(config)
+  if results['identity_error'] > tolerance:
+    raise IdentityViolation(
+      f'The logit-sum identity fails at step {step}: max relative error '
+      f'{results["identity_error"]:.3g} > identity_tolerance = '
+      f'{tolerance:.3g} on the validation split; the '
+      'parameters have grown out of float precision (the model diverged).'
+    )

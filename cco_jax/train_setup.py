@@ -1,0 +1,187 @@
+"""Phase 1 of training: the model, objective, schedule and data of a config.
+
+`build(config)` turns one ml_collections config into a `Setup`: the Linen
+ResNet, the resolved `Schedule` (steps per epoch, total steps, cadences of
+logging, evaluation and checkpoints, all in train-step calls), the optax
+optimizer, the train iterator and the pmapped train, eval and predict steps.
+`eval_iterator` builds the iterator of an evaluation split for that setup.
+Nothing here touches the workdir; `train.train_and_evaluate` runs the loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from cco_jax import configuration
+from cco_jax import data as input_pipeline
+from cco_jax import losses
+from cco_jax import models
+from cco_jax import optimizers
+from cco_jax import train_step as step_lib
+
+DTYPES = {
+  'float32': jnp.float32,
+  'bfloat16': jnp.bfloat16,
+  'float16': jnp.float16,
+}
+
+
+def create_model(
+  config: ml_collections.ConfigDict,
+  num_classes: int,
+  bn_axis_name: str | None = None,
+) -> models.ResNet:
+  """The model of `config.model`."""
+  if config.model.dtype not in DTYPES:
+    raise ValueError(
+      f'Unknown model.dtype {config.model.dtype!r}; choose one of '
+      f'{sorted(DTYPES)}.'
+    )
+  return models.create_model(
+    config.model.name,
+    num_classes,
+    cam_faithful=config.model.cam_faithful,
+    dtype=DTYPES[config.model.dtype],
+    num_filters=config.model.num_filters,
+    stem=config.model.stem,
+    stage_sizes=tuple(config.model.stage_sizes) or None,
+    bn_axis_name=bn_axis_name,
+    pointwise_as_dot=config.model.get('pointwise_as_dot', True),
+  )
+
+
+def create_objective(config: ml_collections.ConfigDict) -> losses.Objective:
+  """The objective of `config.loss`."""
+  return losses.make_objective(
+    config.loss.name,
+    losses.LossWeights.from_config(config.loss),
+    log_all_terms=config.loss.log_all_terms,
+    seed=config.seed,
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """Durations in steps (train-step calls), resolved from the config."""
+
+  micro_batch_size: int
+  steps_per_epoch: int
+  num_train_steps: int
+  log_every: int
+  eval_every: int
+  checkpoint_every: int
+
+
+def resolve_schedule(
+  config: ml_collections.ConfigDict, num_train_examples: int
+) -> Schedule:
+  """Turns epochs / steps / cadences of the config into step counts."""
+  configuration.check_training_config(config)
+  if config.batch_size % config.accumulation_steps:
+    raise ValueError(
+      f'batch_size={config.batch_size} must be divisible by '
+      f'accumulation_steps={config.accumulation_steps}.'
+    )
+  micro = config.batch_size // config.accumulation_steps
+  devices = jax.device_count()
+  if micro % devices:
+    raise ValueError(
+      f'The micro-batch batch_size/accumulation_steps = {micro} must be divisible '
+      f'by the number of devices ({devices}); change config.batch_size or '
+      'config.accumulation_steps.'
+    )
+  steps_per_epoch = max(1, num_train_examples // micro)
+  total = (
+    config.num_train_steps
+    if config.num_train_steps > 0
+    else int(round(config.num_epochs * steps_per_epoch))
+  )
+  eval_every = (
+    config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
+  )
+  ckpt_every = (
+    config.checkpoint_every_steps
+    if config.checkpoint_every_steps > 0
+    else eval_every
+  )
+  return Schedule(
+    micro,
+    steps_per_epoch,
+    total,
+    max(1, config.log_every_steps),
+    eval_every,
+    ckpt_every,
+  )
+
+
+@dataclasses.dataclass
+class Setup:
+  """What phase 1 builds."""
+
+  model: models.ResNet
+  num_classes: int
+  cam_size: tuple[int, int]
+  schedule: Schedule
+  tx: Any
+  train_iter: Any
+  p_train_step: Callable
+  p_eval_step: Callable
+  p_predict: Callable
+
+
+def build(config: ml_collections.ConfigDict) -> Setup:
+  """Phase 1: model, objective, optimizer, compiled steps and the train data."""
+  num_classes = input_pipeline.num_classes(config.data)
+  model = create_model(config, num_classes, bn_axis_name=step_lib.AXIS_NAME)
+  cam_size = models.cam_size(model, config.data.image_size)
+  schedule = resolve_schedule(
+    config, input_pipeline.num_examples(config.data, 'train')
+  )
+  tx = optimizers.create_optimizer(
+    config.optimizer,
+    max(1, schedule.steps_per_epoch // config.accumulation_steps),
+    max(1, schedule.num_train_steps // config.accumulation_steps),
+    config.accumulation_steps,
+  )
+  train_iter = input_pipeline.create_train_iterator(
+    config.data,
+    cam_size=cam_size,
+    global_batch_size=schedule.micro_batch_size,
+    num_devices=jax.local_device_count(),
+    seed=config.seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  return Setup(
+    model=model,
+    num_classes=num_classes,
+    cam_size=cam_size,
+    schedule=schedule,
+    tx=tx,
+    train_iter=train_iter,
+    p_train_step=step_lib.pmapped_train_step(create_objective(config)),
+    p_eval_step=step_lib.pmapped_eval_step(),
+    p_predict=jax.pmap(step_lib.predict_step),
+  )
+
+
+def eval_iterator(
+  config: ml_collections.ConfigDict, setup: Setup, split: str, **kwargs
+) -> Iterator[dict]:
+  """Batches `(local devices, per-device batch, ...)` of one split, in order."""
+  return input_pipeline.create_eval_iterator(
+    config.data,
+    split,
+    cam_size=setup.cam_size,
+    global_batch_size=config.eval_batch_size,
+    num_devices=jax.local_device_count(),
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    **kwargs,
+  )
