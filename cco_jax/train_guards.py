@@ -9,13 +9,18 @@ naming the step and the cause; the loop adds the last good checkpoint.
 
 The identity error is `max |sum_{h,w} M + b - s| / (max |s| + 1)`
 (J. Setpal, "Crossing Cross-Entropy" (2024); docs/method.md), compared with
-`config.identity_tolerance`.
+`config.identity_tolerance`, or where that is unset (None or <= 0) with
+`cams.identity_tolerance(float32)`: the head computes in float32 whatever the
+backbone's dtype (`models.CamHead`).
 """
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+
+from cco_jax import cams
 
 
 class IdentityViolation(RuntimeError):
@@ -27,8 +32,11 @@ class NonFiniteLoss(FloatingPointError):
 
 
 def identity_tolerance(config: ml_collections.ConfigDict) -> float:
-  """The largest logit-sum identity error the run accepts."""
-  return config.identity_tolerance
+  """`config.identity_tolerance`, or the float32 head's bound where unset."""
+  tolerance = config.get('identity_tolerance', None)
+  if tolerance is None or tolerance <= 0:
+    return cams.identity_tolerance(jnp.float32)
+  return float(tolerance)
 
 
 def check_finite_steps(step_metrics: list[dict], first_step: int) -> None:

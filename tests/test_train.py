@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import synthetic_data
 
+from cco_jax import cams
 from cco_jax import checkpointing
 from cco_jax import configuration
 from cco_jax import train
+from cco_jax import train_guards
 from cco_jax import train_step as step_lib
 from experiments.configs import pets as pets_config
 
@@ -184,3 +186,22 @@ def test_config_mistake_ends_with_one_clear_line(tmp_path, flag, message):
   last = result.stderr.strip().splitlines()[-1]
   assert message.strip() in last and '\\' not in last, last
   assert not (tmp_path / 'unused').exists()
+
+
+@pytest.mark.parametrize('unset', [None, 0.0, -1.0])
+def test_unset_identity_tolerance_takes_the_float32_head_bound(unset):
+  """Unset means `cams.identity_tolerance(float32)`; explicit values stay."""
+  bound = cams.identity_tolerance(np.float32)
+  config = pets_config.get_config('cpu')
+  with config.unlocked():
+    config.identity_tolerance = unset
+  assert train_guards.identity_tolerance(config) == bound
+  ok = {'ce': 0.5, 'identity_error': 0.5 * bound}
+  train.check_evaluation(config, ok, 3)
+  with pytest.raises(train.IdentityViolation, match='at step 3'):
+    train.check_evaluation(config, {'ce': 0.5, 'identity_error': 2 * bound}, 3)
+  with config.unlocked():
+    config.identity_tolerance = 20 * bound
+  train.check_evaluation(config, {'ce': 0.5, 'identity_error': 2 * bound}, 3)
+  with pytest.raises(train.IdentityViolation):
+    train_guards.check_identity_error(float('nan'), 20 * bound, 'at start')

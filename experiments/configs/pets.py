@@ -118,7 +118,8 @@ def get_default_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = -1  # -1 = once per epoch.
   config.checkpoint_every_steps = -1  # -1 = at every evaluation.
   config.keep_checkpoints = 3  # The last k, plus the best by valid accuracy.
-  config.identity_tolerance = 1e-4  # Relative to max |logit| + 1.
+  # Relative to max |logit| + 1; <= 0 = cams.identity_tolerance(float32).
+  config.identity_tolerance = 1e-4
   config.num_figure_examples = 8
   config.eval_ood = True  # Cats-vs-Dogs accuracy (species models only).
   return config
