@@ -205,3 +205,34 @@ def test_unset_identity_tolerance_takes_the_float32_head_bound(unset):
   train.check_evaluation(config, {'ce': 0.5, 'identity_error': 2 * bound}, 3)
   with pytest.raises(train.IdentityViolation):
     train_guards.check_identity_error(float('nan'), 20 * bound, 'at start')
+
+
+def test_unreplicate_returns_each_leafs_first_row_on_the_host():
+  """Equals per-leaf `x[0]` for replicated, sharded and host leaves."""
+  n = jax.local_device_count()
+  rng = np.random.default_rng(0)
+  host = {
+    'a': rng.normal(size=(3, 5)).astype(np.float32),
+    'b': {'c': rng.integers(0, 9, size=(2,)).astype(np.int32)},
+  }
+  sharded = {
+    'rows': rng.normal(size=(n, 4, 3)).astype(np.float32),
+    'scalars': np.arange(n, dtype=np.float32) + 7,
+  }
+  for tree in (
+    step_lib.replicate(host),
+    step_lib.shard(sharded),
+    sharded,
+    {'s': jax.numpy.ones((2, 3)) * 5},
+  ):
+    got = step_lib.unreplicate(tree)
+    want = jax.tree.map(lambda x: np.asarray(x)[0], tree)
+    jax.tree.map(
+      lambda g, w: (
+        np.testing.assert_array_equal(g, w),
+        isinstance(g, np.ndarray) or pytest.fail(type(g)),
+      ),
+      got,
+      want,
+    )
+  assert step_lib.unreplicate(step_lib.shard(sharded))['scalars'] == 7
