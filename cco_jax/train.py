@@ -5,7 +5,8 @@
      (`train_setup`);
   2. `restore_or_create` the state (resuming from `workdir/checkpoints`);
   3. `check_identity` of the logit-sum identity (at start and after a restore);
-  4. the step loop, with periodic logging, evaluation, figures and checkpoints;
+  4. the step loop, with periodic logging, evaluation and checkpoints (figures
+     at the end, or every `figure_every_evals` evaluations);
   5. a final evaluation on validation, test and (species models) Cats-vs-Dogs.
 
 Everything it writes lands in `workdir`: `metrics.jsonl`, `tensorboard/`,
@@ -283,6 +284,22 @@ def summarise_metrics(step_metrics: list[dict], first_step: int) -> dict:
   return {f'train_{k}': float(np.mean(v)) for k, v in stacked.items()}
 
 
+def figures_due(config: ml_collections.ConfigDict, evaluation: int) -> bool:
+  """Whether the `evaluation`-th periodic evaluation draws the figures.
+
+  `config.figure_every_evals`: 0 (the default) draws them only at the end of
+  training, N > 0 at every N-th evaluation too (drawing them stalls the
+  steps).
+  """
+  every = config.get('figure_every_evals', 0)
+  if not isinstance(every, int) or every < 0:
+    raise ValueError(
+      f'config.figure_every_evals = {every!r} must be an integer >= 0 '
+      '(0 = figures only at the end of training, N = every N-th evaluation).'
+    )
+  return every > 0 and evaluation % every == 0
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains, evaluates and checkpoints as `config` says; returns final metrics.
 
@@ -330,6 +347,7 @@ def _train_and_evaluate(run: Run) -> dict:
     )
   run.writer.discard_after(start_step, rewritten=_rewritten_on_resume)
   run.save_config()
+  figures_due(config, 0)  # A bad figure_every_evals fails before any step.
   state = step_lib.replicate(state)
   identity = check_identity(
     config, setup, state, 'after restore' if start_step else 'at initialisation'
@@ -389,7 +407,8 @@ def _train_and_evaluate(run: Run) -> dict:
         )
         eval_metrics = {f'eval_{k}': v for k, v in results.items()}
         run.writer.write(step, eval_metrics)
-        run.save_figures(state, step)
+        if last or figures_due(config, step // schedule.eval_every):
+          run.save_figures(state, step)
       if due_save:
         run.checkpoint(state, rng, step, data_state, eval_metrics)
   except (NonFiniteLoss, IdentityViolation) as e:

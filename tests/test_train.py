@@ -236,3 +236,17 @@ def test_unreplicate_returns_each_leafs_first_row_on_the_host():
       want,
     )
   assert step_lib.unreplicate(step_lib.shard(sharded))['scalars'] == 7
+
+
+def test_figures_due_every_nth_evaluation_and_checked():
+  config = pets_config.get_config('cpu')
+  assert config.figure_every_evals == 0
+  assert not any(train.figures_due(config, i) for i in range(1, 10))
+  with config.unlocked():
+    config.figure_every_evals = 3
+  assert [i for i in range(1, 10) if train.figures_due(config, i)] == [3, 6, 9]
+  for bad in (-1, -4):
+    with config.unlocked():
+      config.figure_every_evals = bad
+    with pytest.raises(ValueError, match='figure_every_evals'):
+      train.figures_due(config, 1)

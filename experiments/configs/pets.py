@@ -121,6 +121,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   # Relative to max |logit| + 1; <= 0 = cams.identity_tolerance(float32).
   config.identity_tolerance = 1e-4
   config.num_figure_examples = 8
+  config.figure_every_evals = 0  # 0 = figures at the end; N = every N-th eval.
   config.eval_ood = True  # Cats-vs-Dogs accuracy (species models only).
   return config
 
