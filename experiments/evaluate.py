@@ -190,6 +190,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   runtime.quiet_library_logs()  # No Orbax INFO flood, no repeated lines.
+  runtime.enable_compilation_cache()  # $CCO_COMPILATION_CACHE, if set.
   f = flags.FLAGS
   if sum([f.best, f.last, f.step is not None]) > 1:
     raise app.UsageError('Use at most one of --best, --last and --step.')

@@ -28,6 +28,7 @@ from cco_jax import runtime
 
 # XLA reads XLA_FLAGS once, when JAX starts its backends: set them first.
 _CPU_XLA_FLAGS = runtime.apply()
+_GPU_XLA_FLAGS = runtime.apply_gpu()
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
@@ -119,10 +120,13 @@ def main(argv):
     jax.process_count(),
     jax.local_devices(),
   )
+  cache = runtime.enable_compilation_cache()  # $CCO_COMPILATION_CACHE.
   logging.info(
-    'XLA_FLAGS=%r (added for CPU: %r).',
+    'XLA_FLAGS=%r (added for CPU: %r, for GPU: %r); compilation cache: %r.',
     os.environ.get('XLA_FLAGS', ''),
     _CPU_XLA_FLAGS,
+    _GPU_XLA_FLAGS,
+    cache or 'off',
   )
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
