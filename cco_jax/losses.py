@@ -473,7 +473,7 @@ def make_objective(
 
   Args:
     name: one of `OBJECTIVES`.
-    weights: `LossWeights`; the defaults are the talk's setting (1, 1e-3, 10, 50).
+    weights: `LossWeights`; the defaults: the talk setting, docs/method.md §4.
     log_all_terms: also compute unused classic terms (no gradient) for logging.
     seed: seeds the per-step keys of SWD directions and CutMix boxes.
 

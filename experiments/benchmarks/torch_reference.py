@@ -1,4 +1,4 @@
-r"""The PyTorch reference the issue compares the JAX train step against (optional).
+r"""The PyTorch reference for the JAX train step's speed (optional).
 
     pip install torch torchvision          # NOT a dependency of cco-jax
     python -m experiments.benchmarks.torch_reference --model=resnet18 --size=128 --batch=32 \
@@ -6,7 +6,7 @@ r"""The PyTorch reference the issue compares the JAX train step against (optiona
 
 Times one training step (forward, loss, backward, Adam) of a torchvision ResNet
 with the method's three changes (last stage without downsampling, bias-free head,
-no final BatchNorm/ReLU in the last block; METHOD.md section 5), on random images,
+no final BatchNorm/ReLU in the last block; docs/method.md §5), on random images,
 labels and masks, for cross-entropy and for ACE + 1e-3 x divergence written the
 way the reference PyTorch code does (maps by an einsum of the last activations
 with the head kernel). Warm-up excluded, median of --repeats, objectives taking
@@ -77,7 +77,7 @@ def features_and_maps(model: nn.Module, images: torch.Tensor):
 def ace_kld_loss(
   logits, maps, labels, masks, kld_weight=1e-3, mask_scale=50.0, cam_scale=10.0
 ):
-  """ACE + kld_weight x divergence (METHOD.md sections 3-4), batch-mean."""
+  """ACE + kld_weight x divergence (docs/method.md §3-4), batch-mean."""
   del logits
   batch, classes = maps.shape[:2]
   target = maps[torch.arange(batch), labels][:, None]  # (B, 1, H, W)
@@ -115,7 +115,7 @@ def main():
     '--stock',
     action='store_true',
     help="torchvision's ResNet unchanged (last stage downsamples: maps "
-    "of size/32; head with bias): what the issue's 1.3 s/step "
+    'of size/32; head with bias): the published 1.3 s/step '
     "reference matches; NOT the method's architecture.",
   )
   parser.add_argument('--out', default='/tmp/benchmark_torch.json')

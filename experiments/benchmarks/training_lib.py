@@ -65,7 +65,7 @@ class StepSetting:
   stage_sizes: tuple[int, ...] = ()
   objectives: tuple[str, ...] = OBJECTIVES
   # False: the CE control (last stage downsamples, head bias, final BN + ReLU),
-  # i.e. the unchanged torchvision architecture the PyTorch figures match.
+  # i.e. the unchanged torchvision architecture of the PyTorch reference figures.
   cam_faithful: bool = True
 
 
