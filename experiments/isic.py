@@ -60,41 +60,42 @@ CLASSES = ('melanoma', 'nevus', 'seborrheic_keratosis')
 # (172), melanomas with a ruler (208, 278).
 FIGURE_POSITIONS = (0, 75, 84, 139, 156, 172, 208, 278)
 
-_OUT = flags.DEFINE_string('out', None, 'Output directory (runs, table).')
-_DATA_DIR = flags.DEFINE_string(
-  'data_dir',
-  '../shared/data/isic-2017-sample',
-  'ISIC in the folder layout (labels.csv, images/, masks/).',
-)
-_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Training seeds.')
-_VARIANTS = flags.DEFINE_list(
-  'variants',
-  ['cpu_ce', 'cpu_ace', 'cpu'],
-  f'Variants of {CONFIG}, among {sorted(LABELS)}.',
-)
-_EPOCHS = flags.DEFINE_float('epochs', None, 'Override num_epochs.')
-_OVERRIDE = flags.DEFINE_multi_string(
-  'override', [], 'Extra training config overrides KEY=VALUE.'
-)
-_PARALLEL = flags.DEFINE_integer(
-  'parallel', 3, 'Training runs at a time (subprocesses).'
-)
-_REEVALUATE = flags.DEFINE_bool(
-  'reevaluate', False, 'Evaluate again even where a report exists.'
-)
-_FIGURES = flags.DEFINE_bool('figures', True, 'Write the map figures.')
-_TRAIN = flags.DEFINE_bool(
-  'train',
-  True,
-  'Train unfinished runs; --notrain evaluates and tabulates the checkpoints '
-  'already in OUT (e.g. runs stopped after their last evaluation).',
-)
-_FIGURE_POSITIONS = flags.DEFINE_list(
-  'figure_positions',
-  [str(p) for p in FIGURE_POSITIONS],
-  'Test-split positions of the figure images.',
-)
-flags.mark_flags_as_required(['out'])
+
+def define_flags() -> None:
+  """The runner's flags (defined only when run, so tests can import it)."""
+  flags.DEFINE_string('out', None, 'Output directory (runs, table).')
+  flags.DEFINE_string(
+    'data_dir',
+    '../shared/data/isic-2017-sample',
+    'ISIC in the folder layout (labels.csv, images/, masks/).',
+  )
+  flags.DEFINE_list('seeds', ['0', '1', '2'], 'Training seeds.')
+  flags.DEFINE_list(
+    'variants',
+    ['cpu_ce', 'cpu_ace', 'cpu'],
+    f'Variants of {CONFIG}, among {sorted(LABELS)}.',
+  )
+  flags.DEFINE_float('epochs', None, 'Override num_epochs.')
+  flags.DEFINE_multi_string(
+    'override', [], 'Extra training config overrides KEY=VALUE.'
+  )
+  flags.DEFINE_integer('parallel', 3, 'Training runs at a time (subprocesses).')
+  flags.DEFINE_bool(
+    'reevaluate', False, 'Evaluate again even where a report exists.'
+  )
+  flags.DEFINE_bool('figures', True, 'Write the map figures.')
+  flags.DEFINE_bool(
+    'train',
+    True,
+    'Train unfinished runs; --notrain evaluates and tabulates the checkpoints '
+    'already in OUT (e.g. runs stopped after their last evaluation).',
+  )
+  flags.DEFINE_list(
+    'figure_positions',
+    [str(p) for p in FIGURE_POSITIONS],
+    'Test-split positions of the figure images.',
+  )
+  flags.mark_flags_as_required(['out'])
 
 
 def run_name(variant: str, seed: int) -> str:
@@ -414,18 +415,18 @@ def save_figures(maps: dict, out: str) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  unknown = set(_VARIANTS.value) - set(LABELS)
+  unknown = set(flags.FLAGS.variants) - set(LABELS)
   if unknown:
     raise app.UsageError(
       f'--variants names {sorted(unknown)}; choose among {sorted(LABELS)}.'
     )
-  out = os.path.abspath(_OUT.value)
+  out = os.path.abspath(flags.FLAGS.out)
   tfds_dir = os.path.join(out, 'tfds')
-  seeds = [int(s) for s in _SEEDS.value]
-  specs = [(v, s) for s in seeds for v in _VARIANTS.value]
+  seeds = [int(s) for s in flags.FLAGS.seeds]
+  specs = [(v, s) for s in seeds for v in flags.FLAGS.variants]
   start = time.time()
-  if _TRAIN.value:
-    prepare(_DATA_DIR.value, tfds_dir, _VARIANTS.value[0])
+  if flags.FLAGS.train:
+    prepare(flags.FLAGS.data_dir, tfds_dir, flags.FLAGS.variants[0])
   jobs = []
   for variant, seed in specs:
     workdir = os.path.join(out, run_name(variant, seed))
@@ -436,20 +437,22 @@ def main(argv):
           variant,
           seed,
           workdir,
-          data_dir=_DATA_DIR.value,
+          data_dir=flags.FLAGS.data_dir,
           tfds_dir=tfds_dir,
-          epochs=_EPOCHS.value,
-          overrides=tuple(_OVERRIDE.value),
+          epochs=flags.FLAGS.epochs,
+          overrides=tuple(flags.FLAGS.override),
         ),
       )
     )
-  if _TRAIN.value:
-    train_all(jobs, _PARALLEL.value)
+  if flags.FLAGS.train:
+    train_all(jobs, flags.FLAGS.parallel)
   records = []
   for variant, seed in specs:
     workdir = os.path.join(out, run_name(variant, seed))
     records.append(
-      run_record(variant, seed, workdir, evaluate(workdir, _REEVALUATE.value))
+      run_record(
+        variant, seed, workdir, evaluate(workdir, flags.FLAGS.reevaluate)
+      )
     )
     logging.info('%s', json.dumps(records[-1]))
   rows = aggregate(records)
@@ -471,11 +474,11 @@ def main(argv):
   with open(os.path.join(out, 'table.md'), 'w') as f:
     f.write(table)
   print(table, flush=True)
-  if _FIGURES.value:
-    positions = [int(p) for p in _FIGURE_POSITIONS.value]
+  if flags.FLAGS.figures:
+    positions = [int(p) for p in flags.FLAGS.figure_positions]
     maps = {
       v: figure_maps(os.path.join(out, run_name(v, seeds[0])), positions)
-      for v in _VARIANTS.value
+      for v in flags.FLAGS.variants
     }
     figure_dir = os.path.join(out, 'figures')
     os.makedirs(figure_dir, exist_ok=True)
@@ -484,4 +487,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
