@@ -18,6 +18,8 @@ Modules, in data-flow order (docs/architecture.md tells the whole path):
   runtime           process setup before JAX starts: XLA flags, hosts, lock.
   configuration     config overrides and checks.
   checks            argument checks with clear errors.
+  train_setup       everything a run builds from its config.
+  train_guards      the checks that stop a diverged run.
   train             the training loop.
   restore           a trained run restored without the training loop.
   evaluation        interventions, evaluators and checkpoint reports.
