@@ -20,21 +20,16 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from cco_jax import checkpointing
 from cco_jax import models
 from cco_jax import optimizers
+from cco_jax import train_setup
 from cco_jax import train_step as step_lib
 from cco_jax.data import config as data_config
 from cco_jax.data import info
 
-DTYPES = {
-  'float32': jnp.float32,
-  'bfloat16': jnp.bfloat16,
-  'float16': jnp.float16,
-}
 STEP_CHOICES = ('best', 'last')
 
 
@@ -70,28 +65,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(raw)
 
 
-def model_from_config(
-  config: ml_collections.ConfigDict,
-  num_classes: int,
-  bn_axis_name: str | None = None,
-) -> models.ResNet:
-  """The model of `config.model`."""
-  if config.model.dtype not in DTYPES:
-    raise ValueError(
-      f'Unknown model.dtype {config.model.dtype!r}; choose one of '
-      f'{sorted(DTYPES)}.'
-    )
-  return models.create_model(
-    config.model.name,
-    num_classes,
-    cam_faithful=config.model.cam_faithful,
-    dtype=DTYPES[config.model.dtype],
-    num_filters=config.model.num_filters,
-    stem=config.model.stem,
-    stage_sizes=tuple(config.model.stage_sizes) or None,
-    bn_axis_name=bn_axis_name,
-    pointwise_as_dot=config.model.get('pointwise_as_dot', True),
-  )
+# The model of `config.model`, built as the training loop builds it.
+model_from_config = train_setup.create_model
 
 
 @dataclasses.dataclass
