@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -40,6 +39,8 @@ from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
+
+from experiments import results_tables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = 'experiments/configs/isic.py'
@@ -290,42 +291,9 @@ def aggregate(records: list[dict]) -> list[dict]:
       'seeds': [r['seed'] for r in group],
     }
     for key, _ in COLUMNS:
-      values = np.array(
-        [r[key] for r in group if r.get(key) is not None], np.float64
-      )
-      row[key] = (
-        None
-        if not len(values)
-        else {
-          'mean': float(values.mean()),
-          'std': float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-          'n': int(len(values)),
-        }
-      )
+      row[key] = results_tables.seed_stat(r.get(key) for r in group)
     rows.append(row)
   return rows
-
-
-def _cell(stat: dict | None, key: str) -> str:
-  """'mean ± std' (the mean alone for one seed), '—' when not measured."""
-  if stat is None:
-    return '—'
-  digits = 0 if key == 'train_seconds' else 3
-  text = f'{stat["mean"]:.{digits}f}'
-  return text if stat['n'] == 1 else f'{text} ± {stat["std"]:.{digits}f}'
-
-
-def machine_info() -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
-
-  return {
-    'platform': platform.platform(),
-    'cpu_count': os.cpu_count(),
-    'load_average': os.getloadavg(),
-    'python': platform.python_version(),
-    'jax': jax.__version__,
-    'devices': str(jax.devices()),
-  }
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -333,7 +301,7 @@ def markdown_table(rows: list[dict]) -> str:
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for row in rows:
     cells = [row['objective'], str(len(row['seeds']))]
-    cells += [_cell(row[key], key) for key, _ in COLUMNS]
+    cells += [results_tables.cell(row[key], key) for key, _ in COLUMNS]
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 
@@ -456,7 +424,7 @@ def main(argv):
     )
     logging.info('%s', json.dumps(records[-1]))
   rows = aggregate(records)
-  machine = machine_info()
+  machine = results_tables.machine_info()
   wall = time.time() - start
   with open(os.path.join(out, 'table.json'), 'w') as f:
     json.dump(

@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -45,7 +44,8 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
-import numpy as np
+
+from experiments import results_tables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASETS = ('species', 'spurious')
@@ -332,29 +332,9 @@ def aggregate(records: list[dict]) -> list[dict]:
         ('relative_foreground_sensitivity', ''),
         ('bg_share_mean_of_images', ''),
       ):
-        values = np.array(
-          [r[key] for r in group if r[key] is not None], np.float64
-        )
-        row[key] = (
-          None
-          if not len(values)
-          else {
-            'mean': float(values.mean()),
-            'n': int(len(values)),
-            'std': float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-          }
-        )
+        row[key] = results_tables.seed_stat(r[key] for r in group)
       rows.append(row)
   return rows
-
-
-def _cell(stat: dict | None, key: str) -> str:
-  """'mean ± std' (just the mean for one seed), '—' when not applicable."""
-  if stat is None:
-    return '—'
-  digits = 0 if key == 'train_seconds' else 3
-  text = f'{stat["mean"]:.{digits}f}'
-  return text if stat['n'] == 1 else f'{text} ± {stat["std"]:.{digits}f}'
 
 
 def markdown_table(
@@ -365,7 +345,7 @@ def markdown_table(
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for row in rows:
     cells = [row['dataset'], row['objective'], str(len(row['seeds']))]
-    cells += [_cell(row[key], key) for key, _ in COLUMNS]
+    cells += [results_tables.cell(row[key], key) for key, _ in COLUMNS]
     lines.append('| ' + ' | '.join(cells) + ' |')
   legend = [
     '',
@@ -383,19 +363,6 @@ def markdown_table(
     'trained count with their recorded time).',
   ]
   return '\n'.join(lines + legend) + '\n'
-
-
-def machine_info() -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
-
-  return {
-    'platform': platform.platform(),
-    'processor': platform.processor(),
-    'cpu_count': os.cpu_count(),
-    'python': platform.python_version(),
-    'jax': jax.__version__,
-    'devices': str(jax.devices()),
-  }
 
 
 def main(argv):
@@ -434,7 +401,7 @@ def main(argv):
     records.append(run_record(spec, workdir, reports))
     logging.info('%s: %s', spec.name, json.dumps(records[-1]))
   rows = aggregate(records)
-  machine = machine_info()
+  machine = results_tables.machine_info()
   total = sum(r['train_seconds'] or 0.0 for r in records)
   with open(os.path.join(out, 'table.json'), 'w') as f:
     json.dump(
