@@ -36,9 +36,12 @@ BEST_METRIC = 'eval_accuracy'
 UNRESTORABLE_DIR = 'unrestorable_checkpoints'
 
 
-def create_manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:
-  """A manager keeping the last `keep` steps and the best by `BEST_METRIC`."""
-  best = lambda metrics: metrics[BEST_METRIC]
+def create_manager(
+  workdir: str, keep: int = 3, best_metric: str = BEST_METRIC
+) -> ocp.CheckpointManager:
+  """A manager keeping the last `keep` steps and the best by `best_metric`
+  (a key of the metrics saved with each checkpoint, higher is better)."""
+  best = lambda metrics: metrics[best_metric]
   policy = checkpoint_managers.AnyPreservationPolicy(
     [
       checkpoint_managers.LatestN(n=keep),

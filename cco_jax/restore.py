@@ -160,9 +160,19 @@ def restore_run(
   )
   rng = jax.random.key(0, impl=config.get('rng_impl') or None)
   template = jax.eval_shape(
-    lambda: step_lib.create_train_state(rng, model, config.data.image_size, tx)
+    lambda: step_lib.create_train_state(
+      rng,
+      model,
+      config.data.image_size,
+      tx,
+      num_groups=train_setup.create_objective(config).num_groups,
+    )
   )
-  manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
+  manager = checkpointing.create_manager(
+    workdir,
+    config.keep_checkpoints,
+    f'eval_{config.get("best_metric", "accuracy")}',
+  )
   try:
     chosen, how = choose_step(manager, step)
     state, _, _, chosen = checkpointing.restore(manager, template, chosen)

@@ -100,8 +100,15 @@ def restore_or_create(
 # ----------------------------------------------------------------------------
 
 
-def evaluate(p_eval_step: Callable, state, batches: Iterator[dict]) -> dict:
-  """Means over a split: accuracy, ce, pixel influence and background share."""
+def evaluate(
+  p_eval_step: Callable,
+  state,
+  batches: Iterator[dict],
+  group_names: tuple[str, ...] | None = None,
+) -> dict:
+  """Means over a split: accuracy, ce, pixel influence and background share;
+  with groups (a `p_eval_step` that sums them), per-group, worst-group and
+  average-group accuracy (numbers only: empty groups are left out)."""
   totals = None
   for batch in batches:
     sums = jax.tree.map(
@@ -109,7 +116,8 @@ def evaluate(p_eval_step: Callable, state, batches: Iterator[dict]) -> dict:
       p_eval_step(state, step_lib.shard(device_batch(batch))),
     )
     totals = metrics_lib.accumulate(totals, sums)
-  return metrics_lib.summarise(totals)
+  results = metrics_lib.summarise(totals, group_names)
+  return {k: v for k, v in results.items() if isinstance(v, (int, float))}
 
 
 def check_identity(config, setup: Setup, state, when: str) -> float:
@@ -175,9 +183,7 @@ class Run:
     self.is_chief = jax.process_index() == 0
     self.figure_dir = os.path.join(workdir, 'figures')
     self.setup = build(config)
-    self.manager = checkpointing.create_manager(
-      workdir, config.keep_checkpoints
-    )
+    self.manager = train_setup.create_manager(config, workdir)
     self.writer = metric_writers.MetricWriter(workdir, enabled=self.is_chief)
     self._figure_batch = None
 
@@ -197,7 +203,9 @@ class Run:
   def evaluate_split(self, state, split: str, **kwargs) -> dict:
     batches = eval_iterator(self.config, self.setup, split, **kwargs)
     try:
-      return evaluate(self.setup.p_eval_step, state, batches)
+      return evaluate(
+        self.setup.p_eval_step, state, batches, self.setup.group_names
+      )
     finally:
       _close(batches)
 
@@ -314,6 +322,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   lock = runtime.WorkdirLock(workdir, jax.process_index()).acquire()
   run = None
   try:
+    config = train_setup.with_data_fields(config)
     configuration.check_resumable(config, workdir)
     run = Run(config, workdir)
     return _train_and_evaluate(run)
@@ -405,6 +414,12 @@ def _train_and_evaluate(run: Run) -> dict:
           results['bg_share'],
           results['count'],
         )
+        if 'worst_group_accuracy' in results:
+          logging.info(
+            'Validation worst-group accuracy %.4f, average-group %.4f.',
+            results['worst_group_accuracy'],
+            results['average_group_accuracy'],
+          )
         eval_metrics = {f'eval_{k}': v for k, v in results.items()}
         run.writer.write(step, eval_metrics)
         if last or figures_due(config, step // schedule.eval_every):

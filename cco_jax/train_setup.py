@@ -11,13 +11,16 @@ Nothing here touches the workdir; `train.train_and_evaluate` runs the loop.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+import copy
 import dataclasses
 from typing import Any
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from cco_jax import checkpointing
 from cco_jax import configuration
 from cco_jax import data as input_pipeline
 from cco_jax import losses
@@ -30,6 +33,66 @@ DTYPES = {
   'bfloat16': jnp.bfloat16,
   'float16': jnp.float16,
 }
+
+
+GROUP_METRICS = ('worst_group_accuracy', 'average_group_accuracy')
+BEST_METRICS = ('accuracy',) + GROUP_METRICS
+
+
+def with_data_fields(
+  config: ml_collections.ConfigDict,
+) -> ml_collections.ConfigDict:
+  """A copy of `config` with the fields its objective takes from the data.
+
+  An objective that reads image-resolution masks (`losses.supervision`, e.g.
+  'rrr') gets `data.pixel_masks=True`; one that reads groups ('group_dro',
+  'ce_reweighted') gets `loss.group_counts`, the training examples of each
+  group, unless the config sets them. The copy is what `config.json` records.
+  """
+  needs = losses.supervision(config.loss.name)
+  updates = {}
+  if 'pixel_mask' in needs and not config.data.pixel_masks:
+    updates['data.pixel_masks'] = True
+  if 'group' in needs and not tuple(config.loss.get('group_counts', ())):
+    counts = input_pipeline.group_counts(config.data, 'train')
+    if len(counts) < 2:
+      raise ValueError(
+        f'config.loss.name={config.loss.name!r} reweights groups, but '
+        f'{config.data.name!r} has one group; train it on data with a group '
+        'column (docs/data.md) or choose another objective.'
+      )
+    updates['loss.group_counts'] = counts
+    logging.info('Training examples per group: %s.', counts)
+  if not updates:
+    return config
+  return configuration.apply_overrides(copy.deepcopy(config), updates)
+
+
+def best_metric(
+  config: ml_collections.ConfigDict, group_names: tuple[str, ...]
+) -> str:
+  """The saved metric that picks the best checkpoint: `eval_<best_metric>`."""
+  name = config.get('best_metric', 'accuracy')
+  if name not in BEST_METRICS:
+    raise ValueError(
+      f'config.best_metric={name!r}: choose one of {list(BEST_METRICS)}.'
+    )
+  if name in GROUP_METRICS and len(group_names) < 2:
+    raise ValueError(
+      f'config.best_metric={name!r} needs groups, but '
+      f'{config.data.name!r} has one ({group_names[0]!r}); use '
+      "best_metric='accuracy'."
+    )
+  return f'eval_{name}'
+
+
+def create_manager(config: ml_collections.ConfigDict, workdir: str):
+  """The checkpoint manager of a run: keeps the last k and the best."""
+  return checkpointing.create_manager(
+    workdir,
+    config.keep_checkpoints,
+    best_metric(config, input_pipeline.group_names(config.data)),
+  )
 
 
 def create_model(
@@ -126,6 +189,7 @@ class Setup:
 
   model: models.ResNet
   num_classes: int
+  group_names: tuple[str, ...]
   cam_size: tuple[int, int]
   schedule: Schedule
   tx: Any
@@ -138,6 +202,7 @@ class Setup:
 def build(config: ml_collections.ConfigDict) -> Setup:
   """Phase 1: model, objective, optimizer, compiled steps and the train data."""
   num_classes = input_pipeline.num_classes(config.data)
+  group_names = input_pipeline.group_names(config.data)
   model = create_model(config, num_classes, bn_axis_name=step_lib.AXIS_NAME)
   cam_size = models.cam_size(model, config.data.image_size)
   schedule = resolve_schedule(
@@ -161,12 +226,15 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   return Setup(
     model=model,
     num_classes=num_classes,
+    group_names=group_names,
     cam_size=cam_size,
     schedule=schedule,
     tx=tx,
     train_iter=train_iter,
     p_train_step=step_lib.pmapped_train_step(create_objective(config)),
-    p_eval_step=step_lib.pmapped_eval_step(),
+    p_eval_step=step_lib.pmapped_eval_step(
+      len(group_names) if len(group_names) > 1 else 0
+    ),
     p_predict=jax.pmap(step_lib.predict_step),
   )
 

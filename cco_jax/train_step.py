@@ -189,13 +189,19 @@ def train_step(
 
 
 def eval_step(
-  state: TrainState, batch: dict, *, axis_name: str | None = AXIS_NAME
+  state: TrainState,
+  batch: dict,
+  *,
+  axis_name: str | None = AXIS_NAME,
+  num_groups: int = 0,
 ) -> dict:
   """Sums of evaluation quantities over a (padded) batch shard.
 
   Returns weighted sums (divide by `count` after summing over batches):
   `count`, `correct`, `ce`, pixel influence `net`/`fg`/`bg`, and the maximum
-  relative identity error `identity_error` (a max, not a sum).
+  relative identity error `identity_error` (a max, not a sum); with
+  `num_groups > 1`, also `group_count` and `group_correct` `(num_groups,)`
+  from `batch['group']`.
   """
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   logits, cams = state.apply_fn(variables, batch['image'], train=False)
@@ -206,6 +212,11 @@ def eval_step(
     batch['mask'],
     batch['weight'],
     bias=state.params['head'].get('bias'),
+    **(
+      {'group': batch['group'], 'num_groups': num_groups}
+      if num_groups > 1
+      else {}
+    ),
   )
   identity = sums.pop('identity_error')
   if axis_name is not None:
@@ -286,8 +297,9 @@ def pmapped_train_step(
   )
 
 
-def pmapped_eval_step() -> Callable:
-  """`eval_step` pmapped over local devices."""
+def pmapped_eval_step(num_groups: int = 0) -> Callable:
+  """`eval_step` pmapped over local devices (group sums if `num_groups > 1`)."""
   return jax.pmap(
-    functools.partial(eval_step, axis_name=AXIS_NAME), axis_name=AXIS_NAME
+    functools.partial(eval_step, axis_name=AXIS_NAME, num_groups=num_groups),
+    axis_name=AXIS_NAME,
   )

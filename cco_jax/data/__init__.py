@@ -19,6 +19,7 @@ from cco_jax.data.config import IMAGENET_MEAN
 from cco_jax.data.config import IMAGENET_STD
 from cco_jax.data.config import default_config  # noqa: I001
 from cco_jax.data.info import class_names
+from cco_jax.data.info import group_counts
 from cco_jax.data.info import group_names
 from cco_jax.data.info import num_classes
 from cco_jax.data.info import num_examples
@@ -50,6 +51,7 @@ __all__ = [
   'create_train_iterator',
   'decode',
   'default_config',
+  'group_counts',
   'group_names',
   'load_split_sources',
   'num_classes',

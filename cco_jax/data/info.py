@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ml_collections
+import numpy as np
 
 from cco_jax.data.sources import NO_GROUPS
 from cco_jax.data.sources import check_config
@@ -70,3 +71,15 @@ def group_names(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
   builder = prepare_from_config(data_config)
   names = (builder.info.metadata or {}).get('group_names')
   return tuple(names) if names else NO_GROUPS
+
+
+def group_counts(
+  data_config: ml_collections.ConfigDict, split: str = 'train'
+) -> tuple[int, ...]:
+  """Examples of each group (`group_names` order) in a pipeline split."""
+  source = load_split_sources(data_config, [split])[split]
+  num_groups = len(group_names(data_config))
+  if source.groups is None:
+    return (len(source),) + (0,) * (num_groups - 1)
+  groups = np.asarray(source.groups)[np.asarray(source.indices)]
+  return tuple(int(n) for n in np.bincount(groups, minlength=num_groups))

@@ -117,7 +117,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 50
   config.eval_every_steps = -1  # -1 = once per epoch.
   config.checkpoint_every_steps = -1  # -1 = at every evaluation.
-  config.keep_checkpoints = 3  # The last k, plus the best by valid accuracy.
+  config.keep_checkpoints = 3  # The last k, plus the best by best_metric.
+  # Validation 'accuracy', or (data with groups) 'worst_group_accuracy' or
+  # 'average_group_accuracy': the metric that picks the best checkpoint.
+  config.best_metric = 'accuracy'
   # Relative to max |logit| + 1; <= 0 = cams.identity_tolerance(float32).
   config.identity_tolerance = 1e-4
   config.num_figure_examples = 8
