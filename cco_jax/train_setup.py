@@ -19,6 +19,7 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from cco_jax import checkpointing
 from cco_jax import configuration
@@ -87,11 +88,13 @@ def best_metric(
 
 
 def create_manager(config: ml_collections.ConfigDict, workdir: str):
-  """The checkpoint manager of a run: keeps the last k and the best."""
+  """The checkpoint manager of a run: keeps the last k and the best; saves in
+  the background unless `config.async_checkpoints` is False."""
   return checkpointing.create_manager(
     workdir,
     config.keep_checkpoints,
     best_metric(config, input_pipeline.group_names(config.data)),
+    async_save=config.get('async_checkpoints', True),
   )
 
 
@@ -100,7 +103,14 @@ def create_model(
   num_classes: int,
   bn_axis_name: str | None = None,
 ) -> models.ResNet:
-  """The model of `config.model`."""
+  """The model of `config.model`.
+
+  `bn_axis_name`: the pmap axis over which BatchNorm averages its batch
+  statistics in training; ignored (None: statistics per device) when
+  `config.model.sync_batch_norm` is False.
+  """
+  if not config.model.get('sync_batch_norm', True):
+    bn_axis_name = None
   if config.model.dtype not in DTYPES:
     raise ValueError(
       f'Unknown model.dtype {config.model.dtype!r}; choose one of '
@@ -139,25 +149,105 @@ class Schedule:
   log_every: int
   eval_every: int
   checkpoint_every: int
+  eval_batch_size: int = 0  # Global (all devices); 0 = config.eval_batch_size.
+
+
+# An evaluated example costs about a third of a trained one (a forward pass
+# against forward + backward); the default cadence keeps evaluation within
+# EVAL_BUDGET of the training time.
+EVAL_COST_PER_EXAMPLE = 1 / 3
+EVAL_BUDGET = 0.05
+
+
+def default_eval_every(
+  steps_per_epoch: int,
+  micro_batch_size: int,
+  num_eval_examples: int,
+  eval_batch_size: int,
+) -> int:
+  """Steps between evaluations when `config.eval_every_steps` is -1.
+
+  The larger of one epoch and the fewest steps for which an evaluation of
+  the split (padded to whole eval batches) costs at most `EVAL_BUDGET` (5 %)
+  of the training between two evaluations, an evaluated example costing
+  `EVAL_COST_PER_EXAMPLE` (1/3) of a trained one:
+    max(steps_per_epoch,
+        ceil(padded_eval_examples / (3 * 0.05 * micro_batch_size)))
+  E.g. Pets (~3,310 train, ~370 validation images) at micro-batch and eval
+  batch 80: max(41, 34) = 41, once per epoch; on 8 devices at 80 each
+  (micro-batch and eval batch 640): max(5, 7) = 7 steps.
+  """
+  if num_eval_examples <= 0:
+    return steps_per_epoch
+  batches = -(-num_eval_examples // eval_batch_size)
+  cost = batches * eval_batch_size * EVAL_COST_PER_EXAMPLE
+  return max(
+    steps_per_epoch, int(np.ceil(cost / (EVAL_BUDGET * micro_batch_size)))
+  )
+
+
+def _batch_sizes(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(global batch per optimizer step, global eval batch) of the config.
+
+  `config.per_device_batch_size` > 0 makes the micro-batch that many
+  examples per device (global batch = per_device x devices x
+  accumulation_steps; `config.batch_size` is then not read), and the eval
+  batch `config.per_device_eval_batch_size` (or, when 0, the same
+  per-device size) per device; 0 keeps the global `batch_size` and
+  `eval_batch_size`.
+  """
+  per_device = config.get('per_device_batch_size', 0)
+  per_device_eval = config.get('per_device_eval_batch_size', 0)
+  for name, value in (
+    ('per_device_batch_size', per_device),
+    ('per_device_eval_batch_size', per_device_eval),
+  ):
+    if not isinstance(value, int) or value < 0:
+      raise ValueError(
+        f'config.{name} = {value!r} must be an integer >= 0 (0 = use the '
+        'global batch_size / eval_batch_size).'
+      )
+  devices = jax.device_count()
+  batch_size = (
+    per_device * devices * config.accumulation_steps
+    if per_device
+    else config.batch_size
+  )
+  per_device_eval = per_device_eval or per_device
+  eval_batch_size = (
+    per_device_eval * devices if per_device_eval else config.eval_batch_size
+  )
+  return batch_size, eval_batch_size
 
 
 def resolve_schedule(
-  config: ml_collections.ConfigDict, num_train_examples: int
+  config: ml_collections.ConfigDict,
+  num_train_examples: int,
+  num_eval_examples: int = 0,
 ) -> Schedule:
-  """Turns epochs / steps / cadences of the config into step counts."""
+  """Turns epochs / steps / cadences of the config into step counts.
+
+  Batch sizes: see `_batch_sizes` (`per_device_batch_size` scales the
+  global batch with `jax.device_count()`). `eval_every_steps` = -1 resolves
+  to `default_eval_every` (at least an epoch, and evaluation <= 5 % of the
+  training time by the example count of the validation split,
+  `num_eval_examples`; 0 = once per epoch); `checkpoint_every_steps` = -1
+  to the evaluation cadence.
+  """
   configuration.check_training_config(config)
-  if config.batch_size % config.accumulation_steps:
+  batch_size, eval_batch_size = _batch_sizes(config)
+  if batch_size % config.accumulation_steps:
     raise ValueError(
-      f'batch_size={config.batch_size} must be divisible by '
+      f'batch_size={batch_size} must be divisible by '
       f'accumulation_steps={config.accumulation_steps}.'
     )
-  micro = config.batch_size // config.accumulation_steps
+  micro = batch_size // config.accumulation_steps
   devices = jax.device_count()
   if micro % devices:
     raise ValueError(
       f'The micro-batch batch_size/accumulation_steps = {micro} must be divisible '
       f'by the number of devices ({devices}); change config.batch_size or '
-      'config.accumulation_steps.'
+      'config.accumulation_steps (or set config.per_device_batch_size).'
     )
   steps_per_epoch = max(1, num_train_examples // micro)
   total = (
@@ -166,7 +256,11 @@ def resolve_schedule(
     else int(round(config.num_epochs * steps_per_epoch))
   )
   eval_every = (
-    config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
+    config.eval_every_steps
+    if config.eval_every_steps > 0
+    else default_eval_every(
+      steps_per_epoch, micro, num_eval_examples, eval_batch_size
+    )
   )
   ckpt_every = (
     config.checkpoint_every_steps
@@ -180,6 +274,7 @@ def resolve_schedule(
     max(1, config.log_every_steps),
     eval_every,
     ckpt_every,
+    eval_batch_size,
   )
 
 
@@ -206,7 +301,9 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   model = create_model(config, num_classes, bn_axis_name=step_lib.AXIS_NAME)
   cam_size = models.cam_size(model, config.data.image_size)
   schedule = resolve_schedule(
-    config, input_pipeline.num_examples(config.data, 'train')
+    config,
+    input_pipeline.num_examples(config.data, 'train'),
+    input_pipeline.num_examples(config.data, 'validation'),
   )
   tx = optimizers.create_optimizer(
     config.optimizer,
@@ -231,7 +328,9 @@ def build(config: ml_collections.ConfigDict) -> Setup:
     schedule=schedule,
     tx=tx,
     train_iter=train_iter,
-    p_train_step=step_lib.pmapped_train_step(create_objective(config)),
+    p_train_step=step_lib.pmapped_train_step(
+      create_objective(config), normalize=config.data.normalize
+    ),
     p_eval_step=step_lib.pmapped_eval_step(
       len(group_names) if len(group_names) > 1 else 0
     ),
@@ -247,7 +346,7 @@ def eval_iterator(
     config.data,
     split,
     cam_size=setup.cam_size,
-    global_batch_size=config.eval_batch_size,
+    global_batch_size=setup.schedule.eval_batch_size or config.eval_batch_size,
     num_devices=jax.local_device_count(),
     process_index=jax.process_index(),
     process_count=jax.process_count(),

@@ -11,7 +11,10 @@ A non-finite loss, gradient or updated parameter leaves the state unchanged and 
 `nonfinite` metric, which the loop turns into an error naming the step.
 
 Batches are dicts: `image` `(b, S, S, 3)` float, `mask` `(b, H, W)` in [0, 1]
-at CAM resolution, `label` `(b,)` int; eval batches add `weight` `(b,)`
+at CAM resolution, `label` `(b,)` int. Training batches may carry `image`
+uint8 and `flip` `(b,)` (`config.data.device_preprocessing`): the step first
+scales, normalises and flips them on the device
+(`cco_jax.data.device_transforms.finish_batch`). Eval batches add `weight` `(b,)`
 (0 for padding). Under pmap each gets a leading device axis. Objectives that
 need more (`losses.StepObjective`: RRR, Group DRO, reweighting, SWD, CutMix)
 read `pixel_mask` `(b, S, S)` or `group` `(b,)` too; the step gives them the
@@ -35,6 +38,7 @@ import optax
 
 from cco_jax import losses
 from cco_jax import metrics as metrics_lib
+from cco_jax.data import device_transforms
 
 AXIS_NAME = 'batch'
 
@@ -95,20 +99,25 @@ def train_step(
   *,
   objective: losses.Objective | losses.StepObjective,
   axis_name: str | None = AXIS_NAME,
+  normalize: bool | None = None,
 ) -> tuple[TrainState, dict]:
   """One (micro-)step of gradient descent on `objective`.
 
   Args:
     state: the replica's `TrainState`.
-    batch: the replica's shard: `image`, `mask`, `label` (module docstring).
+    batch: the replica's shard: `image`, `mask`, `label` (module docstring);
+      uint8 `image` and `flip` are finished on the device first.
     objective: from `losses.make_objective`: `(logits, cams, labels, mask) ->
       (loss, metrics)`, or a `losses.StepObjective`.
     axis_name: the mapped axis to average over, or None on a single device.
+    normalize: `config.data.normalize`, for uint8 images (ImageNet mean/std);
+      None is an error if the images are uint8.
 
   Returns:
     The new state and a dict of scalar metrics (loss, ce, ace, kld, accuracy,
     grad_norm, nonfinite, and the objective's own), averaged over the axis.
   """
+  batch = device_transforms.finish_batch(batch, normalize=normalize)
   step_objective = isinstance(objective, losses.StepObjective)
   rng = None
   if step_objective:
@@ -288,10 +297,17 @@ def shard(tree):
 
 def pmapped_train_step(
   objective: losses.Objective | losses.StepObjective,
+  *,
+  normalize: bool | None = None,
 ) -> Callable:
-  """`train_step` pmapped over local devices, the state's buffers donated."""
+  """`train_step` pmapped over local devices, the state's buffers donated.
+
+  `normalize` (`config.data.normalize`) is needed for uint8 batches.
+  """
   return jax.pmap(
-    functools.partial(train_step, objective=objective, axis_name=AXIS_NAME),
+    functools.partial(
+      train_step, objective=objective, axis_name=AXIS_NAME, normalize=normalize
+    ),
     axis_name=AXIS_NAME,
     donate_argnums=(0,),
   )
