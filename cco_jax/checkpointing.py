@@ -13,6 +13,12 @@ batches it had not seen, on every host.
 steps were bad and why; `set_aside` moves such steps out of the manager's way
 (to `workdir/unrestorable_checkpoints/`), never deleting them. A save that fails
 (e.g. a full disk) raises an `OSError` naming the path and the free space.
+
+With `create_manager(..., async_save=True)` (the training loop's manager) a
+save returns once the state is on the host and writes it in a background
+thread; a failure of that write surfaces as the same `OSError`, naming the
+failed step, at the next `save` or at `wait` (call it before reading the
+checkpoints, before the final evaluation and before closing).
 """
 
 from __future__ import annotations
@@ -37,10 +43,17 @@ UNRESTORABLE_DIR = 'unrestorable_checkpoints'
 
 
 def create_manager(
-  workdir: str, keep: int = 3, best_metric: str = BEST_METRIC
+  workdir: str,
+  keep: int = 3,
+  best_metric: str = BEST_METRIC,
+  async_save: bool = False,
 ) -> ocp.CheckpointManager:
   """A manager keeping the last `keep` steps and the best by `best_metric`
-  (a key of the metrics saved with each checkpoint, higher is better)."""
+  (a key of the metrics saved with each checkpoint, higher is better).
+
+  `async_save`: `save` returns before the files are written (a background
+  thread writes them); `wait` blocks until they are.
+  """
   best = lambda metrics: metrics[best_metric]
   policy = checkpoint_managers.AnyPreservationPolicy(
     [
@@ -54,7 +67,7 @@ def create_manager(
     preservation_policy=policy,
     best_fn=best,
     best_mode='max',
-    enable_async_checkpointing=False,
+    enable_async_checkpointing=async_save,
     create=True,
   )
   return ocp.CheckpointManager(
@@ -120,13 +133,16 @@ def save(
   Raises:
     OSError: the write failed (disk full, no permission, ...): the message
       names the checkpoint path, the free space and the cause; the errno is
-      the underlying one. Earlier checkpoints are untouched.
+      the underlying one. Earlier checkpoints are untouched. With an
+      asynchronous manager, a failed background save of an earlier step
+      raises here too (naming that step), before this one starts.
   """
   rng_data = np.asarray(jax.random.key_data(rng))
   if isinstance(data_state, bytes):
     data_state = data_state.decode()
   iterators = [json.loads(s) for s in _gather_json(json.dumps(data_state))]
   data = {'iterators': iterators, 'rng_impl': str(jax.random.key_impl(rng))}
+  wait(manager)  # A failed background save of an earlier step raises here.
   try:
     manager.save(
       step,
@@ -138,20 +154,55 @@ def save(
       metrics=metrics,
       force=True,
     )
+  except Exception as e:  # pylint: disable=broad-except
+    raise _save_error(manager, step, e) from None
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+  """Blocks until the manager's background save (if any) is written.
+
+  Raises:
+    OSError: that save failed; as `save`'s, naming the failed step's path.
+  """
+  try:
     manager.wait_until_finished()
   except Exception as e:  # pylint: disable=broad-except
-    path = os.path.join(str(manager.directory), str(step))
-    _remove_partial_save(str(manager.directory), step)
-    code = _underlying_errno(e)
-    raise OSError(
-      code,
-      f'Saving the checkpoint of step {step} failed ({os.strerror(code)}; '
-      f'{_free_space(path)} there): {type(e).__name__}: '
-      f'{str(e).splitlines()[0] if str(e) else ""} Earlier checkpoints '
-      f'are intact: steps {list(manager.all_steps())}. Free some space (or '
-      'fix the permissions) and run again to resume.',
-      path,
-    ) from None  # The cause is in the message; its traceback is Orbax's.
+    partial = _partial_steps(str(manager.directory))
+    raise _save_error(manager, partial[0] if partial else None, e) from None
+
+
+def _save_error(
+  manager: ocp.CheckpointManager, step: int | None, error: BaseException
+) -> OSError:
+  """The `OSError` of a failed save of `step` (None: unknown); removes its
+  partial files."""
+  directory = str(manager.directory)
+  path = os.path.join(directory, str(step)) if step is not None else directory
+  if step is not None:
+    _remove_partial_save(directory, step)
+  code = _underlying_errno(error)
+  # The cause is in the message; its traceback is Orbax's.
+  return OSError(
+    code,
+    f'Saving the checkpoint of step {step} failed ({os.strerror(code)}; '
+    f'{_free_space(path)} there): {type(error).__name__}: '
+    f'{str(error).splitlines()[0] if str(error) else ""} Earlier checkpoints '
+    f'are intact: steps {list(manager.all_steps())}. Free some space (or '
+    'fix the permissions) and run again to resume.',
+    path,
+  )
+
+
+_PARTIAL = re.compile(r'^(\d+)\.orbax-checkpoint-tmp')
+
+
+def _partial_steps(directory: str) -> list[int]:
+  """Steps with a temporary (unfinished or failed) save in `directory`."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(
+    {int(m.group(1)) for m in map(_PARTIAL.match, os.listdir(directory)) if m}
+  )
 
 
 def _remove_partial_save(directory: str, step: int) -> None:

@@ -27,8 +27,7 @@ process runs the same loop; only process 0 writes records, figures and
 
 from __future__ import annotations
 
-import collections
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 import json
 import os
 from typing import Any
@@ -47,6 +46,7 @@ from cco_jax import metrics as metrics_lib
 from cco_jax import pretrained
 from cco_jax import runtime
 from cco_jax import train_guards
+from cco_jax import train_input
 from cco_jax import train_setup
 from cco_jax import train_step as step_lib
 
@@ -59,6 +59,7 @@ IdentityViolation = train_guards.IdentityViolation
 NonFiniteLoss = train_guards.NonFiniteLoss
 check_evaluation = train_guards.check_evaluation
 check_finite_steps = train_guards.check_finite_steps
+device_batch = train_input.device_batch
 
 
 # ----------------------------------------------------------------------------
@@ -103,26 +104,40 @@ def restore_or_create(
 def evaluate(
   p_eval_step: Callable,
   state,
-  batches: Iterator[dict],
+  batches: Iterable[dict],
   group_names: tuple[str, ...] | None = None,
 ) -> dict:
   """Means over a split: accuracy, ce, pixel influence and background share;
   with groups (a `p_eval_step` that sums them), per-group, worst-group and
-  average-group accuracy (numbers only: empty groups are left out)."""
+  average-group accuracy (numbers only: empty groups are left out).
+
+  `batches`: host batches, or batches already on the devices (e.g. an
+  `train_input.EvalSplit`). The steps are dispatched back to back; their
+  sums come to the host in one transfer at the end.
+  """
+  outputs = [
+    p_eval_step(state, step_lib.shard(device_batch(batch))) for batch in batches
+  ]
   totals = None
-  for batch in batches:
-    sums = jax.tree.map(
-      lambda x: np.asarray(x[0]),
-      p_eval_step(state, step_lib.shard(device_batch(batch))),
+  for sums in jax.device_get(outputs):
+    totals = metrics_lib.accumulate(
+      totals, jax.tree.map(lambda x: np.asarray(x)[0], sums)
     )
-    totals = metrics_lib.accumulate(totals, sums)
   results = metrics_lib.summarise(totals, group_names)
   return {k: v for k, v in results.items() if isinstance(v, (int, float))}
 
 
-def check_identity(config, setup: Setup, state, when: str) -> float:
-  """Phase 3: max relative |sum of maps + bias - logits| on a validation batch."""
-  batch = next(iter(eval_iterator(config, setup, 'validation')))
+def check_identity(
+  config, setup: Setup, state, when: str, batch: dict | None = None
+) -> float:
+  """Phase 3: max relative |sum of maps + bias - logits| on a validation
+  batch (`batch`, default the split's first)."""
+  if batch is None:
+    batches = eval_iterator(config, setup, 'validation')
+    try:
+      batch = next(iter(batches))
+    finally:
+      train_input.close_iterator(batches)
   error = float(
     np.max(
       setup.p_eval_step(state, step_lib.shard(device_batch(batch)))[
@@ -141,32 +156,15 @@ def check_identity(config, setup: Setup, state, when: str) -> float:
   return error
 
 
-def device_batch(batch: dict) -> dict:
-  """Drops host-only entries (strings) before a batch goes to the devices."""
-  return {k: v for k, v in batch.items() if np.asarray(v).dtype.kind in 'biuf'}
-
-
-def prefetch_with_state(iterator, size: int = 2):
+def prefetch_with_state(iterator, size: int = 2) -> train_input.Prefetch:
   """Yields `(device_batch, iterator_state_after_it)`, `size` batches ahead.
 
-  Copying batches to the devices ahead of time hides the transfer; pairing
-  each with the iterator's state right after it lets a checkpoint record the
-  position of the last batch actually trained on, not of the prefetched ones.
+  A background thread reads the batches and copies them to the devices
+  (`train_input.Prefetch`), hiding both behind the steps; pairing each with
+  the iterator's state right after it lets a checkpoint record the position
+  of the last batch actually trained on, not of the prefetched ones.
   """
-  queue = collections.deque()
-
-  def enqueue(n):
-    for _ in range(n):
-      try:
-        batch = device_batch(next(iterator))
-      except StopIteration:
-        return
-      queue.append((step_lib.shard(batch), iterator.get_state()))
-
-  enqueue(size)
-  while queue:
-    yield queue.popleft()
-    enqueue(1)
+  return train_input.Prefetch(iterator, size)
 
 
 # ----------------------------------------------------------------------------
@@ -185,15 +183,46 @@ class Run:
     self.setup = build(config)
     self.manager = train_setup.create_manager(config, workdir)
     self.writer = metric_writers.MetricWriter(workdir, enabled=self.is_chief)
-    self._figure_batch = None
+    budget_mb = config.get('eval_cache_mb', 512)
+    if not isinstance(budget_mb, (int, float)) or budget_mb < 0:
+      raise ValueError(
+        f'config.eval_cache_mb = {budget_mb!r} must be a number >= 0 (MiB '
+        'per device for the validation batches; 0 = read them at every '
+        'evaluation).'
+      )
+    self.validation = train_input.EvalSplit(
+      lambda: eval_iterator(config, self.setup, 'validation'),
+      int(budget_mb * 2**20),
+      jax.local_device_count(),
+    )
+    self._average_batch_stats = (
+      None
+      if config.model.get('sync_batch_norm', True)
+      else jax.pmap(
+        lambda stats: jax.lax.pmean(stats, step_lib.AXIS_NAME),
+        axis_name=step_lib.AXIS_NAME,
+      )
+    )
 
   def close(self) -> None:
-    """Stops the input workers and closes the writers and the manager."""
-    close = getattr(self.setup.train_iter, 'close', None)
-    if close is not None:
-      close()
-    self.writer.close()
-    self.manager.close()
+    """Stops the input workers, waits for the last checkpoint and closes the
+    writers and the manager (a failed background save raises `OSError`)."""
+    try:
+      train_input.close_iterator(self.setup.train_iter)
+      self.writer.close()
+      checkpointing.wait(self.manager)
+    finally:
+      self.manager.close()
+
+  def consistent(self, state):
+    """`state` with the devices' BatchNorm statistics averaged when they are
+    kept per device (`config.model.sync_batch_norm` False), so evaluation and
+    checkpoints see one model; unchanged otherwise."""
+    if self._average_batch_stats is None:
+      return state
+    return state.replace(
+      batch_stats=self._average_batch_stats(state.batch_stats)
+    )
 
   def save_config(self) -> None:
     if self.is_chief:
@@ -201,13 +230,18 @@ class Run:
         f.write(self.config.to_json_best_effort(indent=2))
 
   def evaluate_split(self, state, split: str, **kwargs) -> dict:
+    """Evaluates `split`; validation from the batches read once per run."""
+    if split == 'validation' and not kwargs:
+      return evaluate(
+        self.setup.p_eval_step, state, self.validation, self.setup.group_names
+      )
     batches = eval_iterator(self.config, self.setup, split, **kwargs)
     try:
       return evaluate(
         self.setup.p_eval_step, state, batches, self.setup.group_names
       )
     finally:
-      _close(batches)
+      train_input.close_iterator(batches)
 
   def save_figures(self, state, step: int) -> None:
     """CAM grid of validation examples and the learning curves.
@@ -217,15 +251,7 @@ class Run:
     """
     if not self.config.num_figure_examples:
       return
-    if self._figure_batch is None:
-      batches = eval_iterator(self.config, self.setup, 'validation')
-      try:
-        self._figure_batch = next(iter(batches))
-      finally:
-        _close(batches)
-      if self.is_chief:
-        logging.info('Figures go to %s.', self.figure_dir)
-    batch = self._figure_batch
+    batch = self.validation.first()
     logits, cams = self.setup.p_predict(state, batch['image'])
     if not self.is_chief:
       return
@@ -264,6 +290,10 @@ class Run:
 
   def last_good_checkpoint(self) -> str:
     """What a stopped run leaves to resume from, in words."""
+    try:
+      checkpointing.wait(self.manager)
+    except OSError as e:
+      logging.error('%s', e)
     step = self.manager.latest_step()
     if step is None:
       return (
@@ -274,12 +304,6 @@ class Run:
       f'The last good checkpoint is step {step} in {self.manager.directory} '
       '(nothing after it was saved).'
     )
-
-
-def _close(iterator) -> None:
-  close = getattr(iterator, 'close', None)
-  if close is not None:
-    close()
 
 
 def summarise_metrics(step_metrics: list[dict], first_step: int) -> dict:
@@ -359,7 +383,11 @@ def _train_and_evaluate(run: Run) -> dict:
   figures_due(config, 0)  # A bad figure_every_evals fails before any step.
   state = step_lib.replicate(state)
   identity = check_identity(
-    config, setup, state, 'after restore' if start_step else 'at initialisation'
+    config,
+    setup,
+    state,
+    'after restore' if start_step else 'at initialisation',
+    run.validation.first(),
   )
   run.writer.write(start_step, {'identity_error': identity})
   logging.info(
@@ -402,6 +430,8 @@ def _train_and_evaluate(run: Run) -> dict:
         )
         run.writer.write(step, summary)
       eval_metrics = None
+      if due_eval or due_save:
+        state = run.consistent(state)
       if due_eval:
         results = run.evaluate_split(state, 'validation')
         check_evaluation(config, results, step)
@@ -434,6 +464,7 @@ def _train_and_evaluate(run: Run) -> dict:
   finally:
     batches.close()
 
+  checkpointing.wait(run.manager)  # The last save's failure raises here.
   return final_evaluation(run, state, step)
 
 

@@ -272,13 +272,25 @@ def test_resume_after_truncated_checkpoint_retrains_the_same_steps(
 # -- A failing save ------------------------------------------------------------
 
 
-def test_failing_save_raises_oserror_and_keeps_earlier_checkpoints(tmp_path):
-  """A real write failure: files may not grow past 256 kB (RLIMIT_FSIZE)."""
+@pytest.mark.parametrize(
+  'mode', ['synchronous', 'async, at wait', 'async, at the next save']
+)
+def test_failing_save_raises_oserror_and_keeps_earlier_checkpoints(
+  tmp_path, mode
+):
+  """A real write failure: files may not grow past 256 kB (RLIMIT_FSIZE).
+
+  A background (async) save's failure surfaces at `wait` or at the next
+  `save`, with the same error naming the failed step."""
   rng = np.random.default_rng(0)
   state = {'w': rng.normal(size=(256, 1024)).astype(np.float32)}  # 1 MiB.
   key = jax.random.key(0)
-  manager = checkpointing.create_manager(str(tmp_path), 3)
+  async_save = mode != 'synchronous'
+  manager = checkpointing.create_manager(
+    str(tmp_path), 3, async_save=async_save
+  )
   checkpointing.save(manager, 1, state, key, {'position': 1})
+  checkpointing.wait(manager)
 
   limit = 256 * 1024
   soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
@@ -287,13 +299,20 @@ def test_failing_save_raises_oserror_and_keeps_earlier_checkpoints(tmp_path):
   try:
     with pytest.raises(OSError) as info:
       checkpointing.save(manager, 2, {'w': state['w'] + 1}, key, {'p': 2})
+      if mode == 'async, at wait':
+        checkpointing.wait(manager)
+      elif mode == 'async, at the next save':  # Small: would fit.
+        checkpointing.save(manager, 3, {'w': np.zeros(4)}, key, {'p': 3})
   finally:
     resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     signal.signal(signal.SIGXFSZ, previous)
   error = info.value
   assert error.errno == errno.EFBIG, error
   assert error.filename == os.path.join(str(manager.directory), '2')
+  assert 'step 2 failed' in str(error)
   assert 'MiB free' in str(error) and 'steps [1]' in str(error)
+  checkpointing.wait(manager)  # Raised once: nothing pending now.
+  manager.close()
 
   manager = checkpointing.create_manager(str(tmp_path), 3)
   assert manager.all_steps() == [1]
@@ -302,3 +321,28 @@ def test_failing_save_raises_oserror_and_keeps_earlier_checkpoints(tmp_path):
   assert step == 1 and data_state == {'position': 1}
   np.testing.assert_array_equal(restored['w'], state['w'])
   json.dumps(data_state)
+
+
+def test_async_saves_restore_exactly_after_wait(tmp_path):
+  """Saves return before the files exist; after `wait` every step restores
+  to exactly what was saved (the arrays are copied before the return)."""
+  rng = np.random.default_rng(1)
+  manager = checkpointing.create_manager(str(tmp_path), 5, async_save=True)
+  saved = {}
+  for step in (1, 2, 3):
+    state = {'w': rng.normal(size=(64, 33)).astype(np.float32)}
+    saved[step] = state['w'].copy()
+    checkpointing.save(manager, step, state, jax.random.key(step), [step])
+    state['w'] += 1  # The caller reuses its buffer: must not reach the file.
+  checkpointing.wait(manager)
+  assert manager.all_steps() == [1, 2, 3]
+  for step, w in saved.items():
+    restored, key, data_state, _ = checkpointing.restore(
+      manager, {'w': w}, step
+    )
+    np.testing.assert_array_equal(restored['w'], w)
+    assert data_state == [step]
+    np.testing.assert_array_equal(
+      jax.random.key_data(key), jax.random.key_data(jax.random.key(step))
+    )
+  manager.close()

@@ -68,6 +68,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   config.model.dtype = 'float32'  # 'bfloat16' for mixed precision.
   # 1x1 convolutions as matrix products (faster on CPU; same parameters).
   config.model.pointwise_as_dot = True
+  # BatchNorm statistics averaged across devices at every training step
+  # (one all-reduce per BN layer); False keeps them per device (as with one
+  # device per replica) and averages them before evaluations and checkpoints.
+  config.model.sync_batch_norm = True
   # A torchvision/timm ResNet state dict (.safetensors, .npz, .pth) to start
   # from, loaded by `cco_jax.pretrained` with the method's surgery when
   # cam_faithful; '' = random initialisation. Not read when resuming.
@@ -108,6 +112,13 @@ def get_default_config() -> ml_collections.ConfigDict:
 
   # Durations: num_train_steps > 0 overrides num_epochs.
   config.batch_size = 80  # Global batch per optimizer step (all devices).
+  # > 0: the micro-batch is this many examples per device (the global batch
+  # is per_device_batch_size x devices x accumulation_steps; batch_size is
+  # not read), so a config means the same per device on 1 and 8 GPUs.
+  config.per_device_batch_size = 0
+  # > 0: the eval batch per device; 0 = per_device_batch_size if set, else
+  # the global eval_batch_size.
+  config.per_device_eval_batch_size = 0
   config.accumulation_steps = (
     1  # Micro-batches per step: batch_size/accum each.
   )
@@ -115,8 +126,18 @@ def get_default_config() -> ml_collections.ConfigDict:
   config.num_train_steps = -1
   config.eval_batch_size = 80
   config.log_every_steps = 50
-  config.eval_every_steps = -1  # -1 = once per epoch.
+  # -1 = max(steps per epoch, ceil(padded validation examples / (3 x 0.05 x
+  # micro-batch))): at least an epoch apart, and evaluation (an example costs
+  # ~1/3 of a trained one) <= 5 % of the training time
+  # (train_setup.default_eval_every).
+  config.eval_every_steps = -1
   config.checkpoint_every_steps = -1  # -1 = at every evaluation.
+  # Checkpoints written by a background thread (the steps go on); False
+  # writes them before the next step.
+  config.async_checkpoints = True
+  # MiB per device for the validation batches kept on the devices (read and
+  # decoded once per run); a split over it is read at every evaluation.
+  config.eval_cache_mb = 512
   config.keep_checkpoints = 3  # The last k, plus the best by best_metric.
   # Validation 'accuracy', or (data with groups) 'worst_group_accuracy' or
   # 'average_group_accuracy': the metric that picks the best checkpoint.
@@ -131,8 +152,10 @@ def get_default_config() -> ml_collections.ConfigDict:
 
 def _accelerated(config):
   """Paper-scale variants run on GPUs/TPUs: bfloat16 compute in the backbone
-  (parameters, the head and its maps stay float32; `models.CamHead`)."""
+  (parameters, the head and its maps stay float32; `models.CamHead`), and
+  BatchNorm statistics per device (no all-reduce per BN layer and step)."""
   config.model.dtype = 'bfloat16'
+  config.model.sync_batch_norm = False
   return config
 
 
