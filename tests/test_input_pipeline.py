@@ -9,6 +9,7 @@ import synthetic_data as df
 
 from cco_jax import data as ip
 from cco_jax.data import cache as cache_lib
+from cco_jax.data import device_transforms
 from cco_jax.data import pipeline
 from cco_jax.data import sources
 
@@ -31,6 +32,12 @@ NUM_TRAIN = df.NUM_TRAINVAL - len(
 
 def _take(iterator, n):
   return [next(iterator) for _ in range(n)]
+
+
+def _finished(batch, normalize=False):
+  """A training batch as the train step sees it (float32, flips applied)."""
+  finished = device_transforms.finish_batch(batch, normalize=normalize)
+  return {key: np.asarray(value) for key, value in finished.items()}
 
 
 def _fg_fraction(images: np.ndarray, cam_size) -> np.ndarray:
@@ -115,12 +122,20 @@ def test_split_sizes_of_synthetic_pets(synthetic_config):
 # ----------------------------------------------------------------------------
 
 
-def test_train_batch_shapes_dtypes_and_ranges(synthetic_config):
+@pytest.mark.parametrize('on_device', [True, False])
+def test_train_batch_shapes_dtypes_and_ranges(synthetic_config, on_device):
   iterator = ip.create_train_iterator(
-    synthetic_config(), cam_size=CAM, global_batch_size=8, num_devices=4, seed=0
+    synthetic_config(device_preprocessing=on_device),
+    cam_size=CAM,
+    global_batch_size=8,
+    num_devices=4,
+    seed=0,
   )
   batch = next(iterator)
   assert set(batch) == {'image', 'mask', 'label', 'group'}
+  if on_device:  # uint8 images, finished by the train step.
+    assert batch['image'].dtype == np.uint8
+    batch = _finished(batch)
   # Pets without a spurious benchmark has one group: every example is 0.
   assert batch['group'].dtype == np.int32 and not batch['group'].any()
   assert batch['image'].shape == (4, 2, 32, 32, 3)
@@ -166,9 +181,12 @@ def test_batches_split_across_hosts(synthetic_config):
 
 def test_normalize_uses_imagenet_statistics(synthetic_config):
   kwargs = dict(cam_size=CAM, global_batch_size=4, num_devices=1, seed=3)
-  plain = next(ip.create_train_iterator(synthetic_config(), **kwargs))
+  host = synthetic_config(device_preprocessing=False)
+  plain = next(ip.create_train_iterator(host, **kwargs))
   normal = next(
-    ip.create_train_iterator(synthetic_config(normalize=True), **kwargs)
+    ip.create_train_iterator(
+      synthetic_config(normalize=True, device_preprocessing=False), **kwargs
+    )
   )
   np.testing.assert_allclose(
     normal['image'],
@@ -269,7 +287,7 @@ def test_cache_decoded_matches_shapes_and_is_deterministic(
     for key in x:
       np.testing.assert_array_equal(x[key], y[key])
   assert a[0]['image'].shape == (1, 4, 32, 32, 3)
-  _check_alignment(a)
+  _check_alignment([_finished(batch) for batch in a])
 
 
 @pytest.mark.parametrize('mask_resize', ['nearest', 'area'])
@@ -403,7 +421,7 @@ def test_cached_and_uncached_paths_give_identical_batches(
     assert (
       set(x)
       == set(y)
-      == {'image', 'mask', 'pixel_mask', 'label', 'group', 'index'}
+      == {'image', 'mask', 'pixel_mask', 'label', 'group', 'index', 'flip'}
     )
     for key in x:
       assert x[key].dtype == y[key].dtype, key
@@ -462,7 +480,7 @@ def test_flips_and_crops_move_image_and_mask_together(synthetic_config):
     num_devices=1,
     seed=0,
   )
-  batches = _take(iterator, 3)
+  batches = [_finished(batch) for batch in _take(iterator, 3)]
   _check_alignment(batches)
   # The pet starts in the left half; flipped examples have it on the right.
   images = np.concatenate([b['image'][0] for b in batches])

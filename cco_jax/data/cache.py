@@ -81,13 +81,14 @@ def as_images(example: Example) -> Example:
 
 
 def cached_model_input(
-  example: Example, *, normalize: bool, flip: bool
+  example: Example, *, normalize: bool, flip: bool, finish: bool = True
 ) -> Example:
   """`to_model_input` of an uncropped `Cached` item, by array operations.
 
   Equal, bit for bit, to the Pillow path's training example: the cached image
   is the same squash of the same decoded image, and the masks were made by
-  the same function from the same full-resolution foreground.
+  the same function from the same full-resolution foreground. `finish=False`
+  keeps the image uint8 (S, S, 3), as `to_model_input(..., finish=False)`.
   """
   masks = {'mask': example['mask']}
   if example['pixel_mask'] is not None:
@@ -97,7 +98,9 @@ def cached_model_input(
     image = image[:, ::-1]
     masks = {key: mask[:, ::-1] for key, mask in masks.items()}
   return {
-    'image': transforms.finish_image(image, normalize=normalize),
+    'image': transforms.finish_image(image, normalize=normalize)
+    if finish
+    else np.ascontiguousarray(image),
     **{key: np.ascontiguousarray(mask) for key, mask in masks.items()},
     'label': np.int32(example['label']),
     'index': np.int32(example['index']),
@@ -124,6 +127,7 @@ class CachedBatches:
   flip: bool
   normalize: bool
   keys: tuple[str, ...]
+  device_preprocessing: bool = False
 
   def __len__(self) -> int:
     return ENDLESS
@@ -154,12 +158,15 @@ class CachedBatches:
     }
     if 'pixel_mask' in self.keys:
       batch['pixel_mask'] = self.cached.pixel_masks[positions]
-    for key in ('image', 'mask', 'pixel_mask'):
-      if key in batch:
-        batch[key][flips] = batch[key][flips, :, ::-1]
-    batch['image'] = transforms.finish_image(
-      batch['image'], normalize=self.normalize
-    )
+    if self.device_preprocessing:
+      batch['flip'] = flips
+    else:
+      for key in ('image', 'mask', 'pixel_mask'):
+        if key in batch:
+          batch[key][flips] = batch[key][flips, :, ::-1]
+      batch['image'] = transforms.finish_image(
+        batch['image'], normalize=self.normalize
+      )
     return {
       key: batch[key].reshape(self.num_devices, -1, *batch[key].shape[1:])
       for key in self.keys

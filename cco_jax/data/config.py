@@ -30,6 +30,13 @@ it and change only what their protocol needs. Fields:
                           keep it in RAM (about 200 kB per example at
                           S = 224); augmentations then act on the (S, S) copy.
                           Needs num_workers == 0.
+  device_preprocessing    training images leave the host as uint8 (the
+                          squashed crop, unflipped) with a 'flip' bit per
+                          example; the train step scales, normalises and
+                          flips images and masks on the device
+                          (`cco_jax.data.device_transforms`). The same
+                          examples, crops and flips either way; False =
+                          float32 images finished and flipped on the host.
   pixel_masks             training batches also carry 'pixel_mask' float32
                           (D, b, S, S) in {0, 1}: the foreground at image
                           resolution (for input-gradient objectives).
@@ -111,6 +118,7 @@ _DEFAULTS = types.MappingProxyType(
     prefetch=2,
     shuffle_seed_offset=0,
     cache_decoded=False,
+    device_preprocessing=True,
     pixel_masks=False,
     store_size=0,
     store_format='jpeg',

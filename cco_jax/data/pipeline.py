@@ -8,6 +8,12 @@ Every batch carries 'group' int32 (D, b): the example's group, an index into
 `info.group_names(config.data)` (0 for datasets without groups). With
 `config.data.pixel_masks`, training batches also carry 'pixel_mask'.
 
+With `config.data.device_preprocessing` (the default) training images leave
+the host as uint8 squashed crops, unflipped, with a 'flip' bit per example
+(drawn as before): the train step scales, normalises and flips them
+(`cco_jax.data.device_transforms`). Evaluation batches are always finished on
+the host (float32).
+
 Empty masks: an example whose uncropped CAM mask (made from its
 full-resolution foreground) is empty gets an all-ones mask, for which ablated
 CE equals CE; with `empty_mask_policy='drop'` such examples are instead left
@@ -141,21 +147,33 @@ def _train_example(
     else transforms.FULL_BOX
   )
   flip = bool(data_config.augment_flip and rng.random() < 0.5)
+  # With device_preprocessing the device flips and finishes the image
+  # (`device_transforms.finish_batch`); the host only says which to flip.
+  on_device = config_lib.get(data_config, 'device_preprocessing')
+  host_flip, finish = flip and not on_device, not on_device
   if cached and box == transforms.FULL_BOX:
-    return cache_lib.cached_model_input(
-      example, normalize=data_config.normalize, flip=flip
+    out = cache_lib.cached_model_input(
+      example,
+      normalize=data_config.normalize,
+      flip=host_flip,
+      finish=finish,
     )
-  return transforms.to_model_input(
-    cache_lib.as_images(example) if cached else example,
-    image_size=data_config.image_size,
-    cam_size=cam_size,
-    mask_resize=data_config.mask_resize,
-    normalize=data_config.normalize,
-    with_pixel_mask=config_lib.get(data_config, 'pixel_masks'),
-    pixel_mask_empty_as_ones=True,
-    box=box,
-    flip=flip,
-  )
+  else:
+    out = transforms.to_model_input(
+      cache_lib.as_images(example) if cached else example,
+      image_size=data_config.image_size,
+      cam_size=cam_size,
+      mask_resize=data_config.mask_resize,
+      normalize=data_config.normalize,
+      with_pixel_mask=config_lib.get(data_config, 'pixel_masks'),
+      pixel_mask_empty_as_ones=True,
+      box=box,
+      flip=host_flip,
+      finish=finish,
+    )
+  if on_device:
+    out['flip'] = np.bool_(flip)
+  return out
 
 
 def draft_size(
@@ -201,7 +219,10 @@ def create_train_iterator(
     (D, b, h, w), 'label': int32 (D, b), 'group': int32 (D, b)} and, with
     `config.data.pixel_masks`, 'pixel_mask' float32 (D, b, S, S) in {0, 1}
     (empty ones all ones); b = global_batch_size // (num_devices *
-    process_count).
+    process_count). With `config.data.device_preprocessing`, 'image' is
+    uint8 (D, b, S, S, 3), nothing is flipped, and with `augment_flip`
+    'flip' bool (D, b) says which examples the train step mirrors
+    (`device_transforms.finish_batch`).
 
   Raises:
     ValueError: indivisible batch size, a bad config, or a training split
@@ -248,8 +269,10 @@ def create_train_iterator(
   shuffle_seed, augment_seed = order.derived_seeds(
     seed, config_lib.get(data_config, 'shuffle_seed_offset')
   )
+  on_device = config_lib.get(data_config, 'device_preprocessing')
   keys = ('image', 'mask', 'label', 'group')
   keys += ('pixel_mask',) * pixel_masks + ('index',) * with_index
+  keys += ('flip',) * (on_device and data_config.augment_flip)
   if isinstance(decoded, cache_lib.Cached) and not data_config.augment_crop:
     batches = grain.MapDataset.source(
       cache_lib.CachedBatches(
@@ -261,6 +284,7 @@ def create_train_iterator(
         flip=data_config.augment_flip,
         normalize=data_config.normalize,
         keys=keys,
+        device_preprocessing=on_device,
       )
     )
   else:

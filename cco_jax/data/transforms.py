@@ -7,6 +7,9 @@ One example travels as follows (NumPy and Pillow):
       -> [random resized crop, flip]        the same box and flip for both
       -> squash to (S, S)                   bilinear; no aspect-preserving crop
       -> image float32 (S, S, 3) in [0, 1]  [ImageNet mean/std when `normalize`]
+                                          (training with device_preprocessing:
+                                          uint8, finished and flipped on the
+                                          device, `device_transforms`)
          mask  float32 (h, w) in [0, 1]     fg resized to the CAM grid
 
 Masks are stored in the Pets trimap convention (1 = object, 2 = background,
@@ -249,7 +252,12 @@ def training_masks(
 
 
 def finish_image(image: np.ndarray, *, normalize: bool) -> np.ndarray:
-  """uint8 (..., 3) -> float32 in [0, 1], or ImageNet-normalised."""
+  """uint8 (..., 3) -> float32 in [0, 1], or ImageNet-normalised.
+
+  The host's version of `device_transforms.finish_on_device` (same
+  arithmetic): evaluation batches, and training batches without
+  `config.data.device_preprocessing`.
+  """
   image = image.astype(np.float32) * np.float32(1 / 255)
   if normalize:
     image = (image - IMAGENET_MEAN) / IMAGENET_STD
@@ -267,8 +275,13 @@ def to_model_input(
   box: Box = FULL_BOX,
   flip: bool = False,
   pixel_mask_empty_as_ones: bool = False,
+  finish: bool = True,
 ) -> Example:
   """Crops `box`, squashes to (S, S), flips, and converts to float arrays.
+
+  With `finish=False` the image stays uint8 (S, S, 3) and `normalize` is not
+  applied: the train step finishes it on the device
+  (`cco_jax.data.device_transforms`).
 
   Returns:
     {'image': float32 (S, S, 3) in [0, 1] (or normalised), 'mask': float32
@@ -295,7 +308,9 @@ def to_model_input(
     image = image[:, ::-1]
     masks = {key: mask[:, ::-1] for key, mask in masks.items()}
   return {
-    'image': finish_image(image, normalize=normalize),
+    'image': finish_image(image, normalize=normalize)
+    if finish
+    else np.ascontiguousarray(image),
     **{key: np.ascontiguousarray(mask) for key, mask in masks.items()},
     'label': np.int32(example['label']),
     'index': np.int32(example['index']),
