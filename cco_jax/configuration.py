@@ -89,6 +89,7 @@ MAY_CHANGE_ON_RESUME = (
   'data.num_workers',
   'data.prefetch',
   'data.cache_decoded',
+  'data.device_preprocessing',
 )
 
 
