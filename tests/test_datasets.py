@@ -7,6 +7,8 @@ from pathlib import Path
 import shutil
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 from PIL import Image
@@ -317,6 +319,64 @@ def test_data_dir_prepared_from_another_source_is_an_error(
     'oxford_iiit_pet', data_dir=str(synthetic_data_dir)
   )
   assert builder.info.metadata['source'] == os.path.realpath(synthetic_pets_dir)
+
+
+# ----------------------------------------------------------------------------
+# Several processes: process 0 prepares, the others wait.
+# ----------------------------------------------------------------------------
+
+
+def test_only_process_0_prepares_and_the_others_wait(
+  synthetic_pets_dir, tmp_path
+):
+  data_dir = tmp_path / 'tfds'
+  kwargs = dict(manual_dir=str(synthetic_pets_dir), data_dir=str(data_dir))
+  seen = {}
+
+  def process_1():
+    try:
+      seen['builder'] = input_pipeline.prepare_dataset(
+        'oxford_iiit_pet', process=(1, 2), wait_s=300, **kwargs
+      )
+    except Exception as e:  # pylint: disable=broad-except
+      seen['error'] = e
+
+  waiter = threading.Thread(target=process_1)
+  waiter.start()
+  time.sleep(1.5)
+  # Process 1 prepares nothing: it waits.
+  assert waiter.is_alive(), seen
+  assert not list(data_dir.rglob('dataset_info.json'))
+  chief = input_pipeline.prepare_dataset(
+    'oxford_iiit_pet', process=(0, 2), **kwargs
+  )
+  waiter.join(300)
+  assert not waiter.is_alive() and 'error' not in seen, seen
+  other = seen['builder']
+  assert other.is_prepared() and other.data_dir == chief.data_dir
+  assert other.info.splits['test'].num_examples == df.NUM_TEST
+  assert len(list(data_dir.rglob('dataset_info.json'))) == 1
+
+
+def test_waiting_for_process_0_ends_with_a_clear_error(
+  synthetic_pets_dir, tmp_path
+):
+  data_dir = tmp_path / 'tfds'
+  start = time.monotonic()
+  with pytest.raises(
+    TimeoutError,
+    match=r'Process 1 of 2 waited \d+ s for process 0 to prepare '
+    r'oxford_iiit_pet.*tfds_data_dir.*every host',
+  ):
+    input_pipeline.prepare_dataset(
+      'oxford_iiit_pet',
+      manual_dir=str(synthetic_pets_dir),
+      data_dir=str(data_dir),
+      process=(1, 2),
+      wait_s=0.5,
+    )
+  assert time.monotonic() - start < 30
+  assert not list(data_dir.rglob('dataset_info.json'))
 
 
 # ----------------------------------------------------------------------------

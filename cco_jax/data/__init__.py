@@ -2,8 +2,11 @@
 
 One job per module:
   config      the schema and defaults of `config.data` (`default_config`).
-  sources     preparing datasets, where prepared data lives, opening splits
-              and the validation carve.
+  preparation preparing datasets once (process 0 of several) and where
+              prepared data lives.
+  sources     opening the pipeline's splits and the validation carve.
+  device_transforms  the image work of training batches done in the train
+              step (uint8 -> float32, normalisation, flips).
   info        split sizes, class names and group names of a configured dataset.
   transforms  decode, crop, squash, masks on the CAM grid.
   order       which example and which augmentation at each stream position.
@@ -27,15 +30,15 @@ from cco_jax.data.info import split_sizes
 from cco_jax.data.pipeline import TrainIterator
 from cco_jax.data.pipeline import create_eval_iterator
 from cco_jax.data.pipeline import create_train_iterator
+from cco_jax.data.preparation import prepare_dataset
+from cco_jax.data.preparation import prepare_from_config
+from cco_jax.data.preparation import prepare_options
+from cco_jax.data.preparation import prepared_source
+from cco_jax.data.preparation import resolve_data_dir
 from cco_jax.data.sources import OOD_DATASET
 from cco_jax.data.sources import carve_validation
 from cco_jax.data.sources import check_config
 from cco_jax.data.sources import load_split_sources
-from cco_jax.data.sources import prepare_dataset
-from cco_jax.data.sources import prepare_from_config
-from cco_jax.data.sources import prepare_options
-from cco_jax.data.sources import prepared_source
-from cco_jax.data.sources import resolve_data_dir
 from cco_jax.data.transforms import decode
 from cco_jax.data.transforms import to_model_input
 

@@ -44,7 +44,7 @@ it and change only what their protocol needs. Fields:
                           squashed to (S, S) when preparing (masks too,
                           nearest), so decoding is cheap. Prepared copies with
                           another store_size live apart
-                          (`sources.prepared_data_dir`).
+                          (`preparation.prepared_data_dir`).
   store_format            with store_size: 'jpeg' (quality 95, ~7x smaller)
                           or 'raw' uint8 pixels (no decoding at all).
   missing_masks           'folder': a row without a mask file is an 'error',

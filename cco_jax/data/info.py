@@ -5,13 +5,13 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
+from cco_jax.data.preparation import dataset_entry
+from cco_jax.data.preparation import prepare_from_config
+from cco_jax.data.preparation import prepare_options
+from cco_jax.data.preparation import prepared_builder
 from cco_jax.data.sources import NO_GROUPS
 from cco_jax.data.sources import check_config
-from cco_jax.data.sources import dataset_entry
 from cco_jax.data.sources import load_split_sources
-from cco_jax.data.sources import prepare_from_config
-from cco_jax.data.sources import prepare_options
-from cco_jax.data.sources import prepared_builder
 
 
 def split_sizes(data_config: ml_collections.ConfigDict) -> dict[str, int]:

@@ -1,4 +1,4 @@
-"""Preparing datasets, where prepared data lives, and the pipeline's splits.
+"""The pipeline's splits of a prepared dataset (`preparation` prepares it).
 
 Splits seen by the pipeline:
   'train', 'validation'  a deterministic carve of the dataset's 'train' split
@@ -7,14 +7,6 @@ Splits seen by the pipeline:
                          split (folder, Waterbirds) uses it instead;
   'test'                 the dataset's test split;
   'ood'                  Microsoft Cats-vs-Dogs (species task only).
-
-Where prepared data lives (`prepared_data_dir`, the one place that decides):
-  ``config.data.tfds_data_dir`` ('' = the TFDS default), then
-  ``stored_<S>/`` (``stored_<S>_raw/``) below it when ``store_size`` = S > 0,
-  then for the 'folder'
-  dataset ``folder/<hash of the root, its labels.csv and the preparing
-  options>/``, so that every folder (and every option set, and every edit of
-  labels.csv) gets its own prepared copy.
 
 Each example read from a `SplitSource` carries 'group': an int index into the
 dataset's `group_names` (metadata recorded by the builder); datasets without
@@ -26,20 +18,25 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 import dataclasses
 import hashlib
-import json
 import math
-import os
 from typing import Any
 
-from absl import logging
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
 from cco_jax.data import config as config_lib
-from cco_jax.data.datasets import DATASETS
 from cco_jax.data.datasets import DatasetEntry
 from cco_jax.data.datasets import PrepareOptions
+from cco_jax.data.preparation import dataset_entry
+from cco_jax.data.preparation import prepare_dataset
+from cco_jax.data.preparation import prepare_from_config
+
+# Re-exported: the names callers used before preparing had its own module.
+from cco_jax.data.preparation import prepare_options as prepare_options
+from cco_jax.data.preparation import prepared_data_dir as prepared_data_dir
+from cco_jax.data.preparation import prepared_source as prepared_source
+from cco_jax.data.preparation import resolve_data_dir as resolve_data_dir
 
 Example = dict[str, Any]
 OOD_DATASET = 'cats_vs_dogs'
@@ -50,221 +47,10 @@ NO_GROUPS = ('all',)
 _SKIP_DECODING = tfds.decode.SkipDecoding
 
 
-def dataset_entry(name: str) -> DatasetEntry:
-  """The `DATASETS` entry of `name`; ValueError naming the choices."""
-  if name not in DATASETS:
-    raise ValueError(
-      f'Unknown dataset {name!r} (config.data.name, --dataset); expected '
-      f'one of {tuple(DATASETS)}.'
-    )
-  return DATASETS[name]
-
-
 def check_config(data_config: ml_collections.ConfigDict) -> None:
   """Raises ValueError on a field value the pipeline does not support."""
   entry = dataset_entry(data_config.name)
   config_lib.check_config(data_config, tuple(entry.tasks))
-
-
-def prepare_options(data_config: ml_collections.ConfigDict) -> PrepareOptions:
-  """The `PrepareOptions` of `config.data` (defaults for absent fields)."""
-  return PrepareOptions(
-    **{
-      field.name: config_lib.get(data_config, field.name)
-      for field in dataclasses.fields(PrepareOptions)
-    }
-  )
-
-
-def _realpath(path: str) -> str:
-  return os.path.realpath(os.path.expanduser(path))
-
-
-def prepared_data_dir(
-  name: str, data_dir: str, manual_dir: str, options: PrepareOptions
-) -> str:
-  """The TFDS data dir that holds dataset `name` prepared with `options`.
-
-  Returns `data_dir` unchanged ('' = TFDS default) for a dataset stored as it
-  is; see the module docstring for the other cases.
-  """
-  entry = dataset_entry(name)
-  if not options.store_size and not entry.needs_manual_dir:
-    return data_dir
-  path = data_dir or tfds.core.constants.DATA_DIR
-  if options.store_size:
-    raw = '_raw' * (options.store_format == 'raw')
-    path = os.path.join(path, f'stored_{options.store_size}{raw}')
-  if entry.needs_manual_dir:
-    if not manual_dir:
-      raise ValueError(
-        f'Dataset {name!r} is read from a local directory: set '
-        'config.data.manual_dir (or --manual_dir of experiments.prepare).'
-      )
-    labels = os.path.join(_realpath(manual_dir), 'labels.csv')
-    listing = ''
-    if os.path.isfile(labels):  # Edited labels get a fresh prepared copy.
-      with open(labels, 'rb') as f:
-        listing = hashlib.sha256(f.read()).hexdigest()
-    key = json.dumps(
-      [
-        _realpath(manual_dir),
-        listing,
-        options.missing_masks,
-        options.resize_masks,
-        options.skip_bad_images,
-      ]
-    )
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    path = os.path.join(path, name, digest)
-  return path
-
-
-def prepared_builder(
-  name: str, manual_dir: str, data_dir: str, options: PrepareOptions
-) -> tfds.core.DatasetBuilder:
-  """The builder of `name` at `prepared_data_dir` (prepared or not)."""
-  entry = dataset_entry(name)
-  kwargs = {'root': manual_dir} if entry.needs_manual_dir else {}
-  return entry.builder_cls(
-    data_dir=prepared_data_dir(name, data_dir, manual_dir, options) or None,
-    file_format='array_record',
-    options=options,
-    **kwargs,
-  )
-
-
-def _recorded_source(builder: tfds.core.DatasetBuilder) -> str:
-  try:
-    return builder.info.metadata['source']
-  except (KeyError, TypeError):
-    return 'unknown'
-
-
-def prepare_dataset(
-  name: str,
-  *,
-  manual_dir: str = '',
-  data_dir: str = '',
-  options: PrepareOptions | None = None,
-) -> tfds.core.DatasetBuilder:
-  """Prepares a dataset once (ArrayRecord) and returns its TFDS builder.
-
-  Args:
-    name: a key of `cco_jax.data.datasets.DATASETS`.
-    manual_dir: local copy in the dataset's layout; '' downloads the official
-      archives (or uses TFDS's default manual dir, `DATA_DIR/downloads/manual`,
-      when it is not empty).
-    data_dir: TFDS data directory; '' = the TFDS default.
-    options: what to store (`prepare_options(config.data)`); None = defaults.
-
-  Returns:
-    The prepared builder; read it with `builder.as_data_source(split)`.
-
-  Raises:
-    ValueError: `manual_dir` is missing or lacks the expected layout, or
-      `data_dir` already holds this dataset prepared from another directory.
-  """
-  entry = dataset_entry(name)
-  options = options or PrepareOptions()
-  if manual_dir:
-    entry.check_manual_dir(manual_dir)
-  builder = prepared_builder(name, manual_dir, data_dir, options)
-  if not builder.is_prepared():
-    builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(
-        manual_dir=manual_dir or None
-      )
-    )
-    return builder
-  recorded = _recorded_source(builder)
-  if manual_dir and _realpath(recorded) != _realpath(manual_dir):
-    raise ValueError(
-      f'{builder.data_dir} already holds {builder.name} prepared from '
-      f'{recorded!r}, not from manual_dir {manual_dir!r}. Use another data '
-      'dir (--data_dir / config.data.tfds_data_dir) or delete that one.'
-    )
-  logging.info(
-    'Using %s at %s (prepared from %s).',
-    builder.name,
-    builder.data_dir,
-    recorded,
-  )
-  return builder
-
-
-def prepare_from_config(
-  data_config: ml_collections.ConfigDict,
-) -> tfds.core.DatasetBuilder:
-  """`prepare_dataset` of `config.data`'s primary dataset."""
-  return prepare_dataset(
-    data_config.name,
-    manual_dir=data_config.manual_dir,
-    data_dir=data_config.tfds_data_dir,
-    options=prepare_options(data_config),
-  )
-
-
-def prepared_source(
-  name: str,
-  data_dir: str,
-  manual_dir: str = '',
-  options: PrepareOptions | None = None,
-) -> str | None:
-  """Where `data_dir` prepared dataset `name` from ('download', a resolved
-  path, 'unknown'), or None if it is not prepared there. Prepares nothing."""
-  builder = prepared_builder(
-    name, manual_dir, data_dir, options or PrepareOptions()
-  )
-  if not builder.is_prepared():
-    return None
-  return _recorded_source(builder)
-
-
-def resolve_data_dir(
-  name: str, manual_dir: str, data_dir: str, scratch_root: str
-) -> tuple[str, str]:
-  """`(manual_dir, data_dir)` to open dataset `name` from `manual_dir`.
-
-  A TFDS data dir holds one prepared copy per dataset and refuses another
-  source (`prepare_dataset`). So:
-    * `data_dir` does not hold `name` yet: prepare it there, unchanged;
-    * it holds `name` from `manual_dir` (or `manual_dir` is ''): use it;
-    * it holds `name` from elsewhere: use (and prepare on first use)
-      `scratch_root/tfds_<first 12 hex digits of SHA-256 of realpath(manual_dir)>`;
-    * `manual_dir` does not exist (a relative path written by a run started
-      elsewhere) but `data_dir` holds a prepared copy: use that copy
-      (`manual_dir` = ''), with a warning.
-  """
-  if dataset_entry(name).needs_manual_dir:
-    return manual_dir, data_dir  # Every folder has its own prepared copy.
-  source = prepared_source(name, data_dir)
-  if source is None or not manual_dir:
-    return manual_dir, data_dir
-  wanted = _realpath(manual_dir)
-  if source == wanted:
-    return manual_dir, data_dir
-  if not os.path.isdir(wanted):
-    logging.warning(
-      '%s: manual dir %r does not exist here; using the copy '
-      'prepared in %r from %r.',
-      name,
-      manual_dir,
-      data_dir,
-      source,
-    )
-    return '', data_dir
-  digest = hashlib.sha256(wanted.encode()).hexdigest()[:12]
-  alternative = os.path.join(scratch_root, f'tfds_{digest}')
-  logging.info(
-    '%s: %r holds a copy prepared from %r; preparing %r in %r.',
-    name,
-    data_dir,
-    source,
-    wanted,
-    alternative,
-  )
-  return manual_dir, alternative
 
 
 def carve_validation(
