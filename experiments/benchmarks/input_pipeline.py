@@ -4,6 +4,8 @@ r"""Benchmarks the TF-free data path: preparing, and reading to batches.
         [--manual_dir=../shared/data/oxford-iiit-pet-sample] \
         [--ood_manual_dir=../shared/data/cats-vs-dogs-sample] \
         [--workers=0,1,2] [--image_size=224] [--output=/tmp/input_benchmark.json]
+        [--device_preprocessing=false,true] [--augment_flip] [--normalize]
+        [--skip_prepare_rows]
 
 Measures, on this machine:
   * prepare: images/s of `prepare_dataset` (read, validate, convert, write
@@ -13,8 +15,11 @@ Measures, on this machine:
     load on the machine);
   * train: images/s (wall clock) of `create_train_iterator` (read, decode,
     squash to image_size, CAM masks, batch) for each worker count, the first
-    batch (start-up) excluded, and the main process's CPU ms per image; with
-    --cache also `cache_decoded=True`;
+    batch (start-up) excluded, and the main process's CPU ms per image (with
+    workers=0 all of the host's work: 1000 / ms = images/s per core); with
+    --cache also `cache_decoded=True`; each with
+    `data.device_preprocessing` off (float32 images finished and flipped on
+    the host) and on (uint8 images and flip bits; the device finishes them);
   * ood: images/s of a full `create_eval_iterator` pass over Cats-vs-Dogs.
 Prints a table and writes the numbers (with versions and load) as JSON.
 """
@@ -58,6 +63,22 @@ _NUM_BATCHES = flags.DEFINE_integer(
 )
 _PREFETCH = flags.DEFINE_integer('prefetch', 2, 'config.data.prefetch.')
 _CACHE = flags.DEFINE_bool('cache', True, 'Also time cache_decoded=True.')
+_DEVICE_PREPROCESSING = flags.DEFINE_list(
+  'device_preprocessing',
+  ['false', 'true'],
+  'config.data.device_preprocessing values to time the train iterator with.',
+)
+_AUGMENT_FLIP = flags.DEFINE_bool(
+  'augment_flip', False, 'config.data.augment_flip of the timed iterators.'
+)
+_NORMALIZE = flags.DEFINE_bool(
+  'normalize', False, 'config.data.normalize of the timed iterators.'
+)
+_SKIP_PREPARE_ROWS = flags.DEFINE_bool(
+  'skip_prepare_rows',
+  False,
+  'Time only the train iterators (the data is still prepared, untimed).',
+)
 _OUTPUT = flags.DEFINE_string(
   'output', '/tmp/input_benchmark.json', 'Where to write the JSON results.'
 )
@@ -141,6 +162,7 @@ def time_train(config) -> dict:
     'images_per_s': images / seconds,
     # CPU of this process only: all of it with workers=0.
     'main_process_cpu_ms_per_image': cpu / images * 1e3,
+    'main_process_images_per_s_per_core': images / cpu,
   }
 
 
@@ -160,6 +182,25 @@ def time_ood(config) -> dict:
     'seconds': seconds,
     'images_per_s': count / seconds,
   }
+
+
+def time_trains(config) -> dict:
+  """`time_train` for each worker count (and the cache), each
+  `device_preprocessing` value."""
+  results = {}
+  for on_device in _DEVICE_PREPROCESSING.value:
+    on_device = on_device.lower() in ('1', 'true', 'on')
+    config.device_preprocessing = on_device
+    suffix = f', device_preprocessing={"on" if on_device else "off"}'
+    for workers in map(int, _WORKERS.value):
+      config.num_workers = workers
+      results[f'workers={workers}{suffix}'] = time_train(config)
+    config.num_workers = 0
+    if _CACHE.value:
+      config.cache_decoded = True
+      results[f'cache_decoded{suffix}'] = time_train(config)
+      config.cache_decoded = False
+  return results
 
 
 def environment() -> dict:
@@ -192,10 +233,12 @@ def main(argv):
       'batch_size': _BATCH_SIZE.value,
       'num_batches': _NUM_BATCHES.value,
       'prefetch': _PREFETCH.value,
+      'augment_flip': _AUGMENT_FLIP.value,
+      'normalize': _NORMALIZE.value,
     },
   }
   with tempfile.TemporaryDirectory() as data_dir:
-    results['prepare'] = time_prepare(data_dir)
+    prepare = time_prepare(data_dir)
     config = input_pipeline.default_config()
     config.update(
       dict(
@@ -204,63 +247,68 @@ def main(argv):
         tfds_data_dir=data_dir,
         image_size=_IMAGE_SIZE.value,
         prefetch=_PREFETCH.value,
+        augment_flip=_AUGMENT_FLIP.value,
+        normalize=_NORMALIZE.value,
       )
     )
-    results['cpu_ms_per_image'] = {
-      'oxford_iiit_pet': cpu_ms_per_image(config, 'test'),
-      'cats_vs_dogs': cpu_ms_per_image(config, 'ood'),
-    }
-    for store_format in ('jpeg', 'raw'):  # Pre-squashed when preparing.
-      stored = config.copy_and_resolve_references()
-      stored.store_size = _IMAGE_SIZE.value
-      stored.store_format = store_format
-      results['cpu_ms_per_image'][f'oxford_iiit_pet_stored_{store_format}'] = (
-        cpu_ms_per_image(stored, 'test')
-      )
-    results['train'] = {}
-    for workers in map(int, _WORKERS.value):
-      config.num_workers = workers
-      results['train'][f'workers={workers}'] = time_train(config)
-    config.num_workers = 0
-    if _CACHE.value:
-      config.cache_decoded = True
-      results['train']['cache_decoded'] = time_train(config)
-      config.cache_decoded = False
-    results['ood'] = time_ood(config)
+    results['train'] = time_trains(config)
+    if not _SKIP_PREPARE_ROWS.value:
+      results['prepare'] = prepare
+      results.update(time_reading(config))
   results['environment']['loadavg_1min_end'] = os.getloadavg()[0]
   print_table(results)
   Path(_OUTPUT.value).write_text(json.dumps(results, indent=2))
   print(f'Wrote {_OUTPUT.value}')
 
 
+def time_reading(config) -> dict:
+  """The CPU-time rows and the evaluation pass."""
+  results = {}
+  results['cpu_ms_per_image'] = {
+    'oxford_iiit_pet': cpu_ms_per_image(config, 'test'),
+    'cats_vs_dogs': cpu_ms_per_image(config, 'ood'),
+  }
+  for store_format in ('jpeg', 'raw'):  # Pre-squashed when preparing.
+    stored = config.copy_and_resolve_references()
+    stored.store_size = _IMAGE_SIZE.value
+    stored.store_format = store_format
+    results['cpu_ms_per_image'][f'oxford_iiit_pet_stored_{store_format}'] = (
+      cpu_ms_per_image(stored, 'test')
+    )
+  results['ood'] = time_ood(config)
+  return results
+
+
 def print_table(results: dict) -> None:
   rows = [
     (f'prepare {name}', r['images_per_s'], f'{r["examples"]} examples')
-    for name, r in results['prepare'].items()
+    for name, r in results.get('prepare', {}).items()
   ]
   rows += [
     (f'1 thread, CPU time: {name}', 1e3 / ms, f'{ms:.2f} ms/image')
-    for name, ms in results['cpu_ms_per_image'].items()
+    for name, ms in results.get('cpu_ms_per_image', {}).items()
   ]
   rows += [
     (
       f'train pets {name}',
       r['images_per_s'],
       f'start-up {r["startup_s"]:.1f} s, main-process CPU '
-      f'{r["main_process_cpu_ms_per_image"]:.2f} ms/image',
+      f'{r["main_process_cpu_ms_per_image"]:.2f} ms/image '
+      f'({r["main_process_images_per_s_per_core"]:.0f} images/s per core)',
     )
     for name, r in results['train'].items()
   ]
-  rows.append(
-    (
-      'eval cats_vs_dogs (ood), workers=0',
-      results['ood']['images_per_s'],
-      f'{results["ood"]["examples"]} examples',
+  if 'ood' in results:
+    rows.append(
+      (
+        'eval cats_vs_dogs (ood), workers=0',
+        results['ood']['images_per_s'],
+        f'{results["ood"]["examples"]} examples',
+      )
     )
-  )
-  print(f'{"what":42s} {"images/s":>9s}  notes')
+  print(f'{"what":60s} {"images/s":>9s}  notes')
   for what, rate, note in rows:
-    print(f'{what:42s} {rate:9.0f}  {note}')
+    print(f'{what:60s} {rate:9.0f}  {note}')
   env = results['environment']
   print(
     f'({env["cpus"]} CPUs, load average {env["loadavg_1min"]:.1f} -> '
