@@ -172,6 +172,18 @@ def prefetch_with_state(iterator, size: int = 2) -> train_input.Prefetch:
 # ----------------------------------------------------------------------------
 
 
+def batch_stats_averager(config) -> Callable | None:
+  """With per-device BatchNorm (`config.model.sync_batch_norm` False): a
+  pmapped function giving every device the mean of the devices' replicated
+  batch statistics; None when they are synchronised (already equal)."""
+  if config.model.get('sync_batch_norm', True):
+    return None
+  return jax.pmap(
+    lambda stats: jax.lax.pmean(stats, step_lib.AXIS_NAME),
+    axis_name=step_lib.AXIS_NAME,
+  )
+
+
 class Run:
   """Holds what the loop's phases share: config, setup, writers, manager."""
 
@@ -195,14 +207,7 @@ class Run:
       int(budget_mb * 2**20),
       jax.local_device_count(),
     )
-    self._average_batch_stats = (
-      None
-      if config.model.get('sync_batch_norm', True)
-      else jax.pmap(
-        lambda stats: jax.lax.pmean(stats, step_lib.AXIS_NAME),
-        axis_name=step_lib.AXIS_NAME,
-      )
-    )
+    self._average_batch_stats = batch_stats_averager(config)
 
   def close(self) -> None:
     """Stops the input workers, waits for the last checkpoint and closes the
