@@ -165,7 +165,7 @@ def restore_run(
       model,
       config.data.image_size,
       tx,
-      num_groups=train_setup.create_objective(config).num_groups,
+      num_groups=getattr(train_setup.create_objective(config), 'num_groups', 0),
     )
   )
   manager = checkpointing.create_manager(

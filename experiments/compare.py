@@ -1,0 +1,302 @@
+r"""ACE against the field's fixes on the grouped spurious-background benchmark.
+
+    python -m experiments.compare --out=/work/compare \
+        --pets_dir=../shared/data/oxford-iiit-pet-sample
+
+For each correlation in --correlations (default 0.95 and 1.0) it
+  1. builds the benchmark (`cco_jax/data/spurious_groups.py`: groups =
+     species x background kind; train at the correlation, validation and test
+     with the four groups in equal numbers) into OUT/c<corr>/data;
+  2. grid: trains each variant of experiments/configs/spurious.py that has a
+     `GRIDS` entry at every grid value with seed --grid_seed, and keeps the
+     value whose run reached the highest validation worst-group accuracy
+     (ties: the mean over the run's evaluations); OUT/c<corr>/grid.json
+     records every value's score. --grid_from=0.95 makes other correlations
+     reuse that correlation's choices instead of searching again;
+  3. trains every variant in --variants at its chosen value for each seed in
+     --seeds (runs are named variant, value, seed: the grid's run of the
+     chosen value is reused), `--parallel` trainings at a time, each in its
+     own process (log in WORKDIR/train.log); a run with final_metrics.json is
+     not trained again, an unfinished one resumes;
+  4. evaluates the best checkpoint (highest validation worst-group accuracy,
+     chosen by the training loop) and the last one on the test split
+     (classification and interventions, `cco_jax.evaluation`), cached in
+     WORKDIR/evaluation/compare_<best|last>.json;
+  5. writes OUT/table.md and OUT/table.json (means ± sample std over seeds,
+     and which differences from ACE exceed the spread) and OUT/curves_c<corr>
+     .png (training loss against step, mean over seeds, one line per variant).
+
+Every number comes from these runs; `--steps` changes the schedule of all
+variants alike (e.g. `--steps=40 --seeds=0` for a smoke run).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+
+from cco_jax import runtime
+from experiments import compare_table
+from experiments.configs import spurious as spurious_configs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = 'experiments/configs/spurious.py'
+DEFAULT_VARIANTS = (
+  'ce_control',
+  'ce',
+  'ace',
+  'ace_kld',
+  'ace_swd',
+  'rrr',
+  'ce_bg_cam',
+  'group_dro',
+  'ce_reweighted',
+)
+
+
+def define_flags():
+  flags.DEFINE_string('out', None, 'Output directory (data, runs, table).')
+  flags.DEFINE_string(
+    'pets_dir',
+    '../shared/data/oxford-iiit-pet-sample',
+    'Oxford-IIIT Pet in the official layout.',
+  )
+  flags.DEFINE_list('correlations', ['0.95', '1.0'], 'Train correlations.')
+  flags.DEFINE_list('variants', list(DEFAULT_VARIANTS), 'Variants to train.')
+  flags.DEFINE_list('seeds', ['0', '1', '2', '3', '4'], 'Training seeds.')
+  flags.DEFINE_multi_string(
+    'seeds_for', [], 'CORR=S1,S2,...: other seeds at one correlation.'
+  )
+  flags.DEFINE_integer('grid_seed', 0, 'Seed of the grid runs.')
+  flags.DEFINE_string(
+    'grid_from', None, 'Reuse the grid choices of this correlation.'
+  )
+  flags.DEFINE_integer('steps', 0, 'Override num_train_steps (0 = config).')
+  flags.DEFINE_integer('parallel', 2, 'Trainings at a time.')
+  flags.mark_flags_as_required(['out'])
+
+
+def cache_dir(workdir: str) -> str:
+  """One compilation cache for all runs: seeds of a variant compile once."""
+  return os.path.join(workdir, os.pardir, os.pardir, os.pardir, 'xla_cache')
+
+
+def corr_name(correlation: float) -> str:
+  return f'c{round(correlation * 100):03d}'
+
+
+def value_name(value) -> str:
+  return 'default' if value is None else f'{value:g}'
+
+
+def run_dir(out: str, correlation: float, variant: str, value, seed: int):
+  name = f'{variant}_{value_name(value)}_s{seed}'
+  return os.path.join(out, corr_name(correlation), 'runs', name)
+
+
+def ensure_data(out: str, pets_dir: str, correlation: float) -> str:
+  """The benchmark at `correlation` (built once)."""
+  from cco_jax import configuration  # pylint: disable=g-import-not-at-top
+  from cco_jax import data  # pylint: disable=g-import-not-at-top
+  from cco_jax.data import (
+    spurious_groups,  # pylint: disable=g-import-not-at-top
+  )
+
+  data_dir = os.path.join(out, corr_name(correlation), 'data')
+  if not os.path.exists(os.path.join(data_dir, 'labels.csv')):
+    spurious_groups.make_group_benchmark(
+      pets_dir, data_dir, correlation=correlation, overwrite=True
+    )
+  # Prepared here, once: parallel trainings must not prepare it together.
+  config = spurious_configs.get_config('ace')
+  configuration.apply_overrides(
+    config,
+    {
+      'data.manual_dir': data_dir,
+      'data.tfds_data_dir': os.path.join(data_dir, 'tfds'),
+    },
+  )
+  data.prepare_from_config(config.data)
+  return data_dir
+
+
+def train(
+  workdir: str, variant: str, field_value, data_dir: str, steps: int, seed: int
+) -> float:
+  """Trains one run in a subprocess unless it finished; returns seconds."""
+  done = os.path.join(workdir, 'final_metrics.json')
+  if os.path.exists(done):
+    return 0.0
+  os.makedirs(workdir, exist_ok=True)
+  command = [
+    sys.executable,
+    '-m',
+    'experiments.train',
+    f'--config={CONFIG}:{variant}',
+    f'--workdir={workdir}',
+    f'--config.seed={seed}',
+    f'--config.data.manual_dir={data_dir}',
+    f'--config.data.tfds_data_dir={os.path.join(data_dir, "tfds")}',
+  ]
+  if field_value is not None:
+    command.append(f'--config.{field_value[0]}={field_value[1]}')
+  if steps:
+    command.append(f'--config.num_train_steps={steps}')
+  start = time.time()
+  with open(os.path.join(workdir, 'train.log'), 'w') as log:
+    result = subprocess.run(
+      command,
+      cwd=REPO,
+      stdout=log,
+      stderr=subprocess.STDOUT,
+      check=False,
+      env={**os.environ, runtime.COMPILATION_CACHE_ENV: cache_dir(workdir)},
+    )
+  if result.returncode:
+    raise RuntimeError(
+      f'Training {workdir} failed (exit {result.returncode}); see '
+      f'{os.path.join(workdir, "train.log")}.'
+    )
+  return time.time() - start
+
+
+def evaluate(workdir: str, which: str) -> dict:
+  """Test-split report of the 'best' or 'last' checkpoint (cached)."""
+  from cco_jax import evaluation  # pylint: disable=g-import-not-at-top
+
+  path = os.path.join(
+    workdir, evaluation.EVALUATION_DIR, f'compare_{which}.json'
+  )
+  if not os.path.exists(path):
+    config = evaluation.default_config()
+    config.evaluators = ('classification', 'interventions')
+    config.ood = False
+    report = evaluation.evaluate_checkpoint(workdir, config, step=which).report
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w') as f:
+      json.dump(report, f, indent=1)
+  with open(path) as f:
+    return json.load(f)
+
+
+def train_all(jobs: list[tuple], parallel: int, evaluate_runs=False) -> None:
+  """Runs `train(*job)` for every job, `parallel` at a time (and evaluates
+  each finished run here, while the others train); raises the failures after
+  the others finish."""
+  with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+    futures = {pool.submit(train, *job): job[0] for job in jobs}
+    errors = []
+    for future in concurrent.futures.as_completed(futures):
+      try:
+        seconds = future.result()
+        logging.info('Trained %s in %.0f s.', futures[future], seconds)
+        if evaluate_runs:
+          for which in ('best', 'last'):
+            evaluate(futures[future], which)
+      except RuntimeError as e:
+        errors.append(str(e))
+  if errors:
+    raise RuntimeError(' '.join(errors))
+
+
+def grid_choices(out, correlation, data_dir, variants, seed, steps, parallel):
+  """{variant: value} chosen on validation worst-group accuracy."""
+  jobs = []
+  for variant in variants:
+    if variant in spurious_configs.GRIDS:
+      field, values = spurious_configs.GRIDS[variant]
+      for value in values:
+        workdir = run_dir(out, correlation, variant, value, seed)
+        jobs.append((workdir, variant, (field, value), data_dir, steps, seed))
+  train_all(jobs, parallel)
+  scores, choices = {}, {}
+  for variant in variants:
+    if variant not in spurious_configs.GRIDS:
+      choices[variant] = None
+      continue
+    field, values = spurious_configs.GRIDS[variant]
+    scores[variant] = {
+      value_name(v): compare_table.validation_score(
+        run_dir(out, correlation, variant, v, seed)
+      )
+      for v in values
+    }
+    best = max(values, key=lambda v: scores[variant][value_name(v)])
+    choices[variant] = best
+  record = {
+    'field': {v: spurious_configs.GRIDS[v][0] for v in scores},
+    'scores (best val worst-group acc, mean val worst-group acc)': scores,
+    'chosen': {v: value_name(c) for v, c in choices.items()},
+  }
+  with open(os.path.join(out, corr_name(correlation), 'grid.json'), 'w') as f:
+    json.dump(record, f, indent=1)
+  return choices
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  out = os.path.abspath(f.out)
+  runtime.enable_compilation_cache(os.path.join(out, 'xla_cache'))
+  correlations = [float(c) for c in f.correlations]
+  seeds_at = dict.fromkeys(correlations, [int(s) for s in f.seeds])
+  for text in f.seeds_for:
+    correlation, _, listed = text.partition('=')
+    seeds_at[float(correlation)] = [int(s) for s in listed.split(',')]
+  chosen_by = {}
+  if f.grid_from is not None and float(f.grid_from) not in correlations:
+    raise app.UsageError('--grid_from must be one of --correlations.')
+  order = sorted(
+    correlations, key=lambda c: c != float(f.grid_from or correlations[0])
+  )
+  for correlation in order:
+    data_dir = ensure_data(out, f.pets_dir, correlation)
+    if f.grid_from is not None and float(f.grid_from) in chosen_by:
+      choices = chosen_by[float(f.grid_from)]
+    else:
+      choices = grid_choices(
+        out, correlation, data_dir, f.variants, f.grid_seed, f.steps,
+        f.parallel,
+      )  # fmt: skip
+    chosen_by[correlation] = choices
+    jobs = []
+    for variant in f.variants:
+      value = choices[variant]
+      field = spurious_configs.GRIDS.get(variant, (None,))[0]
+      for seed in seeds_at[correlation]:
+        workdir = run_dir(out, correlation, variant, value, seed)
+        field_value = None if value is None else (field, value)
+        jobs.append((workdir, variant, field_value, data_dir, f.steps, seed))
+    train_all(jobs, f.parallel, evaluate_runs=True)
+  records = []
+  for correlation in correlations:
+    for variant in f.variants:
+      value = chosen_by[correlation][variant]
+      for seed in seeds_at[correlation]:
+        workdir = run_dir(out, correlation, variant, value, seed)
+        reports = {
+          which: evaluate(workdir, which) for which in ('best', 'last')
+        }
+        records.append(
+          compare_table.run_record(
+            workdir, correlation, variant, value_name(value), seed, reports
+          )
+        )
+  compare_table.write_outputs(out, records)
+  print(json.dumps({'table': os.path.join(out, 'table.md')}), flush=True)
+
+
+if __name__ == '__main__':
+  define_flags()
+  np.set_printoptions(precision=4)
+  app.run(main)
