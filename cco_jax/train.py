@@ -6,7 +6,11 @@
   2. `restore_or_create` the state (resuming from `workdir/checkpoints`);
   3. `check_identity` of the logit-sum identity (at start and after a restore);
   4. the step loop, with periodic logging, evaluation and checkpoints (figures
-     at the end, or every `figure_every_evals` evaluations);
+     at the end, or every `figure_every_evals` evaluations); batches reach
+     the devices from a background thread (`train_input.Prefetch`), the
+     validation batches are read once (`train_input.EvalSplit`) and
+     checkpoints are written in the background (waited for before the final
+     evaluation and at close);
   5. a final evaluation on validation, test and (species models) Cats-vs-Dogs.
 
 Everything it writes lands in `workdir`: `metrics.jsonl`, `tensorboard/`,
@@ -60,6 +64,7 @@ NonFiniteLoss = train_guards.NonFiniteLoss
 check_evaluation = train_guards.check_evaluation
 check_finite_steps = train_guards.check_finite_steps
 device_batch = train_input.device_batch
+batch_stats_averager = train_setup.batch_stats_averager
 
 
 # ----------------------------------------------------------------------------
@@ -159,10 +164,9 @@ def check_identity(
 def prefetch_with_state(iterator, size: int = 2) -> train_input.Prefetch:
   """Yields `(device_batch, iterator_state_after_it)`, `size` batches ahead.
 
-  A background thread reads the batches and copies them to the devices
-  (`train_input.Prefetch`), hiding both behind the steps; pairing each with
-  the iterator's state right after it lets a checkpoint record the position
-  of the last batch actually trained on, not of the prefetched ones.
+  A thread reads and copies them to the devices (`train_input.Prefetch`);
+  the paired state lets a checkpoint record the position of the last batch
+  trained on, not of the prefetched ones.
   """
   return train_input.Prefetch(iterator, size)
 
@@ -170,18 +174,6 @@ def prefetch_with_state(iterator, size: int = 2) -> train_input.Prefetch:
 # ----------------------------------------------------------------------------
 # Phase 4: the loop.
 # ----------------------------------------------------------------------------
-
-
-def batch_stats_averager(config) -> Callable | None:
-  """With per-device BatchNorm (`config.model.sync_batch_norm` False): a
-  pmapped function giving every device the mean of the devices' replicated
-  batch statistics; None when they are synchronised (already equal)."""
-  if config.model.get('sync_batch_norm', True):
-    return None
-  return jax.pmap(
-    lambda stats: jax.lax.pmean(stats, step_lib.AXIS_NAME),
-    axis_name=step_lib.AXIS_NAME,
-  )
 
 
 class Run:

@@ -338,6 +338,18 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   )
 
 
+def batch_stats_averager(config) -> Callable | None:
+  """With per-device BatchNorm (`config.model.sync_batch_norm` False): a
+  pmapped function giving every device the mean of the devices' replicated
+  batch statistics; None when they are synchronised (already equal)."""
+  if config.model.get('sync_batch_norm', True):
+    return None
+  return jax.pmap(
+    lambda stats: jax.lax.pmean(stats, step_lib.AXIS_NAME),
+    axis_name=step_lib.AXIS_NAME,
+  )
+
+
 def eval_iterator(
   config: ml_collections.ConfigDict, setup: Setup, split: str, **kwargs
 ) -> Iterator[dict]:
