@@ -5,7 +5,7 @@ r"""Benchmarks the TF-free data path: preparing, and reading to batches.
         [--ood_manual_dir=../shared/data/cats-vs-dogs-sample] \
         [--workers=0,1,2] [--image_size=224] [--output=/tmp/input_benchmark.json]
         [--device_preprocessing=false,true] [--augment_flip] [--normalize]
-        [--skip_prepare_rows]
+        [--skip_prepare_rows] [--gather_batch=640]
 
 Measures, on this machine:
   * prepare: images/s of `prepare_dataset` (read, validate, convert, write
@@ -20,6 +20,10 @@ Measures, on this machine:
     --cache also `cache_decoded=True`; each with
     `data.device_preprocessing` off (float32 images finished and flipped on
     the host) and on (uint8 images and flip bits; the device finishes them);
+  * gather: host CPU ms per batch of `cache.CachedBatches` alone (the
+    cached training path's whole host work: gather, and with
+    device_preprocessing off also flip and uint8 -> float32 [normalise]) at
+    --gather_batch images of 224 px, on random cached pixels;
   * ood: images/s of a full `create_eval_iterator` pass over Cats-vs-Dogs.
 Prints a table and writes the numbers (with versions and load) as JSON.
 """
@@ -40,6 +44,7 @@ import PIL
 import tensorflow_datasets as tfds
 
 from cco_jax import data as input_pipeline
+from cco_jax.data import cache as cache_lib
 
 _SHARED = Path(__file__).resolve().parents[2].parent / 'shared' / 'data'
 _MANUAL_DIR = flags.DEFINE_string(
@@ -73,6 +78,12 @@ _AUGMENT_FLIP = flags.DEFINE_bool(
 )
 _NORMALIZE = flags.DEFINE_bool(
   'normalize', False, 'config.data.normalize of the timed iterators.'
+)
+_GATHER_BATCH = flags.DEFINE_integer(
+  'gather_batch',
+  640,
+  'Images per batch of the `gather` rows (an 8-GPU host at 80 per GPU); '
+  '0 = skip them.',
 )
 _SKIP_PREPARE_ROWS = flags.DEFINE_bool(
   'skip_prepare_rows',
@@ -203,6 +214,46 @@ def time_trains(config) -> dict:
   return results
 
 
+def time_gather(batch_size: int, num_batches: int = 10) -> dict:
+  """CPU ms per `CachedBatches` batch, device_preprocessing off and on."""
+  size, cam, n = _IMAGE_SIZE.value, (_CAM.value,) * 2, 2 * batch_size
+  rng = np.random.default_rng(0)
+  cached = cache_lib.Cached(
+    images=rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+    fgs=None,
+    masks=np.ones((n, *cam), np.float32),
+    pixel_masks=None,
+    labels=np.zeros(n, np.int32),
+    indices=np.arange(n, dtype=np.int32),
+    groups=np.zeros(n, np.int32),
+    file_names=('',) * n,
+  )
+  results = {}
+  for on_device in (False, True):
+    keys = ('image', 'mask', 'label', 'group')
+    batches = cache_lib.CachedBatches(
+      cached,
+      batch_size=batch_size,
+      num_devices=1,
+      shuffle_seed=0,
+      augment_seed=1,
+      flip=_AUGMENT_FLIP.value,
+      normalize=_NORMALIZE.value,
+      keys=keys + ('flip',) * (on_device and _AUGMENT_FLIP.value),
+      device_preprocessing=on_device,
+    )
+    batches[0]  # pylint: disable=pointless-statement
+    start = time.process_time()
+    for k in range(1, num_batches + 1):
+      batches[k]  # pylint: disable=pointless-statement
+    ms = (time.process_time() - start) / num_batches * 1e3
+    results[f'device_preprocessing={"on" if on_device else "off"}'] = {
+      'ms_per_batch': ms,
+      'images_per_s_per_core': batch_size / ms * 1e3,
+    }
+  return results
+
+
 def environment() -> dict:
   return {
     'machine': platform.machine(),
@@ -251,6 +302,8 @@ def main(argv):
         normalize=_NORMALIZE.value,
       )
     )
+    if _GATHER_BATCH.value:
+      results['gather'] = time_gather(_GATHER_BATCH.value)
     results['train'] = time_trains(config)
     if not _SKIP_PREPARE_ROWS.value:
       results['prepare'] = prepare
@@ -297,6 +350,14 @@ def print_table(results: dict) -> None:
       f'({r["main_process_images_per_s_per_core"]:.0f} images/s per core)',
     )
     for name, r in results['train'].items()
+  ]
+  rows += [
+    (
+      f'gather {_GATHER_BATCH.value} cached images, {name}',
+      r['images_per_s_per_core'],
+      f'{r["ms_per_batch"]:.1f} ms CPU per batch (per core)',
+    )
+    for name, r in results.get('gather', {}).items()
   ]
   if 'ood' in results:
     rows.append(
