@@ -32,6 +32,7 @@ import shutil
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
@@ -71,10 +72,16 @@ def create_manager(
     create=True,
   )
   return ocp.CheckpointManager(
-    os.path.join(os.path.abspath(workdir), 'checkpoints'),
+    _absolute(workdir) / 'checkpoints',
     options=options,
     item_names=('state', 'rng', 'data'),
   )
+
+
+def _absolute(workdir: str | os.PathLike) -> epath.Path:
+  """`workdir` as an absolute `epath.Path` (local, or e.g. `gs://...`)."""
+  path = epath.Path(workdir)
+  return path if path.is_absolute() else path.absolute()
 
 
 def _gather_json(text: str) -> list[str]:
@@ -92,12 +99,16 @@ def _gather_json(text: str) -> list[str]:
   ]
 
 
-def _free_space(path: str) -> str:
-  """Free space on the disk holding `path` (or its nearest existing parent)."""
-  while path and not os.path.exists(path):
-    path = os.path.dirname(path)
+def _free_space(path: str | os.PathLike) -> str:
+  """Free space on the disk holding `path` (or its nearest existing parent);
+  unknown on object stores."""
+  path = epath.Path(path)
+  if '://' in str(path):
+    return 'unknown free space (object store)'
   try:
-    free = shutil.disk_usage(path or '.').free
+    while not path.exists() and path.parent != path:
+      path = path.parent
+    free = shutil.disk_usage(os.fspath(path)).free
   except OSError:
     return 'unknown free space'
   return f'{free / 2**20:.1f} MiB free'
@@ -167,7 +178,7 @@ def wait(manager: ocp.CheckpointManager) -> None:
   try:
     manager.wait_until_finished()
   except Exception as e:  # pylint: disable=broad-except
-    partial = _partial_steps(str(manager.directory))
+    partial = _partial_steps(epath.Path(manager.directory))
     raise _save_error(manager, partial[0] if partial else None, e) from None
 
 
@@ -176,8 +187,8 @@ def _save_error(
 ) -> OSError:
   """The `OSError` of a failed save of `step` (None: unknown); removes its
   partial files."""
-  directory = str(manager.directory)
-  path = os.path.join(directory, str(step)) if step is not None else directory
+  directory = epath.Path(manager.directory)
+  path = str(directory / str(step) if step is not None else directory)
   if step is not None:
     _remove_partial_save(directory, step)
   code = _underlying_errno(error)
@@ -196,27 +207,24 @@ def _save_error(
 _PARTIAL = re.compile(r'^(\d+)\.orbax-checkpoint-tmp')
 
 
-def _partial_steps(directory: str) -> list[int]:
+def _partial_steps(directory: epath.Path) -> list[int]:
   """Steps with a temporary (unfinished or failed) save in `directory`."""
-  if not os.path.isdir(directory):
+  if not directory.is_dir():
     return []
-  return sorted(
-    {int(m.group(1)) for m in map(_PARTIAL.match, os.listdir(directory)) if m}
-  )
+  names = (p.name for p in directory.iterdir())
+  return sorted({int(m.group(1)) for m in map(_PARTIAL.match, names) if m})
 
 
-def _remove_partial_save(directory: str, step: int) -> None:
+def _remove_partial_save(directory: epath.Path, step: int) -> None:
   """Removes the temporary directory of a save of `step` that failed."""
-  if not os.path.isdir(directory):
+  if not directory.is_dir():
     return
-  for name in os.listdir(directory):
-    if name.startswith(f'{step}.orbax-checkpoint-tmp'):
+  for path in directory.iterdir():
+    if path.name.startswith(f'{step}.orbax-checkpoint-tmp'):
       logging.warning(
-        'Removing the partial checkpoint %s/%s of a failed save.',
-        directory,
-        name,
+        'Removing the partial checkpoint %s of a failed save.', path
       )
-      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+      path.rmtree(missing_ok=True)
 
 
 @dataclasses.dataclass
@@ -362,26 +370,26 @@ def set_aside(manager: ocp.CheckpointManager, steps) -> list[str]:
   files; returns the new paths. Reloads the manager.
   """
   moved = []
-  directory = os.fspath(manager.directory)
-  target_dir = os.path.join(os.path.dirname(directory), UNRESTORABLE_DIR)
+  directory = epath.Path(manager.directory)
+  target_dir = directory.parent / UNRESTORABLE_DIR
   if jax.process_index() == 0:
     for step in steps:
-      source = os.path.join(directory, str(step))
-      if not os.path.exists(source):
+      source = directory / str(step)
+      if not source.exists():
         continue
-      os.makedirs(target_dir, exist_ok=True)
-      target = os.path.join(target_dir, str(step))
+      target_dir.mkdir(parents=True, exist_ok=True)
+      target = target_dir / str(step)
       suffix = 1
-      while os.path.exists(target):
-        target = os.path.join(target_dir, f'{step}.{suffix}')
+      while target.exists():
+        target = target_dir / f'{step}.{suffix}'
         suffix += 1
-      os.rename(source, target)
+      source.rename(target)
       logging.warning(
         'Moved the unrestorable checkpoint %s to %s (kept, not deleted).',
         source,
         target,
       )
-      moved.append(target)
+      moved.append(str(target))
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('cco_jax.checkpointing.set_aside')
   manager.reload()

@@ -3,6 +3,8 @@
 `MetricWriter(workdir)` appends one JSON object per `write(step, metrics)` to
 `workdir/metrics.jsonl` (with a `step` key), mirrors scalars to TensorBoard in
 `workdir/tensorboard`, and `ProgressLogger` prints steps/s and the ETA.
+Workdirs are `etils.epath` paths: local, or on an object store (`gs://...`),
+where files cannot be appended to, so the JSON lines are rewritten whole.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import time
 
 from absl import logging
+from etils import epath
 import numpy as np
 
 
@@ -29,10 +32,11 @@ class MetricWriter:
   step is recorded once; TensorBoard purges its events after that step too.
   """
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True):
     self._enabled = enabled
-    self._workdir = workdir
-    self._path = os.path.join(workdir, 'metrics.jsonl')
+    self._workdir = epath.Path(workdir)
+    self._path = self._workdir / 'metrics.jsonl'
+    self._appendable = '://' not in str(self._workdir)
     self._tb = None
     self._purge_step = None
 
@@ -40,7 +44,7 @@ class MetricWriter:
     """Drops the records of steps > `step`, and those at `step` that a resumed
     run writes again (`rewritten(record)` true). Returns how many it dropped.
     """
-    if not self._enabled or not os.path.exists(self._path):
+    if not self._enabled or not self._path.exists():
       return 0
     records = read_metrics(self._workdir)
     kept = [
@@ -49,10 +53,7 @@ class MetricWriter:
       if r['step'] < step or (r['step'] == step and not rewritten(r))
     ]
     if len(kept) != len(records):
-      temporary = self._path + '.tmp'
-      with open(temporary, 'w') as f:
-        f.writelines(json.dumps(r) + '\n' for r in kept)
-      os.replace(temporary, self._path)
+      self._rewrite(kept)
       logging.info(
         'Dropped %d records from %s that this run writes again (resuming '
         'at step %d).',
@@ -63,6 +64,16 @@ class MetricWriter:
     self._purge_step = step + 1
     return len(records) - len(kept)
 
+  def _rewrite(self, records: list[dict]) -> None:
+    """Replaces the JSON lines by `records` (atomically where local)."""
+    text = ''.join(json.dumps(r) + '\n' for r in records)
+    if not self._appendable:
+      self._path.write_text(text)
+      return
+    temporary = self._path.parent / (self._path.name + '.tmp')
+    temporary.write_text(text)
+    temporary.replace(self._path)
+
   def _tensorboard(self):
     if self._tb is None:
       from tensorboardX import (
@@ -70,7 +81,7 @@ class MetricWriter:
       )
 
       self._tb = SummaryWriter(
-        os.path.join(self._workdir, 'tensorboard'), purge_step=self._purge_step
+        str(self._workdir / 'tensorboard'), purge_step=self._purge_step
       )
     return self._tb
 
@@ -82,9 +93,12 @@ class MetricWriter:
       'step': int(step),
       **{k: _to_python(v) for k, v in metrics.items()},
     }
-    os.makedirs(self._workdir, exist_ok=True)
-    with open(self._path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+    self._workdir.mkdir(parents=True, exist_ok=True)
+    if self._appendable:
+      with self._path.open('a') as f:
+        f.write(json.dumps(record) + '\n')
+    else:  # Object stores: no append.
+      self._rewrite(read_metrics(self._workdir) + [record])
     tb = self._tensorboard()
     for key, value in record.items():
       if (
@@ -101,13 +115,13 @@ class MetricWriter:
       self._tb = None
 
 
-def read_metrics(workdir: str) -> list[dict]:
+def read_metrics(workdir: str | os.PathLike) -> list[dict]:
   """All records of `workdir/metrics.jsonl`, in order (empty if none)."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / 'metrics.jsonl'
+  if not path.exists():
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  lines = path.read_text().splitlines()
+  return [json.loads(line) for line in lines if line.strip()]
 
 
 class ProgressLogger:

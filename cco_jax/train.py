@@ -37,6 +37,7 @@ import os
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -179,11 +180,13 @@ def prefetch_with_state(iterator, size: int = 2) -> train_input.Prefetch:
 class Run:
   """Holds what the loop's phases share: config, setup, writers, manager."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+  def __init__(
+    self, config: ml_collections.ConfigDict, workdir: str | os.PathLike
+  ):
     self.config = config
-    self.workdir = workdir
+    self.workdir = epath.Path(workdir)
     self.is_chief = jax.process_index() == 0
-    self.figure_dir = os.path.join(workdir, 'figures')
+    self.figure_dir = self.workdir / 'figures'
     self.setup = build(config)
     self.manager = train_setup.create_manager(config, workdir)
     self.writer = metric_writers.MetricWriter(workdir, enabled=self.is_chief)
@@ -223,8 +226,9 @@ class Run:
 
   def save_config(self) -> None:
     if self.is_chief:
-      with open(os.path.join(self.workdir, 'config.json'), 'w') as f:
-        f.write(self.config.to_json_best_effort(indent=2))
+      (self.workdir / 'config.json').write_text(
+        self.config.to_json_best_effort(indent=2)
+      )
 
   def evaluate_split(self, state, split: str, **kwargs) -> dict:
     """Evaluates `split`; validation from the batches read once per run."""
@@ -261,7 +265,7 @@ class Run:
     ]
     pick = lambda x: flat(x)[chosen]
     figures.save_cam_grid(
-      os.path.join(self.figure_dir, f'cams_step_{step:07d}.png'),
+      str(self.figure_dir / f'cams_step_{step:07d}.png'),
       pick(batch['image']),
       pick(batch['mask']),
       pick(cams),
@@ -271,7 +275,7 @@ class Run:
       step=step,
     )
     figures.save_learning_curves(
-      os.path.join(self.figure_dir, 'learning_curves.png'),
+      str(self.figure_dir / 'learning_curves.png'),
       metric_writers.read_metrics(self.workdir),
     )
 
@@ -329,8 +333,13 @@ def figures_due(config: ml_collections.ConfigDict, evaluation: int) -> bool:
   return every > 0 and evaluation % every == 0
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str | os.PathLike
+) -> dict:
   """Trains, evaluates and checkpoints as `config` says; returns final metrics.
+
+  `workdir`: a path or `etils.epath.Path` (the loop's own files go through
+  `epath`; the workdir lock and the figures still need a local disk).
 
   Raises:
     runtime.WorkdirInUse: another process is running in `workdir`.
@@ -339,7 +348,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     NonFiniteLoss, IdentityViolation: the model diverged; nothing of the
       diverged state was saved and the message names the last good checkpoint.
   """
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   lock = runtime.WorkdirLock(workdir, jax.process_index()).acquire()
   run = None
   try:
@@ -487,14 +496,13 @@ def final_evaluation(run: Run, state, step: int) -> dict:
     )
     results.update({f'{split}_{k}': v for k, v in metrics.items()})
   run.writer.write(step, results)
-  path = os.path.join(run.workdir, 'final_metrics.json')
+  path = run.workdir / 'final_metrics.json'
   if run.is_chief:
-    with open(path, 'w') as f:
-      json.dump({'step': step, **results}, f, indent=2)
+    path.write_text(json.dumps({'step': step, **results}, indent=2))
     logging.info(
       'Final metrics in %s; records in %s; checkpoints in %s; figures in %s.',
       path,
-      os.path.join(run.workdir, 'metrics.jsonl'),
+      run.workdir / 'metrics.jsonl',
       run.manager.directory,
       run.figure_dir,
     )

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import chex
+from etils import epath
 import jax
 import numpy as np
 import pytest
@@ -62,7 +63,10 @@ def test_resumed_run_equals_uninterrupted_run(
 
   resumed = tmp_path / 'resumed'
   train.train_and_evaluate(tiny_config(*dirs, num_train_steps=3), str(resumed))
-  train.train_and_evaluate(tiny_config(*dirs, num_train_steps=6), str(resumed))
+  # The resume through an epath.Path (what an object-store workdir is).
+  train.train_and_evaluate(
+    tiny_config(*dirs, num_train_steps=6), epath.Path(resumed)
+  )
 
   config = tiny_config(*dirs, num_train_steps=6)
   a, step_a = _restore_params(straight, config)

@@ -4,6 +4,7 @@ default evaluation cadence, per-device batch sizes, per-device BatchNorm."""
 import threading
 
 import chex
+from etils import epath
 import jax
 import numpy as np
 import optax
@@ -11,6 +12,7 @@ import pytest
 
 from cco_jax import configuration
 from cco_jax import losses
+from cco_jax import metric_writers
 from cco_jax import models
 from cco_jax import train
 from cco_jax import train_input
@@ -286,3 +288,37 @@ def test_sync_batch_norm_off_keeps_statistics_per_device_until_averaged():
     rtol=1e-5,
     atol=1e-6,
   )
+
+
+# -- Records without append (object stores) -----------------------------------
+
+
+@pytest.mark.parametrize('appendable', [True, False])
+def test_metric_writer_without_append_writes_the_same_records(
+  tmp_path, appendable
+):
+  """Object stores cannot append: the records are rewritten whole, with the
+  same result as appending, resumes included."""
+  workdir = epath.Path(tmp_path) / 'run'
+  rng = np.random.default_rng(4)
+  writer = metric_writers.MetricWriter(workdir)
+  writer._appendable = appendable  # What a gs:// workdir gets.
+  expected = []
+  for step in range(1, 8):
+    record = {'loss': float(rng.normal()), 'acc': [float(rng.uniform())] * 2}
+    writer.write(step, record)
+    expected.append({'step': step, **record})
+  writer.close()
+  assert metric_writers.read_metrics(workdir) == expected
+  resumed = metric_writers.MetricWriter(workdir)
+  resumed._appendable = appendable
+  assert resumed.discard_after(4) == 3
+  resumed.write(5, {'loss': 0.5})
+  resumed.close()
+  assert metric_writers.read_metrics(str(workdir)) == expected[:4] + [
+    {'step': 5, 'loss': 0.5}
+  ]
+  assert sorted(p.name for p in workdir.iterdir()) == [
+    'metrics.jsonl',
+    'tensorboard',
+  ]
