@@ -66,6 +66,7 @@ check_evaluation = train_guards.check_evaluation
 check_finite_steps = train_guards.check_finite_steps
 device_batch = train_input.device_batch
 batch_stats_averager = train_setup.batch_stats_averager
+figures_due = train_setup.figures_due
 
 
 # ----------------------------------------------------------------------------
@@ -107,6 +108,9 @@ def restore_or_create(
 # ----------------------------------------------------------------------------
 
 
+EVAL_IN_FLIGHT = 8  # Eval steps dispatched ahead of their results.
+
+
 def evaluate(
   p_eval_step: Callable,
   state,
@@ -121,9 +125,11 @@ def evaluate(
   `train_input.EvalSplit`). The steps are dispatched back to back; their
   sums come to the host in one transfer at the end.
   """
-  outputs = [
-    p_eval_step(state, step_lib.shard(device_batch(batch))) for batch in batches
-  ]
+  outputs = []
+  for batch in batches:
+    outputs.append(p_eval_step(state, step_lib.shard(device_batch(batch))))
+    if len(outputs) > EVAL_IN_FLIGHT:  # Bounds the inputs queued on devices.
+      jax.block_until_ready(outputs[-EVAL_IN_FLIGHT])
   totals = None
   for sums in jax.device_get(outputs):
     totals = metrics_lib.accumulate(
@@ -315,22 +321,6 @@ def summarise_metrics(step_metrics: list[dict], first_step: int) -> dict:
   )
   stacked.pop('nonfinite')
   return {f'train_{k}': float(np.mean(v)) for k, v in stacked.items()}
-
-
-def figures_due(config: ml_collections.ConfigDict, evaluation: int) -> bool:
-  """Whether the `evaluation`-th periodic evaluation draws the figures.
-
-  `config.figure_every_evals`: 0 (the default) draws them only at the end of
-  training, N > 0 at every N-th evaluation too (drawing them stalls the
-  steps).
-  """
-  every = config.get('figure_every_evals', 0)
-  if not isinstance(every, int) or every < 0:
-    raise ValueError(
-      f'config.figure_every_evals = {every!r} must be an integer >= 0 '
-      '(0 = figures only at the end of training, N = every N-th evaluation).'
-    )
-  return every > 0 and evaluation % every == 0
 
 
 def train_and_evaluate(

@@ -278,6 +278,22 @@ def resolve_schedule(
   )
 
 
+def figures_due(config: ml_collections.ConfigDict, evaluation: int) -> bool:
+  """Whether the `evaluation`-th periodic evaluation draws the figures.
+
+  `config.figure_every_evals`: 0 (the default) draws them only at the end of
+  training, N > 0 at every N-th evaluation too (drawing them stalls the
+  steps).
+  """
+  every = config.get('figure_every_evals', 0)
+  if not isinstance(every, int) or every < 0:
+    raise ValueError(
+      f'config.figure_every_evals = {every!r} must be an integer >= 0 '
+      '(0 = figures only at the end of training, N = every N-th evaluation).'
+    )
+  return every > 0 and evaluation % every == 0
+
+
 @dataclasses.dataclass
 class Setup:
   """What phase 1 builds."""
