@@ -1,0 +1,298 @@
+"""The grouped spurious-background benchmark and training on groups.
+
+Split and kind assignment (exact counts, determinism), the written folder
+layout (masks, composites, byte-identical reruns), the folder builder's
+groups, and a real run that fills `loss.group_counts` from the data, selects
+its best checkpoint on validation worst-group accuracy and restores it.
+"""
+
+import csv
+import hashlib
+import json
+import math
+from pathlib import Path
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from cco_jax import configuration
+from cco_jax import data as input_pipeline
+from cco_jax import metric_writers
+from cco_jax import restore
+from cco_jax import train
+from cco_jax import train_setup
+from cco_jax.data import spurious
+from cco_jax.data import spurious_groups
+from cco_jax.data.datasets import oxford_iiit_pet
+from experiments import compare_table
+from experiments.configs import pets as pets_configs
+from experiments.configs import spurious as spurious_configs
+
+REPO = Path(__file__).resolve().parents[1]
+VAL, TEST = 1, 2  # Images per group in validation and test.
+
+
+def _entries(num_cats, num_dogs):
+  return [
+    oxford_iiit_pet.ListEntry(f'pet_{s}_{i}', 1, s)
+    for s, n in ((0, num_cats), (1, num_dogs))
+    for i in range(n)
+  ]
+
+
+@pytest.mark.parametrize(
+  'num_cats, num_dogs, correlation, val, test',
+  [(40, 17, 0.95, 3, 5), (23, 30, 1.0, 2, 2), (61, 12, 0.5, 1, 4)],
+)
+def test_assign_counts_are_exact(num_cats, num_dogs, correlation, val, test):
+  entries = _entries(num_cats, num_dogs)
+  chosen = spurious_groups.assign(
+    entries,
+    correlation=correlation,
+    val_per_group=val,
+    test_per_group=test,
+    seed=3,
+  )
+  assert set(chosen) == {e.name for e in entries}
+  for species, total in ((0, num_cats), (1, num_dogs)):
+    mine = [chosen[e.name] for e in entries if e.species == species]
+    aligned = spurious.ALIGNED_KIND[species]
+    for split, per_group in (('test', test), ('validation', val)):
+      kinds = [k for s, k in mine if s == split]
+      assert len(kinds) == 2 * per_group
+      assert kinds.count(aligned) == per_group
+    train_kinds = [k for s, k in mine if s == 'train']
+    n = total - 2 * (val + test)
+    assert len(train_kinds) == n
+    other = math.floor((1 - correlation) * n + 0.5)
+    assert train_kinds.count(aligned) == n - other
+  again = spurious_groups.assign(
+    entries, correlation=correlation, val_per_group=val, test_per_group=test,
+    seed=3,
+  )  # fmt: skip
+  assert again == chosen
+  other_seed = spurious_groups.assign(
+    entries, correlation=correlation, val_per_group=val, test_per_group=test,
+    seed=4,
+  )  # fmt: skip
+  assert other_seed != chosen
+
+
+def test_assign_refuses_too_few_images():
+  with pytest.raises(ValueError, match='dog: 6 images.*test_per_group'):
+    spurious_groups.assign(
+      _entries(30, 6),
+      correlation=0.9,
+      val_per_group=1,
+      test_per_group=2,
+      seed=0,
+    )
+
+
+def _make(pets_dir: Path, out: Path) -> dict:
+  result = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'experiments.make_spurious',
+      '--grouped',
+      f'--pets_dir={pets_dir}',
+      f'--out_dir={out}',
+      '--correlation=0.9',
+      f'--val_per_group={VAL}',
+      f'--test_per_group={TEST}',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope='module')
+def grouped(tmp_path_factory, synthetic_pets_dir):
+  out = tmp_path_factory.mktemp('grouped') / 'bench'
+  summary = _make(synthetic_pets_dir, out)
+  with open(out / 'labels.csv') as f:
+    rows = list(csv.DictReader(f))
+  return out, summary, rows
+
+
+def test_layout_masks_and_composites(grouped, synthetic_pets_dir):
+  out, summary, rows = grouped
+  listed = [
+    e.name
+    for split in ('trainval', 'test')
+    for e in oxford_iiit_pet.read_split_list(
+      synthetic_pets_dir / 'annotations' / f'{split}.txt'
+    )
+  ]
+  assert sorted(r['image'] for r in rows) == sorted(f'{n}.jpg' for n in listed)
+  for split, per_group in (('test', TEST), ('validation', VAL)):
+    assert summary['counts'][split] == dict.fromkeys(
+      ('cat_smooth', 'cat_textured', 'dog_smooth', 'dog_textured'), per_group
+    )
+  for row in rows[:12]:
+    name = row['image'][:-4]
+    trimap = np.asarray(
+      Image.open(synthetic_pets_dir / 'annotations' / 'trimaps' / f'{name}.png')
+    )
+    mask = np.asarray(Image.open(out / 'masks' / f'{name}.png'))
+    pet = trimap != oxford_iiit_pet.TRIMAP_BACKGROUND
+    np.testing.assert_array_equal(mask, np.where(pet, 255, 0))
+    source = np.asarray(
+      Image.open(synthetic_pets_dir / 'images' / f'{name}.jpg').convert('RGB'),
+      np.float32,
+    )
+    written = np.asarray(Image.open(out / 'images' / f'{name}.jpg'), np.float32)
+    padded = np.pad(pet, 4)
+    inside = np.logical_and.reduce(
+      [
+        np.roll(padded, (dy, dx), (0, 1))[4:-4, 4:-4]
+        for dy in range(-4, 5)
+        for dx in range(-4, 5)
+      ]
+    )  # The pet eroded by 4 px.
+    if inside.any():  # JPEG: away from the edge the pet is unchanged.
+      assert np.abs(written - source)[inside].mean() < 8
+    species = 'cat' if name[0].isupper() else 'dog'
+    assert row['label'] == species and row['group'].startswith(species)
+
+
+def test_rerun_is_byte_identical(grouped, synthetic_pets_dir, tmp_path):
+  out, _, _ = grouped
+  again = tmp_path / 'again'
+  _make(synthetic_pets_dir, again)
+
+  def hashes(root):
+    return {
+      str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+      for p in sorted(root.rglob('*'))
+      if p.is_file() and p.name != spurious.METADATA_FILE
+    }
+
+  assert hashes(again) == hashes(out)
+
+
+def _config(out: Path, tfds_dir: Path, variant: str, **overrides):
+  config = spurious_configs.get_config(variant)
+  return configuration.apply_overrides(
+    config,
+    {
+      'data.manual_dir': str(out),
+      'data.tfds_data_dir': str(tfds_dir),
+      'data.image_size': 32,
+      'model.num_filters': 8,
+      'batch_size': 8,
+      'eval_batch_size': 8,
+      'num_train_steps': 6,
+      'eval_every_steps': 2,
+      'log_every_steps': 2,
+      'keep_checkpoints': 1,
+      **overrides,
+    },
+  )
+
+
+def test_group_counts_and_names_come_from_the_data(grouped, tmp_path):
+  out, summary, rows = grouped
+  config = _config(out, tmp_path / 'tfds', 'group_dro')
+  names = input_pipeline.group_names(config.data)
+  assert names == ('cat_smooth', 'cat_textured', 'dog_smooth', 'dog_textured')
+  # Validation comes from labels.csv, so train = the 'train' rows.
+  expected = tuple(summary['counts']['train'].get(n, 0) for n in names)
+  assert input_pipeline.group_counts(config.data, 'train') == expected
+  filled = train_setup.with_data_fields(config)
+  assert tuple(filled.loss.group_counts) == expected
+  assert tuple(config.loss.group_counts) == ()  # The input is not changed.
+  rrr = train_setup.with_data_fields(_config(out, tmp_path / 'tfds', 'rrr'))
+  assert rrr.data.pixel_masks and not rrr.loss.group_counts
+  batch = next(
+    iter(
+      input_pipeline.create_eval_iterator(
+        config.data,
+        'test',
+        cam_size=(4, 4),
+        global_batch_size=8,
+        num_devices=1,
+        with_file_name=True,
+      )
+    )
+  )
+  by_file = {r['image']: r['group'] for r in rows}
+  for name, group in zip(batch['file_name'][0], batch['group'][0]):
+    if name:
+      assert names[group] == by_file[Path(str(name)).name]
+
+
+def test_best_metric_needs_groups(synthetic_config):
+  config = pets_configs.get_config('cpu')
+  with config.unlocked():
+    config.best_metric = 'worst_group_accuracy'
+    config.data = synthetic_config()
+  with pytest.raises(ValueError, match='best_metric.*needs groups'):
+    train_setup.best_metric(config, input_pipeline.group_names(config.data))
+  config.best_metric = 'acuracy'
+  with pytest.raises(ValueError, match="best_metric='acuracy'"):
+    train_setup.best_metric(config, ('a', 'b'))
+
+
+def test_group_dro_run_selects_and_restores_on_worst_group(grouped, tmp_path):
+  out, summary, _ = grouped
+  workdir = tmp_path / 'run'
+  config = _config(out, tmp_path / 'tfds', 'group_dro')
+  final = train.train_and_evaluate(config, str(workdir))
+  saved = json.loads((workdir / 'config.json').read_text())
+  names = sorted(summary['counts']['train'])
+  assert saved['loss']['group_counts'] == [
+    summary['counts']['train'][n] for n in names
+  ]
+  evals = [
+    r
+    for r in metric_writers.read_metrics(str(workdir))
+    if 'eval_worst_group_accuracy' in r
+  ]
+  assert [r['step'] for r in evals] == [2, 4, 6]
+  for r in evals:
+    groups = [r[f'eval_group_accuracy/{n}'] for n in names]
+    assert r['eval_worst_group_accuracy'] == pytest.approx(min(groups))
+  best = max(evals, key=lambda r: (r['eval_worst_group_accuracy'], -r['step']))
+  run = restore.restore_run(str(workdir), step='best')
+  assert run.checkpoint == 'best'
+  assert run.step in [
+    r['step']
+    for r in evals
+    if r['eval_worst_group_accuracy'] == best['eval_worst_group_accuracy']
+  ]
+  assert (
+    0 <= final['test_worst_group_accuracy'] <= final['test_accuracy'] + 1e-9
+  )
+
+
+def test_compare_table_measures():
+  a = {'mean': 0.5, 'std': 0.1, 'n': 5}
+  assert compare_table.differs(a, {'mean': 0.7, 'std': 0.1, 'n': 5})
+  assert not compare_table.differs(a, {'mean': 0.6, 'std': 0.1, 'n': 5})
+  assert not compare_table.differs(a, {'mean': 0.9, 'std': 0.0, 'n': 1})
+  report = {
+    'step': 7,
+    'checkpoint_metrics': {'eval_worst_group_accuracy': 0.25},
+    'accuracy': 0.6,
+    'worst_group_accuracy': 0.2,
+    'average_group_accuracy': 0.55,
+    'group_accuracy/cat_smooth': 0.9,
+    'group_accuracy/cat_textured': 0.4,
+    'group_accuracy/dog_smooth': 0.2,
+    'group_accuracy/dog_textured': 0.7,
+    'bg_share': 0.3,
+    'perturbations': {'background_noise': {'flip_rate': 0.1}},
+  }
+  numbers = compare_table.checkpoint_numbers(report)
+  assert numbers['minority_accuracy'] == pytest.approx(0.3)
+  assert numbers['validation_worst_group_accuracy'] == 0.25
+  assert numbers['groups']['dog_smooth'] == 0.2
