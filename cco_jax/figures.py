@@ -206,6 +206,61 @@ def save_cam_grid(
   return _save(fig, path)
 
 
+def save_method_comparison(
+  path: str,
+  images,
+  masks,
+  labels,
+  cams_by_method: dict,
+  predictions_by_method: dict,
+  class_names=None,
+  *,
+  title: str = '',
+) -> str:
+  """The same images explained by several models, ONE colour scale for all.
+
+  Args:
+    images: `(N, S, S, 3)`; masks: `(N, h, w)` foreground at CAM resolution;
+    labels: `(N,)` ints.
+    cams_by_method: {method: `(N, h, w, C)` HiResCAMs}, one column each.
+    predictions_by_method: {method: `(N,)` predicted classes}.
+    class_names: names of the classes (default: the indices).
+    title: a first heading line.
+  """
+  images, masks, labels = map(np.asarray, (images, masks, labels))
+  methods = list(cams_by_method)
+  maps = {m: evidence(cams_by_method[m], labels) for m in methods}
+  limit = _limit(list(maps.values()))
+  names = class_names or [
+    str(c) for c in range(np.shape(cams_by_method[methods[0]])[-1])
+  ]
+  rows, cols = len(images), len(methods) + 1
+  fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.3 * rows + 0.8))
+  axes = np.asarray(axes).reshape(rows, cols)
+  artist = None
+  for i in range(rows):
+    axes[i, 0].imshow(displayable(images[i]))
+    axes[i, 0].contour(
+      upsample(masks[i], images[i].shape[:2]),
+      levels=[0.5],
+      colors='yellow',
+      linewidths=0.8,
+    )
+    axes[i, 0].set_title(f'true: {names[labels[i]]}', fontsize=7)
+    axes[i, 0].axis('off')
+    for j, method in enumerate(methods, 1):
+      artist = overlay(axes[i, j], images[i], maps[method][i], limit)
+      predicted = names[int(predictions_by_method[method][i])]
+      axes[i, j].set_title(f'{method}\npredicts {predicted}', fontsize=7)
+  fig.suptitle(
+    f'{title}\nevidence for the true class; {MAP_LEGEND}', fontsize=8
+  )
+  fig.tight_layout(rect=(0, 0, 0.9, 1))
+  colorbar = fig.colorbar(artist, cax=fig.add_axes((0.92, 0.3, 0.02, 0.4)))
+  colorbar.set_label('evidence (logit units per map cell)', fontsize=7)
+  return _save(fig, path)
+
+
 def save_average_influence(
   path: str, influence_map: np.ndarray, mean_mask: np.ndarray
 ) -> str:

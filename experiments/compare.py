@@ -23,8 +23,10 @@ For each correlation in --correlations (default 0.95 and 1.0) it
      (classification and interventions, `cco_jax.evaluation`), cached in
      WORKDIR/evaluation/compare_<best|last>.json;
   5. writes OUT/table.md and OUT/table.json (means ± sample std over seeds,
-     and which differences from ACE exceed the spread) and OUT/curves_c<corr>
-     .png (training loss against step, mean over seeds, one line per variant).
+     and which differences from ACE exceed the spread), OUT/curves_c<corr>
+     .png (training loss against step, mean over seeds, one line per variant)
+     and OUT/maps_c<corr>.png (minority-group test images explained by the
+     --figure_variants, one colour scale).
 
 Every number comes from these runs; `--steps` changes the schedule of all
 variants alike (e.g. `--steps=40 --seeds=0` for a smoke run).
@@ -82,6 +84,12 @@ def define_flags():
   )
   flags.DEFINE_integer('steps', 0, 'Override num_train_steps (0 = config).')
   flags.DEFINE_integer('parallel', 2, 'Trainings at a time.')
+  flags.DEFINE_list(
+    'figure_variants',
+    ['ce_control', 'ace', 'rrr'],
+    'Variants whose maps OUT/maps_c<corr>.png shows (first seed, best '
+    'checkpoint).',
+  )
   flags.mark_flags_as_required(['out'])
 
 
@@ -293,6 +301,19 @@ def main(argv):
           )
         )
   compare_table.write_outputs(out, records)
+  for correlation in correlations:
+    seed = seeds_at[correlation][0]
+    compare_table.save_maps_figure(
+      os.path.join(out, f'maps_{corr_name(correlation)}.png'),
+      os.path.join(out, corr_name(correlation), 'data'),
+      {
+        compare_table.LABELS[v]: run_dir(
+          out, correlation, v, chosen_by[correlation][v], seed
+        )
+        for v in f.figure_variants
+        if v in f.variants
+      },
+    )
   print(json.dumps({'table': os.path.join(out, 'table.md')}), flush=True)
 
 

@@ -1,4 +1,5 @@
-"""The numbers, table and curves of `experiments.compare`. Not an entry point.
+"""The numbers, table, curves and maps figure of `experiments.compare`. Not an
+entry point.
 
 A run record holds, for the checkpoint chosen on validation worst-group
 accuracy ('best') and the last one ('last'), the test split's average
@@ -260,3 +261,48 @@ def write_outputs(out: str, records: list[dict]) -> None:
   for correlation in sorted({r['correlation'] for r in records}):
     name = f'curves_c{round(correlation * 100):03d}.png'
     save_curves(os.path.join(out, name), records, correlation)
+
+
+def save_maps_figure(
+  path: str, data_dir: str, workdirs: dict, per_group: int = 3
+) -> None:
+  """Test images of the minority groups explained by each run in `workdirs`
+  ({label: workdir}, best checkpoints), on one colour scale."""
+  import csv  # pylint: disable=g-import-not-at-top
+
+  from cco_jax import explain  # pylint: disable=g-import-not-at-top
+  from cco_jax import figures  # pylint: disable=g-import-not-at-top
+
+  with open(os.path.join(data_dir, 'labels.csv')) as f:
+    test = sorted(
+      (r for r in csv.DictReader(f) if r['split'] == 'test'),
+      key=lambda r: r['image'],
+    )
+  chosen = [
+    r
+    for group in spurious_groups.MINORITY_GROUPS
+    for r in [t for t in test if t['group'] == group][:per_group]
+  ]
+  paths = [os.path.join(data_dir, 'images', r['image']) for r in chosen]
+  masks = [
+    os.path.join(data_dir, 'masks', os.path.splitext(r['image'])[0] + '.png')
+    for r in chosen
+  ]
+  cams, predictions, first = {}, {}, None
+  for label, workdir in workdirs.items():
+    explainer = explain.Explainer.from_workdir(workdir, step='best')
+    labels = [explainer.class_names.index(r['label']) for r in chosen]
+    result = explainer.explain(paths, targets=labels, masks=masks)
+    cams[label], predictions[label] = result.cams, result.predicted
+    first = first or (result, labels, explainer.class_names)
+  result, labels, class_names = first
+  figures.save_method_comparison(
+    path,
+    result.images,
+    result.cam_masks,
+    labels,
+    cams,
+    predictions,
+    class_names,
+    title='Minority-group test images (background disagrees with the label)',
+  )
