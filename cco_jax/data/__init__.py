@@ -14,6 +14,8 @@ One job per module:
   pipeline    the training and evaluation iterators.
   datasets    the TFDS builders (no TensorFlow) and their shared helpers.
   spurious    the spurious-background benchmark built from Pets.
+  spurious_groups  the same with groups (species x background), in the
+              'folder' layout: train at a correlation, balanced val/test.
 
 The names below are the public API the trainer and the experiments use.
 """
