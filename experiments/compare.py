@@ -78,6 +78,9 @@ def define_flags():
   flags.DEFINE_multi_string(
     'seeds_for', [], 'CORR=S1,S2,...: other seeds at one correlation.'
   )
+  flags.DEFINE_multi_string(
+    'variants_for', [], 'CORR=V1,V2,...: other variants at one correlation.'
+  )
   flags.DEFINE_integer('grid_seed', 0, 'Seed of the grid runs.')
   flags.DEFINE_string(
     'grid_from', None, 'Reuse the grid choices of this correlation.'
@@ -261,6 +264,10 @@ def main(argv):
   for text in f.seeds_for:
     correlation, _, listed = text.partition('=')
     seeds_at[float(correlation)] = [int(s) for s in listed.split(',')]
+  variants_at = dict.fromkeys(correlations, list(f.variants))
+  for text in f.variants_for:
+    correlation, _, listed = text.partition('=')
+    variants_at[float(correlation)] = listed.split(',')
   chosen_by = {}
   if f.grid_from is not None and float(f.grid_from) not in correlations:
     raise app.UsageError('--grid_from must be one of --correlations.')
@@ -278,7 +285,7 @@ def main(argv):
       )  # fmt: skip
     chosen_by[correlation] = choices
     jobs = []
-    for variant in f.variants:
+    for variant in variants_at[correlation]:
       value = choices[variant]
       field = spurious_configs.GRIDS.get(variant, (None,))[0]
       for seed in seeds_at[correlation]:
@@ -288,7 +295,7 @@ def main(argv):
     train_all(jobs, f.parallel, evaluate_runs=True)
   records = []
   for correlation in correlations:
-    for variant in f.variants:
+    for variant in variants_at[correlation]:
       value = chosen_by[correlation][variant]
       for seed in seeds_at[correlation]:
         workdir = run_dir(out, correlation, variant, value, seed)
@@ -311,7 +318,7 @@ def main(argv):
           out, correlation, v, chosen_by[correlation][v], seed
         )
         for v in f.figure_variants
-        if v in f.variants
+        if v in variants_at[correlation]
       },
     )
   print(json.dumps({'table': os.path.join(out, 'table.md')}), flush=True)
