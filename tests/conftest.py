@@ -50,6 +50,40 @@ def _session_dir(tmp_path_factory, name: str, write=None) -> Path:
   return path
 
 
+@pytest.fixture(scope='session', autouse=True)
+def compilation_cache(tmp_path_factory) -> Path | None:
+  """One persistent XLA compilation cache for the whole run, empty at start.
+
+  Many tests build the same tiny models and steps (the `cpu` config at 32 px,
+  width 4) through fresh `jax.jit` / `jax.pmap` wrappers, each of which
+  compiles again; with the cache, an identical program is compiled once per
+  run and loaded from disk after that. Loaded executables are the compiled
+  programs themselves, so no result changes. `CCO_TEST_COMPILATION_CACHE=0`
+  turns it off. Subprocesses are not affected (they get no cache unless a test
+  gives them one).
+  """
+  if os.environ.get('CCO_TEST_COMPILATION_CACHE', '1') == '0':
+    yield None
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+
+  path = tmp_path_factory.getbasetemp() / 'xla_compilation_cache'
+  path.mkdir(exist_ok=True)
+  saved = {
+    name: getattr(jax.config, name)
+    for name in (
+      'jax_compilation_cache_dir',
+      'jax_persistent_cache_min_compile_time_secs',
+    )
+  }
+  jax.config.update('jax_compilation_cache_dir', str(path))
+  # Eager ops (milliseconds each) are not worth a file; model programs are.
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
+  yield path
+  for name, value in saved.items():
+    jax.config.update(name, value)
+
+
 @pytest.fixture(scope='session')
 def synthetic_pets_dir(tmp_path_factory) -> Path:
   return _session_dir(tmp_path_factory, 'pets_manual', write_synthetic_pets)
