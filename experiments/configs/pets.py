@@ -6,8 +6,9 @@ trained from scratch with Adam 1e-3 at batch 80 on the foreground-masked
 contrastive loss.
 
 Variants (`--config=experiments/configs/pets.py:VARIANT`):
-  binary     species (cat/dog), ResNet-50 @224 (bfloat16 compute, as are
-             all four paper-scale variants), ACE + divergence, 100 epochs.
+  binary     species (cat/dog), ResNet-50 @224 (bfloat16 compute and
+             BatchNorm statistics per device, as in all four paper-scale
+             variants), ACE + divergence, 100 epochs.
              One V100 took ~4 h in the original work; expect ~91.5% valid (paper draft).
   breeds     37 breeds, same loss, effective batch 80 (20 x 4 accumulation),
              227 epochs; the original work reached 51.5% valid accuracy.
