@@ -5,6 +5,10 @@ JAX_NUM_PROCESSES and JAX_PROCESS_ID (the documented interface; the processes
 meet over 127.0.0.1 and run their collectives over gloo), 2 virtual CPU devices
 each: they train the tiny `cpu` config, stop, resume and evaluate; then one
 process evaluates the checkpoint they wrote with `experiments.evaluate`.
+
+All runs share one `$CCO_COMPILATION_CACHE` (what a user's resumed run does):
+the resumed processes and the evaluation load the programs the first run
+compiled instead of compiling them again.
 """
 
 import json
@@ -58,6 +62,7 @@ def _run_processes(workdir, data_dirs, steps, tmp_path) -> list[str]:
       JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
       JAX_NUM_PROCESSES=str(NUM_PROCESSES),
       JAX_PROCESS_ID=str(index),
+      CCO_COMPILATION_CACHE=str(tmp_path / 'xla_cache'),
     )
     log = open(tmp_path / f'process_{index}_steps_{steps}.log', 'w+')
     processes.append(
@@ -94,6 +99,7 @@ def test_two_processes_train_resume_and_evaluate(
   for index, log in enumerate(logs):
     assert f'JAX process {index}/2' in log
     assert 'on 4 devices of 2 processes' in log
+    assert str(tmp_path / 'xla_cache') in log  # The cache is in use.
 
   logs = _run_processes(workdir, data_dirs, 4, tmp_path)
   for log in logs:
@@ -128,7 +134,11 @@ def test_two_processes_train_resume_and_evaluate(
       '--num_figure_examples=2',
     ],
     cwd=REPO,
-    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    env=dict(
+      os.environ,
+      JAX_PLATFORMS='cpu',
+      CCO_COMPILATION_CACHE=str(tmp_path / 'xla_cache'),
+    ),
     capture_output=True,
     text=True,
     timeout=600,
