@@ -19,6 +19,8 @@ Modules, in data-flow order (docs/architecture.md tells the whole path):
   configuration     config overrides and checks.
   checks            argument checks with clear errors.
   train_setup       everything a run builds from its config.
+  train_input       the loop's input: batches sent ahead in a thread, the
+                    validation split read once and kept on the devices.
   train_guards      the checks that stop a diverged run.
   train             the training loop.
   restore           a trained run restored without the training loop.
