@@ -105,14 +105,22 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(
   not synthetic_data.REAL_PETS.exists(),
   reason='shared/data is absent (a fresh clone)',
 )
-def test_entry_point_on_shared_sample_writes_and_resumes(tmp_path):
-  """`python -m experiments.pets` on the real sample, 2 devices, then resumed."""
+def test_entry_point_on_shared_sample_writes_and_resumes(
+  tmp_path, compilation_cache, real_data_dir
+):
+  """`python -m experiments.pets` on the real sample, 2 devices, then resumed.
+
+  Both runs share the test session's compilation cache and the real samples'
+  TFDS dir, so the resumed run compiles and prepares nothing again.
+  """
   workdir = tmp_path / 'pets_cpu'
   env = dict(
     os.environ,
     XLA_FLAGS='--xla_force_host_platform_device_count=2',
     JAX_PLATFORMS='cpu',
   )
+  if compilation_cache is not None:
+    env['CCO_COMPILATION_CACHE'] = str(compilation_cache)
 
   def run(steps):
     command = [
@@ -123,7 +131,7 @@ def test_entry_point_on_shared_sample_writes_and_resumes(tmp_path):
       f'--workdir={workdir}',
       f'--config.data.manual_dir={synthetic_data.REAL_PETS}',
       f'--config.data.ood_manual_dir={synthetic_data.REAL_CATS_VS_DOGS}',
-      f'--config.data.tfds_data_dir={tmp_path / "tfds"}',
+      f'--config.data.tfds_data_dir={real_data_dir}',
       '--config.data.image_size=32',
       '--config.model.num_filters=8',
       f'--config.num_train_steps={steps}',
