@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 import json
-import os
 from typing import Any
 
+from etils import epath
 import ml_collections
 
 
@@ -128,15 +128,14 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   Compares with the run's `config.json` (`resume_differences`)
   when checkpoints exist, before anything in the workdir is changed.
   """
-  path = os.path.join(workdir, 'config.json')
-  checkpoints = os.path.join(workdir, 'checkpoints')
-  has_checkpoints = os.path.isdir(checkpoints) and any(
-    name.isdigit() for name in os.listdir(checkpoints)
+  path = epath.Path(workdir) / 'config.json'
+  checkpoints = epath.Path(workdir) / 'checkpoints'
+  has_checkpoints = checkpoints.is_dir() and any(
+    p.name.isdigit() for p in checkpoints.iterdir()
   )
-  if not (has_checkpoints and os.path.exists(path)):
+  if not (has_checkpoints and path.exists()):
     return
-  with open(path) as f:
-    saved = json.load(f)
+  saved = json.loads(path.read_text())
   differences = resume_differences(
     saved, json.loads(config.to_json_best_effort())
   )

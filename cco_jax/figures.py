@@ -12,8 +12,9 @@ Uses matplotlib's Agg backend.
 from __future__ import annotations
 
 from collections.abc import Sequence
-import os
+import io
 
+from etils import epath
 import matplotlib
 
 matplotlib.use('Agg')
@@ -318,7 +319,11 @@ def save_learning_curves(
 
 
 def _save(fig, path: str) -> str:
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  fig.savefig(path, dpi=90)
+  """Writes the PNG through `etils.epath` (local disks and object stores)."""
+  target = epath.Path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=90)
   plt.close(fig)
+  target.write_bytes(buffer.getvalue())
   return path

@@ -277,10 +277,17 @@ class WorkdirLock:
 
   def __init__(self, workdir: str, process_index: int = 0):
     name = 'run.lock' if process_index == 0 else f'run.lock.{process_index}'
-    self.path = os.path.join(workdir, name)
+    self.path = os.path.join(os.fspath(workdir), name)
     self._fd = None
 
   def acquire(self) -> WorkdirLock:
+    if '://' in self.path:
+      logging_lib.getLogger(__name__).warning(
+        'Object stores have no file locks: %s is not locked, so nothing stops '
+        'a second run from writing into the same workdir.',
+        self.path,
+      )
+      return self
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:

@@ -328,8 +328,8 @@ def train_and_evaluate(
 ) -> dict:
   """Trains, evaluates and checkpoints as `config` says; returns final metrics.
 
-  `workdir`: a path or `etils.epath.Path` (the loop's own files go through
-  `epath`; the workdir lock and the figures still need a local disk).
+  `workdir`: a path or `etils.epath.Path` (every file goes through `epath`;
+  on an object store the workdir lock is skipped with a warning).
 
   Raises:
     runtime.WorkdirInUse: another process is running in `workdir`.

@@ -165,6 +165,35 @@ def test_second_run_on_a_workdir_is_refused_at_once(tmp_path, dirs):
   runtime.WorkdirLock(str(workdir)).acquire().release()
 
 
+def test_object_store_workdir_is_not_locked_but_warned(caplog, tmp_path):
+  """fcntl needs a local file: a gs:// workdir gets a warning, no lock file."""
+  with caplog.at_level('WARNING'):
+    lock = runtime.WorkdirLock('gs://bucket/run', 1).acquire()
+  lock.release()
+  assert 'gs://bucket/run/run.lock.1 is not locked' in caplog.text
+  assert not (tmp_path / 'gs:').exists()
+
+
+def test_figures_and_resume_check_accept_epath_workdirs(tmp_path):
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  from cco_jax import configuration  # pylint: disable=g-import-not-at-top
+  from cco_jax import figures  # pylint: disable=g-import-not-at-top
+
+  workdir = epath.Path(tmp_path) / 'run'
+  path = figures.save_learning_curves(
+    str(workdir / 'figures' / 'curves.png'),
+    [{'step': 1, 'train_loss': 1.0}, {'step': 2, 'train_loss': 0.5}],
+  )
+  assert epath.Path(path).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  config = ml_collections.ConfigDict({'model': {'depth': 18}, 'data': {}})
+  (workdir / 'checkpoints' / '4').mkdir(parents=True)
+  (workdir / 'config.json').write_text('{"model": {"depth": 50}, "data": {}}')
+  with pytest.raises(ValueError, match='model.depth: 50 -> 18'):
+    configuration.check_resumable(config, workdir)
+
+
 # -- Resume: config changes, fewer steps, records ------------------------------
 
 
