@@ -52,6 +52,7 @@ use, with the config's values).
 
 import ml_collections
 
+from experiments import configs
 from experiments.configs import pets
 
 SAMPLE_DIR = '../shared/data/isic-2017-sample'
@@ -113,10 +114,4 @@ VARIANTS = {
 
 def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   """Returns the locked config of a variant (see the module docstring)."""
-  if variant not in VARIANTS:
-    raise ValueError(
-      f'Unknown variant {variant!r}; choose one of {sorted(VARIANTS)}.'
-    )
-  config = VARIANTS[variant]()
-  config.lock()
-  return config
+  return configs.locked_variant(VARIANTS, variant)

@@ -36,6 +36,7 @@ the config is locked, so a misspelt key is an error.
 import ml_collections
 
 from cco_jax.data import config as data_config
+from experiments import configs
 
 
 def get_data_config() -> ml_collections.ConfigDict:
@@ -261,10 +262,4 @@ VARIANTS = {
 
 def get_config(variant: str = 'binary') -> ml_collections.ConfigDict:
   """Returns the locked config of a variant (see the module docstring)."""
-  if variant not in VARIANTS:
-    raise ValueError(
-      f'Unknown variant {variant!r}; choose one of {sorted(VARIANTS)}.'
-    )
-  config = VARIANTS[variant]()
-  config.lock()
-  return config
+  return configs.locked_variant(VARIANTS, variant)

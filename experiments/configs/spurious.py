@@ -37,6 +37,7 @@ validation worst-group accuracy (`experiments.compare`).
 
 import ml_collections
 
+from experiments import configs
 from experiments.configs import pets
 
 
@@ -92,10 +93,4 @@ GRIDS = {
 
 def get_config(variant: str = 'ace') -> ml_collections.ConfigDict:
   """Returns the locked config of a variant (see the module docstring)."""
-  if variant not in VARIANTS:
-    raise ValueError(
-      f'Unknown variant {variant!r}; choose one of {sorted(VARIANTS)}.'
-    )
-  config = VARIANTS[variant]()
-  config.lock()
-  return config
+  return configs.locked_variant(VARIANTS, variant)

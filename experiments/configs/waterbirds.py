@@ -16,6 +16,7 @@ Variants: `default`, `cpu` (the small ResNet-18 at 64 px of `pets.py:cpu`),
 
 import ml_collections
 
+from experiments import configs
 from experiments.configs import pets
 
 
@@ -36,10 +37,4 @@ VARIANTS = {
 
 def get_config(variant: str = 'default') -> ml_collections.ConfigDict:
   """Returns the locked config of a variant (see the module docstring)."""
-  if variant not in VARIANTS:
-    raise ValueError(
-      f'Unknown variant {variant!r}; choose one of {sorted(VARIANTS)}.'
-    )
-  config = VARIANTS[variant]()
-  config.lock()
-  return config
+  return configs.locked_variant(VARIANTS, variant)
