@@ -112,14 +112,14 @@ BACKGROUNDS: Mapping[
 }
 
 
-def _digest(*parts) -> bytes:
+def digest(*parts) -> bytes:
   return hashlib.sha256('/'.join([_SALT, *map(str, parts)]).encode()).digest()
 
 
 def image_rng(seed: int, name: str) -> np.random.Generator:
   """The generator of one image's background: depends on (seed, name) only."""
   return np.random.default_rng(
-    int.from_bytes(_digest(seed, 'image', name)[:8], 'big')
+    int.from_bytes(digest(seed, 'image', name)[:8], 'big')
   )
 
 
@@ -155,7 +155,7 @@ def assign_kinds(
   for species in (0, 1):
     members = sorted(
       (e.name for e in entries if e.species == species),
-      key=lambda name: _digest(seed, 'assign', name),
+      key=lambda name: digest(seed, 'assign', name),
     )
     num_other = math.floor((1 - correlation) * len(members) + 0.5)
     for i, name in enumerate(members):
@@ -185,7 +185,7 @@ def composite(
   return np.where(pet, image, background)
 
 
-def _read_pair(
+def read_pair(
   pets_dir: str, name: str
 ) -> tuple[np.ndarray, np.ndarray, bytes, bool]:
   """(image uint8 (H, W, 3), trimap (H, W), trimap PNG bytes, trimap_resized)."""
@@ -222,7 +222,7 @@ def _render(
   seed: int,
   jpeg_quality: int,
 ) -> None:
-  image, trimap, trimap_bytes, _ = _read_pair(pets_dir, name)
+  image, trimap, trimap_bytes, _ = read_pair(pets_dir, name)
   background = BACKGROUNDS[kind](image_rng(seed, name), *image.shape[:2])
   buffer = io.BytesIO()
   Image.fromarray(composite(image, trimap, background)).save(
@@ -259,6 +259,32 @@ def aligned_share(
   return aligned / max(len(entries), 1)
 
 
+def prepare_output_dir(
+  pets_dir: str, out_dir: str, *, overwrite: bool, parts: Sequence[str]
+) -> None:
+  """Checks the source and that `out_dir` is empty, or (`overwrite`) removes
+  its `parts` (directories or files) and `METADATA_FILE`.
+
+  Raises:
+    ValueError: a bad source layout, `out_dir == pets_dir`, or a non-empty
+      `out_dir` without `overwrite`.
+  """
+  oxford_iiit_pet.check_manual_dir(pets_dir)
+  if os.path.realpath(pets_dir) == os.path.realpath(out_dir):
+    raise ValueError('out_dir must differ from pets_dir.')
+  if os.path.isdir(out_dir) and os.listdir(out_dir):
+    if not overwrite:
+      raise ValueError(
+        f'{out_dir} is not empty; choose another --out_dir or pass --overwrite.'
+      )
+    for part in (*parts, METADATA_FILE):
+      path = os.path.join(out_dir, part)
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      elif os.path.exists(path):
+        os.remove(path)
+
+
 def make_benchmark(
   pets_dir: str,
   out_dir: str,
@@ -292,16 +318,9 @@ def make_benchmark(
   """
   if not 0.0 <= correlation <= 1.0:
     raise ValueError(f'correlation must be in [0, 1]; got {correlation}.')
-  oxford_iiit_pet.check_manual_dir(pets_dir)
-  if os.path.realpath(pets_dir) == os.path.realpath(out_dir):
-    raise ValueError('out_dir must differ from pets_dir.')
-  if os.path.isdir(out_dir) and os.listdir(out_dir):
-    if not overwrite:
-      raise ValueError(
-        f'{out_dir} is not empty; choose another --out_dir or pass --overwrite.'
-      )
-    for part in ('images', 'annotations'):
-      shutil.rmtree(os.path.join(out_dir, part), ignore_errors=True)
+  prepare_output_dir(
+    pets_dir, out_dir, overwrite=overwrite, parts=('images', 'annotations')
+  )
   os.makedirs(os.path.join(out_dir, 'images'), exist_ok=True)
   os.makedirs(os.path.join(out_dir, 'annotations', 'trimaps'), exist_ok=True)
 

@@ -40,7 +40,6 @@ import io
 import json
 import math
 import os
-import shutil
 
 import numpy as np
 from PIL import Image
@@ -85,7 +84,7 @@ def assign(
   for species in (0, 1):
     members = sorted(
       (e.name for e in entries if e.species == species),
-      key=lambda name: spurious._digest(seed, 'group-split', name),
+      key=lambda name: spurious.digest(seed, 'group-split', name),
     )
     held_out = 2 * (test_per_group + val_per_group)
     if len(members) <= held_out:
@@ -108,7 +107,7 @@ def assign(
 def _render(
   pets_dir: str, out_dir: str, name: str, kind: str, seed: int, quality: int
 ) -> None:
-  image, trimap, _, _ = spurious._read_pair(pets_dir, name)
+  image, trimap, _, _ = spurious.read_pair(pets_dir, name)
   background = spurious.BACKGROUNDS[kind](
     spurious.image_rng(seed, name), *image.shape[:2]
   )
@@ -152,15 +151,12 @@ def make_group_benchmark(
     The metadata written to `out_dir/spurious.json`: settings and counts
     {split: {group: n}}.
   """
-  oxford_iiit_pet.check_manual_dir(pets_dir)
-  if os.path.realpath(pets_dir) == os.path.realpath(out_dir):
-    raise ValueError('out_dir must differ from pets_dir.')
-  if os.path.isdir(out_dir) and os.listdir(out_dir):
-    if not overwrite:
-      raise ValueError(
-        f'{out_dir} is not empty; choose another --out_dir or pass --overwrite.'
-      )
-    shutil.rmtree(out_dir)
+  spurious.prepare_output_dir(
+    pets_dir,
+    out_dir,
+    overwrite=overwrite,
+    parts=('images', 'masks', 'labels.csv'),
+  )
   for part in ('images', 'masks'):
     os.makedirs(os.path.join(out_dir, part), exist_ok=True)
   entries = []
