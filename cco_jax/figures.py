@@ -76,6 +76,20 @@ def overlay(ax, image: np.ndarray, cam_map: np.ndarray, limit: float):
   return shown
 
 
+def outlined(ax, image: np.ndarray, mask: np.ndarray, title: str) -> None:
+  """Draws `image` on `ax` with its object's outline (the 0.5 contour of the
+  `(h, w)` mask, upsampled) in yellow, titled, without axes."""
+  ax.imshow(displayable(image))
+  ax.contour(
+    upsample(mask, image.shape[:2]),
+    levels=[0.5],
+    colors='yellow',
+    linewidths=0.8,
+  )
+  ax.set_title(title, fontsize=7)
+  ax.axis('off')
+
+
 def _limit(maps) -> float:
   return float(max(np.abs(np.asarray(m)).max() for m in maps)) or 1.0
 
@@ -186,17 +200,9 @@ def save_cam_grid(
     title = f'true: {names[labels[i]]}'
     if predictions is not None:
       title += f', predicted: {names[predictions[i]]}'
-    axes[i, 0].imshow(displayable(images[i]))
-    axes[i, 0].contour(
-      upsample(masks[i], images[i].shape[:2]),
-      levels=[0.5],
-      colors='yellow',
-      linewidths=0.8,
-    )
-    axes[i, 0].set_title(title + '\n(object outlined)', fontsize=7)
+    outlined(axes[i, 0], images[i], masks[i], title + '\n(object outlined)')
     artist = overlay(axes[i, 1], images[i], maps[i], limit)
     axes[i, 1].set_title(f'what argues for {names[labels[i]]}', fontsize=7)
-    axes[i, 0].axis('off')
   heading = 'Where the model finds evidence for the true class'
   if step is not None:
     heading += f' (step {step})'
@@ -240,15 +246,7 @@ def save_method_comparison(
   axes = np.asarray(axes).reshape(rows, cols)
   artist = None
   for i in range(rows):
-    axes[i, 0].imshow(displayable(images[i]))
-    axes[i, 0].contour(
-      upsample(masks[i], images[i].shape[:2]),
-      levels=[0.5],
-      colors='yellow',
-      linewidths=0.8,
-    )
-    axes[i, 0].set_title(f'true: {names[labels[i]]}', fontsize=7)
-    axes[i, 0].axis('off')
+    outlined(axes[i, 0], images[i], masks[i], f'true: {names[labels[i]]}')
     for j, method in enumerate(methods, 1):
       artist = overlay(axes[i, j], images[i], maps[method][i], limit)
       predicted = names[int(predictions_by_method[method][i])]
