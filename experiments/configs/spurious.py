@@ -81,11 +81,13 @@ VARIANTS = {
   'ce_reweighted': _objective('ce_reweighted'),
 }
 
-# variant -> (config field, values searched) for the baselines; the default
-# above is one of them. ACE has no coefficient; ace_kld and ace_swd keep the
-# published ones (kld 1e-3: docs/method.md; swd 5: the original code).
+# variant -> (config field, values searched); the default above is one of
+# them. ACE has no coefficient. The ACE regularisers search around their
+# published weights (kld 1e-3: docs/method.md; swd 5: the original code).
 GRIDS = {
-  'rrr': ('loss.rrr_weight', (1.0, 10.0, 100.0)),
+  'ace_kld': ('loss.kld_weight', (1e-4, 1e-3, 1e-2)),
+  'ace_swd': ('loss.swd_weight', (0.5, 5.0, 50.0)),
+  'rrr': ('loss.rrr_weight', (0.1, 0.3, 1.0, 3.0, 10.0, 100.0)),
   'ce_bg_cam': ('loss.bg_cam_weight', (0.01, 0.1, 1.0)),
   'group_dro': ('loss.dro_step_size', (0.01, 0.1, 1.0)),
 }
