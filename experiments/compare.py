@@ -34,23 +34,18 @@ variants alike (e.g. `--steps=40 --seeds=0` for a smoke run).
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import os
-import subprocess
-import sys
-import time
 
 from absl import app
 from absl import flags
-from absl import logging
 import numpy as np
 
 from cco_jax import runtime
 from experiments import compare_table
+from experiments import runs
 from experiments.configs import spurious as spurious_configs
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = 'experiments/configs/spurious.py'
 DEFAULT_VARIANTS = (
   'ce_control',
@@ -96,11 +91,6 @@ def define_flags():
   flags.mark_flags_as_required(['out'])
 
 
-def cache_dir(workdir: str) -> str:
-  """One compilation cache for all runs: seeds of a variant compile once."""
-  return os.path.join(workdir, os.pardir, os.pardir, os.pardir, 'xla_cache')
-
-
 def corr_name(correlation: float) -> str:
   return f'c{round(correlation * 100):03d}'
 
@@ -140,44 +130,22 @@ def ensure_data(out: str, pets_dir: str, correlation: float) -> str:
   return data_dir
 
 
-def train(
+def job(
   workdir: str, variant: str, field_value, data_dir: str, steps: int, seed: int
-) -> float:
-  """Trains one run in a subprocess unless it finished; returns seconds."""
-  done = os.path.join(workdir, 'final_metrics.json')
-  if os.path.exists(done):
-    return 0.0
-  os.makedirs(workdir, exist_ok=True)
-  command = [
-    sys.executable,
-    '-m',
-    'experiments.train',
-    f'--config={CONFIG}:{variant}',
-    f'--workdir={workdir}',
-    f'--config.seed={seed}',
-    f'--config.data.manual_dir={data_dir}',
-    f'--config.data.tfds_data_dir={os.path.join(data_dir, "tfds")}',
+) -> tuple[str, list[str]]:
+  """The `(workdir, argv)` of one run; `field_value` = (field, value) of its
+  grid coefficient, or None."""
+  overrides = [
+    f'data.manual_dir={data_dir}',
+    f'data.tfds_data_dir={os.path.join(data_dir, "tfds")}',
   ]
   if field_value is not None:
-    command.append(f'--config.{field_value[0]}={field_value[1]}')
+    overrides.append(f'{field_value[0]}={field_value[1]}')
   if steps:
-    command.append(f'--config.num_train_steps={steps}')
-  start = time.time()
-  with open(os.path.join(workdir, 'train.log'), 'w') as log:
-    result = subprocess.run(
-      command,
-      cwd=REPO,
-      stdout=log,
-      stderr=subprocess.STDOUT,
-      check=False,
-      env={**os.environ, runtime.COMPILATION_CACHE_ENV: cache_dir(workdir)},
-    )
-  if result.returncode:
-    raise RuntimeError(
-      f'Training {workdir} failed (exit {result.returncode}); see '
-      f'{os.path.join(workdir, "train.log")}.'
-    )
-  return time.time() - start
+    overrides.append(f'num_train_steps={steps}')
+  return workdir, runs.command(
+    'experiments.train', CONFIG, variant, workdir, seed, overrides
+  )
 
 
 def evaluate(workdir: str, which: str) -> dict:
@@ -199,24 +167,20 @@ def evaluate(workdir: str, which: str) -> dict:
     return json.load(f)
 
 
-def train_all(jobs: list[tuple], parallel: int, evaluate_runs=False) -> None:
-  """Runs `train(*job)` for every job, `parallel` at a time (and evaluates
-  each finished run here, while the others train); raises the failures after
-  the others finish."""
-  with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
-    futures = {pool.submit(train, *job): job[0] for job in jobs}
-    errors = []
-    for future in concurrent.futures.as_completed(futures):
-      try:
-        seconds = future.result()
-        logging.info('Trained %s in %.0f s.', futures[future], seconds)
-        if evaluate_runs:
-          for which in ('best', 'last'):
-            evaluate(futures[future], which)
-      except RuntimeError as e:
-        errors.append(str(e))
-  if errors:
-    raise RuntimeError(' '.join(errors))
+def train_all(out: str, jobs: list[tuple], parallel: int, evaluate_runs=False):
+  """Trains the jobs with one shared compilation cache (seeds of a variant
+  compile once), evaluating each finished run while the others train."""
+  runs.train_all(
+    jobs,
+    parallel,
+    env={runtime.COMPILATION_CACHE_ENV: os.path.join(out, 'xla_cache')},
+    after=evaluate_both if evaluate_runs else None,
+  )
+
+
+def evaluate_both(workdir: str) -> None:
+  for which in ('best', 'last'):
+    evaluate(workdir, which)
 
 
 def grid_choices(out, correlation, data_dir, variants, seed, steps, parallel):
@@ -227,8 +191,10 @@ def grid_choices(out, correlation, data_dir, variants, seed, steps, parallel):
       field, values = spurious_configs.GRIDS[variant]
       for value in values:
         workdir = run_dir(out, correlation, variant, value, seed)
-        jobs.append((workdir, variant, (field, value), data_dir, steps, seed))
-  train_all(jobs, parallel)
+        jobs.append(
+          job(workdir, variant, (field, value), data_dir, steps, seed)
+        )
+  train_all(out, jobs, parallel)
   scores, choices = {}, {}
   for variant in variants:
     if variant not in spurious_configs.GRIDS:
@@ -291,8 +257,8 @@ def main(argv):
       for seed in seeds_at[correlation]:
         workdir = run_dir(out, correlation, variant, value, seed)
         field_value = None if value is None else (field, value)
-        jobs.append((workdir, variant, field_value, data_dir, f.steps, seed))
-    train_all(jobs, f.parallel, evaluate_runs=True)
+        jobs.append(job(workdir, variant, field_value, data_dir, f.steps, seed))
+    train_all(out, jobs, f.parallel, evaluate_runs=True)
   records = []
   for correlation in correlations:
     for variant in variants_at[correlation]:

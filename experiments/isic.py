@@ -41,8 +41,8 @@ from absl import logging
 import numpy as np
 
 from experiments import results_tables
+from experiments import runs
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = 'experiments/configs/isic.py'
 LABELS = {
   'cpu_ce': 'CE control',
@@ -114,19 +114,15 @@ def train_command(
   overrides: tuple[str, ...] = (),
 ) -> list[str]:
   """The `python -m experiments.train` command line of one run."""
-  command = [
-    sys.executable,
-    '-m',
-    'experiments.train',
-    f'--config={CONFIG}:{variant}',
-    f'--workdir={workdir}',
-    f'--config.seed={seed}',
-    f'--config.data.manual_dir={os.path.abspath(data_dir)}',
-    f'--config.data.tfds_data_dir={tfds_dir}',
+  settings = [
+    f'data.manual_dir={os.path.abspath(data_dir)}',
+    f'data.tfds_data_dir={tfds_dir}',
   ]
   if epochs is not None:
-    command.append(f'--config.num_epochs={epochs}')
-  return command + [f'--config.{item}' for item in overrides]
+    settings.append(f'num_epochs={epochs}')
+  return runs.command(
+    'experiments.train', CONFIG, variant, workdir, seed, settings + [*overrides]
+  )
 
 
 def prepare(data_dir: str, tfds_dir: str, variant: str) -> None:
@@ -145,44 +141,9 @@ def prepare(data_dir: str, tfds_dir: str, variant: str) -> None:
       f'--data_dir={tfds_dir}',
       f'--store_size={store_size}',
     ],
-    cwd=REPO,
+    cwd=runs.REPO,
     check=True,
   )
-
-
-def train_all(jobs: list[tuple[str, list[str]]], parallel: int) -> None:
-  """Runs the `(workdir, command)` jobs, `parallel` at a time; a finished
-  run (final_metrics.json) is skipped. Raises RuntimeError on a failure."""
-  pending = [
-    j
-    for j in jobs
-    if not os.path.exists(os.path.join(j[0], 'final_metrics.json'))
-  ]
-  running = []
-  while pending or running:
-    while pending and len(running) < parallel:
-      workdir, command = pending.pop(0)
-      os.makedirs(workdir, exist_ok=True)
-      logging.info('Training: %s', ' '.join(command))
-      log = open(os.path.join(workdir, 'train.log'), 'a')
-      process = subprocess.Popen(
-        command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT
-      )
-      running.append((workdir, process, log, time.time()))
-    time.sleep(2)
-    for item in list(running):
-      workdir, process, log, start = item
-      if process.poll() is None:
-        continue
-      running.remove(item)
-      log.close()
-      if process.returncode:
-        raise RuntimeError(
-          f'Training failed (exit {process.returncode}); see '
-          f'{workdir}/train.log. Rerun to resume.'
-        )
-      with open(os.path.join(workdir, 'wall_time.json'), 'w') as f:
-        json.dump({'train_seconds': time.time() - start}, f)
 
 
 def evaluate(workdir: str, reevaluate: bool = False) -> dict:
@@ -235,11 +196,6 @@ def evaluate(workdir: str, reevaluate: bool = False) -> dict:
 
 def run_record(variant: str, seed: int, workdir: str, report: dict) -> dict:
   """The table's numbers of one run."""
-  wall = os.path.join(workdir, 'wall_time.json')
-  seconds = None
-  if os.path.exists(wall):
-    with open(wall) as f:
-      seconds = json.load(f)['train_seconds']
   clean = report['classwise']['clean']
   swap = report['classwise']['background_swap']
   perturbations = report['perturbations']
@@ -257,7 +213,7 @@ def run_record(variant: str, seed: int, workdir: str, report: dict) -> dict:
     'background_swap_accuracy': swap['accuracy'],
     'background_swap_balanced_accuracy': swap['balanced_accuracy'],
     'pointing_game': report.get('pointing_game'),
-    'train_seconds': seconds,
+    'train_seconds': runs.train_seconds(workdir),
     'evaluation_seconds': report.get('evaluation_seconds'),
   }
   for name, value in clean['recall'].items():
@@ -413,7 +369,7 @@ def main(argv):
       )
     )
   if flags.FLAGS.train:
-    train_all(jobs, flags.FLAGS.parallel)
+    runs.train_all(jobs, flags.FLAGS.parallel)
   records = []
   for variant, seed in specs:
     workdir = os.path.join(out, run_name(variant, seed))

@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -46,8 +45,8 @@ from absl import flags
 from absl import logging
 
 from experiments import results_tables
+from experiments import runs
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASETS = ('species', 'spurious')
 VARIANTS = {'cpu_ce': 'CE control', 'cpu_ace': 'ACE', 'cpu': 'ACE + divergence'}
 # Every variant the table can name (--variants), e.g. the paper-scale ones that
@@ -175,44 +174,21 @@ def train_command(
   overrides: list[str],
 ) -> list[str]:
   """The `python -m experiments.pets` command line of a run."""
-  command = [
-    sys.executable,
-    '-m',
-    'experiments.pets',
-    f'--config=experiments/configs/pets.py:{spec.variant}',
-    f'--workdir={workdir}',
-    f'--config.seed={spec.seed}',
-    f'--config.data.manual_dir={data_dir}',
-    f'--config.data.ood_manual_dir={os.path.abspath(cvd_dir)}',
-    f'--config.data.tfds_data_dir={tfds_dir}',
+  settings = [
+    f'data.manual_dir={data_dir}',
+    f'data.ood_manual_dir={os.path.abspath(cvd_dir)}',
+    f'data.tfds_data_dir={tfds_dir}',
   ]
   if epochs is not None:
-    command.append(f'--config.num_epochs={epochs}')
-  command += [f'--config.{item}' for item in overrides]
-  return command
-
-
-def train(spec: RunSpec, workdir: str, command: list[str]) -> float | None:
-  """Runs training unless finished; returns its wall time (None if skipped)."""
-  if os.path.exists(os.path.join(workdir, 'final_metrics.json')):
-    logging.info('%s: already trained, skipping.', spec.name)
-    return None
-  os.makedirs(workdir, exist_ok=True)
-  logging.info('%s: training: %s', spec.name, ' '.join(command))
-  start = time.time()
-  with open(os.path.join(workdir, 'train.log'), 'a') as log:
-    result = subprocess.run(
-      command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT
-    )
-  seconds = time.time() - start
-  if result.returncode:
-    raise RuntimeError(
-      f'{spec.name}: training failed (exit {result.returncode}); '
-      f'see {workdir}/train.log. Rerun to resume.'
-    )
-  with open(os.path.join(workdir, 'wall_time.json'), 'w') as f:
-    json.dump({'train_seconds': seconds}, f)
-  return seconds
+    settings.append(f'num_epochs={epochs}')
+  return runs.command(
+    'experiments.pets',
+    'experiments/configs/pets.py',
+    spec.variant,
+    workdir,
+    spec.seed,
+    settings + list(overrides),
+  )
 
 
 def evaluate(
@@ -259,10 +235,6 @@ def evaluate(
 def run_record(spec: RunSpec, workdir: str, reports: dict) -> dict:
   """The table's numbers of one run (None where not applicable)."""
   report = reports['report']
-  wall = os.path.join(workdir, 'wall_time.json')
-  train_seconds = (
-    json.load(open(wall))['train_seconds'] if os.path.exists(wall) else None
-  )
   cross = reports.get('spurious_reversed')
   is_spurious = spec.dataset == 'spurious'
   return {
@@ -293,7 +265,7 @@ def run_record(spec: RunSpec, workdir: str, reports: dict) -> dict:
     'relative_foreground_sensitivity': report.get(
       'relative_foreground_sensitivity'
     ),
-    'train_seconds': train_seconds,
+    'train_seconds': runs.train_seconds(workdir),
     'evaluation_seconds': report.get('evaluation_seconds'),
   }
 
@@ -390,7 +362,7 @@ def main(argv):
       epochs=_EPOCHS.value,
       overrides=_OVERRIDE.value,
     )
-    train(spec, workdir, command)
+    runs.train(workdir, command)
     reports = evaluate(
       spec,
       workdir,
