@@ -10,7 +10,9 @@ For each correlation in --correlations (default 0.95 and 1.0) it
   2. grid: trains each variant of experiments/configs/spurious.py that has a
      `GRIDS` entry at every grid value with seed --grid_seed, and keeps the
      value whose run reached the highest validation worst-group accuracy
-     (ties: the mean over the run's evaluations); OUT/c<corr>/grid.json
+     (ties: the validation accuracy there, then the mean worst-group accuracy
+     over the run's evaluations; `compare_table.validation_score`);
+     OUT/c<corr>/grid.json
      records every value's score. --grid_from=0.95 makes other correlations
      reuse that correlation's choices instead of searching again;
   3. trains every variant in --variants at its chosen value for each seed in
@@ -26,10 +28,12 @@ For each correlation in --correlations (default 0.95 and 1.0) it
      and which differences from ACE exceed the spread), OUT/curves_c<corr>
      .png (training loss against step, mean over seeds, one line per variant)
      and OUT/maps_c<corr>.png (minority-group test images explained by the
-     --figure_variants, one colour scale).
+     --figure_variants, one colour scale), and the grid's scores and
+     choices in table.md.
 
 Every number comes from these runs; `--steps` changes the schedule of all
-variants alike (e.g. `--steps=40 --seeds=0` for a smoke run).
+variants alike, in runs of their own (named ..._t<steps>; e.g. `--steps=40
+--seeds=0` for a smoke run).
 """
 
 from __future__ import annotations
@@ -99,8 +103,13 @@ def value_name(value) -> str:
   return 'default' if value is None else f'{value:g}'
 
 
-def run_dir(out: str, correlation: float, variant: str, value, seed: int):
-  name = f'{variant}_{value_name(value)}_s{seed}'
+def run_dir(
+  out: str, correlation: float, variant: str, value, seed: int, steps: int = 0
+):
+  """OUT/c<corr>/runs/<variant>_<value>_s<seed>[_t<steps> if --steps]."""
+  name = f'{variant}_{value_name(value)}_s{seed}' + (
+    f'_t{steps}' if steps else ''
+  )
   return os.path.join(out, corr_name(correlation), 'runs', name)
 
 
@@ -190,7 +199,7 @@ def grid_choices(out, correlation, data_dir, variants, seed, steps, parallel):
     if variant in spurious_configs.GRIDS:
       field, values = spurious_configs.GRIDS[variant]
       for value in values:
-        workdir = run_dir(out, correlation, variant, value, seed)
+        workdir = run_dir(out, correlation, variant, value, seed, steps)
         jobs.append(
           job(workdir, variant, (field, value), data_dir, steps, seed)
         )
@@ -203,7 +212,7 @@ def grid_choices(out, correlation, data_dir, variants, seed, steps, parallel):
     field, values = spurious_configs.GRIDS[variant]
     scores[variant] = {
       value_name(v): compare_table.validation_score(
-        run_dir(out, correlation, variant, v, seed)
+        run_dir(out, correlation, variant, v, seed, steps)
       )
       for v in values
     }
@@ -211,7 +220,7 @@ def grid_choices(out, correlation, data_dir, variants, seed, steps, parallel):
     choices[variant] = best
   record = {
     'field': {v: spurious_configs.GRIDS[v][0] for v in scores},
-    'scores (best val worst-group acc, mean val worst-group acc)': scores,
+    f'scores ({compare_table.SCORE})': scores,
     'chosen': {v: value_name(c) for v, c in choices.items()},
   }
   with open(os.path.join(out, corr_name(correlation), 'grid.json'), 'w') as f:
@@ -255,7 +264,7 @@ def main(argv):
       value = choices[variant]
       field = spurious_configs.GRIDS.get(variant, (None,))[0]
       for seed in seeds_at[correlation]:
-        workdir = run_dir(out, correlation, variant, value, seed)
+        workdir = run_dir(out, correlation, variant, value, seed, f.steps)
         field_value = None if value is None else (field, value)
         jobs.append(job(workdir, variant, field_value, data_dir, f.steps, seed))
     train_all(out, jobs, f.parallel, evaluate_runs=True)
@@ -264,7 +273,7 @@ def main(argv):
     for variant in variants_at[correlation]:
       value = chosen_by[correlation][variant]
       for seed in seeds_at[correlation]:
-        workdir = run_dir(out, correlation, variant, value, seed)
+        workdir = run_dir(out, correlation, variant, value, seed, f.steps)
         reports = {
           which: evaluate(workdir, which) for which in ('best', 'last')
         }
@@ -281,7 +290,7 @@ def main(argv):
       os.path.join(out, corr_name(correlation), 'data'),
       {
         compare_table.LABELS[v]: run_dir(
-          out, correlation, v, chosen_by[correlation][v], seed
+          out, correlation, v, chosen_by[correlation][v], seed, f.steps
         )
         for v in f.figure_variants
         if v in variants_at[correlation]

@@ -46,16 +46,30 @@ LABELS = {
 }
 
 
-def validation_score(workdir: str) -> tuple[float, float]:
-  """(highest, mean) validation worst-group accuracy over a run's evaluations."""
-  values = [
-    r['eval_worst_group_accuracy']
+SCORE = 'best val worst-group acc, val acc there, mean val worst-group acc'
+
+
+def validation_score(workdir: str) -> tuple[float, float, float]:
+  """A grid run's score, compared in order: its highest validation
+  worst-group accuracy; the validation accuracy at that evaluation (the
+  highest, if several tie), which breaks the ties that 20 images per group
+  make common and ranks a run collapsed to chance (accuracy 0.5) below a
+  working one with the same worst group; the mean worst-group accuracy over
+  its evaluations."""
+  evaluations = [
+    r
     for r in metric_writers.read_metrics(workdir)
     if 'eval_worst_group_accuracy' in r
   ]
-  if not values:
+  if not evaluations:
     raise ValueError(f'{workdir}: no validation worst-group accuracy recorded.')
-  return float(max(values)), float(np.mean(values))
+  worst = [r['eval_worst_group_accuracy'] for r in evaluations]
+  accuracy = max(
+    r['eval_accuracy']
+    for r in evaluations
+    if r['eval_worst_group_accuracy'] == max(worst)
+  )
+  return float(max(worst)), float(accuracy), float(np.mean(worst))
 
 
 def checkpoint_numbers(report: dict) -> dict:
@@ -98,11 +112,32 @@ def run_record(workdir, correlation, variant, value, seed, reports) -> dict:
     'value': value,
     'seed': seed,
     'steps_per_second': float(np.median(speeds[1:] or speeds)),
-    'loss_curve': [
-      (r['step'], r['train_loss']) for r in records if 'train_loss' in r
-    ],
+    'loss_curve': (
+      curve := [
+        (r['step'], r['train_loss']) for r in records if 'train_loss' in r
+      ]
+    ),
+    'loss_late_fall': late_fall(curve),
     **{which: checkpoint_numbers(reports[which]) for which in CHECKPOINTS},
   }
+
+
+def late_fall(curve: list[tuple[int, float]]) -> float | None:
+  """The share of the training loss's fall (first logged value to last) that
+  came in the last third of the steps: near 0 when the loss has flattened.
+
+  Args:
+    curve: (step, training loss) pairs in step order.
+  """
+  if len(curve) < 3:
+    return None
+  steps = np.array([s for s, _ in curve], float)
+  loss = np.array([v for _, v in curve], float)
+  at_two_thirds = np.interp(
+    steps[0] + (steps[-1] - steps[0]) * 2 / 3, steps, loss
+  )
+  total = loss[0] - loss[-1]
+  return float((at_two_thirds - loss[-1]) / total) if total > 0 else None
 
 
 def differs(a: dict | None, b: dict | None) -> bool:
@@ -140,6 +175,9 @@ def aggregate(records: list[dict]) -> list[dict]:
         float(np.median(ce) / np.median([r['steps_per_second'] for r in runs]))
         if ce
         else None
+      ),
+      'loss_late_fall': results_tables.seed_stat(
+        [r.get('loss_late_fall') for r in runs]
       ),
     }
     for which in CHECKPOINTS:
@@ -187,8 +225,8 @@ def markdown(rows: list[dict], which: str) -> str:
       f'\n**Train correlation {correlation:g}, {which} checkpoint**\n',
       '| method | supervision | coefficient | '
       + ' | '.join(label for _, label in MEASURES)
-      + ' | step time / CE |',
-      '|---|---|---|' + '---|' * (len(MEASURES) + 1),
+      + ' | step time / CE | loss fall in last third |',
+      '|---|---|---|' + '---|' * (len(MEASURES) + 2),
     ]
     for row in rows:
       if row['correlation'] != correlation:
@@ -206,7 +244,40 @@ def markdown(rows: list[dict], which: str) -> str:
         f'| {LABELS.get(row["variant"], row["variant"])} | '
         f'{supervision(row["variant"])} | {coefficient} | '
         + ' | '.join(cells)
-        + f' | {"—" if ratio is None else f"{ratio:.2f}"} |'
+        + f' | {"—" if ratio is None else f"{ratio:.2f}"} | '
+        + results_tables.cell(row['loss_late_fall'], 'loss_late_fall')
+        + ' |'
+      )
+  return '\n'.join(lines) + '\n'
+
+
+def grid_markdown(out: str) -> str:
+  """The coefficients searched, their validation scores and the choice, from
+  every OUT/c<corr>/grid.json."""
+  lines = []
+  for name in sorted(os.listdir(out)):
+    path = os.path.join(out, name, 'grid.json')
+    if not os.path.exists(path):
+      continue
+    with open(path) as f:
+      grid = json.load(f)
+    title = next(k for k in grid if k.startswith('scores'))
+    scores = grid[title]
+    if not scores:
+      continue
+    lines += [
+      f'\n**Grid at {name}, one seed; {title}**\n',
+      '| method | field | value: score | chosen |',
+      '|---|---|---|---|',
+    ]
+    for variant, values in scores.items():
+      cells = ', '.join(
+        f'{v}: ' + ' / '.join(f'{x:.3g}' for x in score)
+        for v, score in values.items()
+      )
+      lines.append(
+        f'| {LABELS.get(variant, variant)} | `{grid["field"][variant]}` | '
+        f'{cells} | {grid["chosen"][variant]} |'
       )
   return '\n'.join(lines) + '\n'
 
@@ -218,7 +289,7 @@ def save_curves(path: str, records: list[dict], correlation: float) -> None:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  fig, ax = plt.subplots(figsize=(7, 4.2))
+  fig, (ax, linear) = plt.subplots(1, 2, figsize=(11, 4.2))
   for variant in LABELS:
     curves = [
       dict(r['loss_curve'])
@@ -230,10 +301,13 @@ def save_curves(path: str, records: list[dict], correlation: float) -> None:
     steps = sorted(set.intersection(*(set(c) for c in curves)))
     mean = [np.mean([c[s] for c in curves]) for s in steps]
     ax.plot(steps, mean, label=LABELS[variant])
+    linear.plot(steps, mean)
   ax.set_yscale('log')
-  ax.set_xlabel('step')
-  ax.set_ylabel('training loss (mean over seeds)')
-  ax.set_title(f'Train correlation {correlation:g}')
+  linear.set_ylim(0, 1.5)
+  for axis, scale in ((ax, 'log scale'), (linear, 'linear scale')):
+    axis.set_xlabel('step')
+    axis.set_ylabel('training loss (mean over seeds)')
+    axis.set_title(f'Train correlation {correlation:g}, {scale}')
   ax.legend(fontsize=7, ncol=2)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -249,6 +323,7 @@ def write_outputs(out: str, records: list[dict]) -> None:
   text = ['# Grouped spurious-background benchmark\n']
   for which in CHECKPOINTS:
     text.append(markdown(rows, which))
+  text.append(grid_markdown(out))
   text.append(
     '\nMeans ± sample std over seeds. * = differs from ACE by more than '
     'twice the standard error of the difference (Welch). best = the '

@@ -10,6 +10,7 @@ import csv
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 import subprocess
 import sys
@@ -296,3 +297,39 @@ def test_compare_table_measures():
   assert numbers['minority_accuracy'] == pytest.approx(0.3)
   assert numbers['validation_worst_group_accuracy'] == 0.25
   assert numbers['groups']['dog_smooth'] == 0.2
+
+
+@pytest.mark.parametrize('steps', [(20, 40, 60, 80), (10, 30, 100, 200, 310)])
+def test_late_fall_is_the_share_of_the_fall_in_the_last_third(steps):
+  rng = np.random.default_rng(len(steps))
+  first, last = 2.0 + rng.random(), rng.random()
+  # Linear from first to last: the last third holds a third of the fall.
+  line = [(s, first + (last - first) * (s - steps[0]) / (steps[-1] - steps[0]))
+          for s in steps]  # fmt: skip
+  assert compare_table.late_fall(line) == pytest.approx(1 / 3)
+  # Flat after the first two thirds: no late fall; all at the end: all of it.
+  early = [(s, first if s == steps[0] else last) for s in steps]
+  assert compare_table.late_fall(early) == pytest.approx(0.0)
+  late = [(s, first) for s in steps[:-1]] + [(steps[-1], last)]
+  assert 0.9 < compare_table.late_fall(late) <= 1.0
+  assert compare_table.late_fall([(s, 1.0) for s in steps]) is None
+  assert compare_table.late_fall(line[:2]) is None
+
+
+def test_grid_markdown_lists_every_value_and_the_choice(tmp_path):
+  os.makedirs(tmp_path / 'c095')
+  os.makedirs(tmp_path / 'c100')  # No grid there: no table.
+  grid = {
+    'field': {'rrr': 'loss.rrr_weight'},
+    f'scores ({compare_table.SCORE})': {
+      'rrr': {'0.1': [0.45, 0.7, 0.125], '3': [0.5, 0.6125, 0.2]}
+    },
+    'chosen': {'rrr': '3'},
+  }
+  (tmp_path / 'c095' / 'grid.json').write_text(json.dumps(grid))
+  text = compare_table.grid_markdown(str(tmp_path))
+  assert 'Grid at c095' in text and 'c100' not in text
+  assert (
+    '| RRR | `loss.rrr_weight` | 0.1: 0.45 / 0.7 / 0.125, 3: 0.5 / 0.613 / 0.2 | 3 |'
+    in text
+  )
