@@ -1,20 +1,27 @@
 """Test-wide setup: several virtual CPU devices (so pmap is tested for real), and
 the session-scoped data fixtures.
 
-XLA reads the flag once, when JAX initialises its backends, so it must be set
-before anything imports jax. Every data directory lives at a fixed name under
-pytest's session temp dir, so each dataset is written and prepared once per run.
+XLA reads its flags once, when JAX initialises its backends, so they must be
+set before anything imports jax. Every data directory lives at a fixed name
+under pytest's session temp dir, so each dataset is written and prepared once
+per run.
+
+The flags (`xla_flags.for_devices`) also compile at optimisation level 0, to
+save time (`CCO_TEST_XLA_OPTIMIZE=1` compiles as users do).
 """
 
 import os
 
+import xla_flags
+
 NUM_TEST_DEVICES = 4
 
-_flag = f'--xla_force_host_platform_device_count={NUM_TEST_DEVICES}'
-if _flag not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = (
-    os.environ.get('XLA_FLAGS', '') + ' ' + _flag
-  ).strip()
+
+for _flag in xla_flags.for_devices(NUM_TEST_DEVICES).split():
+  if _flag not in os.environ.get('XLA_FLAGS', ''):
+    os.environ['XLA_FLAGS'] = (
+      os.environ.get('XLA_FLAGS', '') + ' ' + _flag
+    ).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Threefry random bits take seconds to compile per shape on CPU with jax 0.10.2,
 # which dominates model initialisation in tests; RBG keys compile ~10x faster.

@@ -20,6 +20,7 @@ import sys
 
 import numpy as np
 import synthetic_data
+import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_PROCESSES = 2
@@ -57,7 +58,7 @@ def _run_processes(workdir, data_dirs, steps, tmp_path) -> list[str]:
   for index in range(NUM_PROCESSES):
     env = dict(
       os.environ,
-      XLA_FLAGS='--xla_force_host_platform_device_count=2',
+      XLA_FLAGS=xla_flags.for_devices(2),
       JAX_PLATFORMS='cpu',
       JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
       JAX_NUM_PROCESSES=str(NUM_PROCESSES),

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 import synthetic_data
+import xla_flags
 
 from cco_jax import cams
 from cco_jax import checkpointing
@@ -116,7 +117,7 @@ def test_entry_point_on_shared_sample_writes_and_resumes(
   workdir = tmp_path / 'pets_cpu'
   env = dict(
     os.environ,
-    XLA_FLAGS='--xla_force_host_platform_device_count=2',
+    XLA_FLAGS=xla_flags.for_devices(2),
     JAX_PLATFORMS='cpu',
   )
   if compilation_cache is not None:
