@@ -4,7 +4,8 @@ the session-scoped data fixtures.
 XLA reads its flags once, when JAX initialises its backends, so they must be
 set before anything imports jax. Every data directory lives at a fixed name
 under pytest's session temp dir, so each dataset is written and prepared once
-per run.
+per run (once per worker under pytest-xdist, whose workers have their own
+temp dirs).
 
 The flags (`xla_flags.for_devices`) also compile at optimisation level 0, to
 save time (`CCO_TEST_XLA_OPTIMIZE=1` compiles as users do).
