@@ -140,18 +140,25 @@ def ensure_data(out: str, pets_dir: str, correlation: float) -> str:
 
 
 def job(
-  workdir: str, variant: str, field_value, data_dir: str, steps: int, seed: int
+  out: str,
+  correlation: float,
+  variant: str,
+  value,
+  data_dir: str,
+  steps: int,
+  seed: int,
 ) -> tuple[str, list[str]]:
-  """The `(workdir, argv)` of one run; `field_value` = (field, value) of its
-  grid coefficient, or None."""
+  """The `(workdir, argv)` of one run; `value` sets the variant's `GRIDS`
+  coefficient (None: the config's own)."""
   overrides = [
     f'data.manual_dir={data_dir}',
     f'data.tfds_data_dir={os.path.join(data_dir, "tfds")}',
   ]
-  if field_value is not None:
-    overrides.append(f'{field_value[0]}={field_value[1]}')
+  if value is not None:
+    overrides.append(f'{spurious_configs.GRIDS[variant][0]}={value}')
   if steps:
     overrides.append(f'num_train_steps={steps}')
+  workdir = run_dir(out, correlation, variant, value, seed, steps)
   return workdir, runs.command(
     'experiments.train', CONFIG, variant, workdir, seed, overrides
   )
@@ -187,9 +194,11 @@ def train_all(out: str, jobs: list[tuple], parallel: int, evaluate_runs=False):
   )
 
 
-def evaluate_both(workdir: str) -> None:
-  for which in ('best', 'last'):
-    evaluate(workdir, which)
+def evaluate_both(workdir: str) -> dict:
+  """{'best': report, 'last': report} of a run (`evaluate`)."""
+  return {
+    which: evaluate(workdir, which) for which in compare_table.CHECKPOINTS
+  }
 
 
 def grid_choices(out, correlation, data_dir, variants, seed, steps, parallel):
@@ -197,11 +206,9 @@ def grid_choices(out, correlation, data_dir, variants, seed, steps, parallel):
   jobs = []
   for variant in variants:
     if variant in spurious_configs.GRIDS:
-      field, values = spurious_configs.GRIDS[variant]
-      for value in values:
-        workdir = run_dir(out, correlation, variant, value, seed, steps)
+      for value in spurious_configs.GRIDS[variant][1]:
         jobs.append(
-          job(workdir, variant, (field, value), data_dir, steps, seed)
+          job(out, correlation, variant, value, data_dir, steps, seed)
         )
   train_all(out, jobs, parallel)
   scores, choices = {}, {}
@@ -209,7 +216,7 @@ def grid_choices(out, correlation, data_dir, variants, seed, steps, parallel):
     if variant not in spurious_configs.GRIDS:
       choices[variant] = None
       continue
-    field, values = spurious_configs.GRIDS[variant]
+    values = spurious_configs.GRIDS[variant][1]
     scores[variant] = {
       value_name(v): compare_table.validation_score(
         run_dir(out, correlation, variant, v, seed, steps)
@@ -220,7 +227,8 @@ def grid_choices(out, correlation, data_dir, variants, seed, steps, parallel):
     choices[variant] = best
   record = {
     'field': {v: spurious_configs.GRIDS[v][0] for v in scores},
-    f'scores ({compare_table.SCORE})': scores,
+    'score': compare_table.SCORE,
+    'scores': scores,
     'chosen': {v: value_name(c) for v, c in choices.items()},
   }
   with open(os.path.join(out, corr_name(correlation), 'grid.json'), 'w') as f:
@@ -261,12 +269,18 @@ def main(argv):
     chosen_by[correlation] = choices
     jobs = []
     for variant in variants_at[correlation]:
-      value = choices[variant]
-      field = spurious_configs.GRIDS.get(variant, (None,))[0]
       for seed in seeds_at[correlation]:
-        workdir = run_dir(out, correlation, variant, value, seed, f.steps)
-        field_value = None if value is None else (field, value)
-        jobs.append(job(workdir, variant, field_value, data_dir, f.steps, seed))
+        jobs.append(
+          job(
+            out,
+            correlation,
+            variant,
+            choices[variant],
+            data_dir,
+            f.steps,
+            seed,
+          )  # fmt: skip
+        )
     train_all(out, jobs, f.parallel, evaluate_runs=True)
   records = []
   for correlation in correlations:
@@ -274,12 +288,14 @@ def main(argv):
       value = chosen_by[correlation][variant]
       for seed in seeds_at[correlation]:
         workdir = run_dir(out, correlation, variant, value, seed, f.steps)
-        reports = {
-          which: evaluate(workdir, which) for which in ('best', 'last')
-        }
         records.append(
           compare_table.run_record(
-            workdir, correlation, variant, value_name(value), seed, reports
+            workdir,
+            correlation,
+            variant,
+            value_name(value),
+            seed,
+            evaluate_both(workdir),
           )
         )
   compare_table.write_outputs(out, records)

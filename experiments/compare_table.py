@@ -64,12 +64,13 @@ def validation_score(workdir: str) -> tuple[float, float, float]:
   if not evaluations:
     raise ValueError(f'{workdir}: no validation worst-group accuracy recorded.')
   worst = [r['eval_worst_group_accuracy'] for r in evaluations]
+  best = max(worst)
   accuracy = max(
     r['eval_accuracy']
     for r in evaluations
-    if r['eval_worst_group_accuracy'] == max(worst)
+    if r['eval_worst_group_accuracy'] == best
   )
-  return float(max(worst)), float(accuracy), float(np.mean(worst))
+  return float(best), float(accuracy), float(np.mean(worst))
 
 
 def checkpoint_numbers(report: dict) -> dict:
@@ -100,6 +101,7 @@ def checkpoint_numbers(report: dict) -> dict:
 def run_record(workdir, correlation, variant, value, seed, reports) -> dict:
   """Everything the table needs of one run."""
   records = metric_writers.read_metrics(workdir)
+  curve = [(r['step'], r['train_loss']) for r in records if 'train_loss' in r]
   speeds = [
     r['train_steps_per_second']
     for r in records
@@ -112,11 +114,7 @@ def run_record(workdir, correlation, variant, value, seed, reports) -> dict:
     'value': value,
     'seed': seed,
     'steps_per_second': float(np.median(speeds[1:] or speeds)),
-    'loss_curve': (
-      curve := [
-        (r['step'], r['train_loss']) for r in records if 'train_loss' in r
-      ]
-    ),
+    'loss_curve': curve,
     'loss_late_fall': late_fall(curve),
     **{which: checkpoint_numbers(reports[which]) for which in CHECKPOINTS},
   }
@@ -261,12 +259,11 @@ def grid_markdown(out: str) -> str:
       continue
     with open(path) as f:
       grid = json.load(f)
-    title = next(k for k in grid if k.startswith('scores'))
-    scores = grid[title]
+    scores = grid['scores']
     if not scores:
       continue
     lines += [
-      f'\n**Grid at {name}, one seed; {title}**\n',
+      f'\n**Grid at {name}, one seed; scores: {grid["score"]}**\n',
       '| method | field | value: score | chosen |',
       '|---|---|---|---|',
     ]

@@ -321,9 +321,8 @@ def test_grid_markdown_lists_every_value_and_the_choice(tmp_path):
   os.makedirs(tmp_path / 'c100')  # No grid there: no table.
   grid = {
     'field': {'rrr': 'loss.rrr_weight'},
-    f'scores ({compare_table.SCORE})': {
-      'rrr': {'0.1': [0.45, 0.7, 0.125], '3': [0.5, 0.6125, 0.2]}
-    },
+    'score': compare_table.SCORE,
+    'scores': {'rrr': {'0.1': [0.45, 0.7, 0.125], '3': [0.5, 0.6125, 0.2]}},
     'chosen': {'rrr': '3'},
   }
   (tmp_path / 'c095' / 'grid.json').write_text(json.dumps(grid))
