@@ -18,7 +18,7 @@ Everything it writes lands in `workdir`: `metrics.jsonl`, `tensorboard/`,
 step (one micro-batch when `accumulation_steps > 1`). The checks that stop a
 diverged run (`NonFiniteLoss`, `IdentityViolation`) are in `train_guards`.
 
-Guarantees: one run per workdir (`runtime.WorkdirLock`; the second fails at
+Guarantees: one run per workdir (`runtime.workdir_lock`; the second fails at
 once); every step's non-finite flag is checked before anything is evaluated or
 saved, and an evaluation with a non-finite loss or identity error stops the run
 before its checkpoint, so no saved state has diverged; a resume refuses a
@@ -49,11 +49,11 @@ from cco_jax import figures
 from cco_jax import metric_writers
 from cco_jax import metrics as metrics_lib
 from cco_jax import pretrained
-from cco_jax import runtime
 from cco_jax import train_guards
 from cco_jax import train_input
 from cco_jax import train_setup
 from cco_jax import train_step as step_lib
+from cco_jax.runtime import workdir_lock
 
 # Re-exported: callers build models and catch the guards' errors from here.
 Setup = train_setup.Setup
@@ -332,14 +332,14 @@ def train_and_evaluate(
   on an object store the workdir lock is skipped with a warning).
 
   Raises:
-    runtime.WorkdirInUse: another process is running in `workdir`.
+    workdir_lock.WorkdirInUse: another process is running in `workdir`.
     ValueError: a bad config, or one that differs from the checkpoints' in
       `workdir` (nothing in `workdir` is changed then).
     NonFiniteLoss, IdentityViolation: the model diverged; nothing of the
       diverged state was saved and the message names the last good checkpoint.
   """
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  lock = runtime.WorkdirLock(workdir, jax.process_index()).acquire()
+  lock = workdir_lock.WorkdirLock(workdir, jax.process_index()).acquire()
   run = None
   try:
     config = train_setup.with_data_fields(config)

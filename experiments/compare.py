@@ -45,7 +45,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from cco_jax import runtime
+from cco_jax.runtime import compilation_cache
 from experiments import compare_table
 from experiments import runs
 from experiments.configs import spurious as spurious_configs
@@ -189,7 +189,7 @@ def train_all(out: str, jobs: list[tuple], parallel: int, evaluate_runs=False):
   runs.train_all(
     jobs,
     parallel,
-    env={runtime.COMPILATION_CACHE_ENV: os.path.join(out, 'xla_cache')},
+    env={compilation_cache.COMPILATION_CACHE_ENV: os.path.join(out, 'xla_cache')},
     after=evaluate_both if evaluate_runs else None,
   )
 
@@ -241,7 +241,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
   out = os.path.abspath(f.out)
-  runtime.enable_compilation_cache(os.path.join(out, 'xla_cache'))
+  compilation_cache.enable_compilation_cache(os.path.join(out, 'xla_cache'))
   correlations = [float(c) for c in f.correlations]
   seeds_at = dict.fromkeys(correlations, [int(s) for s in f.seeds])
   for text in f.seeds_for:

@@ -22,7 +22,7 @@ from test_train import tiny_config
 
 from cco_jax import checkpointing
 from cco_jax import metric_writers
-from cco_jax import runtime
+from cco_jax.runtime import workdir_lock
 from cco_jax import train
 from cco_jax import train_step as step_lib
 
@@ -136,8 +136,8 @@ def test_second_run_on_a_workdir_is_refused_at_once(tmp_path, dirs):
       sys.executable,
       '-c',
       'import sys, time\n'
-      'from cco_jax import runtime\n'
-      'runtime.WorkdirLock(sys.argv[1]).acquire()\n'
+      'from cco_jax.runtime import workdir_lock\n'
+      'workdir_lock.WorkdirLock(sys.argv[1]).acquire()\n'
       'print("locked", flush=True)\n'
       'time.sleep(600)\n',
       str(workdir),
@@ -151,7 +151,7 @@ def test_second_run_on_a_workdir_is_refused_at_once(tmp_path, dirs):
     before = sorted(p.name for p in workdir.iterdir())
     started = time.perf_counter()
     with pytest.raises(
-      runtime.WorkdirInUse,
+      workdir_lock.WorkdirInUse,
       match=rf'workdir in use by PID {holder.pid} on host '
       rf'{socket.gethostname()}',
     ):
@@ -162,13 +162,13 @@ def test_second_run_on_a_workdir_is_refused_at_once(tmp_path, dirs):
     holder.send_signal(signal.SIGKILL)
     holder.wait()
   # The kernel dropped the lock with the killed process: no stale lock.
-  runtime.WorkdirLock(str(workdir)).acquire().release()
+  workdir_lock.WorkdirLock(str(workdir)).acquire().release()
 
 
 def test_object_store_workdir_is_not_locked_but_warned(caplog, tmp_path):
   """fcntl needs a local file: a gs:// workdir gets a warning, no lock file."""
   with caplog.at_level('WARNING'):
-    lock = runtime.WorkdirLock('gs://bucket/run', 1).acquire()
+    lock = workdir_lock.WorkdirLock('gs://bucket/run', 1).acquire()
   lock.release()
   assert 'gs://bucket/run/run.lock.1 is not locked' in caplog.text
   assert not (tmp_path / 'gs:').exists()

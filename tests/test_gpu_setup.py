@@ -16,7 +16,8 @@ import zipfile
 
 import pytest
 
-from cco_jax import runtime
+from cco_jax.runtime import compilation_cache
+from cco_jax.runtime import xla_gpu
 from experiments.benchmarks import training_lib
 from experiments.gpu import check_wheels
 
@@ -110,38 +111,38 @@ def run_python(code: str, **env) -> str:
 
 def test_gpu_flags_added_once_and_respect_the_user(monkeypatch):
   monkeypatch.delenv('XLA_FLAGS', raising=False)
-  monkeypatch.delenv(runtime.GPU_DISABLE_ENV, raising=False)
-  added = runtime.apply_gpu(force=True)
-  assert added == ' '.join(runtime.GPU_XLA_FLAGS)
+  monkeypatch.delenv(xla_gpu.GPU_DISABLE_ENV, raising=False)
+  added = xla_gpu.apply(force=True)
+  assert added == ' '.join(xla_gpu.GPU_XLA_FLAGS)
   assert os.environ['XLA_FLAGS'] == added
-  assert runtime.apply_gpu(force=True) == ''  # Already there: not twice.
+  assert xla_gpu.apply(force=True) == ''  # Already there: not twice.
   monkeypatch.setenv(
     'XLA_FLAGS', '--xla_gpu_enable_latency_hiding_scheduler=false'
   )
-  assert runtime.apply_gpu(force=True) == ''
+  assert xla_gpu.apply(force=True) == ''
   assert os.environ['XLA_FLAGS'].endswith('=false')
   monkeypatch.delenv('XLA_FLAGS')
-  monkeypatch.setenv(runtime.GPU_DISABLE_ENV, '0')
-  assert runtime.apply_gpu(force=True) == ''
+  monkeypatch.setenv(xla_gpu.GPU_DISABLE_ENV, '0')
+  assert xla_gpu.apply(force=True) == ''
   assert 'XLA_FLAGS' not in os.environ
 
 
 def test_gpu_flags_only_with_a_cuda_plugin(monkeypatch):
   monkeypatch.delenv('XLA_FLAGS', raising=False)
-  monkeypatch.delenv(runtime.GPU_DISABLE_ENV, raising=False)
-  monkeypatch.setattr(runtime, 'cuda_plugin_installed', lambda: False)
-  assert runtime.apply_gpu() == ''
+  monkeypatch.delenv(xla_gpu.GPU_DISABLE_ENV, raising=False)
+  monkeypatch.setattr(xla_gpu, 'cuda_plugin_installed', lambda: False)
+  assert xla_gpu.apply() == ''
   assert 'XLA_FLAGS' not in os.environ
-  monkeypatch.setattr(runtime, 'cuda_plugin_installed', lambda: True)
-  assert runtime.apply_gpu() == ' '.join(runtime.GPU_XLA_FLAGS)
+  monkeypatch.setattr(xla_gpu, 'cuda_plugin_installed', lambda: True)
+  assert xla_gpu.apply() == ' '.join(xla_gpu.GPU_XLA_FLAGS)
 
 
 def test_gpu_flags_accepted_by_xla():
   """The flags parse: XLA aborts the process on an unknown flag."""
   out = run_python(
     """
-    from cco_jax import runtime
-    added = runtime.apply_gpu(force=True)
+    from cco_jax.runtime import xla_gpu
+    added = xla_gpu.apply(force=True)
     import jax, jax.numpy as jnp
     print(added, float(jnp.ones(3).sum()))
     """
@@ -150,23 +151,29 @@ def test_gpu_flags_accepted_by_xla():
 
 
 def test_compilation_cache_stores_and_is_configurable(tmp_path, monkeypatch):
-  monkeypatch.setenv(runtime.COMPILATION_CACHE_ENV, str(tmp_path / 'env'))
-  assert runtime.compilation_cache_dir() == str(tmp_path / 'env')
-  assert runtime.compilation_cache_dir('') == ''
-  assert runtime.compilation_cache_dir('/x') == '/x'
+  monkeypatch.setenv(
+    compilation_cache.COMPILATION_CACHE_ENV, str(tmp_path / 'env')
+  )
+  assert compilation_cache.compilation_cache_dir() == str(tmp_path / 'env')
+  assert compilation_cache.compilation_cache_dir('') == ''
+  assert compilation_cache.compilation_cache_dir('/x') == '/x'
   directory = tmp_path / 'cache'
   code = """
-    from cco_jax import runtime
-    print(runtime.enable_compilation_cache(None, min_compile_seconds=0))
+    from cco_jax.runtime import compilation_cache
+    print(compilation_cache.enable_compilation_cache(None, min_compile_seconds=0))
     import jax, jax.numpy as jnp
     f = jax.jit(lambda x: jnp.sin(x) @ x.T + 1.0)
     print(float(f(jnp.ones((64, 64))).sum()))
     """
-  first = run_python(code, **{runtime.COMPILATION_CACHE_ENV: str(directory)})
+  first = run_python(
+    code, **{compilation_cache.COMPILATION_CACHE_ENV: str(directory)}
+  )
   assert first.splitlines()[0] == str(directory)
   stamps = {e.name: e.stat().st_mtime_ns for e in os.scandir(directory)}
   assert stamps, 'nothing was stored in the cache'
-  second = run_python(code, **{runtime.COMPILATION_CACHE_ENV: str(directory)})
+  second = run_python(
+    code, **{compilation_cache.COMPILATION_CACHE_ENV: str(directory)}
+  )
   assert second == first
   # Loaded, not compiled and stored again.
   assert {e.name: e.stat().st_mtime_ns for e in os.scandir(directory)} == stamps

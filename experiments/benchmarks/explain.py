@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 from cco_jax import explain
 from cco_jax import models
-from cco_jax import runtime
+from cco_jax.runtime import xla_cpu
 
 _MODEL = flags.DEFINE_string('model', 'resnet50', 'Architecture.')
 _NUM_CLASSES = flags.DEFINE_integer('num_classes', 37, 'Classes C.')
@@ -168,5 +168,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  runtime.apply()  # XLA flags, before JAX starts its backend
+  xla_cpu.apply()  # XLA flags, before JAX starts its backend
   app.run(main)

@@ -54,8 +54,8 @@ Presets:
          everything runs (each step still takes ~20 s to compile on a busy
          2-core CPU), not speed.
 
-On CPU, `cco_jax.runtime`'s XLA flag is applied (as `experiments.pets`
-does) unless --nocpu_xla_tuning; on GPU, its GPU flags (`runtime.apply_gpu`),
+On CPU, `cco_jax.runtime.xla_cpu`'s XLA flag is applied (as `experiments.pets`
+does) unless --nocpu_xla_tuning; on GPU, its GPU flags (`cco_jax.runtime.xla_gpu`),
 and the persistent compilation cache of --compilation_cache or
 $CCO_COMPILATION_CACHE; --compare_cpu_xla times every objective both
 without and with it, in the same process. Timings on a shared machine are
@@ -72,7 +72,9 @@ from absl import app
 from absl import flags
 import jax.numpy as jnp
 
-from cco_jax import runtime
+from cco_jax.runtime import compilation_cache
+from cco_jax.runtime import xla_cpu
+from cco_jax.runtime import xla_gpu
 from experiments.benchmarks import training_lib as lib
 
 _PRESET = flags.DEFINE_enum(
@@ -120,7 +122,7 @@ _PEAK_TFLOPS = flags.DEFINE_float(
   'H100 SXM / H200: 989 (bfloat16 dense), 495 (TF32).',
 )
 _CPU_XLA_TUNING = flags.DEFINE_bool(
-  'cpu_xla_tuning', True, 'Apply cco_jax.runtime (as experiments.pets).'
+  'cpu_xla_tuning', True, 'Apply cco_jax.runtime.xla_cpu (as experiments.pets).'
 )
 _COMPARE_CPU_XLA = flags.DEFINE_bool(
   'compare_cpu_xla',
@@ -160,7 +162,7 @@ _COMPILATION_CACHE = flags.DEFINE_string(
   'compilation_cache',
   None,
   'Persistent XLA compilation cache directory (default: '
-  f'${runtime.COMPILATION_CACHE_ENV} if set; "" = off).',
+  f'${compilation_cache.COMPILATION_CACHE_ENV} if set; "" = off).',
 )
 
 
@@ -186,9 +188,9 @@ def _apply_cpu_flags() -> str:
 
   if xla_bridge.backends_are_initialized():
     raise RuntimeError('JAX started before the XLA flags were set.')
-  added = runtime.apply_gpu()  # Only where a CUDA plugin is installed.
+  added = xla_gpu.apply()  # Only where a CUDA plugin is installed.
   if _CPU_XLA_TUNING.value and not _COMPARE_CPU_XLA.value:
-    added = f'{added} {runtime.apply()}'
+    added = f'{added} {xla_cpu.apply()}'
   return added.strip()
 
 
@@ -196,7 +198,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   added = _apply_cpu_flags()
-  cache = runtime.enable_compilation_cache(_COMPILATION_CACHE.value)
+  cache = compilation_cache.enable_compilation_cache(_COMPILATION_CACHE.value)
   if cache:
     print(f'Persistent compilation cache: {cache}')
   chosen = lib.preset(_PRESET.value, _SMOKE.value)

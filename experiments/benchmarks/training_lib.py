@@ -33,7 +33,7 @@ from cco_jax import cams as cams_lib
 from cco_jax import configuration
 from cco_jax import losses
 from cco_jax import models
-from cco_jax import runtime
+from cco_jax.runtime import xla_cpu
 from cco_jax import train_step as step_lib
 
 # `cco_jax.train` (input pipeline: TFDS, Grain) and the configs (ml_collections)
@@ -1042,7 +1042,7 @@ def run(
   variants = (
     {
       'xla_default': dict(compiler_options or {}),
-      'cpu_tuned': {**(compiler_options or {}), **runtime.COMPILER_OPTIONS},
+      'cpu_tuned': {**(compiler_options or {}), **xla_cpu.COMPILER_OPTIONS},
     }
     if compare_cpu_xla
     else {'': dict(compiler_options or {})}

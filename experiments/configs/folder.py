@@ -6,7 +6,7 @@ ACE + divergence, Adam 1e-3, batch 80), and a `cpu` variant (the small
 ResNet-18 at 64 px of `pets.py:cpu`):
 
   python -m experiments.prepare --dataset=folder --manual_dir=ROOT
-  python -m experiments.train --config=experiments/configs/folder.py:cpu \
+  python -m experiments.pets --config=experiments/configs/folder.py:cpu \
       --workdir=/tmp/folder_cpu --config.data.manual_dir=ROOT
 
 Variants: `default` (the full protocol), `cpu`, `cpu_ce` (its cross-entropy
@@ -18,7 +18,7 @@ given to experiments.prepare (or prepare happens on first use).
 import ml_collections
 
 from experiments import configs
-from experiments.configs import pets
+from experiments.configs import protocols
 
 
 def _folder(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -29,9 +29,9 @@ def _folder(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 VARIANTS = {
-  'default': lambda: _folder(pets.get_default_config()),
-  'cpu': lambda: _folder(pets.VARIANTS['cpu']()),
-  'cpu_ce': lambda: _folder(pets.VARIANTS['cpu_ce']()),
+  'default': lambda: _folder(protocols.paper()),
+  'cpu': lambda: _folder(protocols.small_cpu()),
+  'cpu_ce': lambda: _folder(protocols.as_ce_control(protocols.small_cpu())),
 }
 
 

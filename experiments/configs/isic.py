@@ -22,7 +22,7 @@ Variants (`--config=experiments/configs/isic.py:VARIANT`):
                python -m experiments.prepare --dataset=folder \
                  --manual_dir=../shared/data/isic-2017-sample \
                  --data_dir=/tmp/isic_tfds --store_size=96
-               python -m experiments.train \
+               python -m experiments.pets \
                  --config=experiments/configs/isic.py:cpu \
                  --workdir=/tmp/isic_cpu \
                  --config.data.manual_dir=../shared/data/isic-2017-sample \
@@ -53,7 +53,7 @@ use, with the config's values).
 import ml_collections
 
 from experiments import configs
-from experiments.configs import pets
+from experiments.configs import protocols
 
 SAMPLE_DIR = '../shared/data/isic-2017-sample'
 
@@ -69,24 +69,13 @@ def _isic(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def _default() -> ml_collections.ConfigDict:
-  config = _isic(pets.VARIANTS['binary']())
+  config = _isic(protocols.accelerated(protocols.paper()))
   config.data.augment_crop = True
   return config
 
 
-def _as_ce(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  config.model.cam_faithful = False
-  config.loss.name = 'ce'
-  return config
-
-
-def _as_ace(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  config.loss.name = 'ace'
-  return config
-
-
 def _cpu() -> ml_collections.ConfigDict:
-  config = _isic(pets.VARIANTS['cpu']())
+  config = _isic(protocols.small_cpu())
   config.data.manual_dir = SAMPLE_DIR
   config.data.image_size = 96
   config.data.store_size = 96  # Decode 96-px JPEGs, not 256-px ones.
@@ -104,11 +93,11 @@ def _cpu() -> ml_collections.ConfigDict:
 
 VARIANTS = {
   'default': _default,
-  'default_ce': lambda: _as_ce(_default()),
-  'default_ace': lambda: _as_ace(_default()),
+  'default_ce': lambda: protocols.as_ce_control(_default()),
+  'default_ace': lambda: protocols.as_ace(_default()),
   'cpu': _cpu,
-  'cpu_ce': lambda: _as_ce(_cpu()),
-  'cpu_ace': lambda: _as_ace(_cpu()),
+  'cpu_ce': lambda: protocols.as_ce_control(_cpu()),
+  'cpu_ace': lambda: protocols.as_ace(_cpu()),
 }
 
 

@@ -7,7 +7,7 @@ ResNet-50s, so compare worst-group accuracy with that in mind. Groups (bird
 type x place) are in every batch for per-group and worst-group accuracy.
 
   python -m experiments.prepare --dataset=waterbirds --manual_dir=DIR
-  python -m experiments.train --config=experiments/configs/waterbirds.py:cpu \
+  python -m experiments.pets --config=experiments/configs/waterbirds.py:cpu \
       --workdir=/tmp/waterbirds_cpu --config.data.manual_dir=DIR
 
 Variants: `default`, `cpu` (the small ResNet-18 at 64 px of `pets.py:cpu`),
@@ -17,7 +17,7 @@ Variants: `default`, `cpu` (the small ResNet-18 at 64 px of `pets.py:cpu`),
 import ml_collections
 
 from experiments import configs
-from experiments.configs import pets
+from experiments.configs import protocols
 
 
 def _waterbirds(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -28,10 +28,12 @@ def _waterbirds(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 VARIANTS = {
-  'default': lambda: _waterbirds(pets.get_default_config()),
-  'default_ce': lambda: _waterbirds(pets.VARIANTS['binary_ce']()),
-  'cpu': lambda: _waterbirds(pets.VARIANTS['cpu']()),
-  'cpu_ce': lambda: _waterbirds(pets.VARIANTS['cpu_ce']()),
+  'default': lambda: _waterbirds(protocols.paper()),
+  'default_ce': lambda: _waterbirds(
+    protocols.as_ce_control(protocols.accelerated(protocols.paper()))
+  ),
+  'cpu': lambda: _waterbirds(protocols.small_cpu()),
+  'cpu_ce': lambda: _waterbirds(protocols.as_ce_control(protocols.small_cpu())),
 }
 
 
