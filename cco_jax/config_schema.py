@@ -18,16 +18,21 @@ Nowhere else is a default written: the library reads `config.key`, never
     and the closest known key);
   * `complete(config_or_dict, source)` returns a full config: the keys a
     config lacks (a `config.json` saved before a key existed) come from the
-    defaults, and a log line names them.
+    defaults, and a log line names them;
+  * `load_saved(path)` reads a run's `config.json` that way; a key the schema
+    no longer has is dropped with a warning (the record of an old run, not a
+    user's mistake).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 import difflib
+import json
 from typing import Any
 
 from absl import logging
+from etils import epath
 import ml_collections
 
 from cco_jax import errors
@@ -257,6 +262,20 @@ def _merge(defaults: dict, given: Mapping[str, Any]) -> dict:
   return merged
 
 
+def log_missing(config: Mapping[str, Any], source: str) -> list[str]:
+  """Logs (and returns) the schema's keys `config` lacks, naming `source`."""
+  missing = missing_keys(config)
+  if missing:
+    logging.info(
+      '%s lacks %d key(s) added since it was written; they take their '
+      'defaults: %s.',
+      source,
+      len(missing),
+      ', '.join(missing),
+    )
+  return missing
+
+
 def complete(
   config: ml_collections.ConfigDict | Mapping[str, Any], source: str = 'config'
 ) -> ml_collections.ConfigDict:
@@ -271,13 +290,36 @@ def complete(
   """
   check_known(config)
   given = _to_tuples(_as_dict(config))
-  missing = missing_keys(given)
-  if missing:
-    logging.info(
-      '%s lacks %d key(s) added since it was written; using their defaults: '
-      '%s.',
-      source,
-      len(missing),
-      ', '.join(missing),
-    )
+  log_missing(given, source)
   return ml_collections.ConfigDict(_merge(default_config().to_dict(), given))
+
+
+def _without(tree: Mapping[str, Any], dotted: list[str]) -> dict:
+  """A copy of `tree` without the dotted leaf keys `dotted`."""
+  out = {}
+  for key, value in tree.items():
+    inner = [k[len(key) + 1 :] for k in dotted if k.startswith(f'{key}.')]
+    if isinstance(value, Mapping):
+      out[key] = _without(value, inner)
+    elif key not in dotted:
+      out[key] = value
+  return out
+
+
+def load_saved(path: str | epath.PathLike) -> ml_collections.ConfigDict:
+  """The full config of a run's `config.json` (`complete`, logged).
+
+  Raises:
+    FileNotFoundError: `path` does not exist.
+  """
+  path = epath.Path(path)
+  saved = json.loads(path.read_text())
+  unknown = unknown_keys(saved)
+  if unknown:
+    logging.warning(
+      '%s has keys this version does not know; ignored: %s.',
+      path,
+      ', '.join(unknown),
+    )
+    saved = _without(saved, unknown)
+  return complete(saved, str(path))

@@ -9,6 +9,9 @@ from typing import Any
 from etils import epath
 import ml_collections
 
+from cco_jax import config_schema
+from cco_jax import errors
+
 
 def apply_overrides(
   config: ml_collections.ConfigDict, overrides: Mapping[str, Any]
@@ -42,14 +45,15 @@ def check_training_config(config: ml_collections.ConfigDict) -> None:
   """Refuses settings that would crash later or silently do something else.
 
   Raises:
-    ValueError: one line naming the field, its value and what to set instead.
+    errors.UserError: one line naming the field, its value and what to set
+      instead.
   """
 
   def fail(field: str, problem: str) -> None:
     value = config
     for part in field.split('.'):
       value = value[part]
-    raise ValueError(f'config.{field}={value!r}: {problem}')
+    raise errors.UserError(f'config.{field}={value!r}: {problem}')
 
   if config.num_train_steps == 0 or config.num_train_steps < -1:
     fail(
@@ -126,7 +130,11 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuses to resume `workdir` with a different model or data config.
 
   Compares with the run's `config.json` (`resume_differences`)
-  when checkpoints exist, before anything in the workdir is changed.
+  when checkpoints exist, before anything in the workdir is changed. Keys the
+  saved file lacks (added to the schema since) are logged and not compared.
+
+  Raises:
+    errors.UserError: the configs differ (one line listing the fields).
   """
   path = epath.Path(workdir) / 'config.json'
   checkpoints = epath.Path(workdir) / 'checkpoints'
@@ -136,11 +144,12 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   if not (has_checkpoints and path.exists()):
     return
   saved = json.loads(path.read_text())
+  config_schema.log_missing(saved, str(path))
   differences = resume_differences(
     saved, json.loads(config.to_json_best_effort())
   )
   if differences:
-    raise ValueError(
+    raise errors.UserError(
       f'{workdir} holds checkpoints of another config; this one differs in '
       f'{"; ".join(differences)}. Use a new --workdir, or the same settings '
       'to resume.'

@@ -15,7 +15,6 @@ here imports the training loop, so evaluation and explanation stay light.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -23,30 +22,22 @@ import jax
 import ml_collections
 
 from cco_jax import checkpointing
+from cco_jax import config_schema
 from cco_jax import models
 from cco_jax import optimizers
 from cco_jax import train_setup
 from cco_jax import train_step as step_lib
-from cco_jax.data import config as data_config
 from cco_jax.data import info
 
 STEP_CHOICES = ('best', 'last')
-
-
-def _lists_to_tuples(value):
-  if isinstance(value, dict):
-    return {k: _lists_to_tuples(v) for k, v in value.items()}
-  if isinstance(value, list):
-    return tuple(_lists_to_tuples(v) for v in value)
-  return value
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The training config saved in `workdir/config.json`.
 
   JSON has no tuples, so every list comes back as a tuple (as the config files
-  write them, e.g. `model.stage_sizes`); `data` fields the file lacks (written
-  by an older version) get the library's default values.
+  write them, e.g. `model.stage_sizes`); fields the file lacks (written by an
+  older version) get the schema's defaults (`config_schema.load_saved`).
 
   Raises:
     FileNotFoundError: `workdir/config.json` does not exist.
@@ -57,16 +48,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
       f'{path} does not exist: --workdir must be the directory of a training '
       'run (python -m experiments.pets --workdir=...), which writes it.'
     )
-  with open(path) as f:
-    raw = _lists_to_tuples(json.load(f))
-  data = data_config.default_config().to_dict()
-  data.update(raw.get('data', {}))
-  raw['data'] = data
-  return ml_collections.ConfigDict(raw)
-
-
-# The model of `config.model`, built as the training loop builds it.
-model_from_config = train_setup.create_model
+  return config_schema.load_saved(path)
 
 
 @dataclasses.dataclass
@@ -152,13 +134,13 @@ def restore_run(
       '(python -m experiments.pets --workdir=...).'
     )
   class_names = info.class_names(config.data)
-  model = model_from_config(config, len(class_names))
+  model = train_setup.create_model(config, len(class_names))
   # Only the state's structure, shapes and dtypes matter (nothing is compiled
   # or run); the optimizer's step counts don't change its structure.
   tx = optimizers.create_optimizer(
     config.optimizer, 1, 1, config.accumulation_steps
   )
-  rng = jax.random.key(0, impl=config.get('rng_impl') or None)
+  rng = jax.random.key(0, impl=config.rng_impl or None)
   template = jax.eval_shape(
     lambda: step_lib.create_train_state(
       rng,
@@ -168,11 +150,7 @@ def restore_run(
       num_groups=getattr(train_setup.create_objective(config), 'num_groups', 0),
     )
   )
-  manager = checkpointing.create_manager(
-    workdir,
-    config.keep_checkpoints,
-    f'eval_{config.get("best_metric", "accuracy")}',
-  )
+  manager = train_setup.create_manager(config, workdir)
   try:
     chosen, how = choose_step(manager, step)
     state, _, _, chosen = checkpointing.restore(manager, template, chosen)

@@ -4,16 +4,20 @@
   1. `build` the model, objective, optimizer and data iterators from the config
      (`train_setup`);
   2. `restore_or_create` the state (resuming from `workdir/checkpoints`);
-  3. `check_identity` of the logit-sum identity (at start and after a restore);
+  3. `check_identity` of the logit-sum identity (at start and after a restore;
+     `train_evaluation`);
   4. the step loop, with periodic logging, evaluation and checkpoints (figures
      at the end, or every `figure_every_evals` evaluations); batches reach
      the devices from a background thread (`train_input.Prefetch`), the
      validation batches are read once (`train_input.EvalSplit`) and
      checkpoints are written in the background (waited for before the final
      evaluation and at close);
-  5. a final evaluation on validation, test and (species models) Cats-vs-Dogs.
+  5. a final evaluation on validation, test and (species models) Cats-vs-Dogs
+     (`train_evaluation.final_evaluation`).
 
-Everything it writes lands in `workdir`: `metrics.jsonl`, `tensorboard/`,
+The config is completed from the library's schema first
+(`config_schema.complete`: unknown keys refused, missing ones at their
+defaults). Everything it writes lands in `workdir`: `metrics.jsonl`, `tensorboard/`,
 `config.json`, `checkpoints/`, `figures/`. A "step" is one call of the train
 step (one micro-batch when `accumulation_steps > 1`). The checks that stop a
 diverged run (`NonFiniteLoss`, `IdentityViolation`) are in `train_guards`.
@@ -31,8 +35,6 @@ process runs the same loop; only process 0 writes records, figures and
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-import json
 import os
 from typing import Any
 
@@ -43,31 +45,19 @@ import ml_collections
 import numpy as np
 
 from cco_jax import checkpointing
+from cco_jax import config_schema
 from cco_jax import configuration
-from cco_jax import data as input_pipeline
+from cco_jax import data
+from cco_jax import errors
 from cco_jax import figures
 from cco_jax import metric_writers
-from cco_jax import metrics as metrics_lib
 from cco_jax import pretrained
+from cco_jax import train_evaluation
 from cco_jax import train_guards
 from cco_jax import train_input
 from cco_jax import train_setup
 from cco_jax import train_step as step_lib
 from cco_jax.runtime import workdir_lock
-
-# Re-exported: callers build models and catch the guards' errors from here.
-Setup = train_setup.Setup
-build = train_setup.build
-create_model = train_setup.create_model
-eval_iterator = train_setup.eval_iterator
-IdentityViolation = train_guards.IdentityViolation
-NonFiniteLoss = train_guards.NonFiniteLoss
-check_evaluation = train_guards.check_evaluation
-check_finite_steps = train_guards.check_finite_steps
-device_batch = train_input.device_batch
-batch_stats_averager = train_setup.batch_stats_averager
-figures_due = train_setup.figures_due
-
 
 # ----------------------------------------------------------------------------
 # Phase 2: a fresh or restored state.
@@ -75,7 +65,7 @@ figures_due = train_setup.figures_due
 
 
 def restore_or_create(
-  config, setup: Setup, manager
+  config, setup: train_setup.Setup, manager
 ) -> tuple[Any, jax.Array, int]:
   """Phase 2: the unreplicated state, the RNG and the first step to run.
 
@@ -92,8 +82,9 @@ def restore_or_create(
     num_groups=getattr(train_setup.create_objective(config), 'num_groups', 0),
   )
   if manager.latest_step() is None:
-    init_from = config.model.get('init_from', '')
-    state = pretrained.init_train_state(state, setup.model, init_from, init_rng)
+    state = pretrained.init_train_state(
+      state, setup.model, config.model.init_from, init_rng
+    )
     return state, rng, 0
   restored = checkpointing.restore_newest(manager, state)
   if restored.unrestorable:
@@ -101,81 +92,6 @@ def restore_or_create(
   setup.train_iter.set_state(restored.data_state)
   logging.info('Resumed from step %d of %s.', restored.step, manager.directory)
   return restored.state, restored.rng, restored.step
-
-
-# ----------------------------------------------------------------------------
-# Phase 3 and evaluation.
-# ----------------------------------------------------------------------------
-
-
-EVAL_IN_FLIGHT = 8  # Eval steps dispatched ahead of their results.
-
-
-def evaluate(
-  p_eval_step: Callable,
-  state,
-  batches: Iterable[dict],
-  group_names: tuple[str, ...] | None = None,
-) -> dict:
-  """Means over a split: accuracy, ce, pixel influence and background share;
-  with groups (a `p_eval_step` that sums them), per-group, worst-group and
-  average-group accuracy (numbers only: empty groups are left out).
-
-  `batches`: host batches, or batches already on the devices (e.g. an
-  `train_input.EvalSplit`). The steps are dispatched back to back; their
-  sums come to the host in one transfer at the end.
-  """
-  outputs = []
-  for batch in batches:
-    outputs.append(p_eval_step(state, step_lib.shard(device_batch(batch))))
-    if len(outputs) > EVAL_IN_FLIGHT:  # Bounds the inputs queued on devices.
-      jax.block_until_ready(outputs[-EVAL_IN_FLIGHT])
-  totals = None
-  for sums in jax.device_get(outputs):
-    totals = metrics_lib.accumulate(
-      totals, jax.tree.map(lambda x: np.asarray(x)[0], sums)
-    )
-  results = metrics_lib.summarise(totals, group_names)
-  return {k: v for k, v in results.items() if isinstance(v, (int, float))}
-
-
-def check_identity(
-  config, setup: Setup, state, when: str, batch: dict | None = None
-) -> float:
-  """Phase 3: max relative |sum of maps + bias - logits| on a validation
-  batch (`batch`, default the split's first)."""
-  if batch is None:
-    batches = eval_iterator(config, setup, 'validation')
-    try:
-      batch = next(iter(batches))
-    finally:
-      train_input.close_iterator(batches)
-  error = float(
-    np.max(
-      setup.p_eval_step(state, step_lib.shard(device_batch(batch)))[
-        'identity_error'
-      ]
-    )
-  )
-  tolerance = train_guards.identity_tolerance(config)
-  logging.info(
-    'Logit-sum identity %s: max relative error %.3g (tolerance %.3g).',
-    when,
-    error,
-    tolerance,
-  )
-  train_guards.check_identity_error(error, tolerance, when)
-  return error
-
-
-def prefetch_with_state(iterator, size: int = 2) -> train_input.Prefetch:
-  """Yields `(device_batch, iterator_state_after_it)`, `size` batches ahead.
-
-  A thread reads and copies them to the devices (`train_input.Prefetch`);
-  the paired state lets a checkpoint record the position of the last batch
-  trained on, not of the prefetched ones.
-  """
-  return train_input.Prefetch(iterator, size)
 
 
 # ----------------------------------------------------------------------------
@@ -193,22 +109,22 @@ class Run:
     self.workdir = epath.Path(workdir)
     self.is_chief = jax.process_index() == 0
     self.figure_dir = self.workdir / 'figures'
-    self.setup = build(config)
+    self.setup = train_setup.build(config)
     self.manager = train_setup.create_manager(config, workdir)
     self.writer = metric_writers.MetricWriter(workdir, enabled=self.is_chief)
-    budget_mb = config.get('eval_cache_mb', 512)
+    budget_mb = config.eval_cache_mb
     if not isinstance(budget_mb, (int, float)) or budget_mb < 0:
-      raise ValueError(
+      raise errors.UserError(
         f'config.eval_cache_mb = {budget_mb!r} must be a number >= 0 (MiB '
         'per device for the validation batches; 0 = read them at every '
         'evaluation).'
       )
     self.validation = train_input.EvalSplit(
-      lambda: eval_iterator(config, self.setup, 'validation'),
+      lambda: train_setup.eval_iterator(config, self.setup, 'validation'),
       int(budget_mb * 2**20),
       jax.local_device_count(),
     )
-    self._average_batch_stats = batch_stats_averager(config)
+    self._average_batch_stats = train_setup.batch_stats_averager(config)
 
   def close(self) -> None:
     """Stops the input workers, waits for the last checkpoint and closes the
@@ -239,12 +155,14 @@ class Run:
   def evaluate_split(self, state, split: str, **kwargs) -> dict:
     """Evaluates `split`; validation from the batches read once per run."""
     if split == 'validation' and not kwargs:
-      return evaluate(
+      return train_evaluation.evaluate(
         self.setup.p_eval_step, state, self.validation, self.setup.group_names
       )
-    batches = eval_iterator(self.config, self.setup, split, **kwargs)
+    batches = train_setup.eval_iterator(
+      self.config, self.setup, split, **kwargs
+    )
     try:
-      return evaluate(
+      return train_evaluation.evaluate(
         self.setup.p_eval_step, state, batches, self.setup.group_names
       )
     finally:
@@ -277,7 +195,7 @@ class Run:
       pick(cams),
       pick(batch['label']),
       predictions=pick(logits).argmax(-1),
-      class_names=input_pipeline.class_names(self.config.data),
+      class_names=data.class_names(self.config.data),
       step=step,
     )
     figures.save_learning_curves(
@@ -315,7 +233,7 @@ class Run:
 
 def summarise_metrics(step_metrics: list[dict], first_step: int) -> dict:
   """Means of the logged steps' metrics; raises on a non-finite step."""
-  check_finite_steps(step_metrics, first_step)
+  train_guards.check_finite_steps(step_metrics, first_step)
   stacked = jax.tree.map(
     lambda *x: np.stack([np.asarray(v)[0] for v in x]), *step_metrics
   )
@@ -342,7 +260,9 @@ def train_and_evaluate(
   lock = workdir_lock.WorkdirLock(workdir, jax.process_index()).acquire()
   run = None
   try:
-    config = train_setup.with_data_fields(config)
+    config = train_setup.with_data_fields(
+      config_schema.complete(config, 'the config')
+    )
     configuration.check_resumable(config, workdir)
     run = Run(config, workdir)
     return _train_and_evaluate(run)
@@ -352,14 +272,11 @@ def train_and_evaluate(
     lock.release()
 
 
-FINAL_SPLITS = ('validation', 'test', 'ood')
-
-
 def _rewritten_on_resume(record: dict) -> bool:
   """A start (identity) or final-evaluation record, written again on resume."""
   keys = set(record) - {'step'}
   return keys == {'identity_error'} or all(
-    k.split('_')[0] in FINAL_SPLITS for k in keys
+    k.split('_')[0] in train_evaluation.FINAL_SPLITS for k in keys
   )
 
 
@@ -367,7 +284,7 @@ def _train_and_evaluate(run: Run) -> dict:
   config, setup, schedule = run.config, run.setup, run.setup.schedule
   state, rng, start_step = restore_or_create(config, setup, run.manager)
   if start_step > schedule.num_train_steps:
-    raise ValueError(
+    raise errors.UserError(
       f'{run.workdir} has already trained {start_step} steps, more than the '
       f'{schedule.num_train_steps} this config asks for (num_train_steps='
       f'{config.num_train_steps}, num_epochs={config.num_epochs}). Ask for at '
@@ -376,9 +293,11 @@ def _train_and_evaluate(run: Run) -> dict:
     )
   run.writer.discard_after(start_step, rewritten=_rewritten_on_resume)
   run.save_config()
-  figures_due(config, 0)  # A bad figure_every_evals fails before any step.
+  train_setup.figures_due(
+    config, 0
+  )  # A bad figure_every_evals fails before any step.
   state = step_lib.replicate(state)
-  identity = check_identity(
+  identity = train_evaluation.check_identity(
     config,
     setup,
     state,
@@ -400,7 +319,9 @@ def _train_and_evaluate(run: Run) -> dict:
   )
 
   progress = metric_writers.ProgressLogger(schedule.num_train_steps, start_step)
-  batches = prefetch_with_state(setup.train_iter)
+  # Batches on the devices, each with the iterator state after it (for the
+  # checkpoint), read ahead by a thread.
+  batches = train_input.Prefetch(setup.train_iter, 2)
   pending, pending_from, checked = [], start_step, 0
   step = start_step
   try:
@@ -415,7 +336,7 @@ def _train_and_evaluate(run: Run) -> dict:
       if not (due_log or due_eval or due_save):
         continue
       # Every step since the last check, before anything is evaluated or saved.
-      check_finite_steps(pending[checked:], pending_from + checked)
+      train_guards.check_finite_steps(pending[checked:], pending_from + checked)
       checked = len(pending)
       if due_log:
         summary = summarise_metrics(pending, pending_from)
@@ -430,29 +351,15 @@ def _train_and_evaluate(run: Run) -> dict:
         state = run.consistent(state)
       if due_eval:
         results = run.evaluate_split(state, 'validation')
-        check_evaluation(config, results, step)
-        logging.info(
-          'Validation at step %d: accuracy %.4f, ce %.4f, background share '
-          '%.3f (%d examples).',
-          step,
-          results['accuracy'],
-          results['ce'],
-          results['bg_share'],
-          results['count'],
-        )
-        if 'worst_group_accuracy' in results:
-          logging.info(
-            'Validation worst-group accuracy %.4f, average-group %.4f.',
-            results['worst_group_accuracy'],
-            results['average_group_accuracy'],
-          )
+        train_guards.check_evaluation(config, results, step)
+        train_evaluation.log_validation(step, results)
         eval_metrics = {f'eval_{k}': v for k, v in results.items()}
         run.writer.write(step, eval_metrics)
-        if last or figures_due(config, step // schedule.eval_every):
+        if last or train_setup.figures_due(config, step // schedule.eval_every):
           run.save_figures(state, step)
       if due_save:
         run.checkpoint(state, rng, step, data_state, eval_metrics)
-  except (NonFiniteLoss, IdentityViolation) as e:
+  except (train_guards.NonFiniteLoss, train_guards.IdentityViolation) as e:
     raise type(e)(
       f'{e} Training stopped. {run.last_good_checkpoint()} Lower the '
       'learning rate or check the data.'
@@ -461,39 +368,4 @@ def _train_and_evaluate(run: Run) -> dict:
     batches.close()
 
   checkpointing.wait(run.manager)  # The last save's failure raises here.
-  return final_evaluation(run, state, step)
-
-
-# ----------------------------------------------------------------------------
-# Phase 5: final evaluation.
-# ----------------------------------------------------------------------------
-
-
-def final_evaluation(run: Run, state, step: int) -> dict:
-  """Validation, test and, for species models, Cats-vs-Dogs accuracy."""
-  results = {}
-  splits = list(FINAL_SPLITS[:2])
-  if run.config.eval_ood and run.config.data.task == 'species':
-    splits.append('ood')
-  for split in splits:
-    metrics = run.evaluate_split(state, split)
-    logging.info(
-      'Final %s accuracy at step %d: %.4f (%d examples).',
-      split,
-      step,
-      metrics['accuracy'],
-      metrics['count'],
-    )
-    results.update({f'{split}_{k}': v for k, v in metrics.items()})
-  run.writer.write(step, results)
-  path = run.workdir / 'final_metrics.json'
-  if run.is_chief:
-    path.write_text(json.dumps({'step': step, **results}, indent=2))
-    logging.info(
-      'Final metrics in %s; records in %s; checkpoints in %s; figures in %s.',
-      path,
-      run.workdir / 'metrics.jsonl',
-      run.manager.directory,
-      run.figure_dir,
-    )
-  return results
+  return train_evaluation.final_evaluation(run, state, step)

@@ -33,7 +33,7 @@ class NonFiniteLoss(FloatingPointError):
 
 def identity_tolerance(config: ml_collections.ConfigDict) -> float:
   """`config.identity_tolerance`, or the float32 head's bound where unset."""
-  tolerance = config.get('identity_tolerance', None)
+  tolerance = config.identity_tolerance
   if tolerance is None or tolerance <= 0:
     return cams.identity_tolerance(jnp.float32)
   return float(tolerance)

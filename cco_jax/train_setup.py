@@ -23,7 +23,7 @@ import numpy as np
 
 from cco_jax import checkpointing
 from cco_jax import configuration
-from cco_jax import data as input_pipeline
+from cco_jax import data
 from cco_jax import losses
 from cco_jax import models
 from cco_jax import optimizers
@@ -54,8 +54,8 @@ def with_data_fields(
   updates = {}
   if 'pixel_mask' in needs and not config.data.pixel_masks:
     updates['data.pixel_masks'] = True
-  if 'group' in needs and not tuple(config.loss.get('group_counts', ())):
-    counts = input_pipeline.group_counts(config.data, 'train')
+  if 'group' in needs and not tuple(config.loss.group_counts):
+    counts = data.group_counts(config.data, 'train')
     if len(counts) < 2:
       raise ValueError(
         f'config.loss.name={config.loss.name!r} reweights groups, but '
@@ -73,7 +73,7 @@ def best_metric(
   config: ml_collections.ConfigDict, group_names: tuple[str, ...]
 ) -> str:
   """The saved metric that picks the best checkpoint: `eval_<best_metric>`."""
-  name = config.get('best_metric', 'accuracy')
+  name = config.best_metric
   if name not in BEST_METRICS:
     raise ValueError(
       f'config.best_metric={name!r}: choose one of {list(BEST_METRICS)}.'
@@ -93,8 +93,8 @@ def create_manager(config: ml_collections.ConfigDict, workdir: str):
   return checkpointing.create_manager(
     workdir,
     config.keep_checkpoints,
-    best_metric(config, input_pipeline.group_names(config.data)),
-    async_save=config.get('async_checkpoints', True),
+    best_metric(config, data.group_names(config.data)),
+    async_save=config.async_checkpoints,
   )
 
 
@@ -109,7 +109,7 @@ def create_model(
   statistics in training; ignored (None: statistics per device) when
   `config.model.sync_batch_norm` is False.
   """
-  if not config.model.get('sync_batch_norm', True):
+  if not config.model.sync_batch_norm:
     bn_axis_name = None
   if config.model.dtype not in DTYPES:
     raise ValueError(
@@ -125,7 +125,7 @@ def create_model(
     stem=config.model.stem,
     stage_sizes=tuple(config.model.stage_sizes) or None,
     bn_axis_name=bn_axis_name,
-    pointwise_as_dot=config.model.get('pointwise_as_dot', True),
+    pointwise_as_dot=config.model.pointwise_as_dot,
   )
 
 
@@ -196,8 +196,8 @@ def _batch_sizes(config: ml_collections.ConfigDict) -> tuple[int, int]:
   per-device size) per device; 0 keeps the global `batch_size` and
   `eval_batch_size`.
   """
-  per_device = config.get('per_device_batch_size', 0)
-  per_device_eval = config.get('per_device_eval_batch_size', 0)
+  per_device = config.per_device_batch_size
+  per_device_eval = config.per_device_eval_batch_size
   for name, value in (
     ('per_device_batch_size', per_device),
     ('per_device_eval_batch_size', per_device_eval),
@@ -285,7 +285,7 @@ def figures_due(config: ml_collections.ConfigDict, evaluation: int) -> bool:
   training, N > 0 at every N-th evaluation too (drawing them stalls the
   steps).
   """
-  every = config.get('figure_every_evals', 0)
+  every = config.figure_every_evals
   if not isinstance(every, int) or every < 0:
     raise ValueError(
       f'config.figure_every_evals = {every!r} must be an integer >= 0 '
@@ -312,14 +312,14 @@ class Setup:
 
 def build(config: ml_collections.ConfigDict) -> Setup:
   """Phase 1: model, objective, optimizer, compiled steps and the train data."""
-  num_classes = input_pipeline.num_classes(config.data)
-  group_names = input_pipeline.group_names(config.data)
+  num_classes = data.num_classes(config.data)
+  group_names = data.group_names(config.data)
   model = create_model(config, num_classes, bn_axis_name=step_lib.AXIS_NAME)
   cam_size = models.cam_size(model, config.data.image_size)
   schedule = resolve_schedule(
     config,
-    input_pipeline.num_examples(config.data, 'train'),
-    input_pipeline.num_examples(config.data, 'validation'),
+    data.num_examples(config.data, 'train'),
+    data.num_examples(config.data, 'validation'),
   )
   tx = optimizers.create_optimizer(
     config.optimizer,
@@ -327,7 +327,7 @@ def build(config: ml_collections.ConfigDict) -> Setup:
     max(1, schedule.num_train_steps // config.accumulation_steps),
     config.accumulation_steps,
   )
-  train_iter = input_pipeline.create_train_iterator(
+  train_iter = data.create_train_iterator(
     config.data,
     cam_size=cam_size,
     global_batch_size=schedule.micro_batch_size,
@@ -358,7 +358,7 @@ def batch_stats_averager(config) -> Callable | None:
   """With per-device BatchNorm (`config.model.sync_batch_norm` False): a
   pmapped function giving every device the mean of the devices' replicated
   batch statistics; None when they are synchronised (already equal)."""
-  if config.model.get('sync_batch_norm', True):
+  if config.model.sync_batch_norm:
     return None
   return jax.pmap(
     lambda stats: jax.lax.pmean(stats, step_lib.AXIS_NAME),
@@ -370,7 +370,7 @@ def eval_iterator(
   config: ml_collections.ConfigDict, setup: Setup, split: str, **kwargs
 ) -> Iterator[dict]:
   """Batches `(local devices, per-device batch, ...)` of one split, in order."""
-  return input_pipeline.create_eval_iterator(
+  return data.create_eval_iterator(
     config.data,
     split,
     cam_size=setup.cam_size,

@@ -46,6 +46,7 @@ from absl import flags
 import numpy as np
 
 from cco_jax.runtime import compilation_cache
+from experiments import cli
 from experiments import compare_table
 from experiments import runs
 from experiments.configs import spurious as spurious_configs
@@ -160,7 +161,7 @@ def job(
     overrides.append(f'num_train_steps={steps}')
   workdir = run_dir(out, correlation, variant, value, seed, steps)
   return workdir, runs.command(
-    'experiments.train', CONFIG, variant, workdir, seed, overrides
+    'experiments.pets', CONFIG, variant, workdir, seed, overrides
   )
 
 
@@ -189,7 +190,9 @@ def train_all(out: str, jobs: list[tuple], parallel: int, evaluate_runs=False):
   runs.train_all(
     jobs,
     parallel,
-    env={compilation_cache.COMPILATION_CACHE_ENV: os.path.join(out, 'xla_cache')},
+    env={
+      compilation_cache.COMPILATION_CACHE_ENV: os.path.join(out, 'xla_cache')
+    },
     after=evaluate_both if evaluate_runs else None,
   )
 
@@ -237,8 +240,7 @@ def grid_choices(out, correlation, data_dir, variants, seed, steps, parallel):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  cli.no_arguments(argv)
   f = flags.FLAGS
   out = os.path.abspath(f.out)
   compilation_cache.enable_compilation_cache(os.path.join(out, 'xla_cache'))
@@ -318,4 +320,4 @@ def main(argv):
 if __name__ == '__main__':
   define_flags()
   np.set_printoptions(precision=4)
-  app.run(main)
+  cli.run(main)

@@ -1,7 +1,7 @@
 r"""Evaluates one checkpoint of a training run.
 
     python -m experiments.evaluate --workdir=/tmp/pets_cpu [--split=test] \
-        [--best | --last | --step=N] [--evaluators=classification,...] \
+        [--step=best|last|N] [--evaluators=classification,...] \
         [--manual_dir=DIR] [--ood_manual_dir=DIR] [--tfds_data_dir=DIR] \
         [--max_examples=N]
 
@@ -24,26 +24,23 @@ other than the one a data dir was prepared from is prepared under
 
 import os
 
-from absl import app
 from absl import flags
 import matplotlib.pyplot as plt  # pylint: disable=g-bad-import-order  (Agg set by figures)
 import numpy as np
 
 from cco_jax import evaluation
 from cco_jax import figures
-from cco_jax import runtime
+from experiments import cli
 
 
 def define_flags() -> None:
   """The entry point's flags (defined only when run, so that tests can import
   several entry points)."""
-  flags.DEFINE_string('workdir', None, 'Directory of a training run.')
+  cli.define_workdir_flag()
+  cli.define_step_flag()
   flags.DEFINE_enum(
     'split', 'test', ['test', 'validation', 'train'], 'Split to evaluate.'
   )
-  flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate.')
-  flags.DEFINE_bool('best', False, 'The best checkpoint (default).')
-  flags.DEFINE_bool('last', False, 'The latest checkpoint.')
   flags.DEFINE_list(
     'evaluators',
     list(evaluation.default_config().evaluators),
@@ -66,7 +63,6 @@ def define_flags() -> None:
     'seed', 0, 'Seed of the noise and the background donors.'
   )
   flags.DEFINE_bool('no_ood', False, 'Skip Cats-vs-Dogs.')
-  flags.mark_flags_as_required(['workdir'])
 
 
 def save_perturbation_grid(
@@ -187,14 +183,8 @@ def write_outputs(workdir: str, result) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  runtime.quiet_library_logs()  # No Orbax INFO flood, no repeated lines.
-  runtime.enable_compilation_cache()  # $CCO_COMPILATION_CACHE, if set.
+  cli.no_arguments(argv)
   f = flags.FLAGS
-  if sum([f.best, f.last, f.step is not None]) > 1:
-    raise app.UsageError('Use at most one of --best, --last and --step.')
-  step = 'last' if f.last else f.step
   config = evaluation.default_config()
   config.split = f.split
   config.evaluators = tuple(f.evaluators)
@@ -205,7 +195,7 @@ def main(argv):
   result = evaluation.evaluate_checkpoint(
     f.workdir,
     config,
-    step='best' if step is None else step,
+    step=f.step,
     data_overrides={
       'manual_dir': f.manual_dir,
       'tfds_data_dir': f.tfds_data_dir,
@@ -227,4 +217,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

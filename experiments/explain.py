@@ -2,11 +2,11 @@ r"""Explains a trained model's decision on any images.
 
     python -m experiments.explain --workdir=/tmp/pets_cpu --out=/tmp/why \
         photo.jpg more_photos/ 'PetImages/*/1*.jpg' \
-        [--masks=DIR] [--classes=cat,dog] [--best | --last | --step=N]
+        [--masks=DIR] [--classes=cat,dog] [--step=best|last|N]
 
 PATHs are image files, folders (searched recursively for images) or globs.
-Restores the best checkpoint of `--workdir` (or `--last`, `--step=N`; the
-step used is always printed) and writes to `--out`:
+Restores the best checkpoint of `--workdir` (or `--step=last`, `--step=N`;
+the step used is always printed) and writes to `--out`:
 
   <stem>.png          the image, and over it the signed evidence map of the
                       predicted class (red argues for it, blue against) at
@@ -41,6 +41,7 @@ import numpy as np
 
 from cco_jax import explain as explain_lib
 from cco_jax import figures
+from experiments import cli
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif')
 
@@ -48,7 +49,8 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif')
 def define_flags() -> None:
   """The entry point's flags (defined only when run, so that tests can import
   several entry points)."""
-  flags.DEFINE_string('workdir', None, 'Directory of a training run.')
+  cli.define_workdir_flag()
+  cli.define_step_flag()
   flags.DEFINE_string('out', None, 'Where to write figures and JSON.')
   flags.DEFINE_string(
     'masks', None, 'Folder of object masks named <image stem>.png.'
@@ -58,11 +60,8 @@ def define_flags() -> None:
     None,
     'Class (name or index) to explain instead of the predicted.',
   )
-  flags.DEFINE_integer('step', None, 'Checkpoint step to restore.')
-  flags.DEFINE_bool('best', False, 'Restore the best checkpoint (default).')
-  flags.DEFINE_bool('last', False, 'Restore the latest checkpoint.')
   flags.DEFINE_integer('batch_size', 32, 'Images per forward pass.')
-  flags.mark_flags_as_required(['workdir', 'out'])
+  flags.mark_flags_as_required(['out'])
 
 
 def expand_paths(patterns: list[str]) -> list[str]:
@@ -297,14 +296,11 @@ def main(argv):
   if not patterns:
     raise app.UsageError('Give at least one image file, folder or glob.')
   f = flags.FLAGS
-  if sum([f.best, f.last, f.step is not None]) > 1:
-    raise app.UsageError('Use at most one of --best, --last and --step.')
-  step = 'last' if f.last else f.step
   return run(
     f.workdir,
     f.out,
     patterns,
-    step='best' if step is None else step,
+    step=f.step,
     masks=f.masks,
     classes=f.classes,
     batch_size=f.batch_size,
@@ -313,4 +309,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(lambda argv: sys.exit(main(argv)))
+  cli.run(main)

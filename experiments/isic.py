@@ -7,7 +7,7 @@ For each variant in --variants (of experiments/configs/isic.py; default the
 CPU trio cpu_ce, cpu_ace, cpu) and each seed in --seeds it
   1. prepares the data once into OUT/tfds (`experiments.prepare`, images
      stored at the config's data.store_size);
-  2. trains `python -m experiments.train --config=...isic.py:VARIANT` into
+  2. trains `python -m experiments.pets --config=...isic.py:VARIANT` into
      OUT/<variant>_s<seed> (log in train.log, wall time in wall_time.json),
      --parallel runs at a time, unless final_metrics.json exists (an
      unfinished run resumes from its last checkpoint);
@@ -40,6 +40,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from experiments import cli
 from experiments import results_tables
 from experiments import runs
 
@@ -113,7 +114,7 @@ def train_command(
   epochs: float | None = None,
   overrides: tuple[str, ...] = (),
 ) -> list[str]:
-  """The `python -m experiments.train` command line of one run."""
+  """The `python -m experiments.pets` command line of one run."""
   settings = [
     f'data.manual_dir={os.path.abspath(data_dir)}',
     f'data.tfds_data_dir={tfds_dir}',
@@ -121,7 +122,7 @@ def train_command(
   if epochs is not None:
     settings.append(f'num_epochs={epochs}')
   return runs.command(
-    'experiments.train', CONFIG, variant, workdir, seed, settings + [*overrides]
+    'experiments.pets', CONFIG, variant, workdir, seed, settings + [*overrides]
   )
 
 
@@ -337,8 +338,7 @@ def save_figures(maps: dict, out: str) -> list[str]:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  cli.no_arguments(argv)
   unknown = set(flags.FLAGS.variants) - set(LABELS)
   if unknown:
     raise app.UsageError(
@@ -412,4 +412,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

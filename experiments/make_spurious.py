@@ -20,7 +20,7 @@ equal numbers:
     python -m experiments.make_spurious --grouped \
         --pets_dir=../shared/data/oxford-iiit-pet-sample \
         --out_dir=/tmp/spurious95 --correlation=0.95
-    python -m experiments.train --config=experiments/configs/spurious.py:ace \
+    python -m experiments.pets --config=experiments/configs/spurious.py:ace \
         --workdir=/tmp/spurious95_ace --config.data.manual_dir=/tmp/spurious95
 
 The last line on stdout is a JSON summary: counts per split, species and
@@ -29,11 +29,11 @@ background kind, and the share of images on their species' aligned kind.
 
 import json
 
-from absl import app
 from absl import flags
 
 from cco_jax.data import spurious
 from cco_jax.data import spurious_groups
+from experiments import cli
 
 _PETS_DIR = flags.DEFINE_string(
   'pets_dir',
@@ -67,8 +67,7 @@ flags.mark_flags_as_required(['pets_dir', 'out_dir'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  cli.no_arguments(argv)
   correlation = _CORRELATION.value
   if _GROUPED.value:
     metadata = spurious_groups.make_group_benchmark(
@@ -95,4 +94,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -24,12 +24,12 @@ carve as training uses), and the single TFDS split {"train"} for Cats-vs-Dogs
 
 import json
 
-from absl import app
 from absl import flags
 
 from cco_jax import data as data_lib
 from cco_jax.data import config as config_lib
 from cco_jax.data.datasets import DATASETS
+from experiments import cli
 
 _DEFAULTS = config_lib.default_config()
 _DATASET = flags.DEFINE_enum(
@@ -104,8 +104,7 @@ def split_sizes(
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  cli.no_arguments(argv)
   sizes = split_sizes(
     _DATASET.value,
     manual_dir=_MANUAL_DIR.value,
@@ -122,4 +121,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -40,10 +40,10 @@ import os
 import sys
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 
+from experiments import cli
 from experiments import results_tables
 from experiments import runs
 
@@ -338,8 +338,7 @@ def markdown_table(
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  cli.no_arguments(argv)
   out = os.path.abspath(_OUT.value)
   specs = select_runs(
     _ONLY.value, [int(s) for s in _SEEDS.value], _VARIANTS.value
@@ -395,4 +394,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -35,7 +35,7 @@ def command(
   """The command line of one run.
 
   Args:
-    module: the entry point, e.g. 'experiments.train'.
+    module: the entry point, e.g. 'experiments.pets'.
     config: the config file relative to the repository root.
     variant: the config's variant (`get_config` argument).
     workdir: the run's directory.

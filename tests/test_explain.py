@@ -263,14 +263,14 @@ def write_tiny_run(workdir, config, best_step=2, last_step=4):
   whose parameters differ. Returns {step: variables}."""
   from cco_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from cco_jax import optimizers  # pylint: disable=g-import-not-at-top
-  from cco_jax import restore  # pylint: disable=g-import-not-at-top
+  from cco_jax import train_setup  # pylint: disable=g-import-not-at-top
   from cco_jax import train_step  # pylint: disable=g-import-not-at-top
   from cco_jax.data import info  # pylint: disable=g-import-not-at-top
 
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
-  model = restore.model_from_config(config, info.num_classes(config.data))
+  model = train_setup.create_model(config, info.num_classes(config.data))
   tx = optimizers.create_optimizer(config.optimizer, 1, 1, 1)
   state = train_step.create_train_state(
     jax.random.key(0), model, config.data.image_size, tx

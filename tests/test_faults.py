@@ -22,9 +22,12 @@ from test_train import tiny_config
 
 from cco_jax import checkpointing
 from cco_jax import metric_writers
-from cco_jax.runtime import workdir_lock
 from cco_jax import train
+from cco_jax import train_evaluation
+from cco_jax import train_guards
+from cco_jax import train_setup
 from cco_jax import train_step as step_lib
+from cco_jax.runtime import workdir_lock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,7 +69,7 @@ def _copy(run: Path, tmp_path: Path) -> Path:
 
 def _template(config):
   """An unreplicated train state of `config`'s structure."""
-  setup = train.build(config)
+  setup = train_setup.build(config)
   state = step_lib.create_train_state(
     jax.random.key(0, impl=config.rng_impl or None),
     setup.model,
@@ -99,11 +102,13 @@ def test_nan_identity_error_propagates_through_evaluate():
     return {**sums, 'identity_error': np.full(n, errors[i], np.float32)}
 
   batches = [{'index': np.full((n, 1), i, np.int32)} for i in range(3)]
-  results = train.evaluate(fake_eval_step, None, iter(batches))
+  results = train_evaluation.evaluate(fake_eval_step, None, iter(batches))
   assert np.isnan(results['identity_error'])
   config = tiny_config('.', '.', '.')
-  with pytest.raises(train.NonFiniteLoss, match='identity_error at step 7'):
-    train.check_evaluation(config, results, 7)
+  with pytest.raises(
+    train_guards.NonFiniteLoss, match='identity_error at step 7'
+  ):
+    train_guards.check_evaluation(config, results, 7)
 
 
 def test_diverged_run_from_scratch_saves_nothing_and_says_so(tmp_path, dirs):
@@ -118,7 +123,7 @@ def test_diverged_run_from_scratch_saves_nothing_and_says_so(tmp_path, dirs):
   with config.unlocked():
     config.optimizer.learning_rate = 1e9
   workdir = tmp_path / 'run'
-  with pytest.raises(train.NonFiniteLoss) as info:
+  with pytest.raises(train_guards.NonFiniteLoss) as info:
     train.train_and_evaluate(config, str(workdir))
   message = str(info.value)
   assert 'at step' in message and 'no good state' in message, message

@@ -28,9 +28,9 @@ FINISH = (
 
 def test_command_names_module_config_variant_seed_and_overrides():
   argv = runs.command(
-    'experiments.train', 'c.py', 'ace', '/w', 3, ['a.b=1', 'c=x y']
+    'experiments.pets', 'c.py', 'ace', '/w', 3, ['a.b=1', 'c=x y']
   )
-  assert argv[:3] == [sys.executable, '-m', 'experiments.train']
+  assert argv[:3] == [sys.executable, '-m', 'experiments.pets']
   assert argv[3:] == [
     '--config=c.py:ace',
     '--workdir=/w',

@@ -19,6 +19,7 @@ from cco_jax import checkpointing
 from cco_jax import configuration
 from cco_jax import train
 from cco_jax import train_guards
+from cco_jax import train_setup
 from cco_jax import train_step as step_lib
 from experiments.configs import pets as pets_config
 
@@ -43,7 +44,7 @@ def tiny_config(pets_dir, cvd_dir, data_dir, **overrides):
 
 
 def _restore_params(workdir, config, step=None):
-  setup = train.build(config)
+  setup = train_setup.build(config)
   manager = checkpointing.create_manager(str(workdir), config.keep_checkpoints)
   template = step_lib.create_train_state(
     jax.random.key(0, impl=config.rng_impl or None),
@@ -94,7 +95,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(
   with config.unlocked():
     config.optimizer.learning_rate = float('inf')
   with pytest.raises(
-    train.NonFiniteLoss,
+    train_guards.NonFiniteLoss,
     match=r'at step 3 .*last good checkpoint is step 2 in',
   ):
     train.train_and_evaluate(config, str(workdir))
@@ -210,13 +211,17 @@ def test_unset_identity_tolerance_takes_the_float32_head_bound(unset):
     config.identity_tolerance = unset
   assert train_guards.identity_tolerance(config) == bound
   ok = {'ce': 0.5, 'identity_error': 0.5 * bound}
-  train.check_evaluation(config, ok, 3)
-  with pytest.raises(train.IdentityViolation, match='at step 3'):
-    train.check_evaluation(config, {'ce': 0.5, 'identity_error': 2 * bound}, 3)
+  train_guards.check_evaluation(config, ok, 3)
+  with pytest.raises(train_guards.IdentityViolation, match='at step 3'):
+    train_guards.check_evaluation(
+      config, {'ce': 0.5, 'identity_error': 2 * bound}, 3
+    )
   with config.unlocked():
     config.identity_tolerance = 20 * bound
-  train.check_evaluation(config, {'ce': 0.5, 'identity_error': 2 * bound}, 3)
-  with pytest.raises(train.IdentityViolation):
+  train_guards.check_evaluation(
+    config, {'ce': 0.5, 'identity_error': 2 * bound}, 3
+  )
+  with pytest.raises(train_guards.IdentityViolation):
     train_guards.check_identity_error(float('nan'), 20 * bound, 'at start')
 
 
@@ -254,12 +259,16 @@ def test_unreplicate_returns_each_leafs_first_row_on_the_host():
 def test_figures_due_every_nth_evaluation_and_checked():
   config = pets_config.get_config('cpu')
   assert config.figure_every_evals == 0
-  assert not any(train.figures_due(config, i) for i in range(1, 10))
+  assert not any(train_setup.figures_due(config, i) for i in range(1, 10))
   with config.unlocked():
     config.figure_every_evals = 3
-  assert [i for i in range(1, 10) if train.figures_due(config, i)] == [3, 6, 9]
+  assert [i for i in range(1, 10) if train_setup.figures_due(config, i)] == [
+    3,
+    6,
+    9,
+  ]
   for bad in (-1, -4):
     with config.unlocked():
       config.figure_every_evals = bad
     with pytest.raises(ValueError, match='figure_every_evals'):
-      train.figures_due(config, 1)
+      train_setup.figures_due(config, 1)

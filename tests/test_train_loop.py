@@ -14,7 +14,7 @@ from cco_jax import configuration
 from cco_jax import losses
 from cco_jax import metric_writers
 from cco_jax import models
-from cco_jax import train
+from cco_jax import train_evaluation
 from cco_jax import train_input
 from cco_jax import train_setup
 from cco_jax import train_step as step_lib
@@ -56,7 +56,7 @@ def _synchronous(iterator):
   """The reference: read and pair in the caller's thread."""
   out = []
   for batch in iterator:
-    out.append((train.device_batch(batch), iterator.get_state()))
+    out.append((train_input.device_batch(batch), iterator.get_state()))
   return out
 
 
@@ -76,7 +76,7 @@ def test_prefetch_yields_the_synchronous_order_and_states(n, size):
 
 
 def test_prefetch_places_batches_on_the_devices():
-  prefetch = train.prefetch_with_state(FakeIterator(3))
+  prefetch = train_input.Prefetch(FakeIterator(3), 2)
   batch, state = next(prefetch)
   assert isinstance(batch['image'], jax.Array)
   assert state == {'position': 1}
@@ -142,14 +142,16 @@ def test_eval_split_reads_once_within_budget_and_equals_the_iterator(
 
   devices = jax.local_device_count()
   batch_bytes = train_input.nbytes_per_device(
-    train.device_batch(next(FakeIterator(5, seed=3))), devices
+    train_input.device_batch(next(FakeIterator(5, seed=3))), devices
   )
   split = train_input.EvalSplit(make, budget_batches * batch_bytes, devices)
-  reference = train.evaluate(_fake_eval_step, None, FakeIterator(5, seed=3))
+  reference = train_evaluation.evaluate(
+    _fake_eval_step, None, FakeIterator(5, seed=3)
+  )
   first = split.first()
   assert first['name'].shape == first['label'].shape  # Host batch, whole.
   for _ in range(3):
-    assert train.evaluate(_fake_eval_step, None, split) == reference
+    assert train_evaluation.evaluate(_fake_eval_step, None, split) == reference
   if budget_batches == 100:
     assert split.on_devices and len(made) == 1
     assert all(isinstance(b['image'], jax.Array) for b in split)
@@ -272,11 +274,11 @@ def test_sync_batch_norm_off_keeps_statistics_per_device_until_averaged():
   assert jax.local_device_count() == 4, 'tests/conftest.py sets 4 CPU devices'
   synced, _ = _per_device_stats(sync=True)
   assert _replicas_equal(synced.batch_stats)
-  assert train.batch_stats_averager(_config()) is None
+  assert train_setup.batch_stats_averager(_config()) is None
 
   separate, _ = _per_device_stats(sync=False)
   assert not _replicas_equal(separate.batch_stats)
-  average = train.batch_stats_averager(
+  average = train_setup.batch_stats_averager(
     _config(**{'model.sync_batch_norm': False})
   )
   averaged = average(separate.batch_stats)

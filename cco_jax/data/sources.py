@@ -32,12 +32,6 @@ from cco_jax.data.preparation import dataset_entry
 from cco_jax.data.preparation import prepare_dataset
 from cco_jax.data.preparation import prepare_from_config
 
-# Re-exported: the names callers used before preparing had its own module.
-from cco_jax.data.preparation import prepare_options as prepare_options
-from cco_jax.data.preparation import prepared_data_dir as prepared_data_dir
-from cco_jax.data.preparation import prepared_source as prepared_source
-from cco_jax.data.preparation import resolve_data_dir as resolve_data_dir
-
 Example = dict[str, Any]
 OOD_DATASET = 'cats_vs_dogs'
 SPLITS = ('train', 'validation', 'test', 'ood')

@@ -2,7 +2,7 @@
 
 `evaluate_checkpoint(workdir, config, step='best')` restores the run
 (`cco_jax.restore`, not the training loop), resolves where its data lives
-(`cco_jax.data.sources.resolve_data_dir`: a data dir already holding another
+(`cco_jax.data.preparation.resolve_data_dir`: a data dir already holding another
 copy of a dataset is left alone, a scratch dir under `workdir/evaluation` is
 used instead), runs every evaluator named in `config.evaluators` on the split
 (`evaluators.EVALUATORS`) and, for species models, classification on
@@ -24,10 +24,12 @@ import ml_collections
 import numpy as np
 
 from cco_jax import explain
+from cco_jax import metric_writers
 from cco_jax import models
 from cco_jax import restore
 from cco_jax.data import info
 from cco_jax.data import pipeline
+from cco_jax.data import preparation
 from cco_jax.data import sources
 from cco_jax.evaluation import evaluators
 from cco_jax.evaluation import interventions
@@ -122,7 +124,7 @@ def resolved_data(
   resolved for its manual dir."""
   data = ml_collections.ConfigDict(config.data.to_dict())
   data.update({k: v for k, v in (overrides or {}).items() if v is not None})
-  data.manual_dir, data.tfds_data_dir = sources.resolve_data_dir(
+  data.manual_dir, data.tfds_data_dir = preparation.resolve_data_dir(
     data.name, data.manual_dir, data.tfds_data_dir, scratch
   )
   return data
@@ -275,7 +277,7 @@ def _ood(run, data, config, overrides, scratch) -> dict:
   """Classification on Cats-vs-Dogs, its data dir resolved on its own."""
   ood = ml_collections.ConfigDict(data.to_dict())
   ood.update({k: v for k, v in (overrides or {}).items() if v is not None})
-  ood.ood_manual_dir, ood.tfds_data_dir = sources.resolve_data_dir(
+  ood.ood_manual_dir, ood.tfds_data_dir = preparation.resolve_data_dir(
     sources.OOD_DATASET, ood.ood_manual_dir, ood.tfds_data_dir, scratch
   )
   quick = ml_collections.ConfigDict(config.to_dict())
@@ -292,16 +294,10 @@ def _ood(run, data, config, overrides, scratch) -> dict:
 
 def _checkpoint_metrics(workdir: str, step: int) -> dict:
   """`eval_*` metrics logged at `step` in metrics.jsonl (empty if none)."""
-  path = os.path.join(workdir, 'metrics.jsonl')
   found = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        record = json.loads(line)
-        if record.get('step') == step:
-          found.update(
-            {k: v for k, v in record.items() if k.startswith('eval_')}
-          )
+  for record in metric_writers.read_metrics(workdir):
+    if record['step'] == step:
+      found.update({k: v for k, v in record.items() if k.startswith('eval_')})
   return found
 
 

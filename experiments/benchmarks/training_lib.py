@@ -33,8 +33,8 @@ from cco_jax import cams as cams_lib
 from cco_jax import configuration
 from cco_jax import losses
 from cco_jax import models
-from cco_jax.runtime import xla_cpu
 from cco_jax import train_step as step_lib
+from cco_jax.runtime import xla_cpu
 
 # `cco_jax.train` (input pipeline: TFDS, Grain) and the configs (ml_collections)
 # are imported where the `cpu` preset and the loop need them, so that the `gpu`
@@ -783,10 +783,12 @@ def time_loop(
   its pmapped step alone on one fixed batch, plus the input pipeline alone."""
   from cco_jax import metric_writers  # pylint: disable=g-import-not-at-top
   from cco_jax import train  # pylint: disable=g-import-not-at-top
+  from cco_jax import train_input  # pylint: disable=g-import-not-at-top
+  from cco_jax import train_setup  # pylint: disable=g-import-not-at-top
 
   load_start = loadavg()
   start, end = setting.window
-  setup = train.build(config)
+  setup = train_setup.build(config)
   state = step_lib.create_train_state(
     jax.random.key(config.seed, impl=config.rng_impl or None),
     setup.model,
@@ -794,7 +796,7 @@ def time_loop(
     setup.tx,
   )
   state = step_lib.replicate(state)
-  fixed = step_lib.shard(train.device_batch(next(setup.train_iter)))
+  fixed = step_lib.shard(train_input.device_batch(next(setup.train_iter)))
   flops = _pmapped_flops(setup.p_train_step, state, fixed)
   (state, _), first_s, _ = timed(lambda: setup.p_train_step(state, fixed))
   # The step alone runs half its steps before the loop and half after, so

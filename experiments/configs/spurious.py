@@ -6,7 +6,7 @@ data, then train a variant:
 
   python -m experiments.make_spurious --grouped --correlation=0.95 \
       --pets_dir=../shared/data/oxford-iiit-pet-sample --out_dir=/tmp/sp95
-  python -m experiments.train --config=experiments/configs/spurious.py:ace \
+  python -m experiments.pets --config=experiments/configs/spurious.py:ace \
       --workdir=/tmp/sp95_ace --config.data.manual_dir=/tmp/sp95
 
 Model: the faithful ResNet-18 layout of `pets.py:cpu` (one block per stage,
