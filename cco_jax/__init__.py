@@ -15,13 +15,17 @@ Modules, in data-flow order (docs/architecture.md tells the whole path):
   checkpointing     Orbax checkpoints, with fallback past unreadable ones.
   metric_writers    metrics.jsonl, TensorBoard and the console.
   figures           maps overlaid on images, learning curves.
-  runtime           process setup before JAX starts: XLA flags, hosts, lock.
-  configuration     config overrides and checks.
+  errors            UserError: a user's mistake, reported in one line.
+  runtime           process setup, one module per job: XLA CPU and GPU flags,
+                    compilation cache, several hosts, workdir lock, logs.
+  config_schema     the training config: every key, its default and meaning.
+  configuration     config overrides, value and resume checks.
   checks            argument checks with clear errors.
   train_setup       everything a run builds from its config.
   train_input       the loop's input: batches sent ahead in a thread, the
                     validation split read once and kept on the devices.
   train_guards      the checks that stop a diverged run.
+  train_evaluation  evaluation during and after training.
   train             the training loop.
   restore           a trained run restored without the training loop.
   evaluation        interventions, evaluators and checkpoint reports.

@@ -189,12 +189,12 @@ def default_config() -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------
 
 
-def _keys(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
   """{'model.name': value, ...}: the dotted leaf keys of a nested mapping."""
   flat = {}
   for key, value in tree.items():
     if isinstance(value, Mapping):
-      flat.update(_keys(value, f'{prefix}{key}.'))
+      flat.update(flatten(value, f'{prefix}{key}.'))
     else:
       flat[f'{prefix}{key}'] = value
   return flat
@@ -208,14 +208,14 @@ def _as_dict(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict:
 
 def unknown_keys(config: ml_collections.ConfigDict | Mapping[str, Any]):
   """The dotted keys of `config` the schema does not have, sorted."""
-  known = _keys(default_config().to_dict())
-  return sorted(set(_keys(_as_dict(config))) - set(known))
+  known = flatten(default_config().to_dict())
+  return sorted(set(flatten(_as_dict(config))) - set(known))
 
 
 def missing_keys(config: ml_collections.ConfigDict | Mapping[str, Any]):
   """The dotted keys of the schema that `config` lacks, sorted."""
-  known = _keys(default_config().to_dict())
-  return sorted(set(known) - set(_keys(_as_dict(config))))
+  known = flatten(default_config().to_dict())
+  return sorted(set(known) - set(flatten(_as_dict(config))))
 
 
 def check_known(config: ml_collections.ConfigDict | Mapping[str, Any]) -> None:
@@ -228,7 +228,7 @@ def check_known(config: ml_collections.ConfigDict | Mapping[str, Any]) -> None:
   unknown = unknown_keys(config)
   if not unknown:
     return
-  known = _keys(default_config().to_dict())
+  known = flatten(default_config().to_dict())
   close = difflib.get_close_matches(unknown[0], known, n=1)
   hint = f' (did you mean {close[0]!r}?)' if close else ''
   raise errors.UserError(

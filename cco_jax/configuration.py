@@ -97,16 +97,6 @@ MAY_CHANGE_ON_RESUME = (
 )
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = value
-  return flat
-
-
 def resume_differences(saved: Mapping[str, Any], new: Mapping[str, Any]):
   """Fields that differ between a run's saved config and a resuming one.
 
@@ -115,7 +105,7 @@ def resume_differences(saved: Mapping[str, Any], new: Mapping[str, Any]):
   and `RESUMABLE_TOP_LEVEL`. Fields present on one side only (added to the
   code since) are not compared. Returns ['model.num_filters: 4 -> 8', ...].
   """
-  old, cur = _flatten(saved), _flatten(new)
+  old, cur = config_schema.flatten(saved), config_schema.flatten(new)
 
   def compared(key: str) -> bool:
     return (

@@ -251,18 +251,19 @@ def train_and_evaluate(
 
   Raises:
     workdir_lock.WorkdirInUse: another process is running in `workdir`.
-    ValueError: a bad config, or one that differs from the checkpoints' in
-      `workdir` (nothing in `workdir` is changed then).
+    errors.UserError (a ValueError): a key the schema does not have
+      (`config_schema.complete`; nothing is written), a bad value, or a config
+      that differs from the checkpoints' in `workdir` (nothing in `workdir`
+      is changed then).
     NonFiniteLoss, IdentityViolation: the model diverged; nothing of the
       diverged state was saved and the message names the last good checkpoint.
   """
+  config = config_schema.complete(config, 'the config')  # Before any write.
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   lock = workdir_lock.WorkdirLock(workdir, jax.process_index()).acquire()
   run = None
   try:
-    config = train_setup.with_data_fields(
-      config_schema.complete(config, 'the config')
-    )
+    config = train_setup.with_data_fields(config)
     configuration.check_resumable(config, workdir)
     run = Run(config, workdir)
     return _train_and_evaluate(run)

@@ -190,6 +190,13 @@ def fail(error: BaseException) -> None:
 # ----------------------------------------------------------------------------
 
 
+def _verbose(argv: list[str]) -> bool:
+  """Whether `argv` asks for --verbose (read before the flags parse)."""
+  return any(
+    arg in ('--verbose', '--verbose=true', '--verbose=1') for arg in argv[1:]
+  )
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """Parses flags and loads and checks `--config`; a mistake ends with one
   line (a traceback with --verbose)."""
@@ -201,7 +208,7 @@ def parse_flags(argv: list[str]) -> list[str]:
       config_schema.check_known(FLAGS.config)  # Also loads the file.
       configuration.check_training_config(FLAGS.config)
   except (flags.Error, KeyError, AttributeError, OSError, ValueError) as e:
-    if '--verbose' in argv:
+    if _verbose(argv):
       raise
     fail(e)
   return args

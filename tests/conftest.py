@@ -41,7 +41,7 @@ from synthetic_data import data_config  # noqa: E402
 from synthetic_data import write_synthetic_cats_vs_dogs  # noqa: E402
 from synthetic_data import write_synthetic_pets  # noqa: E402
 
-from cco_jax import data as input_pipeline  # noqa: E402
+from cco_jax import data as data_lib  # noqa: E402
 
 
 def _session_dir(tmp_path_factory, name: str, write=None) -> Path:
@@ -110,12 +110,12 @@ def synthetic_data_dir(
 ) -> Path:
   """A TFDS data dir holding both synthetic datasets, prepared."""
   data_dir = _session_dir(tmp_path_factory, 'tfds_synthetic')
-  input_pipeline.prepare_dataset(
+  data_lib.prepare_dataset(
     'oxford_iiit_pet',
     manual_dir=str(synthetic_pets_dir),
     data_dir=str(data_dir),
   )
-  input_pipeline.prepare_dataset(
+  data_lib.prepare_dataset(
     'cats_vs_dogs', manual_dir=str(synthetic_cvd_dir), data_dir=str(data_dir)
   )
   return data_dir
@@ -149,10 +149,10 @@ def real_data_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope='session')
 def real_config(real_data_dir):
   """A factory of data configs over the real samples, prepared once."""
-  input_pipeline.prepare_dataset(
+  data_lib.prepare_dataset(
     'oxford_iiit_pet', manual_dir=str(REAL_PETS), data_dir=str(real_data_dir)
   )
-  input_pipeline.prepare_dataset(
+  data_lib.prepare_dataset(
     'cats_vs_dogs',
     manual_dir=str(REAL_CATS_VS_DOGS),
     data_dir=str(real_data_dir),

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from cco_jax import data as input_pipeline
+from cco_jax import data as data_lib
 from cco_jax.data.datasets import oxford_iiit_pet
 
 SHARED_DATA = Path(
@@ -158,6 +158,6 @@ def write_synthetic_cats_vs_dogs(root: Path) -> Path:
 
 def data_config(**overrides) -> ml_collections.ConfigDict:
   """`default_config()` with `overrides`, small images and in-process reading."""
-  config = input_pipeline.default_config()
+  config = data_lib.default_config()
   config.update(dict(image_size=32, prefetch=0), **overrides)
   return config

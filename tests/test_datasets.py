@@ -16,7 +16,7 @@ import pytest
 import synthetic_data as df
 import tensorflow_datasets as tfds
 
-from cco_jax import data as input_pipeline
+from cco_jax import data as data_lib
 from cco_jax.data.datasets import cats_vs_dogs
 from cco_jax.data.datasets import oxford_iiit_pet
 
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _builder(name, manual_dir, data_dir):
-  return input_pipeline.prepare_dataset(
+  return data_lib.prepare_dataset(
     name, manual_dir=str(manual_dir), data_dir=str(data_dir)
   )
 
@@ -242,7 +242,7 @@ def test_without_manual_dir_the_official_archives_are_used(
     'download',
     fake_download,
   )
-  builder = input_pipeline.prepare_dataset(name, data_dir=str(tmp_path))
+  builder = data_lib.prepare_dataset(name, data_dir=str(tmp_path))
   assert builder.info.metadata['source'] == 'download'
   if name == 'oxford_iiit_pet':
     assert requested == [
@@ -315,7 +315,7 @@ def test_data_dir_prepared_from_another_source_is_an_error(
   with pytest.raises(ValueError, match='already holds oxford_iiit_pet_masks'):
     _builder('oxford_iiit_pet', other, synthetic_data_dir)
   # Without a manual dir, the prepared data is used whatever its source.
-  builder = input_pipeline.prepare_dataset(
+  builder = data_lib.prepare_dataset(
     'oxford_iiit_pet', data_dir=str(synthetic_data_dir)
   )
   assert builder.info.metadata['source'] == os.path.realpath(synthetic_pets_dir)
@@ -335,7 +335,7 @@ def test_only_process_0_prepares_and_the_others_wait(
 
   def process_1():
     try:
-      seen['builder'] = input_pipeline.prepare_dataset(
+      seen['builder'] = data_lib.prepare_dataset(
         'oxford_iiit_pet', process=(1, 2), wait_s=300, **kwargs
       )
     except Exception as e:  # pylint: disable=broad-except
@@ -347,9 +347,7 @@ def test_only_process_0_prepares_and_the_others_wait(
   # Process 1 prepares nothing: it waits.
   assert waiter.is_alive(), seen
   assert not list(data_dir.rglob('dataset_info.json'))
-  chief = input_pipeline.prepare_dataset(
-    'oxford_iiit_pet', process=(0, 2), **kwargs
-  )
+  chief = data_lib.prepare_dataset('oxford_iiit_pet', process=(0, 2), **kwargs)
   waiter.join(300)
   assert not waiter.is_alive() and 'error' not in seen, seen
   other = seen['builder']
@@ -368,7 +366,7 @@ def test_waiting_for_process_0_ends_with_a_clear_error(
     match=r'Process 1 of 2 waited \d+ s for process 0 to prepare '
     r'oxford_iiit_pet.*tfds_data_dir.*every host',
   ):
-    input_pipeline.prepare_dataset(
+    data_lib.prepare_dataset(
       'oxford_iiit_pet',
       manual_dir=str(synthetic_pets_dir),
       data_dir=str(data_dir),

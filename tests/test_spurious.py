@@ -11,7 +11,7 @@ from PIL import Image
 import pytest
 import synthetic_data
 
-from cco_jax import data as input_pipeline
+from cco_jax import data as data_lib
 from cco_jax.data import spurious
 from cco_jax.data.datasets import oxford_iiit_pet
 
@@ -152,12 +152,12 @@ def test_input_pipeline_reads_the_benchmark(benchmark, tmp_path):
   config = synthetic_data.data_config(
     manual_dir=str(out), tfds_data_dir=str(tmp_path / 'tfds')
   )
-  sizes = input_pipeline.split_sizes(config)
+  sizes = data_lib.split_sizes(config)
   assert sizes['train'] + sizes['validation'] == synthetic_data.NUM_TRAINVAL
   assert sizes['test'] == synthetic_data.NUM_TEST
   batch = next(
     iter(
-      input_pipeline.create_eval_iterator(
+      data_lib.create_eval_iterator(
         config, 'test', cam_size=(4, 4), global_batch_size=4, num_devices=2
       )
     )
@@ -169,18 +169,18 @@ def test_input_pipeline_reads_the_benchmark(benchmark, tmp_path):
     4,
   )
   train_batch = next(
-    input_pipeline.create_train_iterator(
+    data_lib.create_train_iterator(
       config, cam_size=(4, 4), global_batch_size=4, num_devices=2, seed=0
     )
   )
   assert train_batch['image'].shape == (2, 2, 32, 32, 3)
   assert np.isfinite(train_batch['image']).all()
   # Groups: species x background kind, from spurious.json, in every batch.
-  names = input_pipeline.group_names(config)
+  names = data_lib.group_names(config)
   assert names == ('cat/smooth', 'cat/textured', 'dog/smooth', 'dog/textured')
   kinds = json.loads((out / spurious.METADATA_FILE).read_text())['kinds']
   seen = 0
-  for batch in input_pipeline.create_eval_iterator(
+  for batch in data_lib.create_eval_iterator(
     config,
     'test',
     cam_size=(4, 4),

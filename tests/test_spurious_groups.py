@@ -20,7 +20,7 @@ from PIL import Image
 import pytest
 
 from cco_jax import configuration
-from cco_jax import data as input_pipeline
+from cco_jax import data as data_lib
 from cco_jax import metric_writers
 from cco_jax import restore
 from cco_jax import train
@@ -203,11 +203,11 @@ def _config(out: Path, tfds_dir: Path, variant: str, **overrides):
 def test_group_counts_and_names_come_from_the_data(grouped, tmp_path):
   out, summary, rows = grouped
   config = _config(out, tmp_path / 'tfds', 'group_dro')
-  names = input_pipeline.group_names(config.data)
+  names = data_lib.group_names(config.data)
   assert names == ('cat_smooth', 'cat_textured', 'dog_smooth', 'dog_textured')
   # Validation comes from labels.csv, so train = the 'train' rows.
   expected = tuple(summary['counts']['train'].get(n, 0) for n in names)
-  assert input_pipeline.group_counts(config.data, 'train') == expected
+  assert data_lib.group_counts(config.data, 'train') == expected
   filled = train_setup.with_data_fields(config)
   assert tuple(filled.loss.group_counts) == expected
   assert tuple(config.loss.group_counts) == ()  # The input is not changed.
@@ -215,7 +215,7 @@ def test_group_counts_and_names_come_from_the_data(grouped, tmp_path):
   assert rrr.data.pixel_masks and not rrr.loss.group_counts
   batch = next(
     iter(
-      input_pipeline.create_eval_iterator(
+      data_lib.create_eval_iterator(
         config.data,
         'test',
         cam_size=(4, 4),
@@ -237,7 +237,7 @@ def test_best_metric_needs_groups(synthetic_config):
     config.best_metric = 'worst_group_accuracy'
     config.data = synthetic_config()
   with pytest.raises(ValueError, match='best_metric.*needs groups'):
-    train_setup.best_metric(config, input_pipeline.group_names(config.data))
+    train_setup.best_metric(config, data_lib.group_names(config.data))
   config.best_metric = 'acuracy'
   with pytest.raises(ValueError, match="best_metric='acuracy'"):
     train_setup.best_metric(config, ('a', 'b'))

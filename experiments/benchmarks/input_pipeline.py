@@ -43,7 +43,7 @@ import numpy as np
 import PIL
 import tensorflow_datasets as tfds
 
-from cco_jax import data as input_pipeline
+from cco_jax import data as data_lib
 from cco_jax.data import cache as cache_lib
 
 _SHARED = Path(__file__).resolve().parents[2].parent / 'shared' / 'data'
@@ -106,11 +106,11 @@ def time_prepare(data_dir: str) -> dict:
   results = {}
   for name, manual_dir in (
     ('oxford_iiit_pet', _MANUAL_DIR.value),
-    (input_pipeline.OOD_DATASET, _OOD_MANUAL_DIR.value),
+    (data_lib.OOD_DATASET, _OOD_MANUAL_DIR.value),
   ):
     builder, seconds = _timed(
       functools.partial(
-        input_pipeline.prepare_dataset,
+        data_lib.prepare_dataset,
         name,
         manual_dir=manual_dir,
         data_dir=data_dir,
@@ -127,17 +127,17 @@ def time_prepare(data_dir: str) -> dict:
 
 def cpu_ms_per_image(config, split: str, count: int = 200) -> float:
   """Single-thread CPU ms per example: read, decode, squash, CAM mask."""
-  source = input_pipeline.load_split_sources(config, [split])[split]
+  source = data_lib.load_split_sources(config, [split])[split]
   count = min(count, len(source))
   start = time.process_time()
   for i in range(count):
-    example = input_pipeline.decode(
+    example = data_lib.decode(
       source[i],
       task=config.task,
       boundary_is_foreground=config.boundary_is_foreground,
       draft_size=config.image_size,
     )
-    input_pipeline.to_model_input(
+    data_lib.to_model_input(
       example,
       image_size=config.image_size,
       cam_size=(_CAM.value,) * 2,
@@ -151,7 +151,7 @@ def cpu_ms_per_image(config, split: str, count: int = 200) -> float:
 def time_train(config) -> dict:
   """Images/s of the train iterator, first batch (start-up) excluded."""
   iterator, startup = _timed(
-    lambda: input_pipeline.create_train_iterator(
+    lambda: data_lib.create_train_iterator(
       config,
       cam_size=(_CAM.value,) * 2,
       global_batch_size=_BATCH_SIZE.value,
@@ -179,7 +179,7 @@ def time_train(config) -> dict:
 
 def time_ood(config) -> dict:
   """Images/s of one evaluation pass over Cats-vs-Dogs."""
-  iterator = input_pipeline.create_eval_iterator(
+  iterator = data_lib.create_eval_iterator(
     config,
     'ood',
     cam_size=(_CAM.value,) * 2,
@@ -290,7 +290,7 @@ def main(argv):
   }
   with tempfile.TemporaryDirectory() as data_dir:
     prepare = time_prepare(data_dir)
-    config = input_pipeline.default_config()
+    config = data_lib.default_config()
     config.update(
       dict(
         manual_dir=_MANUAL_DIR.value,
