@@ -17,8 +17,8 @@
 
 The config is completed from the library's schema first
 (`config_schema.complete`: unknown keys refused, missing ones at their
-defaults). Everything it writes lands in `workdir`: `metrics.jsonl`, `tensorboard/`,
-`config.json`, `checkpoints/`, `figures/`. A "step" is one call of the train
+defaults). Everything it writes lands in `workdir`: `metrics.jsonl`,
+`tensorboard/`, `config.json`, `checkpoints/`, `figures/`. A "step" is one call of the train
 step (one micro-batch when `accumulation_steps > 1`). The checks that stop a
 diverged run (`NonFiniteLoss`, `IdentityViolation`) are in `train_guards`.
 
