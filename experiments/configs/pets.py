@@ -35,6 +35,7 @@ the config is locked, so a misspelt key is an error.
 
 import ml_collections
 
+from cco_jax import objectives
 from cco_jax.data import config as data_config
 from experiments import configs
 
@@ -79,29 +80,14 @@ def get_default_config() -> ml_collections.ConfigDict:
   # cam_faithful; '' = random initialisation. Not read when resuming.
   config.model.init_from = ''
 
-  config.loss = ml_collections.ConfigDict()
-  config.loss.name = 'ace_kld'  # One of cco_jax.losses.OBJECTIVES.
-  config.loss.ce_weight = 1.0
-  config.loss.ace_weight = 1.0
-  config.loss.kld_weight = 1e-3
-  config.loss.cam_scale = 10.0
-  config.loss.mask_scale = 50.0
-  config.loss.divergence_form = (
-    'talk'  # 'paper': weights (1e-3, 1), scales (50, 1).
-  )
-  config.loss.label_smoothing = 0.0
-  config.loss.log_all_terms = True
-  # The baselines (cco_jax.baseline_losses) and ACE's options.
-  config.loss.rrr_weight = 1.0  # rrr: lambda of the input-gradient penalty.
-  config.loss.bg_cam_weight = 0.1  # ce_bg_cam: lambda of sum |(1 - m) M_y|.
-  config.loss.swd_weight = 5.0  # ace_swd: lambda and the SWD's settings.
-  config.loss.swd_target_scale = 5.0
-  config.loss.swd_spatial_scale = 10.0
-  config.loss.swd_directions = 0  # 0 = the number of classes.
-  config.loss.dro_step_size = 0.01  # group_dro: eta.
-  # group_dro, ce_reweighted: training examples per group id (required).
-  config.loss.group_counts = ()
-  config.loss.cutmix_alpha = 0.0  # > 0: contrastive CutMix (ACE objectives).
+  # The objective (`loss.name`: one of `cco_jax.objectives.names()`) and the
+  # keys of every objective with their defaults, declared by the objectives
+  # themselves (cco_jax/objectives/: each class's fields and docstring). The
+  # default, ace_kld in the talk's setting: ace_weight 1, kld_weight 1e-3,
+  # cam_scale 10, mask_scale 50, divergence_form 'talk' ('paper': weights
+  # (1e-3, 1), scales (50, 1)). group_dro and ce_reweighted need
+  # group_counts, filled from the data when empty.
+  config.loss = ml_collections.ConfigDict(objectives.default_config('ace_kld'))
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = 'adam'  # 'adam', 'adamw' or 'sgd'.
