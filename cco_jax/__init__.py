@@ -6,9 +6,10 @@ Modules, in data-flow order (docs/architecture.md tells the whole path):
   ops               faster CPU kernels with the values of Flax's own.
   pretrained        torchvision/timm ResNet weights in and out.
   cams              HiResCAM / ContrastiveCAM arithmetic (pure functions).
-  losses            CE, ablated CE, CAM divergence, the objective registry.
+  losses            CE, ablated CE, CAM divergence (pure functions).
   baseline_losses   the field's baselines (RRR, CAM penalty, Group DRO, ...).
   cutmix            contrastive CutMix.
+  objectives        training objectives as plug-ins: interface and registry.
   optimizers        optax optimizer and schedule from the config.
   train_step        pure, pmapped train and eval steps.
   metrics           per-batch evaluation sums and the field's metrics.

@@ -2,8 +2,8 @@
 
 Each is a small pure function in the style of `cco_jax.losses`: arrays in,
 per-example values `(B,)` out (callers reduce), options by keyword, shapes in
-the docstring. `cco_jax.losses.OBJECTIVES` registers the objectives built from
-them; the supervision each needs:
+the docstring. `cco_jax.objectives` builds the objectives from them; the
+supervision each needs:
 
   input_gradient_penalty  (rrr)            foreground masks at image resolution
   background_cam_penalty  (ce_bg_cam)      foreground masks at map resolution

@@ -147,7 +147,7 @@ def restore_run(
       model,
       config.data.image_size,
       tx,
-      num_groups=getattr(train_setup.create_objective(config), 'num_groups', 0),
+      objective_state=train_setup.create_objective(config).init_state(),
     )
   )
   manager = train_setup.create_manager(config, workdir)

@@ -79,7 +79,7 @@ def restore_or_create(
     setup.model,
     config.data.image_size,
     setup.tx,
-    num_groups=getattr(train_setup.create_objective(config), 'num_groups', 0),
+    objective_state=setup.objective.init_state(),
   )
   if manager.latest_step() is None:
     state = pretrained.init_train_state(

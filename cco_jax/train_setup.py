@@ -24,8 +24,8 @@ import numpy as np
 from cco_jax import checkpointing
 from cco_jax import configuration
 from cco_jax import data
-from cco_jax import losses
 from cco_jax import models
+from cco_jax import objectives
 from cco_jax import optimizers
 from cco_jax import train_step as step_lib
 
@@ -45,12 +45,12 @@ def with_data_fields(
 ) -> ml_collections.ConfigDict:
   """A copy of `config` with the fields its objective takes from the data.
 
-  An objective that reads image-resolution masks (`losses.supervision`, e.g.
+  An objective that reads image-resolution masks (`objectives.supervision`, e.g.
   'rrr') gets `data.pixel_masks=True`; one that reads groups ('group_dro',
   'ce_reweighted') gets `loss.group_counts`, the training examples of each
   group, unless the config sets them. The copy is what `config.json` records.
   """
-  needs = losses.supervision(config.loss.name)
+  needs = objectives.supervision(config.loss.name)
   updates = {}
   if 'pixel_mask' in needs and not config.data.pixel_masks:
     updates['data.pixel_masks'] = True
@@ -129,14 +129,9 @@ def create_model(
   )
 
 
-def create_objective(config: ml_collections.ConfigDict) -> losses.Objective:
-  """The objective of `config.loss`."""
-  return losses.make_objective(
-    config.loss.name,
-    losses.LossWeights.from_config(config.loss),
-    log_all_terms=config.loss.log_all_terms,
-    seed=config.seed,
-  )
+def create_objective(config: ml_collections.ConfigDict) -> objectives.Objective:
+  """The objective of `config.loss` (built once per run, in `build`)."""
+  return objectives.create(config.loss, seed=config.seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,6 +294,7 @@ class Setup:
   """What phase 1 builds."""
 
   model: models.ResNet
+  objective: objectives.Objective
   num_classes: int
   group_names: tuple[str, ...]
   cam_size: tuple[int, int]
@@ -315,6 +311,7 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   num_classes = data.num_classes(config.data)
   group_names = data.group_names(config.data)
   model = create_model(config, num_classes, bn_axis_name=step_lib.AXIS_NAME)
+  objective = create_objective(config)
   cam_size = models.cam_size(model, config.data.image_size)
   schedule = resolve_schedule(
     config,
@@ -338,6 +335,7 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   )
   return Setup(
     model=model,
+    objective=objective,
     num_classes=num_classes,
     group_names=group_names,
     cam_size=cam_size,
@@ -345,7 +343,7 @@ def build(config: ml_collections.ConfigDict) -> Setup:
     tx=tx,
     train_iter=train_iter,
     p_train_step=step_lib.pmapped_train_step(
-      create_objective(config), normalize=config.data.normalize
+      objective, normalize=config.data.normalize
     ),
     p_eval_step=step_lib.pmapped_eval_step(
       len(group_names) if len(group_names) > 1 else 0

@@ -15,12 +15,16 @@ at CAM resolution, `label` `(b,)` int. Training batches may carry `image`
 uint8 and `flip` `(b,)` (`config.data.device_preprocessing`): the step first
 scales, normalises and flips them on the device
 (`cco_jax.data.device_transforms.finish_batch`). Eval batches add `weight` `(b,)`
-(0 for padding). Under pmap each gets a leading device axis. Objectives that
-need more (`losses.StepObjective`: RRR, Group DRO, reweighting, SWD, CutMix)
-read `pixel_mask` `(b, S, S)` or `group` `(b,)` too; the step gives them the
-input gradient of their score (differentiated again: a double backward), the
-Group DRO weights carried in `TrainState.group_weights`, and a PRNG key derived
-from the step number (and the replica), so a resumed run draws the same keys.
+(0 for padding). Under pmap each gets a leading device axis.
+
+The step calls one interface, `cco_jax.objectives.Objective`, whatever the
+objective: it checks the batch carries the objective's `supervision` (e.g.
+`pixel_mask` `(b, S, S)` or `group` `(b,)`), gives it a PRNG key derived from
+the step number and the replica when it `needs_rng` (so a resumed run draws the
+same keys) and lets it `augment` the batch, computes the input gradient of its
+`input_score` when it `needs_input_gradients` (differentiated again: a double
+backward), and carries its state (`init_state`, e.g. Group DRO's weights) in
+`TrainState.group_weights`.
 """
 
 from __future__ import annotations
@@ -36,8 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cco_jax import losses
 from cco_jax import metrics as metrics_lib
+from cco_jax import objectives
 from cco_jax.data import device_transforms
 
 AXIS_NAME = 'batch'
@@ -45,7 +49,8 @@ AXIS_NAME = 'batch'
 
 class TrainState(train_state.TrainState):
   """Parameters, optimizer state and step, plus BatchNorm statistics and the
-  Group DRO weights `(G,)` (None for other objectives)."""
+  objective's state (`Objective.init_state`: Group DRO's weights `(G,)`, None
+  for the others; the field keeps its name so that checkpoints restore)."""
 
   batch_stats: Any = None
   group_weights: Any = None
@@ -56,11 +61,11 @@ def create_train_state(
   model: flax.linen.Module,
   image_size: int,
   tx: optax.GradientTransformation,
-  num_groups: int = 0,
+  objective_state: Any = None,
 ) -> TrainState:
   """Initialises a model and its optimizer (unreplicated, on the host's device).
 
-  `num_groups > 0` (an objective's `num_groups`) adds uniform Group DRO weights.
+  `objective_state`: the objective's `init_state()` (None: none).
   """
   images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   variables = jax.jit(functools.partial(model.init, train=False))(rng, images)
@@ -69,11 +74,7 @@ def create_train_state(
     params=variables['params'],
     batch_stats=variables.get('batch_stats', {}),
     tx=tx,
-    group_weights=(
-      jnp.full((num_groups,), 1.0 / num_groups, jnp.float32)
-      if num_groups
-      else None
-    ),
+    group_weights=objective_state,
   )
   # A typed step counter: the step's output then has the input's types and a
   # second call does not retrace.
@@ -97,7 +98,7 @@ def train_step(
   state: TrainState,
   batch: dict,
   *,
-  objective: losses.Objective | losses.StepObjective,
+  objective: objectives.Objective,
   axis_name: str | None = AXIS_NAME,
   normalize: bool | None = None,
 ) -> tuple[TrainState, dict]:
@@ -107,32 +108,28 @@ def train_step(
     state: the replica's `TrainState`.
     batch: the replica's shard: `image`, `mask`, `label` (module docstring);
       uint8 `image` and `flip` are finished on the device first.
-    objective: from `losses.make_objective`: `(logits, cams, labels, mask) ->
-      (loss, metrics)`, or a `losses.StepObjective`.
+    objective: from `objectives.create`.
     axis_name: the mapped axis to average over, or None on a single device.
     normalize: `config.data.normalize`, for uint8 images (ImageNet mean/std);
       None is an error if the images are uint8.
 
   Returns:
-    The new state and a dict of scalar metrics (loss, ce, ace, kld, accuracy,
-    grad_norm, nonfinite, and the objective's own), averaged over the axis.
+    The new state and a dict of scalar metrics (loss, the objective's terms and
+    the logged ones, accuracy, grad_norm, nonfinite), averaged over the axis.
   """
   batch = device_transforms.finish_batch(batch, normalize=normalize)
-  step_objective = isinstance(objective, losses.StepObjective)
-  rng = None
-  if step_objective:
-    objective.check_batch(batch)
-    if objective.num_groups and state.group_weights is None:
-      raise ValueError(
-        f'Objective {objective.name!r} carries group weights: create the state '
-        f'with create_train_state(..., num_groups={objective.num_groups}).'
-      )
-    if objective.needs_rng:
-      rng, augment_rng = jax.random.split(
-        _step_rng(objective.seed, state.step, axis_name)
-      )
-      batch = objective.augment(augment_rng, batch)
-  input_score = objective.input_score if step_objective else None
+  objective.check_batch(batch)
+  if state.group_weights is None and jax.eval_shape(objective.init_state):
+    raise ValueError(
+      f'Objective {objective.name!r} carries a state: create the train state '
+      'with create_train_state(..., objective_state=objective.init_state()).'
+    )
+  rng = augment_rng = None
+  if objective.needs_rng:
+    rng, augment_rng = jax.random.split(
+      _step_rng(objective.seed, state.step, axis_name)
+    )
+  batch = objective.augment(augment_rng, batch)
 
   def forward(params, images):
     (logits, cams), updates = state.apply_fn(
@@ -145,38 +142,34 @@ def train_step(
 
   def loss_fn(params):
     input_grads = None
-    if input_score is None:
+    if not objective.needs_input_gradients:
       logits, cams, batch_stats = forward(params, batch['image'])
     else:
       # One forward pass gives the outputs and, differentiated with respect to
       # the images, the input gradient the loss penalises (double backward).
       def score(images):
         outputs = forward(params, images)
-        return input_score(outputs[0]).sum(), outputs
+        return objective.input_score(outputs[0]).sum(), outputs
 
       input_grads, (logits, cams, batch_stats) = jax.grad(score, has_aux=True)(
         batch['image']
       )
-    if step_objective:
-      loss, metrics, group_weights = objective(
-        losses.StepInputs(
-          logits,
-          cams,
-          batch['label'],
-          batch['mask'],
-          batch=batch,
-          input_grads=input_grads,
-          group_weights=state.group_weights,
-          rng=rng,
-          axis_name=axis_name,
-        )
+    loss, metrics, objective_state = objective(
+      objectives.StepInputs(
+        logits,
+        cams,
+        batch['label'],
+        batch['mask'],
+        batch=batch,
+        input_grads=input_grads,
+        state=state.group_weights,
+        rng=rng,
+        axis_name=axis_name,
       )
-    else:
-      loss, metrics = objective(logits, cams, batch['label'], batch['mask'])
-      group_weights = None
-    return loss, (batch_stats, metrics, logits, group_weights)
+    )
+    return loss, (batch_stats, metrics, logits, objective_state)
 
-  grads, (batch_stats, metrics, logits, group_weights) = jax.grad(
+  grads, (batch_stats, metrics, logits, objective_state) = jax.grad(
     loss_fn, has_aux=True
   )(state.params)
   metrics = dict(
@@ -185,9 +178,9 @@ def train_step(
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
     metrics = jax.lax.pmean(metrics, axis_name)
-  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  if group_weights is not None:
-    new_state = new_state.replace(group_weights=group_weights)
+  new_state = state.apply_gradients(
+    grads=grads, batch_stats=batch_stats, group_weights=objective_state
+  )
   finite = _all_finite(metrics['loss'], grads, new_state.params)
   new_state = jax.tree.map(
     functools.partial(jnp.where, finite), new_state, state
@@ -296,7 +289,7 @@ def shard(tree):
 
 
 def pmapped_train_step(
-  objective: losses.Objective | losses.StepObjective,
+  objective: objectives.Objective,
   *,
   normalize: bool | None = None,
 ) -> Callable:

@@ -60,6 +60,7 @@ DEFAULT_VARIANTS = (
   'ace_swd',
   'rrr',
   'ce_bg_cam',
+  'energy',
   'group_dro',
   'ce_reweighted',
 )

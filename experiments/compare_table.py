@@ -16,8 +16,8 @@ import os
 
 import numpy as np
 
-from cco_jax import losses
 from cco_jax import metric_writers
+from cco_jax import objectives
 from cco_jax.data import spurious_groups
 from experiments import results_tables
 from experiments.configs import spurious as spurious_configs
@@ -41,6 +41,7 @@ LABELS = {
   'ace_cutmix': 'ACE + contrastive CutMix',
   'rrr': 'RRR',
   'ce_bg_cam': 'CE + background-CAM penalty',
+  'energy': 'CE + Energy loss',
   'group_dro': 'Group DRO',
   'ce_reweighted': 'CE reweighted by group',
 }
@@ -207,7 +208,7 @@ def aggregate(records: list[dict]) -> list[dict]:
 
 def supervision(variant: str) -> str:
   config = spurious_configs.get_config(variant)
-  needs = losses.supervision(config.loss.name)
+  needs = objectives.supervision(config.loss.name)
   if 'group' in needs:
     return 'groups'
   if 'pixel_mask' in needs:

@@ -10,7 +10,6 @@ train steps with each objective run on a tiny ResNet on 4 virtual devices.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import chex
@@ -25,6 +24,7 @@ import pytest
 from cco_jax import baseline_losses as bl
 from cco_jax import cutmix
 from cco_jax import losses
+from cco_jax import objectives
 from cco_jax import train_step as step_lib
 
 RTOL = 1e-5
@@ -113,17 +113,18 @@ def test_rrr_objective_value_and_double_backward():
   labels = np.array([0, 2], np.int32)
   pixel_mask = (rng.uniform(size=(2, 3, 3)) < 0.5).astype(np.float64)
   weights0 = rng.normal(size=(2, 3))
-  objective = losses.make_objective(
-    'rrr', losses.LossWeights(rrr_weight=0.7), log_all_terms=False
+  objective = objectives.create(
+    {'name': 'rrr', 'rrr_weight': 0.7, 'log_all_terms': False}
   )
+  assert objective.needs_input_gradients
 
   def loss(weights, images):
     grads = jax.grad(
-      lambda x: bl.log_probability_sum(linear_cam_logits(weights, x)).sum()
+      lambda x: objective.input_score(linear_cam_logits(weights, x)).sum()
     )(images)
     logits = linear_cam_logits(weights, images)
     cams = jnp.zeros(images.shape[:3] + (3,), images.dtype)
-    x = losses.StepInputs(
+    x = objectives.StepInputs(
       logits,
       cams,
       labels,
@@ -167,10 +168,10 @@ def test_background_cam_penalty_matches_numpy(shape):
 def test_ce_bg_cam_objective_and_gradients():
   cams, labels, mask = random_case(3, (3, 4, 4, 3))
   logits = cams.sum((1, 2))
-  objective = losses.make_objective(
-    'ce_bg_cam', losses.LossWeights(bg_cam_weight=0.3)
+  objective = objectives.create({'name': 'ce_bg_cam', 'bg_cam_weight': 0.3})
+  loss, metrics, q = objective(
+    objectives.StepInputs(logits, cams, labels, mask)
   )
-  loss, metrics, q = objective(losses.StepInputs(logits, cams, labels, mask))
   penalty = np.array(
     [
       np.abs((1 - mask[b]) * cams[b, ..., y]).astype(np.float64).sum()
@@ -218,9 +219,11 @@ def test_reweighted_cross_entropy_matches_numpy(batch, classes, counts):
   labels = rng.integers(0, classes, batch).astype(np.int32)
   present = np.flatnonzero(np.array(counts) > 0)
   groups = rng.choice(present, batch).astype(np.int32)
-  weights = losses.LossWeights(group_counts=counts)
-  loss, _, _ = losses.make_objective('ce_reweighted', weights)(
-    losses.StepInputs(
+  objective = objectives.create(
+    {'name': 'ce_reweighted', 'group_counts': counts}
+  )
+  loss, _, _ = objective(
+    objectives.StepInputs(
       logits,
       np.zeros((batch, 1, 1, classes), np.float32),
       labels,
@@ -297,18 +300,19 @@ def test_group_dro_objective_reports_weights():
   logits = np.array([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]], np.float32)
   labels = np.array([0, 0, 1], np.int32)
   groups = np.array([0, 1, 1], np.int32)
-  weights = losses.LossWeights(dro_step_size=0.1, group_counts=(5, 5))
-  objective = losses.make_objective('group_dro', weights)
-  assert objective.num_groups == 2
-  q = np.array([0.5, 0.5], np.float32)
+  objective = objectives.create(
+    {'name': 'group_dro', 'dro_step_size': 0.1, 'group_counts': (5, 5)}
+  )
+  q = objective.init_state()
+  np.testing.assert_array_equal(q, [0.5, 0.5])
   loss, metrics, q_new = objective(
-    losses.StepInputs(
+    objectives.StepInputs(
       logits,
       np.zeros((3, 1, 1, 2), np.float32),
       labels,
       np.ones((3, 1, 1), np.float32),
       batch={'group': groups},
-      group_weights=q,
+      state=q,
     )
   )
   ce = np_ce(logits, labels)
@@ -409,11 +413,18 @@ def test_random_directions_are_unit_vectors():
 
 def test_ace_swd_objective_draws_directions_from_the_key():
   cams, labels, mask = random_case(6, (2, 4, 4, 3))
-  weights = losses.LossWeights(swd_weight=2.0, swd_directions=5)
-  objective = losses.make_objective('ace_swd', weights, log_all_terms=False)
+  objective = objectives.create(
+    {
+      'name': 'ace_swd',
+      'swd_weight': 2.0,
+      'swd_directions': 5,
+      'log_all_terms': False,
+    }
+  )
+  assert objective.needs_rng
   rng = jax.random.key(11)
   loss, metrics, _ = objective(
-    losses.StepInputs(cams.sum((1, 2)), cams, labels, mask, rng=rng)
+    objectives.StepInputs(cams.sum((1, 2)), cams, labels, mask, rng=rng)
   )
   directions = bl.random_directions(rng, 5, 2)
   swd = np_sliced_wasserstein(cams, labels, mask, directions, 5.0, 10.0)
@@ -602,26 +613,36 @@ def test_registry_supervision():
     'group_dro': ('group',),
     'ce_reweighted': ('group',),
     'ace_swd': ('mask',),
+    'energy': ('mask',),
   }
-  assert {n: losses.supervision(n) for n in losses.OBJECTIVES} == expected
+  assert {n: objectives.supervision(n) for n in objectives.names()} == expected
 
 
 @pytest.mark.parametrize(
-  'name,weights,match',
+  'name,options,match',
   [
-    ('ce', losses.LossWeights(cutmix_alpha=1.0), 'option of the ACE'),
-    ('rrr', losses.LossWeights(cutmix_alpha=1.0), 'option of the ACE'),
-    ('group_dro', losses.LossWeights(), 'group_counts'),
-    ('ce_reweighted', losses.LossWeights(group_counts=(0, 0)), 'all 0'),
+    ('ce', {'cutmix_alpha': 1.0}, r'option of the ACE objectives \(ace, '),
+    ('rrr', {'cutmix_alpha': 1.0}, 'option of the ACE'),
+    ('ce_kld', {'cutmix_alpha': 1.0}, 'option of the ACE'),
+    ('group_dro', {}, 'group_counts'),
+    ('ce_reweighted', {'group_counts': (0, 0)}, 'all 0'),
+    ('group_dro', {'group_counts': (1, 1), 'dro_step_size': -1.0}, '>= 0'),
+    ('energy', {'energy_weight': -0.1}, 'energy_weight must be >= 0'),
   ],
 )
-def test_bad_options(name, weights, match):
+def test_bad_options(name, options, match):
   with pytest.raises(ValueError, match=match):
-    losses.make_objective(name, weights)
+    objectives.create({'name': name, **options})
+
+
+def test_cutmix_is_an_option_of_every_ace_objective():
+  for name in ('ace', 'ace_kld', 'ace_swd'):
+    objective = objectives.create({'name': name, 'cutmix_alpha': 1.0})
+    assert objective.needs_rng and objective.cutmix_alpha == 1.0
 
 
 def test_missing_supervision_is_named():
-  objective = losses.make_objective('rrr')
+  objective = objectives.create({'name': 'rrr'})
   with pytest.raises(
     ValueError, match=r"needs batch\['pixel_mask'\].*data.pixel_masks=True"
   ):
@@ -683,26 +704,29 @@ def _shard(batch):
 
 
 STEP_OBJECTIVES = {
-  'rrr': losses.LossWeights(rrr_weight=1.0),
-  'ce_bg_cam': losses.LossWeights(bg_cam_weight=0.1),
-  'group_dro': losses.LossWeights(dro_step_size=0.5, group_counts=(4, 3, 2, 1)),
-  'ce_reweighted': losses.LossWeights(group_counts=(4, 3, 2, 1)),
-  'ace_swd': losses.LossWeights(swd_weight=1.0),
-  'ace': losses.LossWeights(cutmix_alpha=1.0),
+  'rrr': {'name': 'rrr', 'rrr_weight': 1.0},
+  'ce_bg_cam': {'name': 'ce_bg_cam', 'bg_cam_weight': 0.1},
+  'group_dro': {
+    'name': 'group_dro',
+    'dro_step_size': 0.5,
+    'group_counts': (4, 3, 2, 1),
+  },
+  'ce_reweighted': {'name': 'ce_reweighted', 'group_counts': (4, 3, 2, 1)},
+  'ace_swd': {'name': 'ace_swd', 'swd_weight': 1.0},
+  'ace_cutmix': {'name': 'ace', 'cutmix_alpha': 1.0},
 }
 
 
 @pytest.mark.parametrize('name', sorted(STEP_OBJECTIVES))
 def test_pmapped_steps_with_each_objective(name):
   model = _model(step_lib.AXIS_NAME)
-  objective = losses.make_objective(name, STEP_OBJECTIVES[name], seed=3)
-  assert isinstance(objective, losses.StepObjective)
+  objective = objectives.create(STEP_OBJECTIVES[name], seed=3)
   state = step_lib.create_train_state(
     jax.random.key(0),
     model,
     IMAGE_SIZE,
     optax.adam(1e-2),
-    num_groups=objective.num_groups,
+    objective_state=objective.init_state(),
   )
   cam_hw = CAM_HW
   p_step = step_lib.pmapped_train_step(objective)
@@ -727,7 +751,7 @@ def test_pmapped_steps_with_each_objective(name):
 
 
 def test_rrr_pmapped_step_equals_single_device_whole_batch():
-  objective = losses.make_objective('rrr', losses.LossWeights(rrr_weight=10.0))
+  objective = objectives.create({'name': 'rrr', 'rrr_weight': 10.0})
   tx = optax.sgd(0.1)
   model = _model(step_lib.AXIS_NAME)
   batch = _batch(2, 8, CAM_HW)
@@ -749,15 +773,55 @@ def test_rrr_pmapped_step_equals_single_device_whole_batch():
   )
 
 
-def test_config_loss_fields_are_the_loss_weights():
+def test_config_loss_section_is_the_objectives_keys():
   from experiments.configs import pets  # pylint: disable=g-import-not-at-top
 
   config = pets.get_config('cpu')
-  fields = {f.name for f in dataclasses.fields(losses.LossWeights)}
-  assert set(config.loss) - {'name', 'log_all_terms'} == fields
+  keys = {
+    k for n in objectives.names() for k in objectives.get(n).config_keys()
+  }
+  assert set(config.loss) - {'name', 'log_all_terms'} == keys
   with config.unlocked():
+    config.loss.name = 'group_dro'
     config.loss.group_counts = [4, 0, 2]
-    config.loss.rrr_weight = 3.0
-  weights = losses.LossWeights.from_config(config.loss)
-  assert weights.group_counts == (4, 0, 2) and weights.rrr_weight == 3.0
-  assert weights.kld_weight == config.loss.kld_weight
+    config.loss.dro_step_size = 3.0
+  objective = objectives.create(config.loss)
+  assert objective.group_counts == (4, 0, 2) and objective.dro_step_size == 3.0
+  assert objective.ce_weight == config.loss.ce_weight
+  monitor = objective.monitors[1]
+  assert (
+    monitor.name == 'ace_kld' and monitor.kld_weight == config.loss.kld_weight
+  )
+
+
+@pytest.mark.parametrize('name', objectives.names())
+def test_every_registered_objective_keeps_the_interface(name):
+  # The contract the train step relies on, for any objective registered.
+  cls = objectives.get(name)
+  assert issubclass(cls, objectives.Objective) and cls.name == name
+  assert set(cls.supervision) <= set(objectives.core.SUPERVISION_FIXES)
+  objective = objectives.create({'name': name, 'group_counts': (2, 3)})
+  cams, labels, mask = random_case(4, (4, 3, 3, 3))
+  batch = {
+    'pixel_mask': np.ones((4, 6, 6), np.float32),
+    'group': np.array([0, 1, 1, 0], np.int32),
+  }
+  x = objectives.StepInputs(
+    cams.sum((1, 2)),
+    cams,
+    labels,
+    mask,
+    batch=batch,
+    input_grads=np.ones((4, 6, 6, 3), np.float32),
+    state=objective.init_state(),
+    rng=jax.random.key(0),
+  )
+  per_example = objective.per_example_losses(x)
+  assert set(per_example) == set(objective.coefficients)
+  for value in per_example.values():
+    chex.assert_shape(value, (4,))
+  loss, metrics, _ = objective(x)
+  chex.assert_shape(loss, ())
+  assert {'ce', 'ace', 'kld', 'loss'} | set(per_example) <= set(metrics)
+  expected = sum(c * metrics[t] for t, c in objective.coefficients.items())
+  np.testing.assert_allclose(loss, expected, rtol=1e-6)

@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from cco_jax import data as ip
-from cco_jax import losses
+from cco_jax import objectives
 from cco_jax import train_step as step_lib
 from cco_jax.data import cache as cache_lib
 from cco_jax.data import device_transforms as dt
@@ -242,7 +242,7 @@ def test_train_step_on_uint8_equals_host_finished_batch():
     'label': batch['label'],
   }
   step = step_lib.pmapped_train_step(
-    losses.make_objective('ace_kld'), normalize=True
+    objectives.create({'name': 'ace_kld'}), normalize=True
   )
   new_device, m_device = step(step_lib.replicate(state), step_lib.shard(batch))
   new_host, m_host = step(step_lib.replicate(state), step_lib.shard(host))

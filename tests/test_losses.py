@@ -1,4 +1,5 @@
-"""Property tests for `cco_jax.losses` (docs/method.md §2-4).
+"""Property tests for `cco_jax.losses` and the objectives built from them
+(docs/method.md §2-4).
 
 Every loss is compared with an independent float64 numpy implementation written
 from docs/method.md, with optax where optax has the same loss, and with its defining
@@ -14,6 +15,7 @@ is a sum of H*W terms, so its float32 rounding error is at most ~H*W*eps*sum|K|/
 
 from __future__ import annotations
 
+import functools
 import math
 
 from absl.testing import parameterized
@@ -27,6 +29,7 @@ import pytest
 
 from cco_jax import losses
 from cco_jax import models
+from cco_jax import objectives
 
 RTOL = 1e-5
 
@@ -736,18 +739,18 @@ class AblatedBinaryCrossEntropyTest(chex.TestCase):
 
 
 # ---------------------------------------------------------------------------
-# make_objective
+# The objectives built from these losses (cco_jax.objectives)
 # ---------------------------------------------------------------------------
 
-CUSTOM = losses.LossWeights(
-  ce_weight=0.7,
-  ace_weight=1.3,
-  kld_weight=0.05,
-  cam_scale=5.0,
-  mask_scale=20.0,
-  divergence_form='paper',
-  label_smoothing=0.1,
-)
+CUSTOM = {
+  'ce_weight': 0.7,
+  'ace_weight': 1.3,
+  'kld_weight': 0.05,
+  'cam_scale': 5.0,
+  'mask_scale': 20.0,
+  'divergence_form': 'paper',
+  'label_smoothing': 0.1,
+}
 
 
 def objective_inputs(seed, shape=(3, 4, 4, 5)):
@@ -758,10 +761,19 @@ def objective_inputs(seed, shape=(3, 4, 4, 5)):
   return logits, cams, labels, mask
 
 
-def term_means(weights, logits, cams, labels, mask):
+def run_objective(objective, logits, cams, labels, mask):
+  """`(loss, metrics)` of an objective that reads only the model's outputs."""
+  loss, metrics, state = objective(
+    objectives.StepInputs(logits, cams, labels, mask)
+  )
+  assert state is None
+  return loss, metrics
+
+
+def term_means(options, logits, cams, labels, mask):
   return {
     'ce': float(
-      losses.cross_entropy(logits, labels, weights.label_smoothing).mean()
+      losses.cross_entropy(logits, labels, options['label_smoothing']).mean()
     ),
     'ace': float(losses.ablated_cross_entropy(cams, labels, mask).mean()),
     'kld': float(
@@ -769,55 +781,67 @@ def term_means(weights, logits, cams, labels, mask):
         cams,
         labels,
         mask,
-        weights.cam_scale,
-        weights.mask_scale,
-        form=weights.divergence_form,
+        options['cam_scale'],
+        options['mask_scale'],
+        form=options['divergence_form'],
       ).mean()
     ),
   }
 
 
-class MakeObjectiveTest(chex.TestCase):
+class ObjectivesTest(chex.TestCase):
   def test_defaults_are_the_talks_setting(self):
-    w = losses.LossWeights()
+    defaults = objectives.default_config()
     self.assertEqual(
-      (
-        w.ace_weight,
-        w.kld_weight,
-        w.cam_scale,
-        w.mask_scale,
-        w.divergence_form,
+      tuple(
+        defaults[key]
+        for key in (
+          'name',
+          'ace_weight',
+          'kld_weight',
+          'cam_scale',
+          'mask_scale',
+          'divergence_form',
+        )
       ),
-      (1.0, 1e-3, 10.0, 50.0, 'talk'),
+      ('ace_kld', 1.0, 1e-3, 10.0, 50.0, 'talk'),
     )
 
   def test_ce_is_mean_cross_entropy(self):
     logits, cams, labels, mask = objective_inputs(0)
-    loss, metrics = losses.make_objective('ce')(logits, cams, labels, mask)
+    loss, metrics = run_objective(
+      objectives.create({'name': 'ce'}), logits, cams, labels, mask
+    )
     expected = np_cross_entropy(logits, labels).mean()
     np.testing.assert_allclose(loss, expected, rtol=RTOL)
     np.testing.assert_allclose(metrics['ce'], expected, rtol=RTOL)
 
   def test_ace_kld_default_weights(self):
     logits, cams, labels, mask = objective_inputs(1)
-    loss, _ = losses.make_objective('ace_kld')(logits, cams, labels, mask)
+    loss, _ = run_objective(
+      objectives.create({'name': 'ace_kld'}), logits, cams, labels, mask
+    )
     ace = np_ace(cams, labels, mask).mean()
     kld = np_cam_divergence(cams, labels, mask, 10.0, 50.0, 'talk').mean()
     np.testing.assert_allclose(loss, 1.0 * ace + 1e-3 * kld, rtol=RTOL)
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters('ce', 'ace', 'ace_kld', 'ce_kld')
-  def test_loss_is_weighted_sum_of_term_means(self, name):
+  @parameterized.parameters(
+    ('ce', ('ce',)),
+    ('ace', ('ace',)),
+    ('ace_kld', ('ace', 'kld')),
+    ('ce_kld', ('ce', 'kld')),
+  )
+  def test_loss_is_weighted_sum_of_term_means(self, name, used):
     # Non-default weights, temperatures, form and smoothing: each must be used.
-    weights_or_default = CUSTOM
     logits, cams, labels, mask = objective_inputs(1)
-    objective = losses.make_objective(name, CUSTOM)
-    loss, metrics = self.variant(objective)(logits, cams, labels, mask)
-    means = term_means(weights_or_default, logits, cams, labels, mask)
-    used = losses.OBJECTIVES[name]
-    expected = sum(
-      getattr(weights_or_default, f'{t}_weight') * means[t] for t in used
+    objective = objectives.create({'name': name, **CUSTOM})
+    self.assertEqual(tuple(objective.coefficients), used)
+    loss, metrics = self.variant(functools.partial(run_objective, objective))(
+      logits, cams, labels, mask
     )
+    means = term_means(CUSTOM, logits, cams, labels, mask)
+    expected = sum(CUSTOM[f'{t}_weight'] * means[t] for t in used)
     np.testing.assert_allclose(loss, expected, rtol=RTOL)
     self.assertEqual(set(metrics), {'ce', 'ace', 'kld', 'loss'})
     np.testing.assert_allclose(metrics['loss'], loss, rtol=1e-7)
@@ -833,9 +857,8 @@ class MakeObjectiveTest(chex.TestCase):
     ('ce_kld', {'ce', 'kld', 'loss'}),
   )
   def test_metrics_keys_without_logging_all(self, name, keys):
-    _, metrics = losses.make_objective(name, log_all_terms=False)(
-      *objective_inputs(2)
-    )
+    objective = objectives.create({'name': name, 'log_all_terms': False})
+    _, metrics = run_objective(objective, *objective_inputs(2))
     self.assertEqual(set(metrics), keys)
 
   @parameterized.parameters(
@@ -848,9 +871,12 @@ class MakeObjectiveTest(chex.TestCase):
     self, name, cams_used, logits_used
   ):
     logits, cams, labels, mask = objective_inputs(3)
-    objective = losses.make_objective(name)  # logs every term
+    objective = objectives.create({'name': name})  # logs every term
     g_logits, g_cams = jax.jit(
-      jax.grad(lambda x, c: objective(x, c, labels, mask)[0], argnums=(0, 1))
+      jax.grad(
+        lambda x, c: run_objective(objective, x, c, labels, mask)[0],
+        argnums=(0, 1),
+      )
     )(logits, cams)
     self.assertEqual(bool(np.abs(g_cams).max() > 0), cams_used)
     self.assertEqual(bool(np.abs(g_logits).max() > 0), logits_used)
@@ -861,6 +887,6 @@ class MakeObjectiveTest(chex.TestCase):
       ValueError,
       match=rf"Unknown loss '{name}'; choose one of "
       r"\['ace', 'ace_kld', 'ace_swd', 'ce', 'ce_bg_cam', 'ce_kld', "
-      r"'ce_reweighted', 'group_dro', 'rrr'\]",
+      r"'ce_reweighted', 'energy', 'group_dro', 'rrr'\]",
     ):
-      losses.make_objective(name)
+      objectives.create({'name': name})

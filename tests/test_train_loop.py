@@ -11,9 +11,9 @@ import optax
 import pytest
 
 from cco_jax import configuration
-from cco_jax import losses
 from cco_jax import metric_writers
 from cco_jax import models
+from cco_jax import objectives
 from cco_jax import train_evaluation
 from cco_jax import train_input
 from cco_jax import train_setup
@@ -260,7 +260,7 @@ def _per_device_stats(sync):
     'label': rng.integers(0, 3, (devices, per)).astype(np.int32),
     'mask': np.ones((devices, per) + cam_hw, np.float32),
   }
-  p_step = step_lib.pmapped_train_step(losses.make_objective('ce'))
+  p_step = step_lib.pmapped_train_step(objectives.create({'name': 'ce'}))
   state, _ = p_step(step_lib.replicate(state), step_lib.shard(batch))
   return state, batch
 

@@ -10,8 +10,8 @@ import optax
 import pytest
 
 from cco_jax import checkpointing
-from cco_jax import losses
 from cco_jax import models
+from cco_jax import objectives
 from cco_jax import train_step as step_lib
 
 NUM_CLASSES = 3
@@ -55,7 +55,7 @@ def setup():
   tx = optax.adam(1e-2)
   state = step_lib.create_train_state(jax.random.key(0), model, IMAGE_SIZE, tx)
   cam_hw = models.cam_size(model, IMAGE_SIZE)
-  objective = losses.make_objective('ace_kld')
+  objective = objectives.create({'name': 'ace_kld'})
   return model, tx, state, cam_hw, objective
 
 
@@ -220,11 +220,15 @@ class _TinyCamNet(flax.linen.Module):
 
 def test_group_dro_weights_are_checkpointed(tmp_path):
   model, tx = _TinyCamNet(), optax.adam(1e-2)
-  objective = losses.make_objective(
-    'group_dro', losses.LossWeights(dro_step_size=1.0, group_counts=(3, 5))
+  objective = objectives.create(
+    {'name': 'group_dro', 'dro_step_size': 1.0, 'group_counts': (3, 5)}
   )
   state = step_lib.create_train_state(
-    jax.random.key(0), model, IMAGE_SIZE, tx, num_groups=objective.num_groups
+    jax.random.key(0),
+    model,
+    IMAGE_SIZE,
+    tx,
+    objective_state=objective.init_state(),
   )
   np.testing.assert_array_equal(state.group_weights, [0.5, 0.5])
   batch = _batch(6, 8, (IMAGE_SIZE // 4, IMAGE_SIZE // 4))
@@ -240,7 +244,9 @@ def test_group_dro_weights_are_checkpointed(tmp_path):
   )
   restored, _, _, _ = checkpointing.restore(manager, state)
   np.testing.assert_array_equal(restored.group_weights, trained.group_weights)
-  with pytest.raises(ValueError, match='num_groups=2'):
+  with pytest.raises(
+    ValueError, match=r'objective_state=objective.init_state\(\)'
+  ):
     step_lib.train_step(
       step_lib.create_train_state(jax.random.key(0), model, IMAGE_SIZE, tx),
       batch,

@@ -1,6 +1,6 @@
 r"""Train-step time of every objective relative to CE, on one config's model.
 
-Every objective of `cco_jax.losses.OBJECTIVES` (and ACE with contrastive
+Every objective of `cco_jax.objectives` (and ACE with contrastive
 CutMix) runs the library's train step (jitted, one device, buffers donated) on
 the same model and synthetic batch (images, map- and image-resolution masks,
 labels, two groups); steps of the objectives take turns, and the table gives
@@ -13,7 +13,6 @@ gradient again (a double backward), which the ratio shows.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -27,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cco_jax import losses
 from cco_jax import models
+from cco_jax import objectives
 from cco_jax import train_setup
 from cco_jax import train_step as step_lib
 from experiments.configs import pets
@@ -38,7 +37,7 @@ _BATCH = flags.DEFINE_integer('batch', 0, 'Batch size; 0 = the config.')
 _REPEATS = flags.DEFINE_integer('repeats', 15, 'Timed steps per objective.')
 _OUT = flags.DEFINE_string('out', '', 'Where to write the JSON results.')
 
-# (label, loss name, LossWeights overrides).
+# (label, loss name, `config.loss` overrides).
 OBJECTIVES = (
   ('ce', 'ce', {}),
   ('ace', 'ace', {}),
@@ -47,6 +46,7 @@ OBJECTIVES = (
   ('ace+cutmix', 'ace', {'cutmix_alpha': 1.0}),
   ('rrr', 'rrr', {}),
   ('ce_bg_cam', 'ce_bg_cam', {}),
+  ('energy', 'energy', {}),
   ('group_dro', 'group_dro', {'group_counts': (3, 1)}),
   ('ce_reweighted', 'ce_reweighted', {'group_counts': (3, 1)}),
 )
@@ -73,16 +73,15 @@ def synthetic_batch(model, image_size: int, batch: int, seed: int = 0):
 
 
 def compile_objective(model, config, batch, name, overrides):
-  weights = dataclasses.replace(
-    losses.LossWeights.from_config(config.loss), **overrides
+  objective = objectives.create(
+    {**config.loss, 'name': name, 'log_all_terms': False, **overrides}
   )
-  objective = losses.make_objective(name, weights, log_all_terms=False)
   state = step_lib.create_train_state(
     jax.random.key(0, impl='rbg'),
     model,
     config.data.image_size,
     optax.adam(1e-3),
-    num_groups=getattr(objective, 'num_groups', 0),
+    objective_state=objective.init_state(),
   )
   step = jax.jit(
     functools.partial(step_lib.train_step, objective=objective, axis_name=None),

@@ -31,8 +31,8 @@ import optax
 
 from cco_jax import cams as cams_lib
 from cco_jax import configuration
-from cco_jax import losses
 from cco_jax import models
+from cco_jax import objectives
 from cco_jax import train_step as step_lib
 from cco_jax.runtime import xla_cpu
 
@@ -331,7 +331,7 @@ def compile_step(state, batch, objective: str, compiler_options: dict | None):
   fn = jax.jit(
     functools.partial(
       step_lib.train_step,
-      objective=losses.make_objective(objective, log_all_terms=False),
+      objective=objectives.create({'name': objective, 'log_all_terms': False}),
       axis_name=None,
     ),
     donate_argnums=(0,),
