@@ -23,6 +23,7 @@ import ml_collections
 
 from cco_jax import checkpointing
 from cco_jax import config_schema
+from cco_jax import errors
 from cco_jax import models
 from cco_jax import optimizers
 from cco_jax import train_setup
@@ -99,11 +100,11 @@ def choose_step(manager, step) -> tuple[int, str]:
   try:
     wanted = int(step)
   except (TypeError, ValueError):
-    raise ValueError(
+    raise errors.UserError(
       f"step must be 'best', 'last' or an int; got {step!r}."
     ) from None
   if wanted not in steps:
-    raise ValueError(
+    raise errors.UserError(
       f'No checkpoint at step {wanted} in {manager.directory}; kept steps: '
       f'{steps}.'
     )
@@ -125,7 +126,7 @@ def restore_run(
 
   Raises:
     FileNotFoundError: no config.json or no checkpoint.
-    ValueError: a bad `step`.
+    errors.UserError (a ValueError): a bad `step`, or one not kept.
   """
   config = load_config(workdir) if config is None else config
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):

@@ -18,9 +18,10 @@
 The config is completed from the library's schema first
 (`config_schema.complete`: unknown keys refused, missing ones at their
 defaults). Everything it writes lands in `workdir`: `metrics.jsonl`,
-`tensorboard/`, `config.json`, `checkpoints/`, `figures/`. A "step" is one call of the train
-step (one micro-batch when `accumulation_steps > 1`). The checks that stop a
-diverged run (`NonFiniteLoss`, `IdentityViolation`) are in `train_guards`.
+`tensorboard/`, `config.json`, `checkpoints/`, `figures/`. A "step" is one
+call of the train step (one micro-batch when `accumulation_steps > 1`). The
+checks that stop a diverged run (`NonFiniteLoss`, `IdentityViolation`) are in
+`train_guards`.
 
 Guarantees: one run per workdir (`runtime.workdir_lock`; the second fails at
 once); every step's non-finite flag is checked before anything is evaluated or

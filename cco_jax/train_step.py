@@ -119,7 +119,9 @@ def train_step(
   """
   batch = device_transforms.finish_batch(batch, normalize=normalize)
   objective.check_batch(batch)
-  if state.group_weights is None and jax.eval_shape(objective.init_state):
+  if state.group_weights is None and (
+    jax.eval_shape(objective.init_state) is not None
+  ):
     raise ValueError(
       f'Objective {objective.name!r} carries a state: create the train state '
       'with create_train_state(..., objective_state=objective.init_state()).'

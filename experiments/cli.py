@@ -58,7 +58,7 @@ from cco_jax.runtime import xla_gpu
 FLAGS = flags.FLAGS
 # Exceptions that are the user's mistake: one line, no traceback.
 USER_ERRORS = (errors.UserError, app.UsageError, FileNotFoundError)
-STEP_CHOICES = ('best', 'last')
+STEP_CHOICES = ('best', 'last')  # As `cco_jax.restore.choose_step` takes.
 
 flags.DEFINE_bool(
   'verbose', False, "Show a user error's traceback (bugs always show one)."
@@ -93,7 +93,9 @@ class StepParser(flags.ArgumentParser):
   syntactic_help = "'best', 'last' or a step number"
 
   def parse(self, argument: Any) -> str | int:
-    if isinstance(argument, int) or argument in STEP_CHOICES:
+    if argument in STEP_CHOICES or (
+      isinstance(argument, int) and argument >= 0
+    ):
       return argument
     if isinstance(argument, str) and argument.isdigit():
       return int(argument)

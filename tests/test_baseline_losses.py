@@ -11,6 +11,9 @@ train steps with each objective run on a tiny ResNet on 4 virtual devices.
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
 
 import chex
 import flax.linen as nn
@@ -825,3 +828,21 @@ def test_every_registered_objective_keeps_the_interface(name):
   assert {'ce', 'ace', 'kld', 'loss'} | set(per_example) <= set(metrics)
   expected = sum(c * metrics[t] for t, c in objective.coefficients.items())
   np.testing.assert_allclose(loss, expected, rtol=1e-6)
+
+
+def test_evaluation_libraries_do_not_import_the_objectives():
+  # metrics, cams and models serve evaluation and inference: importing them
+  # must not load the training objectives or their losses.
+  code = (
+    'import sys\n'
+    'import cco_jax.cams, cco_jax.metrics, cco_jax.models\n'
+    'training = ("cco_jax.objectives", "cco_jax.losses",'
+    ' "cco_jax.baseline_losses", "cco_jax.cutmix")\n'
+    'print(sorted(m for m in sys.modules if m.startswith(training)))\n'
+  )
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  out = subprocess.run(
+    [sys.executable, '-c', code], env=env, capture_output=True, text=True
+  )
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == '[]', out.stdout

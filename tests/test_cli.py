@@ -153,3 +153,19 @@ def test_step_parser_refuses(value):
 
   with pytest.raises(ValueError, match="'best', 'last' or a step number"):
     cli.StepParser().parse(value)
+
+
+def test_entry_points_start_no_jax_backend_at_import():
+  """`cli.run` sets XLA_FLAGS before JAX starts its backends: importing an
+  entry point (and the library it calls) must not start them."""
+  result = _run(
+    [],
+    code="""
+    import experiments.compare, experiments.evaluate
+    import experiments.explain, experiments.isic, experiments.pets
+    from jax._src import xla_bridge
+    print(sorted(xla_bridge._backends))
+    """,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip() == '[]'

@@ -11,7 +11,6 @@ import pytest
 import synthetic_data as df
 
 from cco_jax import data as data_lib
-from cco_jax.data import config as config_lib
 from cco_jax.data.datasets import oxford_iiit_pet
 from cco_jax.data.datasets.common import PrepareOptions
 
@@ -248,7 +247,7 @@ def test_data_config_options_choose_the_prepared_copy(tmp_path):
   b = data_lib.prepare_from_config(stored)
   assert a.data_dir != b.data_dir
   assert b.as_data_source('train')[0]['image'].shape == (16, 16, 3)
-  assert config_lib.get(base, 'missing_masks') == 'error'
+  assert base.missing_masks == 'error'
 
 
 def test_isic_sample_prepares(tmp_path):

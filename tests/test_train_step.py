@@ -1,15 +1,18 @@
 """The pmapped train step on 4 virtual CPU devices, and checkpoint round trips."""
 
+import dataclasses
 import functools
 
 import chex
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 from cco_jax import checkpointing
+from cco_jax import losses
 from cco_jax import models
 from cco_jax import objectives
 from cco_jax import train_step as step_lib
@@ -253,3 +256,51 @@ def test_group_dro_weights_are_checkpointed(tmp_path):
       objective=objective,
       axis_name=None,
     )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _CountingObjective(objectives.Objective):
+  """A plug-in the library does not register: CE whose state counts the
+  steps it saw and which reads a batch entry of its own."""
+
+  name = 'counting'
+  supervision = ('mask',)
+
+  def per_example_losses(self, x):
+    return {'ce': losses.cross_entropy(x.logits, x.labels)}
+
+  @property
+  def coefficients(self):
+    return {'ce': 1.0}
+
+  def init_state(self):
+    return jnp.zeros((), jnp.float32)
+
+  def reduce(self, per_example, x):
+    values, metrics, state = super().reduce(per_example, x)
+    return values, {'steps_seen': state + 1}, state + 1
+
+
+def test_step_runs_any_objective_through_the_interface():
+  # The step knows no objective by kind: an unregistered one with a state
+  # trains, its state is carried, and its metrics are averaged and returned.
+  model, tx = _TinyCamNet(), optax.adam(1e-2)
+  objective = _CountingObjective()
+  state = step_lib.create_train_state(
+    jax.random.key(0),
+    model,
+    IMAGE_SIZE,
+    tx,
+    objective_state=objective.init_state(),
+  )
+  batch = _batch(7, 8, (IMAGE_SIZE // 4, IMAGE_SIZE // 4))
+  p_step = step_lib.pmapped_train_step(objective)
+  state = step_lib.replicate(state)
+  for step in range(1, 4):
+    state, metrics = p_step(state, _shard(batch, 4))
+    np.testing.assert_array_equal(metrics['steps_seen'], np.full(4, step))
+  np.testing.assert_array_equal(state.group_weights, np.full(4, 3.0))
+  assert set(metrics) >= {'ce', 'loss', 'accuracy', 'grad_norm'}
+  del batch['mask']
+  with pytest.raises(ValueError, match=r"needs batch\['mask'\]"):
+    p_step(state, _shard(batch, 4))

@@ -135,17 +135,12 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(_DEFAULTS))
 
 
-def get(data_config: ml_collections.ConfigDict, key: str):
-  """`data_config[key]`, or its default when an older config lacks it."""
-  return data_config.get(key, _DEFAULTS[key])
-
-
 def fingerprint_fields(data_config: ml_collections.ConfigDict) -> dict:
   """The content fields of `config.data` that identify a training stream."""
-  fields = {key: data_config.get(key) for key in CONTENT_FIELDS}
+  fields = {key: data_config[key] for key in CONTENT_FIELDS}
   for key in LATER_CONTENT_FIELDS:
-    if get(data_config, key) != _DEFAULTS[key]:
-      fields[key] = get(data_config, key)
+    if data_config[key] != _DEFAULTS[key]:
+      fields[key] = data_config[key]
   return fields
 
 
@@ -166,9 +161,9 @@ def check_config(
     'store_format': STORE_FORMATS,
   }
   for key, allowed in choices.items():
-    if get(data_config, key) not in allowed:
+    if data_config[key] not in allowed:
       raise ValueError(
-        f'config.data.{key}={get(data_config, key)!r}; expected one of '
+        f'config.data.{key}={data_config[key]!r}; expected one of '
         f'{allowed} (dataset {data_config.name!r}).'
       )
   if not 0 <= data_config.validation_fraction < 1:
@@ -179,9 +174,9 @@ def check_config(
   if data_config.image_size < 1:
     raise ValueError('config.data.image_size must be positive.')
   for key in ('num_workers', 'prefetch', 'store_size'):
-    if get(data_config, key) < 0:
+    if data_config[key] < 0:
       raise ValueError(f'config.data.{key} must be >= 0.')
-  if get(data_config, 'cache_decoded') and data_config.num_workers:
+  if data_config.cache_decoded and data_config.num_workers:
     raise ValueError(
       'config.data.cache_decoded keeps decoded images in this '
       'process; it needs config.data.num_workers = 0.'

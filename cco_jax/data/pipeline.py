@@ -149,7 +149,7 @@ def _train_example(
   flip = bool(data_config.augment_flip and rng.random() < 0.5)
   # With device_preprocessing the device flips and finishes the image
   # (`device_transforms.finish_batch`); the host only says which to flip.
-  on_device = config_lib.get(data_config, 'device_preprocessing')
+  on_device = data_config['device_preprocessing']
   host_flip, finish = flip and not on_device, not on_device
   if cached and box == transforms.FULL_BOX:
     out = cache_lib.cached_model_input(
@@ -165,7 +165,7 @@ def _train_example(
       cam_size=cam_size,
       mask_resize=data_config.mask_resize,
       normalize=data_config.normalize,
-      with_pixel_mask=config_lib.get(data_config, 'pixel_masks'),
+      with_pixel_mask=data_config['pixel_masks'],
       pixel_mask_empty_as_ones=True,
       box=box,
       flip=host_flip,
@@ -180,11 +180,7 @@ def draft_size(
   data_config: ml_collections.ConfigDict, *, training: bool
 ) -> int:
   """Smallest decoded side that still leaves every crop >= image_size."""
-  if (
-    training
-    and data_config.augment_crop
-    and not config_lib.get(data_config, 'cache_decoded')
-  ):
+  if training and data_config.augment_crop and not data_config['cache_decoded']:
     smallest = config_lib.CROP_AREA_RANGE[0] * config_lib.CROP_ASPECT_RANGE[0]
     return math.ceil(data_config.image_size / math.sqrt(smallest))
   return data_config.image_size
@@ -251,14 +247,14 @@ def create_train_iterator(
       f'The training split has {len(source)} examples on this '
       f'host, fewer than one batch ({per_host}).'
     )
-  pixel_masks = config_lib.get(data_config, 'pixel_masks')
+  pixel_masks = data_config['pixel_masks']
   decoded = Decoded(
     source,
     data_config.task,
     data_config.boundary_is_foreground,
     draft_size=draft_size(data_config, training=True),
   )
-  if config_lib.get(data_config, 'cache_decoded'):
+  if data_config['cache_decoded']:
     decoded = cache_lib.build_cache(
       decoded,
       data_config.image_size,
@@ -267,9 +263,9 @@ def create_train_iterator(
       with_pixel_mask=pixel_masks,
     )
   shuffle_seed, augment_seed = order.derived_seeds(
-    seed, config_lib.get(data_config, 'shuffle_seed_offset')
+    seed, data_config['shuffle_seed_offset']
   )
-  on_device = config_lib.get(data_config, 'device_preprocessing')
+  on_device = data_config['device_preprocessing']
   keys = ('image', 'mask', 'label', 'group')
   keys += ('pixel_mask',) * pixel_masks + ('index',) * with_index
   keys += ('flip',) * (on_device and data_config.augment_flip)

@@ -29,7 +29,6 @@ import jax
 import ml_collections
 import tensorflow_datasets as tfds
 
-from cco_jax.data import config as config_lib
 from cco_jax.data.datasets import DATASETS
 from cco_jax.data.datasets import DatasetEntry
 from cco_jax.data.datasets import PrepareOptions
@@ -54,7 +53,7 @@ def prepare_options(data_config: ml_collections.ConfigDict) -> PrepareOptions:
   """The `PrepareOptions` of `config.data` (defaults for absent fields)."""
   return PrepareOptions(
     **{
-      field.name: config_lib.get(data_config, field.name)
+      field.name: data_config[field.name]
       for field in dataclasses.fields(PrepareOptions)
     }
   )

@@ -256,8 +256,8 @@ def load_split_sources(
       manual_dir=data_config.ood_manual_dir,
       data_dir=data_config.tfds_data_dir,
       options=PrepareOptions(
-        store_size=config_lib.get(data_config, 'store_size'),
-        store_format=config_lib.get(data_config, 'store_format'),
+        store_size=data_config['store_size'],
+        store_format=data_config['store_format'],
       ),
     )
     sources['ood'] = _whole_split(builder, 'train', dataset_entry(OOD_DATASET))

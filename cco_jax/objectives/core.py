@@ -101,7 +101,11 @@ class Objective:
     return cls(**values, **kwargs)
 
   def per_example_losses(self, x: StepInputs) -> dict[str, Array]:
-    """Each term's per-example value `(b,)`, in the order they are summed."""
+    """Each term's per-example value `(b,)`, in the order they are summed.
+
+    The order in which the terms are computed is the order in which their
+    gradients are added up: changing it changes the last bits of a run.
+    """
     raise NotImplementedError(f'{type(self).__name__}.per_example_losses')
 
   @property

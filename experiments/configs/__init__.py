@@ -2,7 +2,9 @@
 
 Every module defines `VARIANTS` ({name: function returning a ConfigDict}) and
 `get_config(variant)`, which `--config=experiments/configs/<module>.py:<variant>`
-calls; `locked_variant` is the shared body of those `get_config`s.
+calls; `locked_variant` is the shared body of those `get_config`s. Each
+variant starts from the library's schema (`cco_jax.config_schema`), through
+the shared protocols of `protocols.py`, and overrides fields; none adds one.
 """
 
 from collections.abc import Callable, Mapping

@@ -40,11 +40,11 @@ validation worst-group accuracy (`experiments.compare`).
 import ml_collections
 
 from experiments import configs
-from experiments.configs import pets
+from experiments.configs import protocols
 
 
 def _base() -> ml_collections.ConfigDict:
-  config = pets.VARIANTS['cpu']()
+  config = protocols.small_cpu()
   config.data.name = 'folder'
   config.data.task = 'label'  # cat, dog
   config.data.image_size = 48
