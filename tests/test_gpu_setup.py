@@ -17,7 +17,8 @@ import zipfile
 import pytest
 
 from cco_jax import runtime
-from experiments.benchmarks import training_lib
+from experiments.benchmarks import training_loop
+from experiments.benchmarks import training_settings
 from experiments.gpu import check_wheels
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,7 +179,7 @@ def test_compilation_cache_stores_and_is_configurable(tmp_path, monkeypatch):
 
 
 def test_loop_window_spans_whole_evaluation_periods():
-  setting = training_lib.LoopSetting(
+  setting = training_settings.LoopSetting(
     'cpu', eval_every=40, log_every=10, evals=3
   )
   assert setting.window == (50, 170)
@@ -206,7 +207,7 @@ def test_window_rate_is_steps_over_seconds_of_the_window():
       {'step': step, 'train_loss': 1.0, 'train_steps_per_second': 10 / t}
     )
     records.append({'step': step, 'eval_accuracy': 0.5})
-  rate = training_lib.window_rate(records, 50, 90, eval_every=40)
+  rate = training_loop.window_rate(records, 50, 90, eval_every=40)
   assert rate['steps_per_s'] == pytest.approx(40 / 6.0)
   # (80, 90] follows the evaluation at 80; the other three are quiet.
   assert rate['steps_per_s_without_evaluation'] == pytest.approx(10.0)
@@ -214,7 +215,7 @@ def test_window_rate_is_steps_over_seconds_of_the_window():
     [10, 10, 10, 10 / 3], abs=1e-4
   )
   with pytest.raises(ValueError, match='cover 40 of the 45 steps'):
-    training_lib.window_rate(records, 50, 95)
+    training_loop.window_rate(records, 50, 95)
 
 
 # ---------------------------------------------------------------------------
