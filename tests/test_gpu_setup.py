@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import zipfile
 
 import pytest
@@ -223,37 +224,183 @@ def test_window_rate_is_steps_over_seconds_of_the_window():
 # ---------------------------------------------------------------------------
 
 
-def test_summary_prints_images_per_second_and_mfu_of_step_and_loop():
+def _loop_entry(batch: int, step_rate: float, loop_rate: float) -> dict:
+  rate = lambda r: {'images_per_s_per_device': r, 'images_per_s': r}
+  return {
+    'per_device_batch': batch,
+    'dtype': 'bfloat16',
+    'train_step_compile': {'compiles': 1, 'compile_s': 12.0, 'cache_loads': 0},
+    'loop_compiles (eval, predict, ...)': {'compiles': 5, 'compile_s': 3.0},
+    'gflops_per_device_step': 36.04 * batch,
+    'flops_source': 'flops.json (CPU lowering)',
+    'step_alone': {**rate(step_rate), 'mfu': 0.25},
+    'full_loop': {**rate(loop_rate), 'mfu': 0.24},
+    'loop_without_evaluation': rate(loop_rate),
+    'input_pipeline_alone': rate(9000.0),
+    'loop_over_step': loop_rate / step_rate,
+    'setting': {'eval_every': 20},
+    'evaluation_share': 0.01,
+    'checkpoint_every': 500,
+  }
+
+
+def test_summary_prints_each_batch_size_and_names_a_skipped_one():
   from experiments.gpu import summarise  # pylint: disable=g-import-not-at-top
 
-  step = {
+  results = {
     'environment': {'jax': '0.11.2', 'backend': 'gpu', 'device_count': 1},
-    'step': [
-      {
-        'setting': {'label': 'binary_config', 'batch': 80},
-        'dtype': 'bfloat16',
-        'objectives': {'ace_kld': {'images_per_s': 2600.0, 'mfu': 0.41}},
-      }
+    'loop': [
+      _loop_entry(128, 100.0, 96.0),
+      {'skipped': 'per-device batch 256: no time left in the budget'},
     ],
   }
-  row = {'images_per_s_per_device': 2400.0, 'mfu': 0.379}
-  loop = {
-    'loop': {
-      'full_loop': row,
-      'step_alone': {'images_per_s_per_device': 2550.0, 'mfu': 0.403},
-      'loop_over_step': 2400 / 2550,
-      'setting': {'eval_every': 40},
-      'batch': 80,
-      'dtype': 'bfloat16',
-    }
+  lines = summarise.summary_lines(results, 'CARD')
+  assert lines[0] == 'card CARD | jax 0.11.2 | backend gpu | 1 device(s)'
+  assert lines[1].startswith(
+    'batch 128/device bfloat16: train step compiled 1x'
+  )
+  assert 'GFLOP/step 4613.1 (flops.json (CPU lowering))' in lines[1]
+  assert 'step  pmapped, fixed batch' in lines[2] and 'MFU  25.0%' in lines[2]
+  assert '96.0 images/s per device  MFU  24.0%' in lines[3]
+  assert lines[6].startswith('  loop / step 0.960 (evaluation every 20 steps')
+  assert (
+    lines[-1]
+    == 'loop  skipped: per-device batch 256: no time left in the budget'
+  )
+  # The section ran out of time: said so.
+  assert summarise.summary_lines(None, 'CARD')[-1] == (
+    'loop  no result (the section did not finish)'
+  )
+
+
+# ---------------------------------------------------------------------------
+# No GPU: the check refuses at once
+# ---------------------------------------------------------------------------
+
+
+def _repo() -> str:
+  return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.skipif(
+  subprocess.run(
+    'nvidia-smi -L', shell=True, capture_output=True, check=False
+  ).returncode
+  == 0,
+  reason='a GPU is visible here',
+)
+def test_check_without_a_gpu_stops_within_a_minute_naming_the_problem(tmp_path):
+  env = {
+    **os.environ,
+    'PYTHON': sys.executable,
+    'OUT': str(tmp_path),
+    'WHEEL_DIR': str(tmp_path / 'no_wheels'),
   }
-  lines = summarise.summary_lines(step, loop, 'NVIDIA H200')
-  assert lines[0].startswith('card NVIDIA H200 | jax 0.11.2 | backend gpu')
-  assert '2600.0 images/s per device  MFU  41.0%' in lines[1]
-  assert '2400.0 images/s per device  MFU  37.9%' in lines[2]
-  assert 'step_alone' in lines[3] and 'MFU  40.3%' in lines[3]
-  assert lines[4].startswith('loop / step 0.941')
-  # A section that ran out of time is named, the other still printed.
-  partial = summarise.summary_lines(step, None, 'NVIDIA H200')
-  assert partial[-1] == 'loop  no result (the section did not finish)'
-  assert 'MFU' in partial[1]
+  start = time.monotonic()
+  done = subprocess.run(
+    ['bash', 'experiments/gpu/check.sh'],
+    cwd=_repo(),
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=60,
+    check=False,
+  )
+  assert time.monotonic() - start < 60
+  assert done.returncode == 3, done.stdout + done.stderr
+  assert 'No GPU' in done.stderr and '--smoke' in done.stderr
+  assert not (tmp_path / 'gpu_check').exists()  # Nothing ran.
+
+
+def test_benchmark_pinned_to_cuda_without_one_stops_with_one_line(tmp_path):
+  """The same guard inside the benchmark (`--platform=cuda`): a usage error
+  naming the platform, before any section runs."""
+  done = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'experiments.benchmarks.training',
+      '--platform=cuda',
+      '--sections=loop',
+      f'--out={tmp_path / "loop.json"}',
+    ],
+    cwd=_repo(),
+    env={**os.environ, 'JAX_PLATFORMS': ''},
+    capture_output=True,
+    text=True,
+    timeout=60,
+    check=False,
+  )
+  assert done.returncode != 0
+  assert '--platform=cuda: JAX sees no cuda device' in done.stderr
+  assert 'Traceback' not in done.stderr
+  assert not (tmp_path / 'loop.json').exists()
+
+
+# ---------------------------------------------------------------------------
+# Checkpoint cadence, MFU
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('eval_every', [1, 7, 41, 250, 500, 777])
+def test_default_checkpoint_cadence_lands_on_evaluations(eval_every):
+  from cco_jax import train_setup  # pylint: disable=g-import-not-at-top
+
+  assert train_setup.default_checkpoint_every(eval_every, 'cpu') == eval_every
+  every = train_setup.default_checkpoint_every(eval_every, 'gpu')
+  assert every % eval_every == 0
+  assert every >= train_setup.CHECKPOINT_MIN_STEPS
+  assert every - eval_every < train_setup.CHECKPOINT_MIN_STEPS  # The smallest.
+  # The budget it is sized for: a save stalling 1 s, steps of 0.1 s.
+  assert 1.0 / (every * 0.1) <= train_setup.CHECKPOINT_BUDGET
+
+
+def test_resolve_schedule_checkpoints_less_often_on_accelerators(monkeypatch):
+  import jax  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  from cco_jax import train_setup  # pylint: disable=g-import-not-at-top
+  from experiments.configs import pets  # pylint: disable=g-import-not-at-top
+
+  config = pets.get_config('cpu')
+  with config.unlocked():
+    config.eval_every_steps = 41
+  assert isinstance(config, ml_collections.ConfigDict)
+  cpu = train_setup.resolve_schedule(config, 3312, 368)
+  assert (cpu.eval_every, cpu.checkpoint_every) == (41, 41)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  gpu = train_setup.resolve_schedule(config, 3312, 368)
+  assert (gpu.eval_every, gpu.checkpoint_every) == (41, 533)
+  with config.unlocked():
+    config.checkpoint_every_steps = 82  # Set: kept.
+  assert train_setup.resolve_schedule(config, 3312, 368).checkpoint_every == 82
+
+
+def test_gpu_variants_batch_per_device_and_keep_the_original_reachable():
+  from experiments.configs import pets  # pylint: disable=g-import-not-at-top
+
+  for variant in ('binary', 'breeds', 'binary_ce', 'breeds_ce'):
+    config = pets.get_config(variant)
+    assert config.per_device_batch_size == 256
+    assert config.per_device_eval_batch_size == 256
+    assert config.accumulation_steps == 1
+    assert config.batch_size == 80  # With per_device_batch_size=0.
+
+
+def test_peak_table_and_mfu():
+  from experiments.benchmarks import (
+    training_mfu,  # pylint: disable=g-import-not-at-top
+  )
+
+  assert training_mfu.peak_tflops('NVIDIA H200') == 989
+  assert training_mfu.peak_tflops('NVIDIA H100 80GB HBM3') == 989
+  assert training_mfu.peak_tflops('NVIDIA H100 PCIe') == 756
+  assert training_mfu.peak_tflops('Tesla T4') == 0
+  row = training_mfu.rate_row(10.0, 256, 1, 9.2256e12, 989.0)
+  assert row['images_per_s'] == 2560.0
+  assert row['achieved_tflops_per_device'] == pytest.approx(92.256)
+  assert row['mfu'] == pytest.approx(92.256 / 989)
+  assert 'mfu' not in training_mfu.rate_row(10.0, 256, 1, 1e12)
+  assert 'achieved_tflops_per_device' not in training_mfu.rate_row(
+    10.0, 256, 1, None
+  )

@@ -230,10 +230,12 @@ def _require_platform(platform: str | None) -> None:
   jax.config.update('jax_platforms', platform)
   try:
     devices = jax.devices()
-  except RuntimeError as e:
+  except Exception as e:  # pylint: disable=broad-except
+    # RuntimeError (no plugin) or, jax 0.10.2, AssertionError (no backend).
     raise app.UsageError(
-      f'--platform={platform}: JAX sees no {platform} device ({e}). Run on a '
-      'machine where it does, or drop --platform.'
+      f'--platform={platform}: JAX sees no {platform} device '
+      f'({type(e).__name__}: {e}). Run on a machine where it does (is the '
+      'CUDA plugin installed?), or drop --platform.'
     ) from None
   print(f'Devices: {devices}', flush=True)
 

@@ -148,15 +148,27 @@ def time_loop(
   workdir: str,
   peak_tflops: float = 0.0,
   flops_cache: dict | None = None,
+  programs: dict | None = None,
 ) -> dict:
   """Images/s and MFU of the real loop (`train.train_and_evaluate`) and of
-  its pmapped step alone on one fixed batch, plus the input pipeline alone."""
+  its pmapped step alone on one fixed batch, plus the input pipeline alone.
+
+  `programs`: pmapped eval and predict functions shared between calls (a
+  dict this call fills when empty): loops at several training batch sizes
+  with one eval batch compile the eval and predict steps once.
+  """
   from cco_jax import metric_writers  # pylint: disable=g-import-not-at-top
   from cco_jax import train  # pylint: disable=g-import-not-at-top
 
   load_start = timing.loadavg()
   start, end = setting.window
   setup = train.build(config)
+  if programs is not None:
+    setup = dataclasses.replace(
+      setup,
+      p_eval_step=programs.setdefault('p_eval_step', setup.p_eval_step),
+      p_predict=programs.setdefault('p_predict', setup.p_predict),
+    )
   batch = setup.schedule.micro_batch_size
   devices = jax.local_device_count()
   flops, flops_source = step_flops(
@@ -273,7 +285,7 @@ def run_loop(
     setting = dataclasses.replace(setting, eval_every=eval_every)
   temporary = tempfile.mkdtemp(prefix='cco_benchmark_loop_')
   tfds_data_dir = tfds_data_dir or os.path.join(temporary, 'tfds')
-  entries = []
+  entries, programs = [], {}
   try:
     for batch in setting.per_device_batches or (0,):
       if budget_left is not None and budget_left() <= 0:
@@ -297,6 +309,7 @@ def run_loop(
           os.path.join(temporary, f'workdir_{batch}'),
           peak_tflops,
           flops_cache,
+          programs,
         )
       )
   finally:
