@@ -4,7 +4,8 @@
 #   PYTHON      interpreter (default python3: the image's, with jax 0.11.2)
 #   WHEEL_DIR   wheels to install offline (default .whl)
 #   SITE_DIR    where they are installed (default /tmp/site, on PYTHONPATH)
-#   BUNDLE_DIR  data samples (default .gpu_bundle)
+#   BUNDLE_DIR  Pets and Cats-vs-Dogs samples, flops.json (default .gpu_bundle)
+#   ISIC_BUNDLE_DIR  the ISIC sample (default .gpu_bundle_isic)
 #   OUT         results (default /tmp); the device tool brings $OUT back
 #   CCO_COMPILATION_CACHE  persistent XLA compilation cache (default
 #               /tmp/cco_jax_compilation_cache; '' = off)
@@ -12,6 +13,7 @@ python=${PYTHON:-python3}
 wheel_dir=${WHEEL_DIR:-.whl}
 site_dir=${SITE_DIR:-/tmp/site}
 bundle_dir=${BUNDLE_DIR:-.gpu_bundle}
+isic_bundle_dir=${ISIC_BUNDLE_DIR:-.gpu_bundle_isic}
 out_root=${OUT:-/tmp}
 export PYTHONUNBUFFERED=1
 export CCO_COMPILATION_CACHE=${CCO_COMPILATION_CACHE-/tmp/cco_jax_compilation_cache}
