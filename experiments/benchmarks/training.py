@@ -174,8 +174,9 @@ _FLOPS_CACHE = flags.DEFINE_string(
 _BUDGET_S = flags.DEFINE_float(
   'budget_s',
   0.0,
-  'Seconds this process may take; the loop skips a per-device batch once '
-  'they are spent (0 = no limit).',
+  'Start no further loop batch size once this many seconds have passed since '
+  'the start (each needs its own compile; 0 = no limit). Results are written '
+  'after each section and batch size, so a time limit keeps what finished.',
 )
 _PLATFORM = flags.DEFINE_enum(
   'platform',
@@ -262,6 +263,12 @@ def main(argv):
       f'Unknown --sections {sorted(unknown)}; choose from {settings_lib.SECTIONS}.'
     )
   budget = _BUDGET_S.value
+  out = Path(_OUT.value)
+  out.parent.mkdir(parents=True, exist_ok=True)
+
+  def save(results: dict) -> None:  # Partial results survive a time limit.
+    out.write_text(json.dumps(results, indent=2))
+
   results = training_run.run(
     chosen,
     settings,
@@ -284,8 +291,7 @@ def main(argv):
     else None,
   )
   training_report.print_tables(results)
-  Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)
-  Path(_OUT.value).write_text(json.dumps(results, indent=2))
+  save(results)
   print(f'Wrote {_OUT.value}')
 
 

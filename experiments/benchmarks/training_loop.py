@@ -274,11 +274,13 @@ def run_loop(
   extra: dict | None = None,
   flops_cache: dict | None = None,
   budget_left: Callable[[], float] | None = None,
+  on_entry: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
   """The loop section on the Pets sample at `pets_dir`, once per per-device
   batch of the setting (skipped without the sample). `budget_left`: seconds
   left to the caller; a batch size is skipped, and says so, once it reaches
-  0 (each needs its own compile)."""
+  0 (each needs its own compile). `on_entry` gets the entries so far after
+  each (e.g. to write them before a time limit kills the process)."""
   if not os.path.isdir(pets_dir):
     return [{'skipped': f'no Pets sample at {pets_dir}'}]
   if eval_every:
@@ -312,6 +314,8 @@ def run_loop(
           programs,
         )
       )
+      if on_entry is not None:
+        on_entry(entries)
   finally:
     shutil.rmtree(temporary, ignore_errors=True)
   return entries

@@ -40,6 +40,7 @@ def run(
   min_seconds: float = 0.0,
   flops_cache: dict | None = None,
   budget_left: Callable[[], float] | None = None,
+  save: Callable[[dict], None] | None = None,
 ) -> dict:
   """Runs the sections; returns the results (also what `main` writes as JSON).
 
@@ -47,7 +48,9 @@ def run(
   e.g. a lower optimisation level to make a smoke test compile faster.
   `flops_cache`: counts of `training_flops` (`flops.json`) for the loop;
   `budget_left`: seconds left, checked before each loop batch size.
+  `save` gets the results so far after each section and loop batch size.
   """
+  save = save or (lambda results: None)
   results = {
     'environment': training_report.environment(added_flags),
     'settings': {
@@ -84,10 +87,17 @@ def run(
           min_seconds=min_seconds,
         )
       )
+      save(results)
   if 'cams' in sections:
     print('[cams] ...', flush=True)
     results['cams'] = training_maps.time_cams(chosen.cams, repeats)
+    save(results)
   if 'loop' in sections:
+
+    def save_loop(entries):
+      results['loop'] = entries
+      save(results)
+
     results['loop'] = training_loop.run_loop(
       chosen.loop,
       pets_dir,
@@ -98,6 +108,7 @@ def run(
       extra=loop_overrides,
       flops_cache=flops_cache,
       budget_left=budget_left,
+      on_entry=save_loop,
     )
   results['environment']['loadavg_end'] = list(os.getloadavg())
   return results
