@@ -109,12 +109,17 @@ def window_rate(
 def shared_programs(train_module, setup):
   """While open, `train_module.build` (what `train_and_evaluate` calls)
   returns setups that use `setup`'s pmapped train, eval and predict
-  functions: the loop runs the programs already compiled, not new copies."""
+  functions, model and optimizer: the loop runs the programs already
+  compiled, not new copies (the state's model and optimizer are static parts
+  of its pytree: new objects would make the pmapped step trace and compile
+  again)."""
   build = train_module.build
 
   def build_sharing(config):
     return dataclasses.replace(
       build(config),
+      model=setup.model,
+      tx=setup.tx,
       p_train_step=setup.p_train_step,
       p_eval_step=setup.p_eval_step,
       p_predict=setup.p_predict,
