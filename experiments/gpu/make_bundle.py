@@ -44,7 +44,9 @@ _ISIC = flags.DEFINE_string(
   'ISIC 2017 sample (folder layout: labels.csv, images/, masks/).',
 )
 _ISIC_OUT = flags.DEFINE_string(
-  'isic_out', '.gpu_bundle_isic', "Output folder of the ISIC sample ('' = none)."
+  'isic_out',
+  '.gpu_bundle_isic',
+  "Output folder of the ISIC sample ('' = none).",
 )
 _MAX_SIDE = flags.DEFINE_integer(
   'max_side', 256, 'Longest side after shrinking.'
@@ -141,7 +143,9 @@ def main(argv):
         "sample in the folder layout, or pass --isic_out='' to skip it."
       )
     shutil.copytree(_ISIC.value, _ISIC_OUT.value, dirs_exist_ok=True)
-    print(f'ISIC sample in {_ISIC_OUT.value}: {folder_mib(_ISIC_OUT.value):.1f} MiB')
+    print(
+      f'ISIC sample in {_ISIC_OUT.value}: {folder_mib(_ISIC_OUT.value):.1f} MiB'
+    )
 
 
 if __name__ == '__main__':
