@@ -185,7 +185,7 @@ def test_jpeg_draft_stays_close_to_the_full_decode_on_real_pets_images():
   half = input_pipeline.draft_difference(records, 224, 0.5)
   assert half['reduced_by_the_draft'] > len(records) // 2
   assert half['mean_abs_difference'] < 0.015
-  assert half['max_image_mean_abs_difference'] < 0.04
+  assert half['max_image_mean_abs_difference'] < 0.06
   # No draft: the full decode itself.
   none = input_pipeline.draft_difference(records[:5], 224, 0.0)
   assert none['reduced_by_the_draft'] == 0 and none['mean_abs_difference'] == 0

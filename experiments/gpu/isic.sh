@@ -47,5 +47,7 @@ echo "isic: exit $status after $((SECONDS - start)) s ($epochs epochs asked)"
 for run in "$out"/*_s0; do
   [ -f "$run/wall_time.json" ] && echo "$(basename "$run"): $(cat "$run/wall_time.json")"
 done
-cat "$out/table.md" 2>/dev/null || echo "No table: no run was evaluated."
+# experiments.isic printed the table; a copy next to $OUT's other results.
+cp "$out/table.md" "$out/table.json" "$out_root/" 2>/dev/null \
+  || echo "No table: no run was evaluated."
 exit "$status"
