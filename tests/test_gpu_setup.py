@@ -404,3 +404,46 @@ def test_peak_table_and_mfu():
   assert 'achieved_tflops_per_device' not in training_mfu.rate_row(
     10.0, 256, 1, None
   )
+
+
+def test_shared_programs_hand_the_compiled_functions_to_the_loop():
+  """`train_and_evaluate` calls `train.build`: inside the context it gets
+  the benchmark's pmapped functions, model and optimizer (so nothing is
+  traced or compiled again), its own data; outside, the real `build`."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+
+  from cco_jax import train_setup  # pylint: disable=g-import-not-at-top
+
+  def fake_setup(tag):
+    fields = {
+      f.name: f'{f.name}_{tag}' for f in dataclasses.fields(train_setup.Setup)
+    }
+    return train_setup.Setup(**fields)
+
+  module = types.SimpleNamespace(build=lambda config: fake_setup(config))
+  original = module.build
+  benchmark = fake_setup('benchmark')
+  with training_loop.shared_programs(module, benchmark):
+    loop = module.build('loop')
+  assert module.build is original
+  for name in ('p_train_step', 'p_eval_step', 'p_predict', 'model', 'tx'):
+    assert getattr(loop, name) == getattr(benchmark, name)
+  assert loop.train_iter == 'train_iter_loop'  # Its own data.
+  assert loop.schedule == 'schedule_loop'
+
+
+def test_loop_skips_a_batch_size_once_the_budget_is_spent(tmp_path):
+  setting = training_settings.LoopSetting(
+    'cpu', eval_every=4, log_every=2, per_device_batches=(128, 256)
+  )
+  entries = training_loop.run_loop(
+    setting, str(tmp_path), '', budget_left=lambda: 0.0
+  )
+  assert entries == [
+    {'skipped': 'per-device batch 128: no time left in the budget'},
+    {'skipped': 'per-device batch 256: no time left in the budget'},
+  ]
+  assert training_loop.run_loop(setting, str(tmp_path / 'none'), '') == [
+    {'skipped': f'no Pets sample at {tmp_path / "none"}'}
+  ]
