@@ -190,8 +190,9 @@ def default_eval_every(
 # ResNet-50 with Adam: ~290 MB) and Orbax's synchronous part, up to ~1 s, and
 # a save waits for the previous write if that still runs. A ResNet-50 step
 # on an H100/H200 takes ~0.1 s: CHECKPOINT_MIN_STEPS steps (~50 s) between
-# saves keep checkpointing within CHECKPOINT_BUDGET of the training time. On
-# the CPU a step takes longer than a save stalls: every evaluation.
+# saves keep checkpointing within CHECKPOINT_BUDGET of the training time
+# (estimates: not yet measured on a GPU). On the CPU steps are slow next to a
+# save: every evaluation, as before.
 CHECKPOINT_BUDGET = 0.02
 CHECKPOINT_MIN_STEPS = 500
 
