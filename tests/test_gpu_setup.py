@@ -251,7 +251,10 @@ def test_summary_prints_each_batch_size_and_names_a_skipped_one():
     'environment': {'jax': '0.11.2', 'backend': 'gpu', 'device_count': 1},
     'loop': [
       _loop_entry(128, 100.0, 96.0),
-      {'skipped': 'per-device batch 256: no time left in the budget'},
+      {
+        'skipped': 'per-device batch 256: 40 s left in the budget, the '
+        'previous batch size took 180 s'
+      },
     ],
   }
   lines = summarise.summary_lines(results, 'CARD')
@@ -263,9 +266,9 @@ def test_summary_prints_each_batch_size_and_names_a_skipped_one():
   assert 'step  pmapped, fixed batch' in lines[2] and 'MFU  25.0%' in lines[2]
   assert '96.0 images/s per device  MFU  24.0%' in lines[3]
   assert lines[6].startswith('  loop / step 0.960 (evaluation every 20 steps')
-  assert (
-    lines[-1]
-    == 'loop  skipped: per-device batch 256: no time left in the budget'
+  assert lines[-1] == (
+    'loop  skipped: per-device batch 256: 40 s left in the budget, the '
+    'previous batch size took 180 s'
   )
   # The section ran out of time: said so.
   assert summarise.summary_lines(None, 'CARD')[-1] == (
@@ -441,9 +444,49 @@ def test_loop_skips_a_batch_size_once_the_budget_is_spent(tmp_path):
     setting, str(tmp_path), '', budget_left=lambda: 0.0
   )
   assert entries == [
-    {'skipped': 'per-device batch 128: no time left in the budget'},
-    {'skipped': 'per-device batch 256: no time left in the budget'},
+    {
+      'skipped': f'per-device batch {b}: 0 s left in the budget, the '
+      'previous batch size took 0 s'
+    }
+    for b in (128, 256)
   ]
   assert training_loop.run_loop(setting, str(tmp_path / 'none'), '') == [
     {'skipped': f'no Pets sample at {tmp_path / "none"}'}
   ]
+
+
+@pytest.mark.parametrize(
+  'left, second',
+  [
+    (40.0, {'timed': True}),
+    (
+      20.0,
+      {
+        'skipped': 'per-device batch 256: 20 s left in the budget, the '
+        'previous batch size took 30 s'
+      },
+    ),
+  ],
+)
+def test_loop_starts_a_batch_size_only_if_the_previous_ones_time_is_left(
+  tmp_path, monkeypatch, left, second
+):
+  """The first batch size took 30 s: with 40 s left the second starts, with
+  20 s left it is skipped, saying why."""
+  clock = iter([0.0, 30.0, 100.0, 130.0])
+  lefts = iter([500.0, left])
+  monkeypatch.setattr(training_loop, 'loop_config', lambda *a, **k: None)
+  monkeypatch.setattr(
+    training_loop, 'time_loop', lambda *a, **k: {'timed': True}
+  )
+  setting = training_settings.LoopSetting(
+    'cpu', eval_every=4, log_every=2, per_device_batches=(128, 256)
+  )
+  entries = training_loop.run_loop(
+    setting,
+    str(tmp_path),
+    str(tmp_path),
+    budget_left=lambda: next(lefts),
+    clock=lambda: next(clock),
+  )
+  assert entries == [{'timed': True}, second]

@@ -174,9 +174,10 @@ _FLOPS_CACHE = flags.DEFINE_string(
 _BUDGET_S = flags.DEFINE_float(
   'budget_s',
   0.0,
-  'Start no further loop batch size once this many seconds have passed since '
-  'the start (each needs its own compile; 0 = no limit). Results are written '
-  'after each section and batch size, so a time limit keeps what finished.',
+  'Seconds this process may take: a further loop batch size starts only if '
+  'more are left than the previous one took (each needs its own compile; '
+  '0 = no limit). Results are written after each section and batch size, so '
+  'a time limit keeps what finished.',
 )
 _PLATFORM = flags.DEFINE_enum(
   'platform',

@@ -18,6 +18,7 @@ import dataclasses
 import os
 import shutil
 import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -280,11 +281,13 @@ def run_loop(
   flops_cache: dict | None = None,
   budget_left: Callable[[], float] | None = None,
   on_entry: Callable[[list[dict]], None] | None = None,
+  clock: Callable[[], float] = time.monotonic,
 ) -> list[dict]:
   """The loop section on the Pets sample at `pets_dir`, once per per-device
   batch of the setting (skipped without the sample). `budget_left`: seconds
-  left to the caller; a batch size is skipped, and says so, once it reaches
-  0 (each needs its own compile). `on_entry` gets the entries so far after
+  left to the caller; a batch size is skipped, and says so, when fewer are
+  left than the previous batch size took (each needs its own compile), or
+  none. `on_entry` gets the entries so far after
   each (e.g. to write them before a time limit kills the process)."""
   if not os.path.isdir(pets_dir):
     return [{'skipped': f'no Pets sample at {pets_dir}'}]
@@ -292,14 +295,19 @@ def run_loop(
     setting = dataclasses.replace(setting, eval_every=eval_every)
   temporary = tempfile.mkdtemp(prefix='cco_benchmark_loop_')
   tfds_data_dir = tfds_data_dir or os.path.join(temporary, 'tfds')
-  entries, programs = [], {}
+  entries, programs, previous_s = [], {}, 0.0
   try:
     for batch in setting.per_device_batches or (0,):
-      if budget_left is not None and budget_left() <= 0:
+      left = budget_left() if budget_left is not None else float('inf')
+      if left <= 0 or left < previous_s:
         entries.append(
-          {'skipped': f'per-device batch {batch}: no time left in the budget'}
+          {
+            'skipped': f'per-device batch {batch}: {max(left, 0):.0f} s left '
+            f'in the budget, the previous batch size took {previous_s:.0f} s'
+          }
         )
         continue
+      started = clock()
       batch_override = {'per_device_batch_size': batch} if batch else {}
       config = loop_config(
         setting,
@@ -319,6 +327,7 @@ def run_loop(
           programs,
         )
       )
+      previous_s = clock() - started
       if on_entry is not None:
         on_entry(entries)
   finally:

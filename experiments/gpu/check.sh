@@ -18,8 +18,8 @@
 # per step counted here on a CPU lowering (.gpu_bundle/flops.json,
 # experiments.benchmarks.training_flops) / step time / the card's peak dense
 # bf16 FLOP/s (experiments/benchmarks/training_mfu.py); none for an unknown
-# card. The 256 batch is skipped, and says so, if the first one left too
-# little time.
+# card. The 256 batch is skipped, and says so, if less time is left than
+# the 128 one took; the JSON is written after each batch size.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source experiments/gpu/common.sh
@@ -44,18 +44,19 @@ mkdir -p "$out"
 tfds_dir=${TFDS_DIR:-/tmp/cco_check_tfds}
 quiet='orbax|checkpoint_manager|event_tracking|Generating|Shuffling|examples/s'
 left() { echo $((budget - (SECONDS - start))); }
-# A batch size needs ~2 minutes (compile and run): none starts later than
-# that before the end of the budget.
-last_start=$(($(left) - 120))
-if [ "$last_start" -lt 1 ]; then last_start=1; fi
+# The 256 batch starts only if more time is left than the 128 one took.
+process_budget=$(($(left) - 15))
+if [ "$process_budget" -lt 1 ]; then process_budget=1; fi
+driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1 || true)
 set +e
 timeout "$(left)" "$python" -m experiments.benchmarks.training "${args[@]}" \
-  --sections=loop --peak_tflops="$peak" --budget_s="$last_start" \
+  --sections=loop --peak_tflops="$peak" --budget_s="$process_budget" \
   --flops_cache="$bundle_dir/flops.json" --pets_dir="$bundle_dir/pets" \
   --tfds_data_dir="$tfds_dir" --out="$out/loop.json" 2>&1 | grep -vE "$quiet"
 status=${PIPESTATUS[0]}
 set -e
 echo "loop section: exit $status after $((SECONDS - start)) s"
-"$python" -m experiments.gpu.summarise "$out/loop.json" --card="${name:-no GPU}" \
+"$python" -m experiments.gpu.summarise "$out/loop.json" \
+  --card="${name:-no GPU}${driver:+, driver $driver}" \
   | tee "$out/summary.txt"
 exit "$status"
