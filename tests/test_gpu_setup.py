@@ -260,7 +260,8 @@ def test_summary_prints_each_batch_size_and_names_a_skipped_one():
   lines = summarise.summary_lines(results, 'CARD')
   assert lines[0] == 'card CARD | jax 0.11.2 | backend gpu | 1 device(s)'
   assert lines[1].startswith(
-    'batch 128/device bfloat16: train step compiled 1x'
+    'batch 128/device bfloat16: first train step call 1 compile(s) 12.0 s, '
+    '0 cache load(s)'
   )
   assert 'GFLOP/step 4613.1 (flops.json (CPU lowering))' in lines[1]
   assert 'step  pmapped, fixed batch' in lines[2] and 'MFU  25.0%' in lines[2]

@@ -8,8 +8,8 @@ step alone and the real loop (images/s per device, MFU), loop / step, the
 compile times and where the FLOPs came from, in this form (X: figures):
 
     card NAME | jax VERSION | backend gpu | 1 device(s)
-    batch 128/device bfloat16: train step compiled 1x in X s (+0 from the
-      cache); in the loop N more compiles, X s; GFLOP/step X (flops.json ...)
+    batch 128/device bfloat16: first train step call N compile(s) X s, N
+      cache load(s); in the loop N more compiles, X s; GFLOP/step X (...)
       step  pmapped, fixed batch        X images/s per device  MFU X%
       loop  train_and_evaluate          X images/s per device  MFU X%
       loop  without the evaluations     X images/s per device  MFU X%
@@ -43,9 +43,9 @@ def loop_lines(entry: dict) -> list[str]:
   compile_ = entry['train_step_compile']
   others = entry['loop_compiles (eval, predict, ...)']
   return [
-    f'batch {entry["per_device_batch"]}/device {entry["dtype"]}: train step '
-    f'compiled {compile_["compiles"]}x in {compile_["compile_s"]:.1f} s '
-    f'(+{compile_["cache_loads"]} from the cache); in the loop '
+    f'batch {entry["per_device_batch"]}/device {entry["dtype"]}: first train '
+    f'step call {compile_["compiles"]} compile(s) {compile_["compile_s"]:.1f} s'
+    f', {compile_["cache_loads"]} cache load(s); in the loop '
     f'{others["compiles"]} more compiles, {others["compile_s"]:.1f} s; '
     f'GFLOP/step {entry["gflops_per_device_step"]:.1f} ({entry["flops_source"]})',
     _rate('step  pmapped, fixed batch', entry['step_alone']),
