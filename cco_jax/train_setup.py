@@ -181,6 +181,33 @@ def default_eval_every(
   )
 
 
+# A checkpoint stalls the loop for the device-to-host copy of the state (a
+# ResNet-50 with Adam: ~290 MB) and Orbax's synchronous part, up to ~1 s, and
+# a save waits for the previous write if that still runs. A ResNet-50 step
+# on an H100/H200 takes ~0.1 s: CHECKPOINT_MIN_STEPS steps (~50 s) between
+# saves keep checkpointing within CHECKPOINT_BUDGET of the training time
+# (estimates: not yet measured on a GPU). On the CPU steps are slow next to a
+# save: every evaluation, as before.
+CHECKPOINT_BUDGET = 0.02
+CHECKPOINT_MIN_STEPS = 500
+
+
+def default_checkpoint_every(eval_every: int, backend: str) -> int:
+  """Steps between checkpoints when `config.checkpoint_every_steps` is -1.
+
+  On the CPU backend, every evaluation (`eval_every`); on accelerators the
+  smallest multiple of `eval_every` of at least `CHECKPOINT_MIN_STEPS`
+  (500), so that checkpointing stays within `CHECKPOINT_BUDGET` (2 %) of the
+  training time. Always a multiple of `eval_every`: a checkpoint lands on an
+  evaluation step, where the per-device BatchNorm statistics are averaged
+  anyway, so the cadence never changes the training's numbers. E.g.
+  eval_every 41 on a GPU: 533; on the CPU: 41.
+  """
+  if backend == 'cpu':
+    return eval_every
+  return eval_every * -(-CHECKPOINT_MIN_STEPS // eval_every)
+
+
 def _batch_sizes(config: ml_collections.ConfigDict) -> tuple[int, int]:
   """(global batch per optimizer step, global eval batch) of the config.
 
@@ -227,7 +254,8 @@ def resolve_schedule(
   to `default_eval_every` (at least an epoch, and evaluation <= 5 % of the
   training time by the example count of the validation split,
   `num_eval_examples`; 0 = once per epoch); `checkpoint_every_steps` = -1
-  to the evaluation cadence.
+  to `default_checkpoint_every` (every evaluation on the CPU, at least every
+  500 steps on accelerators: checkpointing <= 2 % of the training time).
   """
   configuration.check_training_config(config)
   batch_size, eval_batch_size = _batch_sizes(config)
@@ -260,7 +288,7 @@ def resolve_schedule(
   ckpt_every = (
     config.checkpoint_every_steps
     if config.checkpoint_every_steps > 0
-    else eval_every
+    else default_checkpoint_every(eval_every, jax.default_backend())
   )
   return Schedule(
     micro,

@@ -12,7 +12,13 @@ Measures, on this machine:
     ArrayRecord) for both samples, into a fresh temporary data dir;
   * cpu_per_image: CPU milliseconds per example of read + decode + squash +
     mask for one thread (1000 / ms = images/s per core, independent of other
-    load on the machine);
+    load on the machine); for the full-size Pets JPEGs once per
+    --draft_fractions entry f: JPEG DCT-domain downscaling (Pillow's
+    `Image.draft`, `transforms.decode(draft_size=...)`) to the smallest
+    1/2, 1/4 or 1/8 scale whose sides stay >= f x image_size (0: no draft,
+    the full decode; 1: the pipeline's own rule, never below the target),
+    with the mean and largest per-image mean |difference| of the final
+    image from the full decode's (`draft_difference`, in [0, 1] units);
   * train: images/s (wall clock) of `create_train_iterator` (read, decode,
     squash to image_size, CAM masks, batch) for each worker count, the first
     batch (start-up) excluded, and the main process's CPU ms per image (with
@@ -90,6 +96,12 @@ _SKIP_PREPARE_ROWS = flags.DEFINE_bool(
   False,
   'Time only the train iterators (the data is still prepared, untimed).',
 )
+_DRAFT_FRACTIONS = flags.DEFINE_list(
+  'draft_fractions',
+  ['0', '1', '0.5'],
+  'JPEG draft sizes to time on the full-size Pets images, as fractions of '
+  '--image_size (0 = full decode, no draft).',
+)
 _OUTPUT = flags.DEFINE_string(
   'output', '/tmp/input_benchmark.json', 'Where to write the JSON results.'
 )
@@ -125,8 +137,17 @@ def time_prepare(data_dir: str) -> dict:
   return results
 
 
-def cpu_ms_per_image(config, split: str, count: int = 200) -> float:
-  """Single-thread CPU ms per example: read, decode, squash, CAM mask."""
+def draft_size(image_size: int, fraction: float) -> int | None:
+  """The `draft_size` of `transforms.decode` for a fraction of the target
+  side (None for 0: no draft)."""
+  return max(1, round(image_size * fraction)) if fraction else None
+
+
+def cpu_ms_per_image(
+  config, split: str, count: int = 200, draft_fraction: float = 1.0
+) -> float:
+  """Single-thread CPU ms per example: read, decode (JPEG draft at
+  `draft_fraction` of the target side), squash, CAM mask."""
   source = data_lib.load_split_sources(config, [split])[split]
   count = min(count, len(source))
   start = time.process_time()
@@ -135,7 +156,7 @@ def cpu_ms_per_image(config, split: str, count: int = 200) -> float:
       source[i],
       task=config.task,
       boundary_is_foreground=config.boundary_is_foreground,
-      draft_size=config.image_size,
+      draft_size=draft_size(config.image_size, draft_fraction),
     )
     data_lib.to_model_input(
       example,
@@ -146,6 +167,46 @@ def cpu_ms_per_image(config, split: str, count: int = 200) -> float:
       with_pixel_mask=False,
     )
   return (time.process_time() - start) / count * 1e3
+
+
+def draft_difference(
+  records, image_size: int, fraction: float, task: str = 'species'
+) -> dict:
+  """How far the squashed image of a JPEG draft decode lies from the full
+  decode's: per image the mean |difference| over (S, S, 3) in [0, 1] units;
+  returns their mean and maximum and how many images the draft reduced.
+
+  `records`: `transforms.decode` inputs (encoded 'image' bytes, labels,
+  'index', 'file_name').
+  """
+  diffs, reduced = [], 0
+
+  def final(record, size):
+    example = data_lib.decode(
+      record, task=task, boundary_is_foreground=False, draft_size=size
+    )
+    squashed = data_lib.to_model_input(
+      example,
+      image_size=image_size,
+      cam_size=(1, 1),
+      mask_resize='nearest',
+      normalize=False,
+      with_pixel_mask=False,
+    )
+    return example['image'].size, squashed['image']
+
+  for record in records:
+    full_size, full = final(record, None)
+    size, drafted = final(record, draft_size(image_size, fraction))
+    reduced += size != full_size
+    diffs.append(float(np.abs(drafted - full).mean()))
+  return {
+    'fraction': fraction,
+    'images': len(diffs),
+    'reduced_by_the_draft': reduced,
+    'mean_abs_difference': float(np.mean(diffs)),
+    'max_image_mean_abs_difference': float(np.max(diffs)),
+  }
 
 
 def time_train(config) -> dict:
@@ -321,6 +382,17 @@ def time_reading(config) -> dict:
     'oxford_iiit_pet': cpu_ms_per_image(config, 'test'),
     'cats_vs_dogs': cpu_ms_per_image(config, 'ood'),
   }
+  source = data_lib.load_split_sources(config, ['test'])['test']
+  records = [source[i] for i in range(min(200, len(source)))]
+  results['draft'] = {}
+  for fraction in map(float, _DRAFT_FRACTIONS.value):
+    name = f'oxford_iiit_pet_draft_{fraction:g}'
+    results['cpu_ms_per_image'][name] = cpu_ms_per_image(
+      config, 'test', draft_fraction=fraction
+    )
+    results['draft'][name] = draft_difference(
+      records, config.image_size, fraction, config.task
+    )
   for store_format in ('jpeg', 'raw'):  # Pre-squashed when preparing.
     stored = config.copy_and_resolve_references()
     stored.store_size = _IMAGE_SIZE.value
@@ -340,6 +412,15 @@ def print_table(results: dict) -> None:
   rows += [
     (f'1 thread, CPU time: {name}', 1e3 / ms, f'{ms:.2f} ms/image')
     for name, ms in results.get('cpu_ms_per_image', {}).items()
+  ]
+  rows += [
+    (
+      f'JPEG draft vs full decode: {name}',
+      float('nan'),
+      f'{r["reduced_by_the_draft"]}/{r["images"]} images reduced, mean |diff| '
+      f'{r["mean_abs_difference"]:.4f} (worst image {r["max_image_mean_abs_difference"]:.4f})',
+    )
+    for name, r in results.get('draft', {}).items()
   ]
   rows += [
     (

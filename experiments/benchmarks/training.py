@@ -12,7 +12,8 @@ Sections (--sections, default all of the preset's):
         Adam (lr 1e-3). The objectives take turns step by step (so load that
         drifts hits all alike); the compile call and one warm-up step are
         excluded; medians over --repeats. Also: trace+lower and compile time,
-        FLOPs per step (XLA cost analysis), achieved FLOP/s and, with
+        FLOPs per step (XLA cost analysis of the lowered, not yet
+        optimised module), achieved FLOP/s and, with
         --peak_tflops, model FLOP utilisation (MFU).
   cams  All-class HiResCAMs by one einsum (`cams.hirescam`) versus per-class
         autodiff (gradient of logit c times activation, summed over channels),
@@ -27,12 +28,14 @@ Sections (--sections, default all of the preset's):
         input on the Pets sample, pmapped step, metric summaries, evaluation
         of the validation split, figures and checkpoints at the config's
         cadence), timed from its own log records over whole evaluation
-        periods after the first (`training_lib.LoopSetting`); beside it the
-        same pmapped step on one fixed device batch (the bare step) and the
-        input pipeline alone. Images/s, TFLOP/s per device (XLA cost
-        analysis of the pmapped step) and, with --peak_tflops, MFU of loop
-        and step. --loop_eval_every sets the evaluation cadence (default:
-        one epoch of full Pets, not of the small sample).
+        periods after the first (`training_settings.LoopSetting`); beside it
+        the same pmapped program on one fixed device batch (the bare step:
+        the loop runs the functions it compiled, one compile per batch size)
+        and the input pipeline alone; once per per-device batch of the
+        preset. Images/s, TFLOP/s per device (FLOPs from --flops_cache, or a
+        CPU lowering when on the CPU: `training_flops`) and, with
+        --peak_tflops, MFU of loop and step; compile times. --loop_eval_every
+        sets the evaluation cadence.
 
 Presets:
   cpu    step: create_model('resnet18', num_classes=2) at 128 px, batch 32;
@@ -43,12 +46,13 @@ Presets:
          `experiments.benchmarks.torch_reference --stock`. cams: ResNet-50 @224
          features (8, 14, 14, 2048), C = 2 and 37; whole network at batch 1.
          loop: `cpu` config, evaluation every 100 steps, one period timed.
-  gpu    step: the `binary` config's model (ResNet-50 @224, batch 80, 2
-         classes, ACE + divergence: label binary_config), ResNet-50 @224
-         (--dtype, bfloat16 for mixed precision), batch 80 with 37 and 2
+  gpu    step: the `binary` config's model (ResNet-50 @224, its per-device
+         batch, 2 classes, ACE + divergence: label binary_config), ResNet-50
+         @224 (--dtype, bfloat16 for mixed precision), batch 80 with 37 and 2
          classes, and 37 classes at batch 192 (ACE + divergence only). cams:
          features (80, 14, 14, 2048); network batch 8. loop: the `binary`
-         config, evaluation every 40 steps, three periods timed.
+         config at 128 and 256 images per device, evaluation every 20 steps,
+         four periods timed.
   --smoke  a tiny ResNet (CE and ACE + divergence only), tiny maps, a 32 px
          loop (10 steps, evaluation every 4) and 2 repeats: checks that
          everything runs (each step still takes ~20 s to compile on a busy
@@ -67,6 +71,7 @@ from __future__ import annotations
 import ast
 import json
 from pathlib import Path
+import time
 
 from absl import app
 from absl import flags
@@ -75,7 +80,11 @@ import jax.numpy as jnp
 from cco_jax.runtime import compilation_cache
 from cco_jax.runtime import xla_cpu
 from cco_jax.runtime import xla_gpu
-from experiments.benchmarks import training_lib as lib
+from experiments.benchmarks import training_flops
+from experiments.benchmarks import training_report
+from experiments.benchmarks import training_run
+from experiments.benchmarks import training_settings as settings_lib
+from experiments.benchmarks import training_steps
 
 _PRESET = flags.DEFINE_enum(
   'preset', 'cpu', ['cpu', 'gpu'], 'Which settings to time.'
@@ -93,7 +102,7 @@ _MIN_SECONDS = flags.DEFINE_float(
   'min_seconds',
   10.0,
   'Time at least this many seconds of steps per objective '
-  f'(more repeats for short steps, at most {lib.MAX_REPEATS}); 0 = exactly --repeats.',
+  f'(more repeats for short steps, at most {training_steps.MAX_REPEATS}); 0 = exactly --repeats.',
 )
 _MODELS = flags.DEFINE_list(
   'models',
@@ -107,7 +116,7 @@ _OBJECTIVES = flags.DEFINE_list(
   "Objectives to time (default: each setting's; ce is needed for the ratios).",
 )
 _SECTIONS = flags.DEFINE_list(
-  'sections', None, f'Any of {lib.SECTIONS} (default: preset).'
+  'sections', None, f'Any of {settings_lib.SECTIONS} (default: preset).'
 )
 _DTYPE = flags.DEFINE_enum(
   'dtype',
@@ -138,7 +147,7 @@ _POINTWISE_AS_DOT = flags.DEFINE_bool(
 )
 _PETS_DIR = flags.DEFINE_string(
   'pets_dir',
-  str(lib.SHARED_DATA / 'oxford-iiit-pet-sample'),
+  str(settings_lib.SHARED_DATA / 'oxford-iiit-pet-sample'),
   'Oxford-IIIT Pet sample (official layout) for the loop.',
 )
 _TFDS_DATA_DIR = flags.DEFINE_string(
@@ -157,6 +166,27 @@ _LOOP_OVERRIDES = flags.DEFINE_multi_string(
   [],
   'KEY=VALUE config overrides of the loop (e.g. num_figure_examples=0), '
   'values parsed as Python literals where they can be.',
+)
+_FLOPS_CACHE = flags.DEFINE_string(
+  'flops_cache',
+  '',
+  'flops.json of `experiments.benchmarks.training_flops` (counts on a CPU '
+  "lowering) for the loop's MFU; '' = count on the CPU backend, none on a GPU.",
+)
+_BUDGET_S = flags.DEFINE_float(
+  'budget_s',
+  0.0,
+  'Seconds this process may take: a further loop batch size starts only if '
+  'more are left than the previous one took (each needs its own compile; '
+  '0 = no limit). Results are written after each section and batch size, so '
+  'a time limit keeps what finished.',
+)
+_PLATFORM = flags.DEFINE_enum(
+  'platform',
+  None,
+  ['cpu', 'cuda'],
+  'Run on this JAX platform only, and stop at once when it has no device '
+  '(default: JAX chooses, falling back to the CPU).',
 )
 _COMPILATION_CACHE = flags.DEFINE_string(
   'compilation_cache',
@@ -194,26 +224,55 @@ def _apply_cpu_flags() -> str:
   return added.strip()
 
 
+def _require_platform(platform: str | None) -> None:
+  """Pins JAX to `platform` and stops with one line when it has no device
+  (a CUDA plugin that fails to load would otherwise fall back to the CPU)."""
+  if platform is None:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+
+  jax.config.update('jax_platforms', platform)
+  try:
+    devices = jax.devices()
+  except Exception as e:  # pylint: disable=broad-except
+    # RuntimeError (no plugin) or, jax 0.10.2, AssertionError (no backend).
+    raise app.UsageError(
+      f'--platform={platform}: JAX sees no {platform} device '
+      f'({type(e).__name__}: {e}). Run on a machine where it does (is the '
+      'CUDA plugin installed?), or drop --platform.'
+    ) from None
+  print(f'Devices: {devices}', flush=True)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  start = time.monotonic()
   added = _apply_cpu_flags()
+  _require_platform(_PLATFORM.value)
   cache = compilation_cache.enable_compilation_cache(_COMPILATION_CACHE.value)
   if cache:
     print(f'Persistent compilation cache: {cache}')
-  chosen = lib.preset(_PRESET.value, _SMOKE.value)
+  chosen = settings_lib.preset(_PRESET.value, _SMOKE.value)
   settings = (
-    [lib.parse_setting(spec, chosen.steps) for spec in _MODELS.value]
+    [settings_lib.parse_setting(spec, chosen.steps) for spec in _MODELS.value]
     if _MODELS.value
     else list(chosen.steps)
   )
   sections = tuple(_SECTIONS.value or chosen.sections)
-  unknown = set(sections) - set(lib.SECTIONS)
+  unknown = set(sections) - set(settings_lib.SECTIONS)
   if unknown:
     raise app.UsageError(
-      f'Unknown --sections {sorted(unknown)}; choose from {lib.SECTIONS}.'
+      f'Unknown --sections {sorted(unknown)}; choose from {settings_lib.SECTIONS}.'
     )
-  results = lib.run(
+  budget = _BUDGET_S.value
+  out = Path(_OUT.value)
+  out.parent.mkdir(parents=True, exist_ok=True)
+
+  def save(results: dict) -> None:  # Partial results survive a time limit.
+    out.write_text(json.dumps(results, indent=2))
+
+  results = training_run.run(
     chosen,
     settings,
     sections,
@@ -229,10 +288,13 @@ def main(argv):
     loop_overrides=_parse_overrides(_LOOP_OVERRIDES.value),
     pointwise_as_dot=_POINTWISE_AS_DOT.value,
     min_seconds=_MIN_SECONDS.value,
+    flops_cache=training_flops.read_cache(_FLOPS_CACHE.value),
+    budget_left=(lambda: budget - (time.monotonic() - start))
+    if budget
+    else None,
   )
-  lib.print_tables(results)
-  Path(_OUT.value).parent.mkdir(parents=True, exist_ok=True)
-  Path(_OUT.value).write_text(json.dumps(results, indent=2))
+  training_report.print_tables(results)
+  save(results)
   print(f'Wrote {_OUT.value}')
 
 

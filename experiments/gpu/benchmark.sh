@@ -7,9 +7,11 @@
 # This one runs `experiments.benchmarks.training --preset=gpu --sections=step`:
 # ResNet-50 @224 in bfloat16 (float32 parameters, float32 head), Adam, CE /
 # ACE / ACE + 1e-3 x divergence at batch 80 (37 and 2 classes) and ACE +
-# divergence at batch 192; prints images/s and MFU (FLOPs per step from XLA's
-# cost analysis of the compiled step / step time / the card's peak dense
-# bf16 FLOP/s, experiments/gpu/common.sh). Then, time allowing, the map
+# divergence at batch 192, and the `binary` config's step at its per-device
+# batch; prints images/s and MFU (FLOPs per step from XLA's cost analysis of
+# the lowered, not yet optimised, step / step time / the card's peak dense
+# bf16 FLOP/s, experiments/benchmarks/training_mfu.py). Stops at once
+# without a GPU (common.sh require_gpu). Then, time allowing, the map
 # section (one einsum vs one backward per class, float32, batch 80 / 8).
 # Extra arguments go to the benchmark (e.g. --models=resnet50:224:256:37).
 set -euo pipefail
@@ -27,6 +29,7 @@ for arg in "$@"; do
     *) extra+=("$arg") ;;
   esac
 done
+if [ "$smoke" = 1 ]; then export JAX_PLATFORMS=cpu; else require_gpu; fi
 install_wheels
 name=$(gpu_name)
 peak=$(peak_tflops "$name")
@@ -41,12 +44,12 @@ if [ "$smoke" = 1 ]; then
   exit 0
 fi
 timeout "$(left)" "$python" -m experiments.benchmarks.training --preset=gpu \
-  --dtype=bfloat16 --sections=step --peak_tflops="$peak" \
+  --platform=cuda --dtype=bfloat16 --sections=step --peak_tflops="$peak" \
   --out="$out/step.json" ${extra[@]+"${extra[@]}"} \
   || echo "step section stopped (exit $?) after $((SECONDS - start)) s"
 if [ "$(left)" -gt 60 ]; then
   timeout "$(left)" "$python" -m experiments.benchmarks.training --preset=gpu \
-    --sections=cams --out="$out/cams.json" \
+    --platform=cuda --sections=cams --out="$out/cams.json" \
     || echo "cams section stopped (exit $?): time budget"
 else
   echo "Skipping the cams section: the step section used the time budget."

@@ -4,7 +4,8 @@
 #   PYTHON      interpreter (default python3: the image's, with jax 0.11.2)
 #   WHEEL_DIR   wheels to install offline (default .whl)
 #   SITE_DIR    where they are installed (default /tmp/site, on PYTHONPATH)
-#   BUNDLE_DIR  data samples (default .gpu_bundle)
+#   BUNDLE_DIR  Pets and Cats-vs-Dogs samples, flops.json (default .gpu_bundle)
+#   ISIC_BUNDLE_DIR  the ISIC sample (default .gpu_bundle_isic)
 #   OUT         results (default /tmp); the device tool brings $OUT back
 #   CCO_COMPILATION_CACHE  persistent XLA compilation cache (default
 #               /tmp/cco_jax_compilation_cache; '' = off)
@@ -12,6 +13,7 @@ python=${PYTHON:-python3}
 wheel_dir=${WHEEL_DIR:-.whl}
 site_dir=${SITE_DIR:-/tmp/site}
 bundle_dir=${BUNDLE_DIR:-.gpu_bundle}
+isic_bundle_dir=${ISIC_BUNDLE_DIR:-.gpu_bundle_isic}
 out_root=${OUT:-/tmp}
 export PYTHONUNBUFFERED=1
 export CCO_COMPILATION_CACHE=${CCO_COMPILATION_CACHE-/tmp/cco_jax_compilation_cache}
@@ -42,18 +44,37 @@ gpu_name() {
   nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 || true
 }
 
-# Peak dense bfloat16 tensor-core TFLOP/s of a card, for MFU (0: unknown).
-# H100 SXM and H200: 989 at boost clock; H100 PCIe: 756 (NVIDIA data sheets).
+# Peak dense bfloat16 tensor-core TFLOP/s of a card, for MFU (0: unknown):
+# the table in experiments/benchmarks/training_mfu.py (no JAX import).
 peak_tflops() {
-  case "$1" in
-    *H100*PCIe*) echo 756 ;;
-    *H100*|*H200*) echo 989 ;;
-    *) echo 0 ;;
-  esac
+  "$python" -m experiments.benchmarks.training_mfu "$1"
+}
+
+# Stops the script (exit 3, one line saying why) unless nvidia-smi lists a
+# GPU and JAX, pinned to CUDA (JAX_PLATFORMS=cuda, exported for what
+# follows), sees it: a CUDA plugin that fails to load would otherwise fall
+# back to the CPU silently. Takes seconds; at most 60.
+require_gpu() {
+  if ! nvidia-smi -L >/dev/null 2>&1; then
+    echo "No GPU: nvidia-smi is missing or lists no GPU. Run this on a lent GPU machine (or add --smoke to rehearse on a CPU)." >&2
+    exit 3
+  fi
+  export JAX_PLATFORMS=cuda
+  if ! timeout 60 "$python" -c "
+import sys
+try:
+  import jax
+  print('JAX sees', jax.devices())
+except Exception as e:
+  sys.exit(f'No GPU for JAX: JAX_PLATFORMS=cuda fails ({type(e).__name__}: {e}). Is the CUDA plugin (jax-cuda13-plugin) installed for $python?')
+"; then
+    echo "Stopped before spending device time: JAX does not see the GPU (or took over 60 s to say)." >&2
+    exit 3
+  fi
 }
 
 print_environment() {
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null \
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null \
     || echo "nvidia-smi: none (no GPU)"
   "$python" -c "import sys, jax, flax; print('python', sys.version.split()[0], '| jax', jax.__version__, '| flax', flax.__version__, '|', jax.devices())"
 }

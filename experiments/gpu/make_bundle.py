@@ -3,15 +3,21 @@ r"""Packs the real data samples small enough to travel to a lent GPU machine.
 A lent H100/H200 receives at most 64 MiB of code and data. The Pets sample
 (70 MB of full-size JPEGs) is rewritten in the official layout with every image
 and trimap shrunk to at most --max_side pixels (the model squashes to 224 px
-anyway), and the Cats-vs-Dogs sample (already 180 px) is copied as it is:
+anyway), and the Cats-vs-Dogs sample (already 180 px) is copied as it is,
+into --out; the ISIC sample (256 px JPEGs and lesion masks, 26 MB) is copied
+as it is into --isic_out, a second folder for the second call (the two
+together with the wheels would not fit):
 
     python -m experiments.gpu.make_bundle --out=.gpu_bundle \
+        --isic_out=.gpu_bundle_isic \
         --pets_dir=../shared/data/oxford-iiit-pet-sample \
-        --cvd_dir=../shared/data/cats-vs-dogs-sample
+        --cvd_dir=../shared/data/cats-vs-dogs-sample \
+        --isic_dir=../shared/data/isic-2017-sample
 
-Then `experiments/gpu/reproduce.sh` trains on it (docs/gpu.md). Images that
-are not RGB JPEGs (the sample's GIF and RGBA PNG) are converted, as the TFDS
-builder would; names, splits and list files are kept.
+Then `experiments/gpu/check.sh` and `reproduce.sh` train on --out and
+`isic.sh` on --isic_out (docs/gpu.md). Images that are not RGB JPEGs (the
+Pets sample's GIF and RGBA PNG) are converted, as the TFDS builder would;
+names, splits and list files are kept.
 """
 
 import os
@@ -31,6 +37,16 @@ _CVD = flags.DEFINE_string(
   'cvd_dir',
   '../shared/data/cats-vs-dogs-sample',
   'Cats-vs-Dogs (PetImages/{Cat,Dog}).',
+)
+_ISIC = flags.DEFINE_string(
+  'isic_dir',
+  '../shared/data/isic-2017-sample',
+  'ISIC 2017 sample (folder layout: labels.csv, images/, masks/).',
+)
+_ISIC_OUT = flags.DEFINE_string(
+  'isic_out',
+  '.gpu_bundle_isic',
+  "Output folder of the ISIC sample ('' = none).",
 )
 _MAX_SIDE = flags.DEFINE_integer(
   'max_side', 256, 'Longest side after shrinking.'
@@ -89,6 +105,18 @@ def pack_pets(pets_dir: str, out: str, max_side: int) -> int:
   return count
 
 
+def folder_mib(path: str) -> float:
+  """Size of the files under `path` in MiB."""
+  return (
+    sum(
+      os.path.getsize(os.path.join(d, f))
+      for d, _, files in os.walk(path)
+      for f in files
+    )
+    / 2**20
+  )
+
+
 def main(argv):
   del argv
   if not os.path.isdir(os.path.join(_PETS.value, 'images')):
@@ -104,14 +132,20 @@ def main(argv):
   shutil.copytree(
     _CVD.value, os.path.join(_OUT.value, 'cvd'), dirs_exist_ok=True
   )
-  size = sum(
-    os.path.getsize(os.path.join(d, f))
-    for d, _, files in os.walk(_OUT.value)
-    for f in files
-  )
   print(
-    f'{count} Pets images and Cats-vs-Dogs in {_OUT.value}: {size / 2**20:.1f} MiB'
+    f'{count} Pets images and Cats-vs-Dogs in {_OUT.value}: '
+    f'{folder_mib(_OUT.value):.1f} MiB'
   )
+  if _ISIC_OUT.value:
+    if not os.path.isfile(os.path.join(_ISIC.value, 'labels.csv')):
+      raise ValueError(
+        f'--isic_dir={_ISIC.value} has no labels.csv; point it at the ISIC '
+        "sample in the folder layout, or pass --isic_out='' to skip it."
+      )
+    shutil.copytree(_ISIC.value, _ISIC_OUT.value, dirs_exist_ok=True)
+    print(
+      f'ISIC sample in {_ISIC_OUT.value}: {folder_mib(_ISIC_OUT.value):.1f} MiB'
+    )
 
 
 if __name__ == '__main__':

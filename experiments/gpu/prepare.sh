@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Here (a machine with pip access), from the repo root: fetch the wheels a lent
-# GPU machine lacks into .whl/ and pack the data samples into .gpu_bundle/.
-# Both folders are git-ignored; name them in the device tool's `carry`. See
-# docs/gpu.md. WHEEL_DIR and BUNDLE_DIR (experiments/gpu/common.sh) move them.
+# GPU machine lacks into .whl/, pack the Pets and Cats-vs-Dogs samples into
+# .gpu_bundle/ with the FLOP counts of the check's train steps (flops.json,
+# counted on a CPU lowering: experiments.benchmarks.training_flops), and the
+# ISIC sample into .gpu_bundle_isic/. The folders are git-ignored; name them
+# in the device tool's `carry` (docs/gpu.md). WHEEL_DIR, BUNDLE_DIR and
+# ISIC_BUNDLE_DIR (experiments/gpu/common.sh) move them. PYTHON here needs
+# the project's requirements (jax for the FLOP count).
 # Packages with no wheel on PyPI (promise: sdist only) are built into wheels
 # here; the folder is then checked complete (experiments.gpu.check_wheels).
 set -euo pipefail
@@ -36,5 +40,8 @@ for wheel in "${wheels[@]}"; do
   fi
 done
 "$python" -m experiments.gpu.check_wheels "$wheel_dir"
-"$python" -m experiments.gpu.make_bundle --out="$bundle_dir" "$@"
-du -sh "$wheel_dir" "$bundle_dir"
+"$python" -m experiments.gpu.make_bundle --out="$bundle_dir" \
+  --isic_out="$isic_bundle_dir" "$@"
+JAX_PLATFORMS=cpu "$python" -m experiments.benchmarks.training_flops \
+  --variant=binary --per_device_batches=128,256 --out="$bundle_dir/flops.json"
+du -sh "$wheel_dir" "$bundle_dir" "$isic_bundle_dir"

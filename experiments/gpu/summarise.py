@@ -1,16 +1,21 @@
 r"""Prints the GPU check's numbers: images/s and MFU of the step and the loop.
 
-    python -m experiments.gpu.summarise STEP_JSON LOOP_JSON --card=NAME
+    python -m experiments.gpu.summarise LOOP_JSON --card=NAME
 
-Reads what `experiments.benchmarks.training` wrote for `--sections=step`
-and `--sections=loop` (either may be missing: a section that ran out of time)
-and prints one line per measurement, e.g.
+Reads what `experiments.benchmarks.training --sections=loop` wrote (missing:
+the section did not finish) and prints, per per-device batch, the pmapped
+step alone and the real loop (images/s per device, MFU), loop / step, the
+compile times and where the FLOPs came from, in this form (X: figures):
 
-    card NVIDIA H200 | jax 0.11.2 | 1 device(s)
-    step  binary_config ace_kld  2600.0 images/s per device  MFU 41.0 %
-    loop  full_loop              2400.0 images/s per device  MFU 37.9 %
-    loop  step_alone (pmapped)   2550.0 images/s per device  MFU 40.3 %
-    loop / step 0.941
+    card NAME | jax VERSION | backend gpu | 1 device(s)
+    batch 128/device bfloat16: first train step call N compile(s) X s, N
+      cache load(s); in the loop N more compiles, X s; GFLOP/step X (...)
+      step  pmapped, fixed batch        X images/s per device  MFU X%
+      loop  train_and_evaluate          X images/s per device  MFU X%
+      loop  without the evaluations     X images/s per device  MFU X%
+      input pipeline alone X images/s
+      loop / step X (evaluation every 20 steps; evaluation share X%;
+      checkpoints every 500 steps)
 """
 
 from __future__ import annotations
@@ -24,47 +29,49 @@ def _mfu(row: dict) -> str:
   return f'MFU {row["mfu"]:6.1%}' if 'mfu' in row else 'MFU -'
 
 
-def summary_lines(step: dict | None, loop: dict | None, card: str) -> list[str]:
-  """The summary of the two result files (None: that section did not finish)."""
-  env = (step or loop or {}).get('environment', {})
+def _rate(label: str, row: dict) -> str:
+  return (
+    f'  {label:34s}{row["images_per_s_per_device"]:9.1f} images/s per device  '
+    f'{_mfu(row)}'
+  )
+
+
+def loop_lines(entry: dict) -> list[str]:
+  """The lines of one per-device batch's loop entry."""
+  if 'skipped' in entry:
+    return [f'loop  skipped: {entry["skipped"]}']
+  compile_ = entry['train_step_compile']
+  others = entry['loop_compiles (eval, predict, ...)']
+  return [
+    f'batch {entry["per_device_batch"]}/device {entry["dtype"]}: first train '
+    f'step call {compile_["compiles"]} compile(s) {compile_["compile_s"]:.1f} s'
+    f', {compile_["cache_loads"]} cache load(s); in the loop '
+    f'{others["compiles"]} more compiles, {others["compile_s"]:.1f} s; '
+    f'GFLOP/step {entry["gflops_per_device_step"]:.1f} ({entry["flops_source"]})',
+    _rate('step  pmapped, fixed batch', entry['step_alone']),
+    _rate('loop  train_and_evaluate', entry['full_loop']),
+    _rate('loop  without the evaluations', entry['loop_without_evaluation']),
+    f'  input pipeline alone {entry["input_pipeline_alone"]["images_per_s"]:.1f} '
+    'images/s',
+    f'  loop / step {entry["loop_over_step"]:.3f} (evaluation every '
+    f'{entry["setting"]["eval_every"]} steps; evaluation share '
+    f'{entry["evaluation_share"]:.1%}; checkpoints every '
+    f'{entry["checkpoint_every"]} steps)',
+  ]
+
+
+def summary_lines(results: dict | None, card: str) -> list[str]:
+  """The summary of the loop results (None: the section did not finish)."""
+  env = (results or {}).get('environment', {})
   lines = [
     f'card {card} | jax {env.get("jax", "?")} | backend '
     f'{env.get("backend", "?")} | {env.get("device_count", "?")} device(s)'
   ]
-  if step and step.get('step'):
-    for entry in step['step']:
-      label = entry['setting']['label']
-      for key, row in entry['objectives'].items():
-        lines.append(
-          f'step  {label} {key} ({entry["dtype"]}, batch '
-          f'{entry["setting"]["batch"]})  {row["images_per_s"]:9.1f} '
-          f'images/s per device  {_mfu(row)}'
-        )
-  else:
-    lines.append('step  no result (the section did not finish)')
-  section = (loop or {}).get('loop')
-  if section and 'skipped' not in section:
-    for name, label in (
-      ('full_loop', 'full_loop (train_and_evaluate)'),
-      ('loop_without_evaluation', 'loop_without_evaluation'),
-      ('step_alone', 'step_alone (pmapped, fixed batch)'),
-    ):
-      if name not in section:
-        continue
-      row = section[name]
-      lines.append(
-        f'loop  {label}  {row["images_per_s_per_device"]:9.1f} images/s '
-        f'per device  {_mfu(row)}'
-      )
-    lines.append(
-      f'loop / step {section["loop_over_step"]:.3f} (evaluation every '
-      f'{section["setting"]["eval_every"]} steps included; batch '
-      f'{section["batch"]}, {section["dtype"]}); evaluation share '
-      f'{section.get("evaluation_share", float("nan")):.1%}'
-    )
-  else:
-    reason = (section or {}).get('skipped', 'the section did not finish')
-    lines.append(f'loop  no result ({reason})')
+  entries = (results or {}).get('loop')
+  if not entries:
+    return lines + ['loop  no result (the section did not finish)']
+  for entry in entries:
+    lines += loop_lines(entry)
   return lines
 
 
@@ -77,13 +84,10 @@ def _read(path: str) -> dict | None:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('step_json')
   parser.add_argument('loop_json')
   parser.add_argument('--card', default='?')
   args = parser.parse_args()
-  for line in summary_lines(
-    _read(args.step_json), _read(args.loop_json), args.card
-  ):
+  for line in summary_lines(_read(args.loop_json), args.card):
     print(line)
 
 
