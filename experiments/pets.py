@@ -6,6 +6,8 @@ r"""Trains a contrastive (or cross-entropy control) classifier on Oxford-IIIT Pe
       --config.data.ood_manual_dir=../shared/data/cats-vs-dogs-sample
 
 Running again with the same --workdir resumes from its last checkpoint.
+SIGTERM (a scheduler's preemption notice) or Ctrl-C saves a checkpoint at the
+next step and exits with status 143 (130 for Ctrl-C); see docs/faults.md.
 On CPU, `cco_jax.runtime` adds an XLA flag that keeps convolutions off
 YNNPACK (about 2x faster steps with jaxlib 0.10.2; same numerics, see
 docs/benchmarks/training.md); set CCO_CPU_XLA_TUNING=0 to run without it.
@@ -37,6 +39,7 @@ import jax  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from cco_jax import configuration  # noqa: E402
+from cco_jax import preemption  # noqa: E402
 from cco_jax import train  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -132,6 +135,9 @@ def main(argv):
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except runtime.WorkdirInUse as e:
     sys.exit(f'error: {e}')
+  except preemption.Preempted as e:  # SIGTERM/SIGINT: saved, then stopped.
+    logging.warning('%s', e)
+    sys.exit(e.exit_code)
 
 
 if __name__ == '__main__':
