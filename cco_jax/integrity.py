@@ -97,6 +97,6 @@ def verify(items: dict[str, Any], expected: dict) -> None:
       f' and {len(bad) - 3} more' if len(bad) > 3 else ''
     )
     raise ChecksumMismatch(
-      f'checksum mismatch: {len(bad)} of {len(wanted)} arrays differ from '
-      f'what was saved ({shown}); the files are corrupt'
+      f'checksum mismatch: {len(bad)} of {len(wanted)} checksums differ '
+      f'from what was saved ({shown}); the files are corrupt'
     )
