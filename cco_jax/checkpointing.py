@@ -8,9 +8,14 @@ iterator state (JSON, a list indexed by `jax.process_index()`, gathered from all
 hosts before the primary host writes it), so a resumed run sees exactly the
 batches it had not seen, on every host.
 
+Each checkpoint also holds `integrity`: the SHA-256 of every array and of the
+iterator state (`integrity.checksums`), verified after every restore, so a
+checkpoint whose files were corrupted (bytes flipped inside a data file decode
+without error) is never restored.
+
 `restore_newest` falls back to older checkpoints when the newest cannot be read
-(a truncated file, a missing `_METADATA`, a missing item) and reports which
-steps were bad and why; `set_aside` moves such steps out of the manager's way
+(a truncated file, a missing `_METADATA`, a missing item, a checksum mismatch)
+and reports which steps were bad and why; `set_aside` moves such steps out of the manager's way
 (to `workdir/unrestorable_checkpoints/`), never deleting them. A save that fails
 (e.g. a full disk) raises an `OSError` naming the path and the free space.
 

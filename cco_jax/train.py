@@ -23,8 +23,9 @@ once); every step's non-finite flag is checked before anything is evaluated or
 saved, and an evaluation with a non-finite loss or identity error stops the run
 before its checkpoint, so no saved state has diverged; a resume refuses a
 changed model/data config before touching `config.json`, falls back past
-unreadable checkpoints (`checkpointing.restore_newest`), and drops records of
-steps after the restored one from `metrics.jsonl`. On several hosts every
+unreadable or corrupt checkpoints (`checkpointing.restore_newest`), and drops
+records of steps after the restored one from `metrics.jsonl`; SIGTERM or
+SIGINT saves the next step and raises `preemption.Preempted` (docs/faults.md). On several hosts every
 process runs the same loop; only process 0 writes records, figures and
 `config.json`.
 """
