@@ -25,9 +25,9 @@ before its checkpoint, so no saved state has diverged; a resume refuses a
 changed model/data config before touching `config.json`, falls back past
 unreadable or corrupt checkpoints (`checkpointing.restore_newest`), and drops
 records of steps after the restored one from `metrics.jsonl`; SIGTERM or
-SIGINT saves the next step and raises `preemption.Preempted` (docs/faults.md). On several hosts every
-process runs the same loop; only process 0 writes records, figures and
-`config.json`.
+SIGINT saves the next step and raises `preemption.Preempted` (docs/faults.md).
+On several hosts every process runs the same loop; only process 0 writes
+records, figures and `config.json`.
 """
 
 from __future__ import annotations
