@@ -89,6 +89,13 @@ class Notice:
         'before the run stops.'
       )
       return self
+    if jax.process_count() > 1 and not self._multiprocess:
+      # Without the sync point the processes could stop at different steps.
+      logging.warning(
+        "JAX's preemption service is off (jax_enable_preemption_service): "
+        'SIGTERM and SIGINT will not save a checkpoint before the run stops.'
+      )
+      return self
     signals = [signal.SIGINT]
     if not self._multiprocess:  # Else JAX's sync manager catches SIGTERM.
       signals.append(signal.SIGTERM)
