@@ -8,9 +8,14 @@ iterator state (JSON, a list indexed by `jax.process_index()`, gathered from all
 hosts before the primary host writes it), so a resumed run sees exactly the
 batches it had not seen, on every host.
 
+Each checkpoint also holds `integrity`: the SHA-256 of every array and of the
+iterator state (`integrity.checksums`), verified after every restore, so a
+checkpoint whose files were corrupted (bytes flipped inside a data file decode
+without error) is never restored.
+
 `restore_newest` falls back to older checkpoints when the newest cannot be read
-(a truncated file, a missing `_METADATA`, a missing item) and reports which
-steps were bad and why; `set_aside` moves such steps out of the manager's way
+(a truncated file, a missing `_METADATA`, a missing item, a checksum mismatch)
+and reports which steps were bad and why; `set_aside` moves such steps out of the manager's way
 (to `workdir/unrestorable_checkpoints/`), never deleting them. A save that fails
 (e.g. a full disk) raises an `OSError` naming the path and the free space.
 
@@ -38,6 +43,8 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
+
+from cco_jax import integrity
 
 BEST_METRIC = 'eval_accuracy'
 UNRESTORABLE_DIR = 'unrestorable_checkpoints'
@@ -74,7 +81,7 @@ def create_manager(
   return ocp.CheckpointManager(
     _absolute(workdir) / 'checkpoints',
     options=options,
-    item_names=('state', 'rng', 'data'),
+    item_names=('state', 'rng', 'data', 'integrity'),
   )
 
 
@@ -134,12 +141,16 @@ def save(
   rng: jax.Array,
   data_state: dict | str | bytes,
   metrics: dict | None = None,
+  loop_state: dict | None = None,
 ) -> None:
   """Saves an unreplicated `state`, the RNG key and this host's iterator state.
 
   Every host must call it (the iterator states are gathered from all hosts).
   `data_state` is what the iterator's `get_state()` returned: JSON-compatible
-  data, or JSON text as `str`/`bytes` (restored as `str`).
+  data, or JSON text as `str`/`bytes` (restored as `str`). `loop_state`:
+  JSON-compatible data of the training loop, the same on every host
+  (restored as `Restored.loop_state`). The `integrity` item holds the
+  checksums of all of it (`integrity.checksums`), verified at restore.
 
   Raises:
     OSError: the write failed (disk full, no permission, ...): the message
@@ -153,14 +164,21 @@ def save(
     data_state = data_state.decode()
   iterators = [json.loads(s) for s in _gather_json(json.dumps(data_state))]
   data = {'iterators': iterators, 'rng_impl': str(jax.random.key_impl(rng))}
+  if loop_state is not None:
+    data['loop'] = loop_state
+  host_state = jax.device_get(state)
+  checksums = integrity.checksums(
+    {'state': host_state, 'rng': {'key_data': rng_data}, 'data_json': data}
+  )
   wait(manager)  # A failed background save of an earlier step raises here.
   try:
     manager.save(
       step,
       args=ocp.args.Composite(
-        state=ocp.args.StandardSave(jax.device_get(state)),
+        state=ocp.args.StandardSave(host_state),
         rng=ocp.args.StandardSave({'key_data': rng_data}),
         data=ocp.args.JsonSave(data),
+        integrity=ocp.args.JsonSave(checksums),
       ),
       metrics=metrics,
       force=True,
@@ -198,13 +216,22 @@ def _save_error(
     f'Saving the checkpoint of step {step} failed ({os.strerror(code)}; '
     f'{_free_space(path)} there): {type(error).__name__}: '
     f'{str(error).splitlines()[0] if str(error) else ""} Earlier checkpoints '
-    f'are intact: steps {list(manager.all_steps())}. Free some space (or '
+    f'are intact: steps {_finished_steps(directory)}. Free some space (or '
     'fix the permissions) and run again to resume.',
     path,
   )
 
 
 _PARTIAL = re.compile(r'^(\d+)\.orbax-checkpoint-tmp')
+
+
+def _finished_steps(directory: epath.Path) -> list[int]:
+  """Steps whose save finished (a step directory, not a temporary one),
+  read from `directory` itself: the manager's list can lag behind an
+  asynchronous save that completed."""
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
 def _partial_steps(directory: epath.Path) -> list[int]:
@@ -237,6 +264,18 @@ class Restored:
   step: int
   # Newer steps that could not be restored: {step: reason}.
   unrestorable: dict[int, str]
+  # What `save` got as `loop_state` ({} when none was saved).
+  loop_state: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class _Step:
+  """One restored checkpoint."""
+
+  state: Any
+  rng: jax.Array
+  iterator: Any
+  loop_state: dict
 
 
 def _restore_step(
@@ -244,27 +283,51 @@ def _restore_step(
   abstract: Any,
   step: int,
   need_iterator: bool = True,
-) -> tuple[Any, jax.Array, Any]:
-  restored = manager.restore(
-    step,
-    args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract),
-      rng=ocp.args.StandardRestore(),
-      data=ocp.args.JsonRestore(),
-    ),
-  )
-  data = restored['data']
-  if data is None or restored['state'] is None or restored['rng'] is None:
-    missing = [k for k in ('state', 'rng', 'data') if restored[k] is None]
+) -> _Step:
+  """Restores `step` and verifies its checksums (`integrity.verify`).
+
+  Raises on anything unrestorable: a missing item or file, undecodable data,
+  a checksum mismatch (`integrity.ChecksumMismatch`), or another number of
+  processes (unless not `need_iterator`).
+  """
+  verified = (epath.Path(manager.directory) / str(step) / 'integrity').exists()
+  items = {
+    'state': ocp.args.StandardRestore(abstract),
+    'rng': ocp.args.StandardRestore(),
+    'data': ocp.args.JsonRestore(),
+  }
+  if verified:
+    items['integrity'] = ocp.args.JsonRestore()
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  missing = [k for k in items if restored[k] is None]
+  if missing:
     raise FileNotFoundError(f'item(s) {missing} missing')
+  data = restored['data']
+  if verified:
+    integrity.verify(
+      {
+        'state': restored['state'],
+        'rng': restored['rng'],
+        'data_json': data,
+      },
+      restored['integrity'],
+    )
+  else:
+    logging.warning(
+      'Checkpoint %s/%d has no checksums (written before checkpoints had '
+      'them): restored without verifying its arrays.',
+      manager.directory,
+      step,
+    )
   rng = jax.random.wrap_key_data(
     np.asarray(restored['rng']['key_data'], np.uint32), impl=data['rng_impl']
   )
+  loop_state = data.get('loop', {})
   if 'iterators' in data:
     iterators = data['iterators']
     if len(iterators) != jax.process_count():
       if not need_iterator:  # E.g. evaluation: only the state matters.
-        return restored['state'], rng, None
+        return _Step(restored['state'], rng, None, loop_state)
       raise ValueError(
         f'written by {len(iterators)} process(es), restored by '
         f'{jax.process_count()}: resume with the same number of processes'
@@ -272,7 +335,7 @@ def _restore_step(
     iterator = iterators[jax.process_index()]
   else:  # Written before per-host states: one host's state.
     iterator = data['iterator']
-  return restored['state'], rng, iterator
+  return _Step(restored['state'], rng, iterator, loop_state)
 
 
 def _abstract(template_state: Any) -> Any:
@@ -314,7 +377,7 @@ def restore(
       f'{list(manager.all_steps())}).'
     )
   try:
-    state, rng, data_state = _restore_step(
+    found = _restore_step(
       manager, _abstract(template_state), step, need_iterator=False
     )
   except Exception as e:  # pylint: disable=broad-except
@@ -322,7 +385,7 @@ def restore(
       f'The checkpoint {manager.directory}/{step} cannot be restored: '
       f'{_reason(e)}'
     ) from e
-  return state, rng, data_state, step
+  return found.state, found.rng, found.iterator, step
 
 
 def restore_newest(
@@ -345,7 +408,7 @@ def restore_newest(
   bad = {}
   for step in steps:
     try:
-      state, rng, data_state = _restore_step(manager, abstract, step)
+      found = _restore_step(manager, abstract, step)
     except Exception as e:  # pylint: disable=broad-except
       bad[step] = _reason(e)
       logging.warning(
@@ -355,7 +418,9 @@ def restore_newest(
         bad[step],
       )
       continue
-    return Restored(state, rng, data_state, step, bad)
+    return Restored(
+      found.state, found.rng, found.iterator, step, bad, found.loop_state
+    )
   raise ValueError(
     f'No checkpoint in {manager.directory} can be restored: '
     + '; '.join(f'step {s}: {r}' for s, r in bad.items())

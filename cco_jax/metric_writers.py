@@ -5,6 +5,12 @@
 `workdir/tensorboard`, and `ProgressLogger` prints steps/s and the ETA.
 Workdirs are `etils.epath` paths: local, or on an object store (`gs://...`),
 where files cannot be appended to, so the JSON lines are rewritten whole.
+
+Records recover from an interrupted write: a torn last line of
+`metrics.jsonl` (the process was killed mid-write) is dropped with a one-line
+warning, and removed from the file when the run resumes; a resumed run
+rewrites the TensorBoard events to match the kept records, so TensorBoard
+shows each step once after any number of resumes (`event_files`).
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from absl import logging
 from etils import epath
 import numpy as np
 
+from cco_jax import event_files
+
 
 def _to_python(value):
   value = np.asarray(value)
@@ -29,7 +37,8 @@ class MetricWriter:
 
   A resumed run first calls `discard_after(step)`: records of steps after the
   restored checkpoint (written before an interruption) are dropped, so each
-  step is recorded once; TensorBoard purges its events after that step too.
+  step is recorded once; the TensorBoard events are rewritten to the same
+  records (each `(tag, step)` once).
   """
 
   def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True):
@@ -38,7 +47,6 @@ class MetricWriter:
     self._path = self._workdir / 'metrics.jsonl'
     self._appendable = '://' not in str(self._workdir)
     self._tb = None
-    self._purge_step = None
 
   def discard_after(self, step: int, rewritten=lambda record: False) -> int:
     """Drops the records of steps > `step`, and those at `step` that a resumed
@@ -46,13 +54,14 @@ class MetricWriter:
     """
     if not self._enabled or not self._path.exists():
       return 0
-    records = read_metrics(self._workdir)
+    records, torn = _read(self._path)
     kept = [
       r
       for r in records
       if r['step'] < step or (r['step'] == step and not rewritten(r))
     ]
-    if len(kept) != len(records):
+    self._keep_tensorboard(kept)
+    if torn or len(kept) != len(records):
       self._rewrite(kept)
       logging.info(
         'Dropped %d records from %s that this run writes again (resuming '
@@ -61,8 +70,19 @@ class MetricWriter:
         self._path,
         step,
       )
-    self._purge_step = step + 1
     return len(records) - len(kept)
+
+  def _keep_tensorboard(self, records: list[dict]) -> None:
+    """Rewrites the TensorBoard events to the points of `records`."""
+    points = {
+      (key, r['step'])
+      for r in records
+      for key, value in r.items()
+      if key != 'step' and _scalar(value)
+    }
+    event_files.keep_scalars(
+      str(self._workdir / 'tensorboard'), lambda tag, s: (tag, s) in points
+    )
 
   def _rewrite(self, records: list[dict]) -> None:
     """Replaces the JSON lines by `records` (atomically where local)."""
@@ -80,8 +100,10 @@ class MetricWriter:
         SummaryWriter,  # pylint: disable=g-import-not-at-top
       )
 
+      # A unique name: a resumed run's file never replaces an earlier one.
       self._tb = SummaryWriter(
-        str(self._workdir / 'tensorboard'), purge_step=self._purge_step
+        str(self._workdir / 'tensorboard'),
+        filename_suffix=f'.{time.time_ns()}',
       )
     return self._tb
 
@@ -101,11 +123,7 @@ class MetricWriter:
       self._rewrite(read_metrics(self._workdir) + [record])
     tb = self._tensorboard()
     for key, value in record.items():
-      if (
-        key != 'step'
-        and isinstance(value, (int, float))
-        and math.isfinite(value)
-      ):
+      if key != 'step' and _scalar(value):
         tb.add_scalar(key, value, int(step))
     tb.flush()
 
@@ -115,13 +133,51 @@ class MetricWriter:
       self._tb = None
 
 
+def _scalar(value) -> bool:
+  """Whether a record's value is a TensorBoard point (a finite number)."""
+  return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _read(path: epath.Path) -> tuple[list[dict], bool]:
+  """The records of a JSON-lines file and whether its last line was torn
+  (dropped, with a warning).
+
+  Raises:
+    ValueError: a line before the last is not JSON (named, with the fix).
+  """
+  lines = [
+    (number, line)
+    for number, line in enumerate(path.read_text().splitlines(), 1)
+    if line.strip()
+  ]
+  records = []
+  for i, (number, line) in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if i == len(lines) - 1:
+        logging.warning(
+          'Dropped the torn last line %d of %s (%d characters, not JSON: an '
+          'interrupted write).',
+          number,
+          path,
+          len(line),
+        )
+        return records, True
+      raise ValueError(
+        f'{path}, line {number}, is not JSON ({e.msg}): {line[:80]!r}. '
+        'Delete or repair that line, then run again.'
+      ) from None
+  return records, False
+
+
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
-  """All records of `workdir/metrics.jsonl`, in order (empty if none)."""
+  """All records of `workdir/metrics.jsonl`, in order (empty if none); a
+  torn last line is dropped with a warning."""
   path = epath.Path(workdir) / 'metrics.jsonl'
   if not path.exists():
     return []
-  lines = path.read_text().splitlines()
-  return [json.loads(line) for line in lines if line.strip()]
+  return _read(path)[0]
 
 
 class ProgressLogger:

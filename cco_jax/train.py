@@ -28,10 +28,11 @@ once); every step's non-finite flag is checked before anything is evaluated or
 saved, and an evaluation with a non-finite loss or identity error stops the run
 before its checkpoint, so no saved state has diverged; a resume refuses a
 changed model/data config before touching `config.json`, falls back past
-unreadable checkpoints (`checkpointing.restore_newest`), and drops records of
-steps after the restored one from `metrics.jsonl`. On several hosts every
-process runs the same loop; only process 0 writes records, figures and
-`config.json`.
+unreadable or corrupt checkpoints (`checkpointing.restore_newest`), and drops
+records of steps after the restored one from `metrics.jsonl`; SIGTERM or
+SIGINT saves the next step and raises `preemption.Preempted` (docs/faults.md).
+On several hosts every process runs the same loop; only process 0 writes
+records, figures and `config.json`.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from cco_jax import data
 from cco_jax import errors
 from cco_jax import figures
 from cco_jax import metric_writers
+from cco_jax import preemption
 from cco_jax import pretrained
 from cco_jax import train_evaluation
 from cco_jax import train_guards
@@ -67,11 +69,13 @@ from cco_jax.runtime import workdir_lock
 
 def restore_or_create(
   config, setup: train_setup.Setup, manager
-) -> tuple[Any, jax.Array, int]:
-  """Phase 2: the unreplicated state, the RNG and the first step to run.
+) -> tuple[Any, jax.Array, int, dict]:
+  """Phase 2: the unreplicated state, the RNG, the first step to run and
+  the loop's saved state (`checkpointing.Restored.loop_state`; {} if new).
 
-  Resumes from the newest checkpoint that restores; newer unreadable ones
-  are logged and moved to `workdir/unrestorable_checkpoints/` (kept).
+  Resumes from the newest checkpoint that restores and verifies; newer
+  unreadable or corrupt ones are logged and moved to
+  `workdir/unrestorable_checkpoints/` (kept).
   """
   rng = jax.random.key(config.seed, impl=config.rng_impl or None)
   rng, init_rng = jax.random.split(rng)
@@ -86,13 +90,13 @@ def restore_or_create(
     state = pretrained.init_train_state(
       state, setup.model, config.model.init_from, init_rng
     )
-    return state, rng, 0
+    return state, rng, 0, {}
   restored = checkpointing.restore_newest(manager, state)
   if restored.unrestorable:
     checkpointing.set_aside(manager, restored.unrestorable)
   setup.train_iter.set_state(restored.data_state)
   logging.info('Resumed from step %d of %s.', restored.step, manager.directory)
-  return restored.state, restored.rng, restored.step
+  return restored.state, restored.rng, restored.step, restored.loop_state
 
 
 # ----------------------------------------------------------------------------
@@ -205,30 +209,33 @@ class Run:
     )
 
   def checkpoint(
-    self, state, rng, step: int, data_state, metrics: dict | None
+    self,
+    state,
+    rng,
+    step: int,
+    data_state,
+    metrics: dict | None,
+    pending: list[dict],
   ) -> None:
+    """Saves `step`, with the metrics of the steps not logged yet."""
     checkpointing.save(
-      self.manager, step, step_lib.unreplicate(state), rng, data_state, metrics
+      self.manager,
+      step,
+      step_lib.unreplicate(state),
+      rng,
+      data_state,
+      metrics,
+      {'pending_metrics': preemption.pending_to_json(pending)},
     )
     logging.info(
       'Saved the checkpoint of step %d in %s.', step, self.manager.directory
     )
 
-  def last_good_checkpoint(self) -> str:
-    """What a stopped run leaves to resume from, in words."""
-    try:
-      checkpointing.wait(self.manager)
-    except OSError as e:
-      logging.error('%s', e)
-    step = self.manager.latest_step()
-    if step is None:
-      return (
-        f'No checkpoint was saved in {self.manager.directory} before it, so '
-        'there is no good state to resume from.'
-      )
-    return (
-      f'The last good checkpoint is step {step} in {self.manager.directory} '
-      '(nothing after it was saved).'
+  def last_good_checkpoint(self, state) -> str:
+    """What a stopped run leaves to resume from, in words (only checkpoints
+    that restore and verify; `state`: the replicated state, for shapes)."""
+    return train_guards.last_good_checkpoint(
+      self.manager, step_lib.unreplicate(state)
     )
 
 
@@ -284,7 +291,9 @@ def _rewritten_on_resume(record: dict) -> bool:
 
 def _train_and_evaluate(run: Run) -> dict:
   config, setup, schedule = run.config, run.setup, run.setup.schedule
-  state, rng, start_step = restore_or_create(config, setup, run.manager)
+  state, rng, start_step, loop_state = restore_or_create(
+    config, setup, run.manager
+  )
   if start_step > schedule.num_train_steps:
     raise errors.UserError(
       f'{run.workdir} has already trained {start_step} steps, more than the '
@@ -324,17 +333,21 @@ def _train_and_evaluate(run: Run) -> dict:
   # Batches on the devices, each with the iterator state after it (for the
   # checkpoint), read ahead by a thread.
   batches = train_input.Prefetch(setup.train_iter, 2)
-  pending, pending_from, checked = [], start_step, 0
+  # Steps since the last log (saved with each checkpoint) were checked.
+  pending = preemption.pending_from_json(loop_state.get('pending_metrics', []))
+  pending_from, checked = start_step - len(pending), len(pending)
   step = start_step
+  notice = preemption.Notice().install()
   try:
     for step in range(start_step + 1, schedule.num_train_steps + 1):
       batch, data_state = next(batches)
       state, metrics = setup.p_train_step(state, batch)
       pending.append(metrics)
       last = step == schedule.num_train_steps
+      stop = notice.reached(step)  # SIGTERM/SIGINT: save this step, stop.
       due_log = step % schedule.log_every == 0 or last
       due_eval = step % schedule.eval_every == 0 or last
-      due_save = step % schedule.checkpoint_every == 0 or last
+      due_save = step % schedule.checkpoint_every == 0 or last or stop
       if not (due_log or due_eval or due_save):
         continue
       # Every step since the last check, before anything is evaluated or saved.
@@ -360,13 +373,19 @@ def _train_and_evaluate(run: Run) -> dict:
         if last or train_setup.figures_due(config, step // schedule.eval_every):
           run.save_figures(state, step)
       if due_save:
-        run.checkpoint(state, rng, step, data_state, eval_metrics)
+        run.checkpoint(state, rng, step, data_state, eval_metrics, pending)
+      if stop:
+        checkpointing.wait(run.manager)
+        raise preemption.Preempted(
+          step, notice.signal_name, str(run.manager.directory)
+        )
   except (train_guards.NonFiniteLoss, train_guards.IdentityViolation) as e:
     raise type(e)(
-      f'{e} Training stopped. {run.last_good_checkpoint()} Lower the '
+      f'{e} Training stopped. {run.last_good_checkpoint(state)} Lower the '
       'learning rate or check the data.'
     ) from None
   finally:
+    notice.uninstall()
     batches.close()
 
   checkpointing.wait(run.manager)  # The last save's failure raises here.

@@ -5,7 +5,8 @@ The loop calls them before anything is evaluated or saved:
 `check_identity_error` on the logit-sum identity error (at the start and
 after a restore), `check_evaluation` on each validation evaluation before its
 checkpoint. They raise `NonFiniteLoss` or `IdentityViolation` with a message
-naming the step and the cause; the loop adds the last good checkpoint.
+naming the step and the cause; the loop adds the last good checkpoint
+(`last_good_checkpoint`: the newest that restores and verifies).
 
 The identity error is `max |sum_{h,w} M + b - s| / (max |s| + 1)`
 (J. Setpal, "Crossing Cross-Entropy" (2024); docs/method.md), compared with
@@ -16,11 +17,13 @@ backbone's dtype (`models.CamHead`).
 
 from __future__ import annotations
 
+from absl import logging
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from cco_jax import cams
+from cco_jax import checkpointing
 
 
 class IdentityViolation(RuntimeError):
@@ -82,3 +85,39 @@ def check_evaluation(config, results: dict, step: int) -> None:
       f'{tolerance:.3g} on the validation split; the '
       'parameters have grown out of float precision (the model diverged).'
     )
+
+
+def last_good_checkpoint(manager, template_state) -> str:
+  """The newest checkpoint that restores and verifies its checksums, in words.
+
+  Waits for a background save first; reads (and verifies) the checkpoints
+  newest first, so a corrupt one is never named as good.
+
+  Args:
+    manager: the run's `orbax.checkpoint.CheckpointManager`.
+    template_state: an unreplicated state of the checkpoints' structure.
+  """
+  try:
+    checkpointing.wait(manager)
+  except OSError as e:
+    logging.error('%s', e)
+  try:
+    restored = checkpointing.restore_newest(manager, template_state)
+  except FileNotFoundError:
+    return (
+      f'No checkpoint was saved in {manager.directory} before it, so there '
+      'is no good state to resume from.'
+    )
+  except ValueError as e:
+    return f'No good state to resume from: {e}'
+  skipped = ''
+  if restored.unrestorable:
+    skipped = (
+      f' Newer steps {sorted(restored.unrestorable)} do not restore (they '
+      'will be set aside when the run starts again).'
+    )
+  return (
+    f'The last good checkpoint is step {restored.step} in {manager.directory} '
+    f'(it restores and its checksums verify; nothing after it was saved).'
+    f'{skipped}'
+  )

@@ -8,7 +8,9 @@ r"""The generic trainer: trains any configured dataset and objective.
 Every config of `experiments/configs/` trains with it (`folder.py`,
 `waterbirds.py`, `isic.py`, `spurious.py`, ...); the name is the project's
 first dataset. Running again with the same --workdir resumes from its last
-checkpoint. On CPU an XLA flag keeps convolutions off YNNPACK (about 2x
+checkpoint. SIGTERM (a scheduler's preemption notice) or Ctrl-C saves a
+checkpoint at the next step and exits with status 143 (130 for Ctrl-C); see
+docs/faults.md. On CPU an XLA flag keeps convolutions off YNNPACK (about 2x
 faster steps with jaxlib 0.10.2; same numerics, `cco_jax.runtime.xla_cpu`);
 set CCO_CPU_XLA_TUNING=0 to run without it. On several hosts, start the same
 command on each with --coordinator_address=HOST0:PORT --num_processes=N
@@ -24,7 +26,9 @@ misspelt key or config file, num_train_steps=0, ...) end with one line
 """
 
 from absl import flags
+from absl import logging
 
+from cco_jax import preemption
 from cco_jax import train
 from experiments import cli
 
@@ -38,7 +42,11 @@ def define_flags() -> None:
 
 def main(argv: list[str]) -> None:
   cli.no_arguments(argv)
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except preemption.Preempted as e:  # SIGTERM/SIGINT: saved, then stopped.
+    logging.warning('%s', e)
+    raise SystemExit(e.exit_code) from None
 
 
 if __name__ == '__main__':

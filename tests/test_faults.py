@@ -1,6 +1,12 @@
-"""Runs that meet faults: divergence, a busy workdir, bad checkpoints, a full
-disk, a changed config on resume. Each must stop with the true cause, or
-recover, and never lose or mix up work."""
+"""Runs that meet faults: divergence, a busy workdir, bad or silently corrupt
+checkpoints, a full disk, torn records, a changed config on resume. Each must
+stop with the true cause, or recover, and never lose or mix up work.
+
+The fault tables (fault -> expected outcome) are the dicts `CORRUPTIONS` and
+`BYTE_FLIPS` (checkpoints set aside, the run falls back); preemption and a
+dead peer, with real processes, are in `test_preemption.py`. docs/faults.md
+states the guarantees these tests check.
+"""
 
 import errno
 import json
@@ -21,6 +27,8 @@ import pytest
 from test_train import tiny_config
 
 from cco_jax import checkpointing
+from cco_jax import event_files
+from cco_jax import integrity
 from cco_jax import metric_writers
 from cco_jax import train
 from cco_jax import train_evaluation
@@ -380,3 +388,333 @@ def test_async_saves_restore_exactly_after_wait(tmp_path):
       jax.random.key_data(key), jax.random.key_data(jax.random.key(step))
     )
   manager.close()
+
+
+# -- Silent corruption: checksums ----------------------------------------------
+#
+# Fault table: bytes inverted (XOR 0xFF, up to 4 KiB) at an offset of a file
+# of the newest checkpoint (step 4) -> the expected outcome:
+#   SET_ASIDE: step 4 does not restore (a decoding error or a checksum
+#     mismatch); the run falls back to step 2 and sets step 4 aside;
+#   SET_ASIDE_OR_EXACT: either that, or step 4 restores bit-identical to what
+#     was saved (the bytes belong to a file the checkpoint no longer reads:
+#     Orbax merges the per-process OCDBT trees into the root one after a save,
+#     so some per-process files are left unreferenced).
+# Never: a corrupt checkpoint restored with other values.
+
+SET_ASIDE = 'set aside, fall back to step 2'
+SET_ASIDE_OR_EXACT = 'set aside, or restores exactly the saved values'
+
+
+def _state_data_files(step_dir: Path, item: str = 'state') -> list[Path]:
+  """An item's OCDBT data files, largest first."""
+  files = (step_dir / item).glob('ocdbt.process_0/d/*')
+  return sorted(files, key=lambda p: -p.stat().st_size)
+
+
+LAST_4_KIB = -1.0
+
+
+def _flip(path: Path, fraction: float, length: int = 4096) -> None:
+  """Inverts `length` bytes (clipped to the file) from `fraction` of `path`
+  (`LAST_4_KIB`: its last `length` bytes)."""
+  size = path.stat().st_size
+  offset = min(int(size * fraction), size - 1)
+  if fraction == LAST_4_KIB:
+    offset = max(size - length, 0)
+  with open(path, 'r+b') as f:
+    f.seek(offset)
+    data = f.read(min(length, size - offset))
+    f.seek(offset)
+    f.write(bytes(b ^ 0xFF for b in data))
+
+
+_largest = lambda d: _state_data_files(d)[0]  # Holds the arrays' chunks.
+_root = lambda item: lambda d: next((d / item / 'd').iterdir())
+
+BYTE_FLIPS = {
+  # fault: (file of checkpoints/4, offset as a fraction of its size, outcome)
+  'largest state data file, first byte': (_largest, 0.0, SET_ASIDE),
+  'largest state data file, at 10%': (_largest, 0.1, SET_ASIDE),
+  'largest state data file, at 50%': (_largest, 0.5, SET_ASIDE),
+  'largest state data file, at 90%': (_largest, 0.9, SET_ASIDE),
+  # Its tail may hold the per-process B-tree nodes, unread after the merge.
+  'largest state data file, last 4 KiB': (
+    _largest,
+    LAST_4_KIB,
+    SET_ASIDE_OR_EXACT,
+  ),
+  'state root data file (B-tree), at 50%': (_root('state'), 0.5, SET_ASIDE),
+  'state _METADATA (tree structure)': (
+    lambda d: d / 'state' / '_METADATA',
+    0.5,
+    SET_ASIDE,
+  ),
+  'rng root data file, at 50%': (_root('rng'), 0.5, SET_ASIDE),
+  'iterator state (JSON)': (lambda d: d / 'data' / 'metadata', 0.5, SET_ASIDE),
+  'checksums (JSON)': (
+    lambda d: d / 'integrity' / 'metadata',
+    0.5,
+    SET_ASIDE,
+  ),
+  'second state data file, at 50%': (
+    lambda d: _state_data_files(d)[1],
+    0.5,
+    SET_ASIDE_OR_EXACT,
+  ),
+  'smallest state data file, at 50%': (
+    lambda d: _state_data_files(d)[-1],
+    0.5,
+    SET_ASIDE_OR_EXACT,
+  ),
+  'per-process state OCDBT manifest': (
+    lambda d: d / 'state' / 'ocdbt.process_0' / 'manifest.ocdbt',
+    0.5,
+    SET_ASIDE_OR_EXACT,
+  ),
+  'per-process rng data file': (
+    lambda d: _state_data_files(d, 'rng')[0],
+    0.5,
+    SET_ASIDE_OR_EXACT,
+  ),
+}
+
+
+@pytest.fixture(scope='module')
+def saved_step_4(trained_run, template):
+  """The trained run's step 4, restored from the intact files."""
+  manager = checkpointing.create_manager(str(trained_run), 4)
+  state, *_ = checkpointing.restore(manager, template, 4)
+  manager.close()
+  return state
+
+
+@pytest.mark.parametrize('fault', list(BYTE_FLIPS))
+def test_byte_flip_in_a_checkpoint_is_never_restored_silently(
+  tmp_path, trained_run, template, saved_step_4, fault
+):
+  workdir = _copy(trained_run, tmp_path)
+  choose, fraction, outcome = BYTE_FLIPS[fault]
+  _flip(choose(workdir / 'checkpoints' / '4'), fraction)
+  manager = checkpointing.create_manager(str(workdir), 4)
+  restored = checkpointing.restore_newest(manager, template)
+  if restored.step == 4:
+    assert outcome == SET_ASIDE_OR_EXACT, f'{fault}: step 4 restored'
+    chex.assert_trees_all_equal(restored.state, saved_step_4)
+    return
+  assert restored.step == 2
+  assert list(restored.unrestorable) == [4]
+  checkpointing.set_aside(manager, restored.unrestorable)
+  assert manager.all_steps() == [2]
+  assert (workdir / checkpointing.UNRESTORABLE_DIR / '4').is_dir()
+
+
+def test_checksum_mismatch_names_the_arrays(tmp_path):
+  """Valid files of other values (step 1's state under step 2) decode without
+  any error: only the checksums tell, and the reason names what differs."""
+  state = {'w': np.arange(12.0).reshape(3, 4), 'b': np.zeros(3, np.float32)}
+  manager = checkpointing.create_manager(str(tmp_path), 3)
+  checkpointing.save(manager, 1, state, jax.random.key(0), {'p': 1})
+  checkpointing.save(
+    manager, 2, {**state, 'w': state['w'] + 1}, jax.random.key(0), {'p': 2}
+  )
+  manager.close()
+  step_2 = tmp_path / 'checkpoints' / '2' / 'state'
+  shutil.rmtree(step_2)
+  shutil.copytree(tmp_path / 'checkpoints' / '1' / 'state', step_2)
+  manager = checkpointing.create_manager(str(tmp_path), 3)
+  restored = checkpointing.restore_newest(manager, state)
+  assert restored.step == 1
+  assert restored.unrestorable[2] == (
+    'ChecksumMismatch: checksum mismatch: 1 of 4 checksums differ from what '
+    'was saved (state/w); the files are corrupt'
+  )
+
+
+def test_checksums_detect_any_changed_leaf():
+  """float64 reference: every dtype, 0-d arrays, and a change of one bit, of
+  the dtype or of the shape is a mismatch; equal values verify."""
+  rng = np.random.default_rng(0)
+  tree = {
+    'w': rng.normal(size=(3, 5)),
+    'b': np.float32(2.5),
+    'n': np.arange(6, dtype=np.int32),
+    'flag': np.array([True, False]),
+  }
+  expected = integrity.checksums({'state': tree, 'data_json': {'a': [1, 2]}})
+  integrity.verify({'state': tree, 'data_json': {'a': [1, 2]}}, expected)
+  flipped = tree['w'].copy()
+  flipped.view(np.uint64)[1, 2] ^= 1  # The lowest mantissa bit.
+  changes = {
+    'one bit': {**tree, 'w': flipped},
+    'dtype': {**tree, 'n': tree['n'].astype(np.int64)},
+    'shape': {**tree, 'n': tree['n'].reshape(2, 3)},
+    'missing leaf': {k: v for k, v in tree.items() if k != 'flag'},
+  }
+  for change, changed in changes.items():
+    with pytest.raises(
+      integrity.ChecksumMismatch, match='1 of 5 checksums differ'
+    ):
+      integrity.verify({'state': changed, 'data_json': {'a': [1, 2]}}, expected)
+      pytest.fail(change)
+  with pytest.raises(integrity.ChecksumMismatch, match='data_json'):
+    integrity.verify({'state': tree, 'data_json': {'a': [1, 3]}}, expected)
+
+
+def test_checkpoint_without_checksums_restores_with_a_warning(
+  tmp_path, trained_run, template, caplog
+):
+  """Checkpoints written before checksums existed still restore (unverified,
+  and the log says so)."""
+  workdir = _copy(trained_run, tmp_path)
+  shutil.rmtree(workdir / 'checkpoints' / '4' / 'integrity')
+  manager = checkpointing.create_manager(str(workdir), 4)
+  with caplog.at_level('WARNING'):
+    restored = checkpointing.restore_newest(manager, template)
+  assert restored.step == 4 and not restored.unrestorable
+  assert 'checkpoints/4 has no checksums' in caplog.text
+
+
+def test_last_good_checkpoint_names_only_a_verified_one(
+  tmp_path, trained_run, template
+):
+  """The non-finite message's "last good checkpoint" skips a corrupt one."""
+  workdir = _copy(trained_run, tmp_path)
+  _flip(_state_data_files(workdir / 'checkpoints' / '4')[0], 0.5)
+  manager = checkpointing.create_manager(str(workdir), 4)
+  message = train_guards.last_good_checkpoint(manager, template)
+  assert message.startswith('The last good checkpoint is step 2 in ')
+  assert 'its checksums verify' in message
+  assert 'Newer steps [4] do not restore' in message
+
+
+# -- Torn and duplicated records -----------------------------------------------
+
+
+def test_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path, caplog):
+  writer = metric_writers.MetricWriter(str(tmp_path))
+  for step in (1, 2, 3):
+    writer.write(step, {'train_loss': float(step)})
+  writer.close()
+  with open(tmp_path / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 4, "train_lo')  # Killed in the middle of a write.
+  with caplog.at_level('WARNING'):
+    assert [r['step'] for r in metric_writers.read_metrics(tmp_path)] == [
+      1,
+      2,
+      3,
+    ]
+  assert 'Dropped the torn last line 4 of' in caplog.text
+  assert len(caplog.records) == 1
+  resumed = metric_writers.MetricWriter(str(tmp_path))
+  resumed.discard_after(3)  # A resume removes the torn line from the file.
+  resumed.write(4, {'train_loss': 4.0})
+  resumed.close()
+  assert [r['step'] for r in metric_writers.read_metrics(tmp_path)] == [
+    1,
+    2,
+    3,
+    4,
+  ]
+
+
+def test_corrupt_metrics_line_before_the_last_is_named(tmp_path):
+  (tmp_path / 'metrics.jsonl').write_text(
+    '{"step": 1}\n{"step": 2, oops}\n{"step": 3}\n'
+  )
+  with pytest.raises(ValueError, match=r'metrics.jsonl, line 2, is not JSON'):
+    metric_writers.read_metrics(tmp_path)
+
+
+def _tensorboard_points(workdir: Path) -> list[tuple[str, int]]:
+  files = sorted((workdir / 'tensorboard').glob(event_files.PATTERN))
+  return [
+    (value.tag, event.step)
+    for f in files
+    for event in event_files.read_events(f.read_bytes())
+    if event.HasField('summary')
+    for value in event.summary.value
+  ]
+
+
+def test_tensorboard_shows_each_step_once_after_resumes(tmp_path):
+  """Three interruptions, resumed at steps 4, 4 and 6 (records after the
+  resumed step written again): every (tag, step) once, as in metrics.jsonl."""
+
+  def run(start, stop):
+    writer = metric_writers.MetricWriter(str(tmp_path))
+    writer.discard_after(start, rewritten=lambda r: 'identity_error' in r)
+    writer.write(start, {'identity_error': 1e-7})
+    for step in range(start + 1, stop + 1):
+      writer.write(step, {'train_loss': step / 10, 'eval_accuracy': 0.5})
+    writer.close()
+
+  run(0, 8)
+  run(4, 7)
+  run(4, 8)
+  run(6, 8)
+  points = _tensorboard_points(tmp_path)
+  assert len(points) == len(set(points))
+  records = metric_writers.read_metrics(tmp_path)
+  assert sorted(points) == sorted(
+    (k, r['step']) for r in records for k in r if k != 'step'
+  )
+  assert sorted(s for t, s in points if t == 'train_loss') == list(range(1, 9))
+
+
+def test_tensorboard_rewrite_interrupted_by_a_crash_recovers(tmp_path):
+  """A crash between the two renames of the swap loses and doubles nothing."""
+  writer = metric_writers.MetricWriter(str(tmp_path))
+  for step in (1, 2, 3):
+    writer.write(step, {'train_loss': float(step)})
+  writer.close()
+  board = tmp_path / 'tensorboard'
+  board.rename(tmp_path / 'tensorboard.old')  # The crash: after the first.
+  (tmp_path / 'tensorboard.rewrite').mkdir()
+  resumed = metric_writers.MetricWriter(str(tmp_path))
+  resumed.discard_after(2)
+  resumed.close()
+  assert sorted(_tensorboard_points(tmp_path)) == [
+    ('train_loss', 1),
+    ('train_loss', 2),
+  ]
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+    'metrics.jsonl',
+    'tensorboard',
+  ]
+
+
+# -- Quiet logs ----------------------------------------------------------------
+
+
+def test_only_the_closed_event_loop_noise_is_dropped():
+  """The unraisable "Event loop is closed" of a closed asyncio loop (what
+  TensorStore's late writes hit after a failed save) is dropped; any other
+  unraisable exception still reaches the previous hook."""
+  import asyncio  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+
+  from cco_jax import closed_loop_noise  # pylint: disable=g-import-not-at-top
+
+  loop = asyncio.new_event_loop()
+  loop.close()
+  try:
+    loop.call_soon_threadsafe(print)
+  except RuntimeError as e:
+    noise = e
+  try:
+    raise RuntimeError('Event loop is closed')  # Not asyncio's check.
+  except RuntimeError as e:
+    lookalike = e
+  seen = []
+  hook = closed_loop_noise._Hook(seen.append)  # pylint: disable=protected-access
+  for error in (noise, lookalike, ValueError('x')):
+    hook(
+      types.SimpleNamespace(
+        exc_type=type(error),
+        exc_value=error,
+        exc_traceback=error.__traceback__,
+      )
+    )
+  assert [u.exc_value for u in seen] == [lookalike, seen[1].exc_value]
+  assert isinstance(seen[1].exc_value, ValueError)

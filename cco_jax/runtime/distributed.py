@@ -78,8 +78,9 @@ def initialize_distributed(
   given (arguments first, then the `JAX_*` environment variables). With more
   than one process, CPU collectives go over gloo (without it, XLA's CPU
   backend cannot run a computation across processes), unless
-  `jax_cpu_collectives_implementation` is already set. Call it before any JAX
-  computation.
+  `jax_cpu_collectives_implementation` is already set. A `peers.Watchdog`
+  stops this process with one message when another one dies
+  (`$CCO_PEER_TIMEOUT_S`). Call it before any JAX computation.
   """
   settings = distributed_settings(
     coordinator_address, num_processes, process_id
@@ -88,9 +89,13 @@ def initialize_distributed(
     return False
   import jax  # pylint: disable=g-import-not-at-top
 
+  from cco_jax import peers  # pylint: disable=g-import-not-at-top
+
   if settings.get('num_processes', 2) > 1:
     current = jax.config.jax_cpu_collectives_implementation
     if current in (None, '', 'none'):
       jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(**settings)
+  timeout = peers.timeout_s()
+  jax.distributed.initialize(**settings, **peers.initialize_options(timeout))
+  peers.watch(timeout)  # A dead process: one message, then a clean stop.
   return True

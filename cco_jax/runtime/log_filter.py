@@ -42,8 +42,14 @@ class QuietLibraryLogs(logging_lib.Filter):
 
 
 def quiet_library_logs() -> None:
-  """Installs `QuietLibraryLogs` on absl's handler (entry points call it)."""
+  """Installs `QuietLibraryLogs` on absl's handler (entry points call it)
+  and drops the closed-event-loop tracebacks of a failed save
+  (`closed_loop_noise`)."""
   from absl import logging  # pylint: disable=g-import-not-at-top
+
+  from cco_jax import closed_loop_noise  # pylint: disable=g-import-not-at-top
+
+  closed_loop_noise.install()
 
   handler = logging.get_absl_handler()
   if not any(isinstance(f, QuietLibraryLogs) for f in handler.filters):
