@@ -6,7 +6,8 @@ checkpoints plus the best one by validation accuracy. Each checkpoint holds
 it restores on any number of devices), `rng`, and `data`: every host's input
 iterator state (JSON, a list indexed by `jax.process_index()`, gathered from all
 hosts before the primary host writes it), so a resumed run sees exactly the
-batches it had not seen, on every host.
+batches it had not seen, on every host; and, when given, `run`: the run record
+(`cco_jax.run_record`, JSON).
 
 `restore_newest` falls back to older checkpoints when the newest cannot be read
 (a truncated file, a missing `_METADATA`, a missing item) and reports which
@@ -74,7 +75,7 @@ def create_manager(
   return ocp.CheckpointManager(
     _absolute(workdir) / 'checkpoints',
     options=options,
-    item_names=('state', 'rng', 'data'),
+    item_names=('state', 'rng', 'data', 'run'),
   )
 
 
@@ -134,8 +135,10 @@ def save(
   rng: jax.Array,
   data_state: dict | str | bytes,
   metrics: dict | None = None,
+  record: dict | None = None,
 ) -> None:
-  """Saves an unreplicated `state`, the RNG key and this host's iterator state.
+  """Saves an unreplicated `state`, the RNG key and this host's iterator state
+  (and the run record `record`, JSON values, as the item 'run').
 
   Every host must call it (the iterator states are gathered from all hosts).
   `data_state` is what the iterator's `get_state()` returned: JSON-compatible
@@ -153,15 +156,18 @@ def save(
     data_state = data_state.decode()
   iterators = [json.loads(s) for s in _gather_json(json.dumps(data_state))]
   data = {'iterators': iterators, 'rng_impl': str(jax.random.key_impl(rng))}
+  items = dict(
+    state=ocp.args.StandardSave(jax.device_get(state)),
+    rng=ocp.args.StandardSave({'key_data': rng_data}),
+    data=ocp.args.JsonSave(data),
+  )
+  if record is not None:
+    items['run'] = ocp.args.JsonSave(record)
   wait(manager)  # A failed background save of an earlier step raises here.
   try:
     manager.save(
       step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(jax.device_get(state)),
-        rng=ocp.args.StandardSave({'key_data': rng_data}),
-        data=ocp.args.JsonSave(data),
-      ),
+      args=ocp.args.Composite(**items),
       metrics=metrics,
       force=True,
     )

@@ -1,15 +1,23 @@
-"""A trained run, restored: its config, model, variables and chosen step.
+"""A trained model, restored for use: config, run record, model, variables, step.
 
-`restore_run(workdir, step='best')` reads `workdir/config.json`, rebuilds the
-model and restores one checkpoint of `workdir/checkpoints`:
+`restore_model(workdir, step='best')` reads `workdir/config.json` and the run
+record `workdir/run.json` (`cco_jax.run_record`), rebuilds the model
+(`model_config.create_model`) and restores only its `params` and
+`batch_stats` from one checkpoint of `workdir/checkpoints` (a partial Orbax
+restore: no optimizer, no train state, no data). `step` is
 
   'best'   the highest validation accuracy among kept checkpoints
            (`CheckpointManager.best_step()`); the latest when none has metrics;
   'last'   the latest checkpoint;
   an int   that step (an error lists the steps that exist).
 
-The model's variables come back unreplicated, on the default device; nothing
-here imports the training loop, so evaluation and explanation stay light.
+A workdir written before run records (no `run.json`) still restores: its
+record is derived once from the config, which opens the data
+(`derive_record`; `python -m experiments.run_record --workdir=...` writes it).
+The variables come back unreplicated, on the default device. Nothing here
+imports the training loop, its optimizer or its losses (a test checks it), so
+evaluation and explanation stay light. ("Restore" means this; the training
+loop *resumes* from a checkpoint.)
 """
 
 from __future__ import annotations
@@ -19,18 +27,22 @@ import json
 import os
 from typing import Any
 
+from absl import logging
 import jax
+import jax.numpy as jnp
 import ml_collections
+import orbax.checkpoint as ocp
 
 from cco_jax import checkpointing
+from cco_jax import model_config
 from cco_jax import models
-from cco_jax import optimizers
-from cco_jax import train_setup
-from cco_jax import train_step as step_lib
+from cco_jax import run_record
 from cco_jax.data import config as data_config
 from cco_jax.data import info
+from cco_jax.data import sources
 
 STEP_CHOICES = ('best', 'last')
+VARIABLES = ('params', 'batch_stats')
 
 
 def _lists_to_tuples(value):
@@ -65,34 +77,74 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(raw)
 
 
-# The model of `config.model`, built as the training loop builds it.
-model_from_config = train_setup.create_model
+def derive_record(config: ml_collections.ConfigDict) -> run_record.RunRecord:
+  """The run record of `config`, for a workdir written before run records:
+  opens the primary dataset's splits once."""
+  primary = sources.OpenSplits(config.data).primary()
+  train = primary['train']
+  names = info.class_names_of(train.builder, config.data.name, config.data.task)
+  model = model_config.create_model(config, len(names))
+  return run_record.RunRecord.from_data(
+    config.data,
+    primary,
+    cam_size=models.cam_size(model, config.data.image_size),
+  )
 
 
-@dataclasses.dataclass
-class Run:
-  """A restored training run.
+def load_record(
+  workdir: str, config: ml_collections.ConfigDict
+) -> run_record.RunRecord:
+  """`workdir/run.json`; derived from `config` (`derive_record`) when the
+  workdir predates run records.
+
+  Raises:
+    run_record.RecordError: `run.json` exists but cannot be read.
+  """
+  path = run_record.path_of(workdir)
+  if os.path.exists(path):
+    return run_record.RunRecord.load(path)
+  logging.warning(
+    '%s does not exist (a run written before run records): deriving it from '
+    'config.json, which opens the data; %s',
+    path,
+    run_record.FIX,
+  )
+  return derive_record(config)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+  """A trained model, restored from a training run's directory.
 
   Attributes:
     config: the run's config.
+    record: the run's record (`run_record.RunRecord`): classes, groups,
+      image size, normalisation, ...
     workdir: the run's directory.
     model: the `models.ResNet` (no pmap axis).
     variables: `{'params', 'batch_stats'}`, unreplicated.
     step: the restored step.
     checkpoint: how it was chosen: 'best', 'last' (also the fallback of 'best'
       when no checkpoint has metrics) or 'step'.
-    cam_size: `(h, w)` of the maps.
-    class_names: the classes of the head, in order.
   """
 
   config: ml_collections.ConfigDict
+  record: run_record.RunRecord
   workdir: str
   model: models.ResNet
   variables: Any
   step: int
   checkpoint: str
-  cam_size: tuple[int, int]
-  class_names: tuple[str, ...]
+
+  @property
+  def cam_size(self) -> tuple[int, int]:
+    """`(h, w)` of the maps."""
+    return self.record.cam_size
+
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    """The classes of the head, in order."""
+    return self.record.class_names
 
   def predict_fn(self):
     """A jitted `images (B, S, S, 3) -> (logits (B, C), cams (B, h, w, C))`."""
@@ -128,22 +180,64 @@ def choose_step(manager, step) -> tuple[int, str]:
   return wanted, 'step'
 
 
-def restore_run(
+def abstract_variables(model: models.ResNet, image_size: int) -> dict:
+  """Shapes and dtypes of `model`'s `{'params', 'batch_stats'}` (nothing is
+  computed)."""
+  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  shapes = jax.eval_shape(
+    lambda x: model.init(jax.random.key(0), x, train=False), images
+  )
+  return {name: shapes.get(name, {}) for name in VARIABLES}
+
+
+def restore_variables(manager, step: int, abstract: dict) -> dict:
+  """`{'params', 'batch_stats'}` of checkpoint `step`, nothing else (a partial
+  restore of the item 'state' onto `abstract`).
+
+  Raises:
+    ValueError: the checkpoint does not hold these variables (e.g. the
+      config's model differs from the one that wrote it); names the step.
+  """
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
+  try:
+    restored = manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+          item=target,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True,
+        )
+      ),
+    )
+  except Exception as e:  # pylint: disable=broad-except
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+    raise ValueError(
+      f'The checkpoint {manager.directory}/{step} does not hold this model\'s '
+      f'params and batch_stats ({type(e).__name__}: {first[:300]}); restore '
+      'it with the config.json it was trained with.'
+    ) from e
+  return jax.device_put({name: restored["state"][name] for name in VARIABLES})
+
+
+def restore_model(
   workdir: str,
   *,
   step: int | str = 'best',
   config: ml_collections.ConfigDict | None = None,
-) -> Run:
-  """Rebuilds the model of `workdir` and restores one checkpoint.
+) -> TrainedModel:
+  """The model of `workdir` with the variables of one checkpoint.
 
   Args:
-    workdir: a training run's directory (config.json, checkpoints/).
+    workdir: a training run's directory (config.json, run.json,
+      checkpoints/).
     step: 'best', 'last' or a step number (module docstring).
     config: the run's config with overrides (default: `load_config`).
 
   Raises:
     FileNotFoundError: no config.json or no checkpoint.
-    ValueError: a bad `step`.
+    ValueError: a bad `step`, or a checkpoint of another model.
+    run_record.RecordError: an unreadable run.json.
   """
   config = load_config(workdir) if config is None else config
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
@@ -151,23 +245,8 @@ def restore_run(
       f'{workdir}/checkpoints does not exist: train first '
       '(python -m experiments.pets --workdir=...).'
     )
-  class_names = info.class_names(config.data)
-  model = model_from_config(config, len(class_names))
-  # Only the state's structure, shapes and dtypes matter (nothing is compiled
-  # or run); the optimizer's step counts don't change its structure.
-  tx = optimizers.create_optimizer(
-    config.optimizer, 1, 1, config.accumulation_steps
-  )
-  rng = jax.random.key(0, impl=config.get('rng_impl') or None)
-  template = jax.eval_shape(
-    lambda: step_lib.create_train_state(
-      rng,
-      model,
-      config.data.image_size,
-      tx,
-      num_groups=getattr(train_setup.create_objective(config), 'num_groups', 0),
-    )
-  )
+  record = load_record(workdir, config)
+  model = model_config.create_model(config, record.num_classes)
   manager = checkpointing.create_manager(
     workdir,
     config.keep_checkpoints,
@@ -175,16 +254,17 @@ def restore_run(
   )
   try:
     chosen, how = choose_step(manager, step)
-    state, _, _, chosen = checkpointing.restore(manager, template, chosen)
+    variables = restore_variables(
+      manager, chosen, abstract_variables(model, record.image_size)
+    )
   finally:
     manager.close()
-  return Run(
+  return TrainedModel(
     config=config,
+    record=record,
     workdir=workdir,
     model=model,
-    variables={'params': state.params, 'batch_stats': state.batch_stats},
+    variables=variables,
     step=int(chosen),
     checkpoint=how,
-    cam_size=models.cam_size(model, config.data.image_size),
-    class_names=tuple(class_names),
   )

@@ -49,6 +49,7 @@ from cco_jax import figures
 from cco_jax import metric_writers
 from cco_jax import metrics as metrics_lib
 from cco_jax import pretrained
+from cco_jax import run_record
 from cco_jax import runtime
 from cco_jax import train_guards
 from cco_jax import train_input
@@ -187,14 +188,19 @@ class Run:
   """Holds what the loop's phases share: config, setup, writers, manager."""
 
   def __init__(
-    self, config: ml_collections.ConfigDict, workdir: str | os.PathLike
+    self,
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    splits: input_pipeline.OpenSplits | None = None,
   ):
     self.config = config
     self.workdir = epath.Path(workdir)
     self.is_chief = jax.process_index() == 0
     self.figure_dir = self.workdir / 'figures'
-    self.setup = build(config)
-    self.manager = train_setup.create_manager(config, workdir)
+    self.setup = build(config, splits)
+    self.manager = train_setup.create_manager(
+      config, workdir, self.setup.record.group_names
+    )
     self.writer = metric_writers.MetricWriter(workdir, enabled=self.is_chief)
     budget_mb = config.get('eval_cache_mb', 512)
     if not isinstance(budget_mb, (int, float)) or budget_mb < 0:
@@ -231,21 +237,26 @@ class Run:
     )
 
   def save_config(self) -> None:
+    """Writes `config.json` and the run record `run.json`."""
     if self.is_chief:
       (self.workdir / 'config.json').write_text(
         self.config.to_json_best_effort(indent=2)
       )
+      self.setup.record.save(run_record.path_of(self.workdir))
 
   def evaluate_split(self, state, split: str, **kwargs) -> dict:
     """Evaluates `split`; validation from the batches read once per run."""
     if split == 'validation' and not kwargs:
       return evaluate(
-        self.setup.p_eval_step, state, self.validation, self.setup.group_names
+        self.setup.p_eval_step,
+        state,
+        self.validation,
+        self.setup.record.group_names,
       )
     batches = eval_iterator(self.config, self.setup, split, **kwargs)
     try:
       return evaluate(
-        self.setup.p_eval_step, state, batches, self.setup.group_names
+        self.setup.p_eval_step, state, batches, self.setup.record.group_names
       )
     finally:
       train_input.close_iterator(batches)
@@ -277,7 +288,7 @@ class Run:
       pick(cams),
       pick(batch['label']),
       predictions=pick(logits).argmax(-1),
-      class_names=input_pipeline.class_names(self.config.data),
+      class_names=self.setup.record.class_names,
       step=step,
     )
     figures.save_learning_curves(
@@ -289,7 +300,13 @@ class Run:
     self, state, rng, step: int, data_state, metrics: dict | None
   ) -> None:
     checkpointing.save(
-      self.manager, step, step_lib.unreplicate(state), rng, data_state, metrics
+      self.manager,
+      step,
+      step_lib.unreplicate(state),
+      rng,
+      data_state,
+      metrics,
+      record=self.setup.record.to_json(),
     )
     logging.info(
       'Saved the checkpoint of step %d in %s.', step, self.manager.directory
@@ -342,9 +359,10 @@ def train_and_evaluate(
   lock = runtime.WorkdirLock(workdir, jax.process_index()).acquire()
   run = None
   try:
-    config = train_setup.with_data_fields(config)
+    splits = input_pipeline.OpenSplits(config.data)  # Each opened once.
+    config = train_setup.with_data_fields(config, splits)
     configuration.check_resumable(config, workdir)
-    run = Run(config, workdir)
+    run = Run(config, workdir, splits)
     return _train_and_evaluate(run)
   finally:
     if run is not None:
