@@ -213,11 +213,11 @@ def restore_variables(manager, step: int, abstract: dict) -> dict:
   except Exception as e:  # pylint: disable=broad-except
     first = str(e).strip().splitlines()[0] if str(e).strip() else ''
     raise ValueError(
-      f'The checkpoint {manager.directory}/{step} does not hold this model\'s '
+      f"The checkpoint {manager.directory}/{step} does not hold this model's "
       f'params and batch_stats ({type(e).__name__}: {first[:300]}); restore '
       'it with the config.json it was trained with.'
     ) from e
-  return jax.device_put({name: restored["state"][name] for name in VARIABLES})
+  return jax.device_put({name: restored['state'][name] for name in VARIABLES})
 
 
 def restore_model(

@@ -166,9 +166,7 @@ class RunRecord:
       'mean',
       'std',
     }
-    return cls(
-      **{k: tuple(v) if k in tuples else v for k, v in values.items()}
-    )
+    return cls(**{k: tuple(v) if k in tuples else v for k, v in values.items()})
 
   def save(self, path: str | os.PathLike) -> None:
     """Writes the record as JSON to `path` (e.g. `WORKDIR/run.json`)."""

@@ -305,9 +305,7 @@ def build(
     config.data, primary, cam_size=cam_size
   )
   group_names = record.group_names
-  schedule = resolve_schedule(
-    config, len(train), len(primary['validation'])
-  )
+  schedule = resolve_schedule(config, len(train), len(primary['validation']))
   tx = optimizers.create_optimizer(
     config.optimizer,
     max(1, schedule.steps_per_epoch // config.accumulation_steps),
