@@ -13,7 +13,8 @@ restore: no optimizer, no train state, no data). `step` is
 
 A workdir written before run records (no `run.json`) still restores: its
 record is derived once from the config, which opens the data
-(`derive_record`; `python -m experiments.run_record --workdir=...` writes it).
+(`run_record.load_or_derive`; `python -m experiments.run_record
+--workdir=...` writes it).
 The variables come back unreplicated, on the default device. Nothing here
 imports the training loop, its optimizer or its losses (a test checks it), so
 evaluation and explanation stay light. ("Restore" means this; the training
@@ -27,7 +28,6 @@ import json
 import os
 from typing import Any
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -38,8 +38,6 @@ from cco_jax import model_config
 from cco_jax import models
 from cco_jax import run_record
 from cco_jax.data import config as data_config
-from cco_jax.data import info
-from cco_jax.data import sources
 
 STEP_CHOICES = ('best', 'last')
 VARIABLES = ('params', 'batch_stats')
@@ -75,41 +73,6 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   data.update(raw.get('data', {}))
   raw['data'] = data
   return ml_collections.ConfigDict(raw)
-
-
-def derive_record(config: ml_collections.ConfigDict) -> run_record.RunRecord:
-  """The run record of `config`, for a workdir written before run records:
-  opens the primary dataset's splits once."""
-  primary = sources.OpenSplits(config.data).primary()
-  train = primary['train']
-  names = info.class_names_of(train.builder, config.data.name, config.data.task)
-  model = model_config.create_model(config, len(names))
-  return run_record.RunRecord.from_data(
-    config.data,
-    primary,
-    cam_size=models.cam_size(model, config.data.image_size),
-  )
-
-
-def load_record(
-  workdir: str, config: ml_collections.ConfigDict
-) -> run_record.RunRecord:
-  """`workdir/run.json`; derived from `config` (`derive_record`) when the
-  workdir predates run records.
-
-  Raises:
-    run_record.RecordError: `run.json` exists but cannot be read.
-  """
-  path = run_record.path_of(workdir)
-  if os.path.exists(path):
-    return run_record.RunRecord.load(path)
-  logging.warning(
-    '%s does not exist (a run written before run records): deriving it from '
-    'config.json, which opens the data; %s',
-    path,
-    run_record.FIX,
-  )
-  return derive_record(config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,25 +143,26 @@ def choose_step(manager, step) -> tuple[int, str]:
   return wanted, 'step'
 
 
-def abstract_variables(model: models.ResNet, image_size: int) -> dict:
-  """Shapes and dtypes of `model`'s `{'params', 'batch_stats'}` (nothing is
-  computed)."""
-  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  shapes = jax.eval_shape(
-    lambda x: model.init(jax.random.key(0), x, train=False), images
-  )
-  return {name: shapes.get(name, {}) for name in VARIABLES}
-
-
-def restore_variables(manager, step: int, abstract: dict) -> dict:
-  """`{'params', 'batch_stats'}` of checkpoint `step`, nothing else (a partial
-  restore of the item 'state' onto `abstract`).
+def restore_variables(
+  manager, step: int, model: models.ResNet, image_size: int
+) -> dict:
+  """`{'params', 'batch_stats'}` of `model` from checkpoint `step`, nothing
+  else: a partial restore of the item 'state' onto the variables' shapes and
+  dtypes (from `jax.eval_shape` of `model.init` on `image_size` images;
+  nothing is computed).
 
   Raises:
     ValueError: the checkpoint does not hold these variables (e.g. the
       config's model differs from the one that wrote it); names the step.
   """
-  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
+  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  shapes = jax.eval_shape(
+    lambda x: model.init(jax.random.key(0), x, train=False), images
+  )
+  target = {
+    name: jax.tree.map(ocp.utils.to_shape_dtype_struct, shapes.get(name, {}))
+    for name in VARIABLES
+  }
   try:
     restored = manager.restore(
       step,
@@ -245,7 +209,7 @@ def restore_model(
       f'{workdir}/checkpoints does not exist: train first '
       '(python -m experiments.pets --workdir=...).'
     )
-  record = load_record(workdir, config)
+  record = run_record.load_or_derive(workdir, config)
   model = model_config.create_model(config, record.num_classes)
   manager = checkpointing.create_manager(
     workdir,
@@ -254,9 +218,7 @@ def restore_model(
   )
   try:
     chosen, how = choose_step(manager, step)
-    variables = restore_variables(
-      manager, chosen, abstract_variables(model, record.image_size)
-    )
+    variables = restore_variables(manager, chosen, model, record.image_size)
   finally:
     manager.close()
   return TrainedModel(

@@ -21,13 +21,17 @@ import json
 import os
 from typing import Any
 
+from absl import logging
 from etils import epath
 import ml_collections
 import numpy as np
 
+from cco_jax import model_config
+from cco_jax import models
 from cco_jax.data import config as data_config_lib
 from cco_jax.data import info
 from cco_jax.data import preparation
+from cco_jax.data import sources
 from cco_jax.data.sources import SplitSource
 
 SCHEMA = 1
@@ -193,6 +197,41 @@ FIX = (
   'write it from the run\'s config with "python -m experiments.run_record '
   '--workdir=WORKDIR" (it opens the data once).'
 )
+
+
+def derive(config: ml_collections.ConfigDict) -> RunRecord:
+  """The record of a run of `config`, for a workdir written before run
+  records: opens the primary dataset's splits once."""
+  primary = sources.OpenSplits(config.data).primary()
+  builder = primary['train'].builder
+  names = info.class_names_of(builder, config.data.name, config.data.task)
+  model = model_config.create_model(config, len(names))
+  return RunRecord.from_data(
+    config.data,
+    primary,
+    cam_size=models.cam_size(model, config.data.image_size),
+  )
+
+
+def load_or_derive(
+  workdir: str | os.PathLike, config: ml_collections.ConfigDict
+) -> RunRecord:
+  """`workdir/run.json`; derived from `config` (`derive`, opening the data)
+  when the workdir predates run records. Writes nothing.
+
+  Raises:
+    RecordError: `run.json` exists but cannot be read.
+  """
+  path = epath.Path(workdir) / FILE_NAME
+  if path.exists():
+    return RunRecord.load(path)
+  logging.warning(
+    '%s does not exist (a run written before run records): deriving it from '
+    'config.json, which opens the data; %s',
+    path,
+    FIX,
+  )
+  return derive(config)
 
 
 def _floats(values) -> tuple[float, float, float]:

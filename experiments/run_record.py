@@ -29,7 +29,7 @@ def write(workdir: str, force: bool = False) -> str:
   path = run_record.path_of(workdir)
   if os.path.exists(path) and not force:
     raise app.UsageError(f'{path} exists; pass --force to write it again.')
-  restore.derive_record(restore.load_config(workdir)).save(path)
+  run_record.derive(restore.load_config(workdir)).save(path)
   return path
 
 

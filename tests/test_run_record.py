@@ -274,5 +274,5 @@ def test_record_round_trip_and_one_line_errors(tmp_path):
   assert "missing ['class_names']" in error(json.dumps(values))
   # A malformed run.json of a workdir is refused, not silently re-derived.
   with pytest.raises(run_record.RecordError):
-    restore.load_record(str(tmp_path), None)
+    run_record.load_or_derive(tmp_path, None)
   assert dataclasses.replace(record, image_size=8) != record
