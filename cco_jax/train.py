@@ -3,8 +3,8 @@
 `train_and_evaluate(config, workdir)` runs in named phases:
   1. `build` the model, objective, optimizer and data iterators from the config
      (`train_setup`);
-  2. `restore_or_create` the state (resuming from `workdir/checkpoints`);
-  3. `check_identity` of the logit-sum identity (at start and after a restore);
+  2. `resume_or_create` the state (resuming from `workdir/checkpoints`);
+  3. `check_identity` of the logit-sum identity (at start and after a resume);
   4. the step loop, with periodic logging, evaluation and checkpoints (figures
      at the end, or every `figure_every_evals` evaluations); batches reach
      the devices from a background thread (`train_input.Prefetch`), the
@@ -75,7 +75,7 @@ figures_due = train_setup.figures_due
 # ----------------------------------------------------------------------------
 
 
-def restore_or_create(
+def resume_or_create(
   config, setup: Setup, manager
 ) -> tuple[Any, jax.Array, int]:
   """Phase 2: the unreplicated state, the RNG and the first step to run.
@@ -383,7 +383,7 @@ def _rewritten_on_resume(record: dict) -> bool:
 
 def _train_and_evaluate(run: Run) -> dict:
   config, setup, schedule = run.config, run.setup, run.setup.schedule
-  state, rng, start_step = restore_or_create(config, setup, run.manager)
+  state, rng, start_step = resume_or_create(config, setup, run.manager)
   if start_step > schedule.num_train_steps:
     raise ValueError(
       f'{run.workdir} has already trained {start_step} steps, more than the '
