@@ -255,9 +255,9 @@ class Explainer:
     self.batch_size = batch_size
     self.boundary_is_foreground = boundary_is_foreground
     self.trained = None  # The `restore.TrainedModel`, when restored.
-    bias = models.head_bias(variables)
-    kernel = variables['params']['head']['kernel']
-    self.kernel = np.asarray(kernel, np.float32)
+    head = variables['params']['head']  # `models.CamHead`'s parameters.
+    bias = head.get('bias')  # None for a bias-free (faithful) head.
+    self.kernel = np.asarray(head['kernel'], np.float32)
     self.bias = (
       np.zeros(self.kernel.shape[1], np.float32)
       if bias is None

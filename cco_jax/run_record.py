@@ -138,40 +138,6 @@ class RunRecord:
     """The record as JSON values (tuples as lists)."""
     return json.loads(json.dumps(dataclasses.asdict(self)))
 
-  @classmethod
-  def from_json(cls, values: Mapping[str, Any], where: str) -> RunRecord:
-    """The record of `to_json`'s values; `where` names their source in
-    errors.
-
-    Raises:
-      RecordError: another schema, or missing or unknown fields.
-    """
-    if not isinstance(values, Mapping):
-      raise RecordError(f'{where}: a run record is a JSON object.')
-    schema = values.get('schema')
-    if schema != SCHEMA:
-      raise RecordError(
-        f'{where}: run record schema {schema!r}, this library reads schema '
-        f'{SCHEMA}; {FIX}'
-      )
-    fields = {f.name for f in dataclasses.fields(cls)}
-    missing, unknown = fields - set(values), set(values) - fields
-    if missing or unknown:
-      raise RecordError(
-        f'{where}: run record fields missing {sorted(missing)}, unknown '
-        f'{sorted(unknown)}; {FIX}'
-      )
-    tuples = {
-      'class_names',
-      'group_names',
-      'train_class_counts',
-      'train_group_counts',
-      'cam_size',
-      'mean',
-      'std',
-    }
-    return cls(**{k: tuple(v) if k in tuples else v for k, v in values.items()})
-
   def save(self, path: str | os.PathLike) -> None:
     """Writes the record as JSON to `path` (e.g. `WORKDIR/run.json`)."""
     epath.Path(path).write_text(json.dumps(self.to_json(), indent=2))
@@ -190,7 +156,23 @@ class RunRecord:
       values = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise RecordError(f'{path} is not JSON ({e}); {FIX}') from None
-    return cls.from_json(values, str(path))
+    if not isinstance(values, dict):
+      raise RecordError(f'{path}: a run record is a JSON object; {FIX}')
+    if values.get('schema') != SCHEMA:
+      raise RecordError(
+        f'{path}: run record schema {values.get("schema")!r}, this library '
+        f'reads schema {SCHEMA}; {FIX}'
+      )
+    fields = {f.name for f in dataclasses.fields(cls)}
+    missing, unknown = fields - set(values), set(values) - fields
+    if missing or unknown:
+      raise RecordError(
+        f'{path}: run record fields missing {sorted(missing)}, unknown '
+        f'{sorted(unknown)}; {FIX}'
+      )
+    return cls(
+      **{k: tuple(v) if k in _TUPLES else v for k, v in values.items()}
+    )
 
 
 FIX = (
@@ -232,6 +214,18 @@ def load_or_derive(
     FIX,
   )
   return derive(config)
+
+
+# The tuple fields, which JSON stores as lists.
+_TUPLES = (
+  'class_names',
+  'group_names',
+  'train_class_counts',
+  'train_group_counts',
+  'cam_size',
+  'mean',
+  'std',
+)
 
 
 def _floats(values) -> tuple[float, float, float]:

@@ -256,10 +256,12 @@ def run(
   trained = explainer.trained
   print(
     f'Explaining with {trained.workdir} at step {trained.step} '
-    f'({trained.checkpoint} checkpoint); classes {list(trained.class_names)}.',
+    f'({trained.checkpoint} checkpoint); classes '
+    f'{list(trained.record.class_names)}.',
     flush=True,
   )
-  chosen = [parse_class(c, trained.class_names) for c in classes or ()]
+  names = trained.record.class_names
+  chosen = [parse_class(c, names) for c in classes or ()]
   target = chosen[0] if chosen else None
   paths = expand_paths(patterns)
   os.makedirs(out, exist_ok=True)
@@ -275,7 +277,7 @@ def run(
     'workdir': os.path.abspath(trained.workdir),
     'step': trained.step,
     'checkpoint': trained.checkpoint,
-    'class_names': list(trained.class_names),
+    'class_names': list(names),
     'images': entries,
     'failed': failures,
   }
