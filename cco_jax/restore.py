@@ -144,17 +144,21 @@ def choose_step(manager, step) -> tuple[int, str]:
 
 
 def restore_variables(
-  manager, step: int, model: models.ResNet, image_size: int
-) -> dict:
-  """`{'params', 'batch_stats'}` of `model` from checkpoint `step`, nothing
-  else: a partial restore of the item 'state' onto the variables' shapes and
-  dtypes (from `jax.eval_shape` of `model.init` on `image_size` images;
-  nothing is computed).
+  manager, step, model: models.ResNet, image_size: int
+) -> tuple[dict, int, str]:
+  """`(variables, step, how)`: `{'params', 'batch_stats'}` of `model` from
+  the checkpoint `choose_step(manager, step)` chooses, nothing else.
+
+  A partial restore of the item 'state' onto the variables' shapes and dtypes
+  (from `jax.eval_shape` of `model.init` on `image_size` images; nothing is
+  computed).
 
   Raises:
+    FileNotFoundError, ValueError: as `choose_step`.
     ValueError: the checkpoint does not hold these variables (e.g. the
       config's model differs from the one that wrote it); names the step.
   """
+  step, how = choose_step(manager, step)
   images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   shapes = jax.eval_shape(
     lambda x: model.init(jax.random.key(0), x, train=False), images
@@ -174,6 +178,8 @@ def restore_variables(
         )
       ),
     )
+    variables = {name: restored['state'][name] for name in VARIABLES}
+    _check_like(variables, target)
   except Exception as e:  # pylint: disable=broad-except
     first = str(e).strip().splitlines()[0] if str(e).strip() else ''
     raise ValueError(
@@ -181,7 +187,22 @@ def restore_variables(
       f'params and batch_stats ({type(e).__name__}: {first[:300]}); restore '
       'it with the config.json it was trained with.'
     ) from e
-  return jax.device_put({name: restored['state'][name] for name in VARIABLES})
+  return jax.device_put(variables), step, how
+
+
+def _check_like(variables: dict, target: dict) -> None:
+  """Raises ValueError naming the first leaf of `variables` whose structure,
+  shape or dtype differs from `target`'s (Orbax restores what it finds)."""
+  found = jax.tree_util.tree_flatten_with_path(variables)[0]
+  wanted = jax.tree_util.tree_flatten_with_path(target)[0]
+  if [p for p, _ in found] != [p for p, _ in wanted]:
+    raise ValueError('the variables are not those of this model')
+  for (path, x), (_, t) in zip(found, wanted):
+    if (x.shape, x.dtype) != (t.shape, t.dtype):
+      raise ValueError(
+        f'{jax.tree_util.keystr(path)} is {x.dtype}{list(x.shape)}, this '
+        f'model has {t.dtype}{list(t.shape)}'
+      )
 
 
 def restore_model(
@@ -210,15 +231,16 @@ def restore_model(
       '(python -m experiments.pets --workdir=...).'
     )
   record = run_record.load_or_derive(workdir, config)
-  model = model_config.create_model(config, record.num_classes)
+  model = model_config.create_model(config, len(record.class_names))
   manager = checkpointing.create_manager(
     workdir,
     config.keep_checkpoints,
     f'eval_{config.get("best_metric", "accuracy")}',
   )
   try:
-    chosen, how = choose_step(manager, step)
-    variables = restore_variables(manager, chosen, model, record.image_size)
+    variables, chosen, how = restore_variables(
+      manager, step, model, record.image_size
+    )
   finally:
     manager.close()
   return TrainedModel(

@@ -276,3 +276,17 @@ def test_record_round_trip_and_one_line_errors(tmp_path):
   with pytest.raises(run_record.RecordError):
     run_record.load_or_derive(tmp_path, None)
   assert dataclasses.replace(record, image_size=8) != record
+
+
+def test_a_checkpoint_of_another_model_is_refused_in_one_line(
+  trained_run, tmp_path
+):
+  workdir, _, _ = trained_run
+  other = tmp_path / 'other'
+  shutil.copytree(workdir, other, ignore=shutil.ignore_patterns('run.lock'))
+  config = json.loads((other / 'config.json').read_text())
+  config['model']['num_filters'] *= 2
+  (other / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(ValueError, match='does not hold this model') as info:
+    restore.restore_model(str(other))
+  assert '\n' not in str(info.value) and 'config.json' in str(info.value)
