@@ -179,7 +179,18 @@ def restore_variables(
       ),
     )
     variables = {name: restored['state'][name] for name in VARIABLES}
-    _check_like(variables, target)
+    # Orbax restores what it finds: the structure (jax.tree.map raises),
+    # shapes and dtypes must be this model's.
+    differ = jax.tree_util.tree_flatten_with_path(
+      jax.tree.map(
+        lambda x, t: (x.shape, x.dtype) != (t.shape, t.dtype),
+        variables,
+        target,
+      )
+    )[0]
+    wrong = [jax.tree_util.keystr(path) for path, bad in differ if bad]
+    if wrong:
+      raise ValueError(f'shapes or dtypes differ at {wrong[0]}')
   except Exception as e:  # pylint: disable=broad-except
     first = str(e).strip().splitlines()[0] if str(e).strip() else ''
     raise ValueError(
@@ -188,21 +199,6 @@ def restore_variables(
       'it with the config.json it was trained with.'
     ) from e
   return jax.device_put(variables), step, how
-
-
-def _check_like(variables: dict, target: dict) -> None:
-  """Raises ValueError naming the first leaf of `variables` whose structure,
-  shape or dtype differs from `target`'s (Orbax restores what it finds)."""
-  found = jax.tree_util.tree_flatten_with_path(variables)[0]
-  wanted = jax.tree_util.tree_flatten_with_path(target)[0]
-  if [p for p, _ in found] != [p for p, _ in wanted]:
-    raise ValueError('the variables are not those of this model')
-  for (path, x), (_, t) in zip(found, wanted):
-    if (x.shape, x.dtype) != (t.shape, t.dtype):
-      raise ValueError(
-        f'{jax.tree_util.keystr(path)} is {x.dtype}{list(x.shape)}, this '
-        f'model has {t.dtype}{list(t.shape)}'
-      )
 
 
 def restore_model(
