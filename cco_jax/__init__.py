@@ -28,7 +28,10 @@ Modules, in data-flow order (docs/architecture.md tells the whole path):
   train_guards      the checks that stop a diverged run.
   train_evaluation  evaluation during and after training.
   train             the training loop.
-  restore           a trained run restored without the training loop.
+  run_record        what a run is (run.json), computed once at its start.
+  model_config      the model of a config (training and restoring alike).
+  restore           a trained model restored for use, without the training
+                    loop: run.json + config.json, params and batch_stats.
   evaluation        interventions, evaluators and checkpoint reports.
   explain           explanations for any image.
 """

@@ -6,7 +6,8 @@ checkpoints plus the best one by validation accuracy. Each checkpoint holds
 it restores on any number of devices), `rng`, and `data`: every host's input
 iterator state (JSON, a list indexed by `jax.process_index()`, gathered from all
 hosts before the primary host writes it), so a resumed run sees exactly the
-batches it had not seen, on every host.
+batches it had not seen, on every host; and, when given, `run`: the run record
+(`cco_jax.run_record`, JSON).
 
 Each checkpoint also holds `integrity`: the SHA-256 of every array and of the
 iterator state (`integrity.checksums`), verified after every restore, so a
@@ -81,7 +82,7 @@ def create_manager(
   return ocp.CheckpointManager(
     _absolute(workdir) / 'checkpoints',
     options=options,
-    item_names=('state', 'rng', 'data', 'integrity'),
+    item_names=('state', 'rng', 'data', 'integrity', 'run'),
   )
 
 
@@ -142,8 +143,10 @@ def save(
   data_state: dict | str | bytes,
   metrics: dict | None = None,
   loop_state: dict | None = None,
+  record: dict | None = None,
 ) -> None:
-  """Saves an unreplicated `state`, the RNG key and this host's iterator state.
+  """Saves an unreplicated `state`, the RNG key and this host's iterator state
+  (and the run record `record`, JSON values, as the item 'run').
 
   Every host must call it (the iterator states are gathered from all hosts).
   `data_state` is what the iterator's `get_state()` returned: JSON-compatible
@@ -167,19 +170,26 @@ def save(
   if loop_state is not None:
     data['loop'] = loop_state
   host_state = jax.device_get(state)
-  checksums = integrity.checksums(
-    {'state': host_state, 'rng': {'key_data': rng_data}, 'data_json': data}
+  checked = {
+    'state': host_state,
+    'rng': {'key_data': rng_data},
+    'data_json': data,
+  }
+  if record is not None:
+    checked['run_json'] = record
+  items = dict(
+    state=ocp.args.StandardSave(host_state),
+    rng=ocp.args.StandardSave({'key_data': rng_data}),
+    data=ocp.args.JsonSave(data),
+    integrity=ocp.args.JsonSave(integrity.checksums(checked)),
   )
+  if record is not None:
+    items['run'] = ocp.args.JsonSave(record)
   wait(manager)  # A failed background save of an earlier step raises here.
   try:
     manager.save(
       step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(host_state),
-        rng=ocp.args.StandardSave({'key_data': rng_data}),
-        data=ocp.args.JsonSave(data),
-        integrity=ocp.args.JsonSave(checksums),
-      ),
+      args=ocp.args.Composite(**items),
       metrics=metrics,
       force=True,
     )

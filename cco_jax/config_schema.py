@@ -150,8 +150,11 @@ def _checks(config: ml_collections.ConfigDict) -> None:
   config.eval_ood = True  # Cats-vs-Dogs accuracy (species models only).
 
 
-def default_config() -> ml_collections.ConfigDict:
+def default_config(*, loss: bool = True) -> ml_collections.ConfigDict:
   """The full training config with every key at its default (unlocked).
+
+  `loss=False` leaves out the `loss` section (its defaults are declared by
+  the objectives, training code: see `load_saved`).
 
   The defaults are the paper's `binary` setting (docs/method.md §7): a
   ResNet-50 at 224 px with the method's three changes, ACE + divergence,
@@ -161,7 +164,8 @@ def default_config() -> ml_collections.ConfigDict:
   _seed(config)
   config.data = data_config.default_config()
   config.model = _model()
-  config.loss = _loss()
+  if loss:
+    config.loss = _loss()
   config.optimizer = _optimizer()
   _schedule(config)
   _cadence(config)
@@ -291,15 +295,25 @@ def _without(tree: Mapping[str, Any], dotted: list[str]) -> dict:
   return out
 
 
-def load_saved(path: str | epath.PathLike) -> ml_collections.ConfigDict:
+def load_saved(
+  path: str | epath.PathLike, *, complete_loss: bool = True
+) -> ml_collections.ConfigDict:
   """The full config of a run's `config.json` (`complete`, logged).
+
+  `complete_loss=False` (a trained model used, not trained: restore,
+  evaluation, explanation) keeps `loss` as saved: its defaults are the
+  objectives' own (`cco_jax.objectives`, training code that using a model
+  must not load), and using a trained model never reads them.
 
   Raises:
     FileNotFoundError: `path` does not exist.
   """
   path = epath.Path(path)
   saved = json.loads(path.read_text())
-  unknown = unknown_keys(saved)
+  loss = None if complete_loss else saved.pop('loss', {})
+  schema = default_config(loss=complete_loss).to_dict()
+  flat_schema = flatten(schema)
+  unknown = sorted(set(flatten(saved)) - set(flat_schema))
   if unknown:
     logging.warning(
       '%s has keys this version does not know; ignored: %s.',
@@ -307,4 +321,17 @@ def load_saved(path: str | epath.PathLike) -> ml_collections.ConfigDict:
       ', '.join(unknown),
     )
     saved = _without(saved, unknown)
-  return complete(saved, str(path))
+  given = _to_tuples(saved)
+  missing = sorted(set(flat_schema) - set(flatten(given)))
+  if missing:
+    logging.info(
+      '%s lacks %d key(s) added since it was written; they take their '
+      'defaults: %s.',
+      path,
+      len(missing),
+      ', '.join(missing),
+    )
+  config = ml_collections.ConfigDict(_merge(schema, given))
+  if loss is not None:
+    config.loss = ml_collections.ConfigDict(_to_tuples(loss))
+  return config

@@ -21,7 +21,8 @@ by |contribution| come with their own maps and the remainder, and the k maps
 plus the remainder sum exactly to the class map.
 
 Everything runs on one device (no pmap shapes); `Explainer.from_workdir`
-restores a trained run (`cco_jax.restore`).
+restores a trained model (`cco_jax.restore`) and reads its run record (image
+size, normalisation, classes); files are read by `cco_jax.data.transforms`.
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
+import scipy.special
 
 from cco_jax import cams as cams_lib
 from cco_jax import models
+from cco_jax import restore
 from cco_jax.data import config as data_config
 from cco_jax.data import transforms
 
@@ -46,54 +49,8 @@ DEFAULT_BATCH_SIZE = 32
 
 
 # ----------------------------------------------------------------------------
-# Inputs: files -> model-space arrays.
+# Inputs: model-space arrays (files are read by `cco_jax.data.transforms`).
 # ----------------------------------------------------------------------------
-
-
-def load_image(path: str, *, image_size: int, normalize: bool) -> np.ndarray:
-  """An image file -> float32 `(S, S, 3)`, preprocessed as for evaluation.
-
-  Raises:
-    ValueError: the file cannot be read as an image (names the file).
-  """
-  if not os.path.isfile(path):
-    raise ValueError(f'{path}: no such file.')
-  try:
-    with Image.open(path) as image:
-      image.draft('RGB', (image_size, image_size))
-      image = image.convert('RGB')
-      pixels = transforms.resize(
-        image, (image_size, image_size), Image.Resampling.BILINEAR
-      )
-  except (OSError, ValueError, Image.DecompressionBombError) as e:
-    raise ValueError(
-      f'{path}: not a readable image ({type(e).__name__}: {e}). Pass a JPEG '
-      'or PNG file.'
-    ) from None
-  return transforms.finish_image(pixels, normalize=normalize)
-
-
-def load_mask(
-  path: str, *, image_size: int, boundary_is_foreground: bool = False
-) -> np.ndarray:
-  """A foreground mask file -> float32 `(S, S)` in {0, 1} (1 = object): a
-  Pets trimap (values in {1, 2, 3}: 1 = pet, 2 = background, 3 = boundary,
-  which counts as `boundary_is_foreground` says, as in training) or any
-  binary/greyscale mask (object = above half its maximum)."""
-  try:
-    with Image.open(path) as mask:
-      values = np.asarray(mask.convert('L')).astype(np.int32)
-  except (OSError, ValueError) as e:
-    raise ValueError(f'{path}: not a readable mask ({e}).') from None
-  present = set(np.unique(values).tolist())
-  if present <= {1, 2, 3} and 2 in present:
-    fg = values != 2 if boundary_is_foreground else values == 1
-  else:
-    fg = values > max(values.max(), 1) / 2
-  image = Image.fromarray(fg.astype(np.uint8))
-  return transforms.resize(
-    image, (image_size, image_size), Image.Resampling.NEAREST
-  ).astype(np.float32)
 
 
 def to_model_space(pixels: np.ndarray, *, normalize: bool) -> np.ndarray:
@@ -252,11 +209,10 @@ class ChannelDecomposition:
   class_map: np.ndarray
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-  shifted = np.asarray(logits, np.float64)
-  shifted = shifted - shifted.max(-1, keepdims=True)
-  e = np.exp(shifted)
-  return (e / e.sum(-1, keepdims=True)).astype(np.float32)
+def softmax(logits: np.ndarray) -> np.ndarray:
+  """float64 softmax over the last axis of host logits `(..., C)` (computed in
+  float64, `scipy.special.softmax`)."""
+  return scipy.special.softmax(np.asarray(logits, np.float64), axis=-1)
 
 
 def _bucket(n: int, batch_size: int) -> int:
@@ -273,7 +229,8 @@ class Explainer:
     variables: its `{'params': ..., 'batch_stats': ...}`.
     image_size: S for file inputs (required to explain files).
     normalize: whether the model expects ImageNet-normalised inputs.
-    boundary_is_foreground: how trimap masks are read (`load_mask`).
+    boundary_is_foreground: how trimap masks are read
+      (`transforms.read_mask_file`).
     class_names: names of the classes (for reports).
     batch_size: images per forward pass (batches are padded to a power of two
       up to this, so only a few shapes compile).
@@ -297,9 +254,10 @@ class Explainer:
     self.class_names = tuple(class_names) if class_names else None
     self.batch_size = batch_size
     self.boundary_is_foreground = boundary_is_foreground
-    bias = models.head_bias(variables)
-    kernel = variables['params']['head']['kernel']
-    self.kernel = np.asarray(kernel, np.float32)
+    self.trained = None  # The `restore.TrainedModel`, when restored.
+    head = variables['params']['head']  # `models.CamHead`'s parameters.
+    bias = head.get('bias')  # None for a bias-free (faithful) head.
+    self.kernel = np.asarray(head['kernel'], np.float32)
     self.bias = (
       np.zeros(self.kernel.shape[1], np.float32)
       if bias is None
@@ -309,25 +267,25 @@ class Explainer:
 
   @classmethod
   def from_workdir(cls, workdir: str, *, step='best', **kwargs) -> Explainer:
-    """Restores a training run (`restore.restore_run`); `step`: 'best',
+    """Restores a trained model (`restore.restore_model`); `step`: 'best',
     'last' or an int."""
-    from cco_jax import restore  # pylint: disable=g-import-not-at-top
-
-    return cls.from_run(restore.restore_run(workdir, step=step), **kwargs)
+    return cls.from_trained(restore.restore_model(workdir, step=step), **kwargs)
 
   @classmethod
-  def from_run(cls, run, **kwargs) -> Explainer:
-    """From a `restore.Run`."""
+  def from_trained(cls, trained: restore.TrainedModel, **kwargs) -> Explainer:
+    """From a `restore.TrainedModel`: image size, normalisation, classes and
+    the trimap rule come from its run record."""
+    record = trained.record
     explainer = cls(
-      run.model,
-      run.variables,
-      image_size=run.config.data.image_size,
-      normalize=run.config.data.normalize,
-      class_names=run.class_names,
-      boundary_is_foreground=run.config.data.boundary_is_foreground,
+      trained.model,
+      trained.variables,
+      image_size=record.image_size,
+      normalize=record.normalize,
+      class_names=record.class_names,
+      boundary_is_foreground=record.boundary_is_foreground,
       **kwargs,
     )
-    explainer.run = run
+    explainer.trained = trained
     return explainer
 
   def load(self, paths: Sequence[str]) -> np.ndarray:
@@ -339,7 +297,9 @@ class Explainer:
       )
     return np.stack(
       [
-        load_image(p, image_size=self.image_size, normalize=self.normalize)
+        transforms.read_image_file(
+          p, image_size=self.image_size, normalize=self.normalize
+        )
         for p in paths
       ]
     )
@@ -367,7 +327,7 @@ class Explainer:
       isinstance(m, (str, os.PathLike)) for m in masks
     ):
       read = functools.partial(
-        load_mask,
+        transforms.read_mask_file,
         image_size=self.image_size,
         boundary_is_foreground=self.boundary_is_foreground,
       )
@@ -425,7 +385,7 @@ class Explainer:
     identity = np.abs(map_sums + self.bias - logits).max(-1)
     explanation = Explanation(
       logits=logits,
-      probabilities=_softmax(logits),
+      probabilities=softmax(logits).astype(np.float32),
       predicted=predicted,
       target=np.asarray(target),
       bias=self.bias,

@@ -76,12 +76,14 @@ def checksums(items: dict[str, Any]) -> dict:
   return {'algorithm': ALGORITHM, 'leaves': leaves}
 
 
-def verify(items: dict[str, Any], expected: dict) -> None:
+def verify(items: dict[str, Any], expected: dict, *, subset=False) -> None:
   """Raises `ChecksumMismatch` unless `items` hash to `expected`.
 
   Args:
     items: as for `checksums`, restored.
     expected: what `checksums` returned at save.
+    subset: `items` are part of what was saved (e.g. only the variables of
+      the state, `cco_jax.restore`): only their checksums are compared.
   """
   if expected.get('algorithm') != ALGORITHM:
     raise ChecksumMismatch(
@@ -89,6 +91,8 @@ def verify(items: dict[str, Any], expected: dict) -> None:
     )
   found = checksums(items)['leaves']
   wanted = expected.get('leaves', {})
+  if subset:
+    wanted = {k: v for k, v in wanted.items() if k in found}
   bad = sorted(
     k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k)
   )

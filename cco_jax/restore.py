@@ -1,15 +1,24 @@
-"""A trained run, restored: its config, model, variables and chosen step.
+"""A trained model, restored for use: config, run record, model, variables, step.
 
-`restore_run(workdir, step='best')` reads `workdir/config.json`, rebuilds the
-model and restores one checkpoint of `workdir/checkpoints`:
+`restore_model(workdir, step='best')` reads `workdir/config.json` and the run
+record `workdir/run.json` (`cco_jax.run_record`), rebuilds the model
+(`model_config.create_model`) and restores only its `params` and
+`batch_stats` from one checkpoint of `workdir/checkpoints` (a partial Orbax
+restore: no optimizer, no train state, no data). `step` is
 
   'best'   the highest validation accuracy among kept checkpoints
            (`CheckpointManager.best_step()`); the latest when none has metrics;
   'last'   the latest checkpoint;
   an int   that step (an error lists the steps that exist).
 
-The model's variables come back unreplicated, on the default device; nothing
-here imports the training loop, so evaluation and explanation stay light.
+A workdir written before run records (no `run.json`) still restores: its
+record is derived once from the config, which opens the data
+(`run_record.load_or_derive`; `python -m experiments.run_record
+--workdir=...` writes it).
+The variables come back unreplicated, on the default device. Nothing here
+imports the training loop, its optimizer or its losses (a test checks it), so
+evaluation and explanation stay light. ("Restore" means this; the training
+loop *resumes* from a checkpoint.)
 """
 
 from __future__ import annotations
@@ -18,19 +27,22 @@ import dataclasses
 import os
 from typing import Any
 
+from etils import epath
 import jax
+import jax.numpy as jnp
 import ml_collections
+import orbax.checkpoint as ocp
 
 from cco_jax import checkpointing
 from cco_jax import config_schema
 from cco_jax import errors
+from cco_jax import integrity
+from cco_jax import model_config
 from cco_jax import models
-from cco_jax import optimizers
-from cco_jax import train_setup
-from cco_jax import train_step as step_lib
-from cco_jax.data import info
+from cco_jax import run_record
 
 STEP_CHOICES = ('best', 'last')
+VARIABLES = ('params', 'batch_stats')
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -49,33 +61,42 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
       f'{path} does not exist: --workdir must be the directory of a training '
       'run (python -m experiments.pets --workdir=...), which writes it.'
     )
-  return config_schema.load_saved(path)
+  return config_schema.load_saved(path, complete_loss=False)
 
 
-@dataclasses.dataclass
-class Run:
-  """A restored training run.
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+  """A trained model, restored from a training run's directory.
 
   Attributes:
     config: the run's config.
+    record: the run's record (`run_record.RunRecord`): classes, groups,
+      image size, normalisation, ...
     workdir: the run's directory.
     model: the `models.ResNet` (no pmap axis).
     variables: `{'params', 'batch_stats'}`, unreplicated.
     step: the restored step.
     checkpoint: how it was chosen: 'best', 'last' (also the fallback of 'best'
       when no checkpoint has metrics) or 'step'.
-    cam_size: `(h, w)` of the maps.
-    class_names: the classes of the head, in order.
   """
 
   config: ml_collections.ConfigDict
+  record: run_record.RunRecord
   workdir: str
   model: models.ResNet
   variables: Any
   step: int
   checkpoint: str
-  cam_size: tuple[int, int]
-  class_names: tuple[str, ...]
+
+  @property
+  def cam_size(self) -> tuple[int, int]:
+    """`(h, w)` of the maps."""
+    return self.record.cam_size
+
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    """The classes of the head, in order."""
+    return self.record.class_names
 
   def predict_fn(self):
     """A jitted `images (B, S, S, 3) -> (logits (B, C), cams (B, h, w, C))`."""
@@ -111,22 +132,99 @@ def choose_step(manager, step) -> tuple[int, str]:
   return wanted, 'step'
 
 
-def restore_run(
+def restore_variables(
+  manager, step, model: models.ResNet, image_size: int
+) -> tuple[dict, int, str]:
+  """`(variables, step, how)`: `{'params', 'batch_stats'}` of `model` from
+  the checkpoint `choose_step(manager, step)` chooses, nothing else.
+
+  A partial restore of the item 'state' onto the variables' shapes and dtypes
+  (from `jax.eval_shape` of `model.init` on `image_size` images; nothing is
+  computed); their checksums are verified against the checkpoint's
+  `integrity` item (`cco_jax.integrity`; checkpoints older than checksums
+  have none).
+
+  Raises:
+    FileNotFoundError, errors.UserError: as `choose_step`.
+    errors.UserError: the checkpoint does not hold these variables (e.g. the
+      config's model differs from the one that wrote it); names the step.
+  """
+  step, how = choose_step(manager, step)
+  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  shapes = jax.eval_shape(
+    lambda x: model.init(jax.random.key(0), x, train=False), images
+  )
+  target = {
+    name: jax.tree.map(ocp.utils.to_shape_dtype_struct, shapes.get(name, {}))
+    for name in VARIABLES
+  }
+  items = {
+    'state': ocp.args.PyTreeRestore(
+      item=target,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True,
+    )
+  }
+  # Checkpoints written before checksums existed have no 'integrity' item.
+  verified = (epath.Path(manager.directory) / str(step) / 'integrity').exists()
+  if verified:
+    items['integrity'] = ocp.args.JsonRestore()
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    variables = {name: restored['state'][name] for name in VARIABLES}
+    # Orbax restores what it finds: the structure (jax.tree.map raises),
+    # shapes and dtypes must be this model's.
+    differ = jax.tree_util.tree_flatten_with_path(
+      jax.tree.map(
+        lambda x, t: (x.shape, x.dtype) != (t.shape, t.dtype),
+        variables,
+        target,
+      )
+    )[0]
+    wrong = [jax.tree_util.keystr(path) for path, bad in differ if bad]
+    if wrong:
+      raise ValueError(f'shapes or dtypes differ at {wrong[0]}')
+    if verified:
+      integrity.verify(
+        {'state': jax.device_get(variables)},
+        restored['integrity'],
+        subset=True,
+      )
+  except integrity.ChecksumMismatch as e:
+    raise errors.UserError(
+      f'The checkpoint {manager.directory}/{step} is corrupt: {e}. Choose '
+      'another step (--step=N; kept steps: '
+      f'{sorted(manager.all_steps())}).'
+    ) from e
+  except Exception as e:  # pylint: disable=broad-except
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+    raise errors.UserError(
+      f"The checkpoint {manager.directory}/{step} does not hold this model's "
+      f'params and batch_stats ({type(e).__name__}: {first[:300]}); restore '
+      'it with the config.json it was trained with.'
+    ) from e
+  return jax.device_put(variables), step, how
+
+
+def restore_model(
   workdir: str,
   *,
   step: int | str = 'best',
   config: ml_collections.ConfigDict | None = None,
-) -> Run:
-  """Rebuilds the model of `workdir` and restores one checkpoint.
+) -> TrainedModel:
+  """The model of `workdir` with the variables of one checkpoint.
 
   Args:
-    workdir: a training run's directory (config.json, checkpoints/).
+    workdir: a training run's directory (config.json, run.json,
+      checkpoints/).
     step: 'best', 'last' or a step number (module docstring).
     config: the run's config with overrides (default: `load_config`).
 
   Raises:
     FileNotFoundError: no config.json or no checkpoint.
-    errors.UserError (a ValueError): a bad `step`, or one not kept.
+    errors.UserError (a ValueError): a bad `step`, one not kept, or a
+      checkpoint of another model.
+    run_record.RecordError: an unreadable run.json.
   """
   config = load_config(workdir) if config is None else config
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
@@ -134,36 +232,25 @@ def restore_run(
       f'{workdir}/checkpoints does not exist: train first '
       '(python -m experiments.pets --workdir=...).'
     )
-  class_names = info.class_names(config.data)
-  model = train_setup.create_model(config, len(class_names))
-  # Only the state's structure, shapes and dtypes matter (nothing is compiled
-  # or run); the optimizer's step counts don't change its structure.
-  tx = optimizers.create_optimizer(
-    config.optimizer, 1, 1, config.accumulation_steps
+  record = run_record.load_or_derive(workdir, config)
+  model = model_config.create_model(config, len(record.class_names))
+  manager = checkpointing.create_manager(
+    workdir,
+    config.keep_checkpoints,
+    f'eval_{config.best_metric}',
   )
-  rng = jax.random.key(0, impl=config.rng_impl or None)
-  template = jax.eval_shape(
-    lambda: step_lib.create_train_state(
-      rng,
-      model,
-      config.data.image_size,
-      tx,
-      objective_state=train_setup.create_objective(config).init_state(),
-    )
-  )
-  manager = train_setup.create_manager(config, workdir)
   try:
-    chosen, how = choose_step(manager, step)
-    state, _, _, chosen = checkpointing.restore(manager, template, chosen)
+    variables, chosen, how = restore_variables(
+      manager, step, model, record.image_size
+    )
   finally:
     manager.close()
-  return Run(
+  return TrainedModel(
     config=config,
+    record=record,
     workdir=workdir,
     model=model,
-    variables={'params': state.params, 'batch_stats': state.batch_stats},
+    variables=variables,
     step=int(chosen),
     checkpoint=how,
-    cam_size=models.cam_size(model, config.data.image_size),
-    class_names=tuple(class_names),
   )

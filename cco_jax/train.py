@@ -3,8 +3,8 @@
 `train_and_evaluate(config, workdir)` runs in named phases:
   1. `build` the model, objective, optimizer and data iterators from the config
      (`train_setup`);
-  2. `restore_or_create` the state (resuming from `workdir/checkpoints`);
-  3. `check_identity` of the logit-sum identity (at start and after a restore;
+  2. `resume_or_create` the state (resuming from `workdir/checkpoints`);
+  3. `check_identity` of the logit-sum identity (at start and after a resume;
      `train_evaluation`);
   4. the step loop, with periodic logging, evaluation and checkpoints (figures
      at the end, or every `figure_every_evals` evaluations); batches reach
@@ -55,6 +55,7 @@ from cco_jax import figures
 from cco_jax import metric_writers
 from cco_jax import preemption
 from cco_jax import pretrained
+from cco_jax import run_record
 from cco_jax import train_evaluation
 from cco_jax import train_guards
 from cco_jax import train_input
@@ -67,7 +68,7 @@ from cco_jax.runtime import workdir_lock
 # ----------------------------------------------------------------------------
 
 
-def restore_or_create(
+def resume_or_create(
   config, setup: train_setup.Setup, manager
 ) -> tuple[Any, jax.Array, int, dict]:
   """Phase 2: the unreplicated state, the RNG, the first step to run and
@@ -108,14 +109,19 @@ class Run:
   """Holds what the loop's phases share: config, setup, writers, manager."""
 
   def __init__(
-    self, config: ml_collections.ConfigDict, workdir: str | os.PathLike
+    self,
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    splits: data.OpenSplits | None = None,
   ):
     self.config = config
     self.workdir = epath.Path(workdir)
     self.is_chief = jax.process_index() == 0
     self.figure_dir = self.workdir / 'figures'
-    self.setup = train_setup.build(config)
-    self.manager = train_setup.create_manager(config, workdir)
+    self.setup = train_setup.build(config, splits)
+    self.manager = train_setup.create_manager(
+      config, workdir, self.setup.record.group_names
+    )
     self.writer = metric_writers.MetricWriter(workdir, enabled=self.is_chief)
     budget_mb = config.eval_cache_mb
     if not isinstance(budget_mb, (int, float)) or budget_mb < 0:
@@ -152,23 +158,28 @@ class Run:
     )
 
   def save_config(self) -> None:
+    """Writes `config.json` and the run record `run.json`."""
     if self.is_chief:
       (self.workdir / 'config.json').write_text(
         self.config.to_json_best_effort(indent=2)
       )
+      self.setup.record.save(run_record.path_of(self.workdir))
 
   def evaluate_split(self, state, split: str, **kwargs) -> dict:
     """Evaluates `split`; validation from the batches read once per run."""
     if split == 'validation' and not kwargs:
       return train_evaluation.evaluate(
-        self.setup.p_eval_step, state, self.validation, self.setup.group_names
+        self.setup.p_eval_step,
+        state,
+        self.validation,
+        self.setup.record.group_names,
       )
     batches = train_setup.eval_iterator(
       self.config, self.setup, split, **kwargs
     )
     try:
       return train_evaluation.evaluate(
-        self.setup.p_eval_step, state, batches, self.setup.group_names
+        self.setup.p_eval_step, state, batches, self.setup.record.group_names
       )
     finally:
       train_input.close_iterator(batches)
@@ -200,7 +211,7 @@ class Run:
       pick(cams),
       pick(batch['label']),
       predictions=pick(logits).argmax(-1),
-      class_names=data.class_names(self.config.data),
+      class_names=self.setup.record.class_names,
       step=step,
     )
     figures.save_learning_curves(
@@ -226,6 +237,7 @@ class Run:
       data_state,
       metrics,
       {'pending_metrics': preemption.pending_to_json(pending)},
+      record=self.setup.record.to_json(),
     )
     logging.info(
       'Saved the checkpoint of step %d in %s.', step, self.manager.directory
@@ -271,9 +283,10 @@ def train_and_evaluate(
   lock = workdir_lock.WorkdirLock(workdir, jax.process_index()).acquire()
   run = None
   try:
-    config = train_setup.with_data_fields(config)
+    splits = data.OpenSplits(config.data)  # Each opened once.
+    config = train_setup.with_data_fields(config, splits)
     configuration.check_resumable(config, workdir)
-    run = Run(config, workdir)
+    run = Run(config, workdir, splits)
     return _train_and_evaluate(run)
   finally:
     if run is not None:
@@ -291,7 +304,7 @@ def _rewritten_on_resume(record: dict) -> bool:
 
 def _train_and_evaluate(run: Run) -> dict:
   config, setup, schedule = run.config, run.setup, run.setup.schedule
-  state, rng, start_step, loop_state = restore_or_create(
+  state, rng, start_step, loop_state = resume_or_create(
     config, setup, run.manager
   )
   if start_step > schedule.num_train_steps:

@@ -17,24 +17,18 @@ from typing import Any
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from cco_jax import checkpointing
 from cco_jax import configuration
 from cco_jax import data
+from cco_jax import model_config
 from cco_jax import models
 from cco_jax import objectives
 from cco_jax import optimizers
+from cco_jax import run_record
 from cco_jax import train_step as step_lib
-
-DTYPES = {
-  'float32': jnp.float32,
-  'bfloat16': jnp.bfloat16,
-  'float16': jnp.float16,
-}
-
 
 GROUP_METRICS = ('worst_group_accuracy', 'average_group_accuracy')
 BEST_METRICS = ('accuracy',) + GROUP_METRICS
@@ -42,6 +36,7 @@ BEST_METRICS = ('accuracy',) + GROUP_METRICS
 
 def with_data_fields(
   config: ml_collections.ConfigDict,
+  splits: data.OpenSplits | None = None,
 ) -> ml_collections.ConfigDict:
   """A copy of `config` with the fields its objective takes from the data.
 
@@ -49,13 +44,17 @@ def with_data_fields(
   'rrr') gets `data.pixel_masks=True`; one that reads groups ('group_dro',
   'ce_reweighted') gets `loss.group_counts`, the training examples of each
   group, unless the config sets them. The copy is what `config.json` records.
+  `splits`: the run's open splits (None: opened here when needed).
   """
   needs = objectives.supervision(config.loss.name)
   updates = {}
   if 'pixel_mask' in needs and not config.data.pixel_masks:
     updates['data.pixel_masks'] = True
   if 'group' in needs and not tuple(config.loss.group_counts):
-    counts = data.group_counts(config.data, 'train')
+    train = (splits or data.OpenSplits(config.data))['train']
+    counts = data.group_counts_of(
+      train, len(data.group_names_of(train.builder))
+    )
     if len(counts) < 2:
       raise ValueError(
         f'config.loss.name={config.loss.name!r} reweights groups, but '
@@ -87,45 +86,18 @@ def best_metric(
   return f'eval_{name}'
 
 
-def create_manager(config: ml_collections.ConfigDict, workdir: str):
+def create_manager(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  group_names: tuple[str, ...],
+):
   """The checkpoint manager of a run: keeps the last k and the best; saves in
   the background unless `config.async_checkpoints` is False."""
   return checkpointing.create_manager(
     workdir,
     config.keep_checkpoints,
-    best_metric(config, data.group_names(config.data)),
+    best_metric(config, group_names),
     async_save=config.async_checkpoints,
-  )
-
-
-def create_model(
-  config: ml_collections.ConfigDict,
-  num_classes: int,
-  bn_axis_name: str | None = None,
-) -> models.ResNet:
-  """The model of `config.model`.
-
-  `bn_axis_name`: the pmap axis over which BatchNorm averages its batch
-  statistics in training; ignored (None: statistics per device) when
-  `config.model.sync_batch_norm` is False.
-  """
-  if not config.model.sync_batch_norm:
-    bn_axis_name = None
-  if config.model.dtype not in DTYPES:
-    raise ValueError(
-      f'Unknown model.dtype {config.model.dtype!r}; choose one of '
-      f'{sorted(DTYPES)}.'
-    )
-  return models.create_model(
-    config.model.name,
-    num_classes,
-    cam_faithful=config.model.cam_faithful,
-    dtype=DTYPES[config.model.dtype],
-    num_filters=config.model.num_filters,
-    stem=config.model.stem,
-    stage_sizes=tuple(config.model.stage_sizes) or None,
-    bn_axis_name=bn_axis_name,
-    pointwise_as_dot=config.model.pointwise_as_dot,
   )
 
 
@@ -323,9 +295,8 @@ class Setup:
 
   model: models.ResNet
   objective: objectives.Objective
-  num_classes: int
-  group_names: tuple[str, ...]
-  cam_size: tuple[int, int]
+  record: run_record.RunRecord
+  splits: data.OpenSplits
   schedule: Schedule
   tx: Any
   train_iter: Any
@@ -334,18 +305,29 @@ class Setup:
   p_predict: Callable
 
 
-def build(config: ml_collections.ConfigDict) -> Setup:
-  """Phase 1: model, objective, optimizer, compiled steps and the train data."""
-  num_classes = data.num_classes(config.data)
-  group_names = data.group_names(config.data)
-  model = create_model(config, num_classes, bn_axis_name=step_lib.AXIS_NAME)
+def build(
+  config: ml_collections.ConfigDict,
+  splits: data.OpenSplits | None = None,
+) -> Setup:
+  """Phase 1: model, objective, optimizer, compiled steps, the train data and
+  the run record (`run_record.RunRecord`), from the splits opened once
+  (`splits`; None: opened here)."""
+  splits = splits or data.OpenSplits(config.data)
+  primary = splits.primary()
+  train = primary['train']
+  num_classes = len(
+    data.class_names_of(train.builder, config.data.name, config.data.task)
+  )
+  model = model_config.create_model(
+    config, num_classes, bn_axis_name=step_lib.AXIS_NAME
+  )
   objective = create_objective(config)
   cam_size = models.cam_size(model, config.data.image_size)
-  schedule = resolve_schedule(
-    config,
-    data.num_examples(config.data, 'train'),
-    data.num_examples(config.data, 'validation'),
+  record = run_record.RunRecord.from_data(
+    config.data, primary, cam_size=cam_size
   )
+  group_names = record.group_names
+  schedule = resolve_schedule(config, len(train), len(primary['validation']))
   tx = optimizers.create_optimizer(
     config.optimizer,
     max(1, schedule.steps_per_epoch // config.accumulation_steps),
@@ -360,13 +342,13 @@ def build(config: ml_collections.ConfigDict) -> Setup:
     seed=config.seed,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
+    source=train,
   )
   return Setup(
     model=model,
     objective=objective,
-    num_classes=num_classes,
-    group_names=group_names,
-    cam_size=cam_size,
+    record=record,
+    splits=splits,
     schedule=schedule,
     tx=tx,
     train_iter=train_iter,
@@ -395,11 +377,13 @@ def batch_stats_averager(config) -> Callable | None:
 def eval_iterator(
   config: ml_collections.ConfigDict, setup: Setup, split: str, **kwargs
 ) -> Iterator[dict]:
-  """Batches `(local devices, per-device batch, ...)` of one split, in order."""
+  """Batches `(local devices, per-device batch, ...)` of one split, in order
+  (the split opened once per run, `setup.splits`)."""
   return data.create_eval_iterator(
     config.data,
     split,
-    cam_size=setup.cam_size,
+    source=setup.splits[split],
+    cam_size=setup.record.cam_size,
     global_batch_size=setup.schedule.eval_batch_size or config.eval_batch_size,
     num_devices=jax.local_device_count(),
     process_index=jax.process_index(),

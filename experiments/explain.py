@@ -41,6 +41,7 @@ import numpy as np
 
 from cco_jax import explain as explain_lib
 from cco_jax import figures
+from cco_jax.data import transforms
 from experiments import cli
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif')
@@ -139,7 +140,7 @@ def progress(done: int, total: int, width: int = 30) -> None:
 
 
 def _load(explainer, path: str, mask_dir: str | None):
-  image = explain_lib.load_image(
+  image = transforms.read_image_file(
     path, image_size=explainer.image_size, normalize=explainer.normalize
   )
   mask = None
@@ -147,7 +148,7 @@ def _load(explainer, path: str, mask_dir: str | None):
     stem = os.path.splitext(os.path.basename(path))[0]
     mask_path = os.path.join(mask_dir, stem + '.png')
     if os.path.exists(mask_path):
-      mask = explain_lib.load_mask(
+      mask = transforms.read_mask_file(
         mask_path,
         image_size=explainer.image_size,
         boundary_is_foreground=explainer.boundary_is_foreground,
@@ -191,9 +192,9 @@ def explain_paths(
   stems = dict(zip(paths, unique_stems(paths)))
   entries, failures = [], []
   subtitle = ''
-  if getattr(explainer, 'run', None) is not None:
-    run = explainer.run
-    subtitle = f'{run.workdir}, step {run.step} ({run.checkpoint})'
+  if explainer.trained is not None:
+    trained = explainer.trained
+    subtitle = f'{trained.workdir}, step {trained.step} ({trained.checkpoint})'
   progress(0, len(paths))
   for start in range(0, len(paths), explainer.batch_size):
     chunk = paths[start : start + explainer.batch_size]
@@ -251,13 +252,15 @@ def run(
   explainer = explain_lib.Explainer.from_workdir(
     workdir, step=step, batch_size=batch_size
   )
-  run_ = explainer.run
+  trained = explainer.trained
   print(
-    f'Explaining with {run_.workdir} at step {run_.step} ({run_.checkpoint} '
-    f'checkpoint); classes {list(run_.class_names)}.',
+    f'Explaining with {trained.workdir} at step {trained.step} '
+    f'({trained.checkpoint} checkpoint); classes '
+    f'{list(trained.record.class_names)}.',
     flush=True,
   )
-  chosen = [parse_class(c, run_.class_names) for c in classes or ()]
+  names = trained.record.class_names
+  chosen = [parse_class(c, names) for c in classes or ()]
   target = chosen[0] if chosen else None
   paths = expand_paths(patterns)
   os.makedirs(out, exist_ok=True)
@@ -270,10 +273,10 @@ def run(
     panels=chosen or 3,
   )
   report = {
-    'workdir': os.path.abspath(run_.workdir),
-    'step': run_.step,
-    'checkpoint': run_.checkpoint,
-    'class_names': list(run_.class_names),
+    'workdir': os.path.abspath(trained.workdir),
+    'step': trained.step,
+    'checkpoint': trained.checkpoint,
+    'class_names': list(names),
     'images': entries,
     'failed': failures,
   }

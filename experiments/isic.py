@@ -154,6 +154,7 @@ def evaluate(workdir: str, reevaluate: bool = False) -> dict:
 
   from cco_jax import evaluation
   from cco_jax import restore
+  from cco_jax.data import sources
   from cco_jax.evaluation import classwise
   from cco_jax.evaluation import interventions
   from cco_jax.evaluation import report as report_lib
@@ -170,9 +171,10 @@ def evaluate(workdir: str, reevaluate: bool = False) -> dict:
   config.ood = False
   config.evaluators = ('classification', 'interventions', 'localisation')
   report = evaluation.evaluate_checkpoint(workdir, config).report
-  run = restore.restore_run(workdir, step='best')
+  run = restore.restore_model(workdir, step='best')
   data = report_lib.resolved_data(run.config, None, out)
-  reader = interventions.SplitReader(data, 'test', cam_size=run.cam_size)
+  test = sources.load_split_sources(data, ['test'])['test']
+  reader = interventions.SplitReader(data, test, cam_size=run.cam_size)
   context = dataclasses.replace(
     interventions.Context(
       normalize=data.normalize, seed=config.seed, noise_std=config.noise_std
@@ -186,7 +188,7 @@ def evaluate(workdir: str, reevaluate: bool = False) -> dict:
     context=context,
   )
   batches = report_lib.split_batches(
-    data, 'test', cam_size=run.cam_size, batch_size=config.batch_size
+    data, test, cam_size=run.cam_size, batch_size=config.batch_size
   )
   report.update(report_lib.json_safe(dict(evaluator.run(batches))))
   report['evaluation_seconds'] = time.time() - start
@@ -269,13 +271,15 @@ def figure_maps(workdir: str, positions: list[int]) -> dict:
   # pylint: disable=g-import-not-at-top
   from cco_jax import figures
   from cco_jax import restore
+  from cco_jax.data import sources
   from cco_jax.evaluation import interventions
   from cco_jax.evaluation import report as report_lib
 
-  run = restore.restore_run(workdir, step='best')
+  run = restore.restore_model(workdir, step='best')
   scratch = os.path.join(workdir, 'evaluation')
   data = report_lib.resolved_data(run.config, None, scratch)
-  reader = interventions.SplitReader(data, 'test', cam_size=run.cam_size)
+  test = sources.load_split_sources(data, ['test'])['test']
+  reader = interventions.SplitReader(data, test, cam_size=run.cam_size)
   examples = [reader.example(p) for p in positions]
   images = np.stack([e['image'] for e in examples])
   labels = np.array([int(e['label']) for e in examples])

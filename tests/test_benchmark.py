@@ -10,8 +10,8 @@ import json
 import numpy as np
 import pytest
 
+from cco_jax import model_config
 from cco_jax import models
-from cco_jax import train_setup
 from experiments.benchmarks import training_flops
 from experiments.benchmarks import training_maps
 from experiments.benchmarks import training_run
@@ -135,7 +135,7 @@ def test_xla_count_of_the_step_agrees_with_the_analytic_count(variant):
   the forward products, plus 1-2 % of elementwise work (BatchNorm, ReLU,
   Adam), minus the stem's unneeded input gradient."""
   config = pets.get_config(variant)
-  model = train_setup.create_model(config, 2)
+  model = model_config.create_model(config, 2)
   xla = training_flops.config_step_flops(config, 8, 2)
   analytic = training_flops.analytic_step_flops(model, 64, 8)
   assert 1.0 <= xla / analytic < 1.03, (xla, analytic)

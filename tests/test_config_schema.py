@@ -142,4 +142,4 @@ def test_old_workdir_without_new_keys_resumes_and_restores(
   assert [r['step'] for r in records if 'train_loss' in r] == [2, 4]
   # The resumed run records its full config.
   assert config_schema.missing_keys(json.loads(path.read_text())) == []
-  assert restore.restore_run(str(workdir), step='last').step == 4
+  assert restore.restore_model(str(workdir), step='last').step == 4

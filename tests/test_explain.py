@@ -14,6 +14,7 @@ from test_models import random_variables
 
 from cco_jax import explain as explain_lib
 from cco_jax import models
+from cco_jax.data import transforms
 from experiments.benchmarks import explain as bench
 
 SIZE = 16
@@ -258,19 +259,20 @@ def test_mask_influence(tmp_path):
 
 
 def write_tiny_run(workdir, config, best_step=2, last_step=4):
-  """A run directory as training leaves it, without training: config.json and
-  checkpoints at `best_step` (validation accuracy 0.9) and `last_step` (0.5),
-  whose parameters differ. Returns {step: variables}."""
+  """A run directory as training left it before run records, without
+  training: config.json (no run.json) and checkpoints at `best_step`
+  (validation accuracy 0.9) and `last_step` (0.5), whose parameters differ.
+  Returns {step: variables}."""
   from cco_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from cco_jax import model_config  # pylint: disable=g-import-not-at-top
   from cco_jax import optimizers  # pylint: disable=g-import-not-at-top
-  from cco_jax import train_setup  # pylint: disable=g-import-not-at-top
   from cco_jax import train_step  # pylint: disable=g-import-not-at-top
   from cco_jax.data import info  # pylint: disable=g-import-not-at-top
 
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
-  model = train_setup.create_model(config, info.num_classes(config.data))
+  model = model_config.create_model(config, info.num_classes(config.data))
   tx = optimizers.create_optimizer(config.optimizer, 1, 1, 1)
   state = train_step.create_train_state(
     jax.random.key(0), model, config.data.image_size, tx
@@ -315,17 +317,17 @@ def test_restore_chooses_best_last_or_a_step(tiny_run):
   assert restore.choose_step(manager, 'best') == (2, 'best')
   manager.close()
   for step, expected_step, how in (('best', 2, 'best'), (4, 4, 'step')):
-    run = restore.restore_run(str(workdir), step=step)
+    run = restore.restore_model(str(workdir), step=step)
     assert (run.step, run.checkpoint) == (expected_step, how)
-    size = run.config.data.image_size
+    size = run.record.image_size
     x = np.random.default_rng(0).normal(size=(2, size, size, 3))
     expected, _ = run.model.apply(saved[expected_step], x, train=False)
     logits, _ = run.predict_fn()(x.astype(np.float32))
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match=r'No checkpoint at step 3.*\[2, 4\]'):
-    restore.restore_run(str(workdir), step=3)
+    restore.restore_model(str(workdir), step=3)
   with pytest.raises(FileNotFoundError, match='config.json'):
-    restore.restore_run(str(workdir / 'nope'))
+    restore.restore_model(str(workdir / 'nope'))
 
 
 def test_explain_entry_point_end_to_end(
@@ -408,19 +410,26 @@ def test_paths_stems_and_true_classes(tmp_path):
   assert cli.true_class('x/holiday.jpg', ('cat', 'dog')) is None
 
 
-def test_load_mask_reads_trimaps_and_binary_masks(tmp_path):
+def test_read_mask_file_reads_trimaps_and_binary_masks(tmp_path):
   trimap = np.array([[1, 2], [3, 2]], np.uint8)
   Image.fromarray(trimap).save(tmp_path / 'trimap.png')
   Image.fromarray(np.array([[255, 0], [0, 0]], np.uint8)).save(
     tmp_path / 'binary.png'
   )
-  read = lambda name, **kw: explain_lib.load_mask(
-    str(tmp_path / name), image_size=2, **kw
+  read = lambda name, boundary_is_foreground=False: transforms.read_mask_file(
+    str(tmp_path / name),
+    image_size=2,
+    boundary_is_foreground=boundary_is_foreground,
   )
   np.testing.assert_array_equal(read('trimap.png'), [[1, 0], [0, 0]])
   np.testing.assert_array_equal(
     read('trimap.png', boundary_is_foreground=True), [[1, 0], [1, 0]]
   )
   np.testing.assert_array_equal(read('binary.png'), [[1, 0], [0, 0]])
+  # A 0/1 mask is the 'folder' layout's: > 0 = object.
+  Image.fromarray(np.array([[0, 1], [1, 1]], np.uint8)).save(
+    tmp_path / 'ones.png'
+  )
+  np.testing.assert_array_equal(read('ones.png'), [[0, 1], [1, 1]])
   with pytest.raises(ValueError, match='missing.png'):
     read('missing.png')

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cco_jax import model_config
 from cco_jax import models
 from cco_jax import pretrained
 
@@ -491,11 +492,10 @@ class TrainingTest(parameterized.TestCase):
     ('binary_finetune', 2), ('breeds_finetune', 37), ('cpu_finetune', 2)
   )
   def test_finetune_variants_take_torchvision_weights(self, variant, classes):
-    from cco_jax import train_setup
     from experiments.configs import pets
 
     config = pets.get_config(variant)
-    model = train_setup.create_model(config, classes)
+    model = model_config.create_model(config, classes)
     sd = {
       k: np.broadcast_to(np.float32(1), s)
       for k, s in torchvision_shapes(config.model.name).items()

@@ -263,7 +263,7 @@ def test_group_dro_run_selects_and_restores_on_worst_group(grouped, tmp_path):
     groups = [r[f'eval_group_accuracy/{n}'] for n in names]
     assert r['eval_worst_group_accuracy'] == pytest.approx(min(groups))
   best = max(evals, key=lambda r: (r['eval_worst_group_accuracy'], -r['step']))
-  run = restore.restore_run(str(workdir), step='best')
+  run = restore.restore_model(str(workdir), step='best')
   assert run.checkpoint == 'best'
   assert run.step in [
     r['step']

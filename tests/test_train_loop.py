@@ -12,6 +12,7 @@ import pytest
 
 from cco_jax import configuration
 from cco_jax import metric_writers
+from cco_jax import model_config
 from cco_jax import models
 from cco_jax import objectives
 from cco_jax import train_evaluation
@@ -245,7 +246,7 @@ def _per_device_stats(sync):
       'model.stage_sizes': (1,),  # One stage: compiles in seconds.
     }
   )
-  model = train_setup.create_model(config, 3, bn_axis_name=step_lib.AXIS_NAME)
+  model = model_config.create_model(config, 3, bn_axis_name=step_lib.AXIS_NAME)
   state = step_lib.create_train_state(
     jax.random.key(0, impl='rbg'), model, 16, optax.sgd(0.1)
   )

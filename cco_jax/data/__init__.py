@@ -4,7 +4,8 @@ One job per module:
   config      the schema and defaults of `config.data` (`default_config`).
   preparation preparing datasets once (process 0 of several) and where
               prepared data lives.
-  sources     opening the pipeline's splits and the validation carve.
+  sources     opening the pipeline's splits (`OpenSplits`: each once per
+              process) and the validation carve.
   device_transforms  the image work of training batches done in the train
               step (uint8 -> float32, normalisation, flips).
   info        split sizes, class names and group names of a configured dataset.
@@ -24,8 +25,11 @@ from cco_jax.data.config import IMAGENET_MEAN
 from cco_jax.data.config import IMAGENET_STD
 from cco_jax.data.config import default_config  # noqa: I001
 from cco_jax.data.info import class_names
+from cco_jax.data.info import class_names_of
 from cco_jax.data.info import group_counts
+from cco_jax.data.info import group_counts_of
 from cco_jax.data.info import group_names
+from cco_jax.data.info import group_names_of
 from cco_jax.data.info import num_classes
 from cco_jax.data.info import num_examples
 from cco_jax.data.info import split_sizes
@@ -38,6 +42,7 @@ from cco_jax.data.preparation import prepare_options
 from cco_jax.data.preparation import prepared_source
 from cco_jax.data.preparation import resolve_data_dir
 from cco_jax.data.sources import OOD_DATASET
+from cco_jax.data.sources import OpenSplits
 from cco_jax.data.sources import carve_validation
 from cco_jax.data.sources import check_config
 from cco_jax.data.sources import load_split_sources
@@ -48,16 +53,20 @@ __all__ = [
   'IMAGENET_MEAN',
   'IMAGENET_STD',
   'OOD_DATASET',
+  'OpenSplits',
   'TrainIterator',
   'carve_validation',
   'check_config',
   'class_names',
+  'class_names_of',
   'create_eval_iterator',
   'create_train_iterator',
   'decode',
   'default_config',
   'group_counts',
+  'group_counts_of',
   'group_names',
+  'group_names_of',
   'load_split_sources',
   'num_classes',
   'num_examples',

@@ -1,4 +1,9 @@
-"""Facts about a configured dataset: split sizes, class and group names."""
+"""Facts about a configured dataset: split sizes, class and group names.
+
+The `*_of` functions read them from what is already open (a builder, a
+`SplitSource`); the others open the configured dataset first. Training reads
+them once, into the run record (`cco_jax.run_record`).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from cco_jax.data.preparation import prepare_from_config
 from cco_jax.data.preparation import prepare_options
 from cco_jax.data.preparation import prepared_builder
 from cco_jax.data.sources import NO_GROUPS
+from cco_jax.data.sources import SplitSource
 from cco_jax.data.sources import check_config
 from cco_jax.data.sources import load_split_sources
 
@@ -43,6 +49,44 @@ def _info_builder(data_config: ml_collections.ConfigDict):
   )
 
 
+def class_names_of(builder, name: str, task: str) -> tuple[str, ...]:
+  """Names of the classes of `task` in dataset `name` opened by `builder`, in
+  label order (the names the builder recorded, else the label feature's)."""
+  metadata = builder.info.metadata or {}
+  if 'class_names' in metadata:
+    return tuple(metadata['class_names'])
+  feature = dataset_entry(name).tasks[task]
+  return tuple(builder.info.features[feature].names)
+
+
+def group_names_of(builder) -> tuple[str, ...]:
+  """Names of the groups recorded by `builder`; ('all',) if none."""
+  names = (builder.info.metadata or {}).get('group_names')
+  return tuple(names) if names else NO_GROUPS
+
+
+def task_labels(source: SplitSource, feature: str) -> np.ndarray:
+  """int64 `(len(source),)`: every example's label `feature` (the task's,
+  `DatasetEntry.tasks`).
+
+  From the labels the source was opened with when they are that feature,
+  else by reading the records (once).
+  """
+  if source.labels is not None and source.label_feature == feature:
+    return np.asarray(source.labels)[np.asarray(source.indices)]
+  return np.asarray(
+    [int(source.records[int(i)][feature]) for i in source.indices], np.int64
+  )
+
+
+def group_counts_of(source: SplitSource, num_groups: int) -> tuple[int, ...]:
+  """Examples of each of `num_groups` groups in `source`."""
+  if source.groups is None:
+    return (len(source),) + (0,) * (num_groups - 1)
+  groups = np.asarray(source.groups)[np.asarray(source.indices)]
+  return tuple(int(n) for n in np.bincount(groups, minlength=num_groups))
+
+
 def class_names(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """Names of the classes of `config.data.task`, in label order.
 
@@ -50,12 +94,9 @@ def class_names(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
   whose classes come from the data ('folder'), the sorted class names the
   builder recorded (the data is prepared first if needed).
   """
-  builder = _info_builder(data_config)
-  metadata = builder.info.metadata or {}
-  if 'class_names' in metadata:
-    return tuple(metadata['class_names'])
-  feature = dataset_entry(data_config.name).tasks[data_config.task]
-  return tuple(builder.info.features[feature].names)
+  return class_names_of(
+    _info_builder(data_config), data_config.name, data_config.task
+  )
 
 
 def num_classes(data_config: ml_collections.ConfigDict) -> int:
@@ -68,9 +109,7 @@ def group_names(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
   Reads the prepared dataset's metadata (preparing it if needed).
   """
-  builder = prepare_from_config(data_config)
-  names = (builder.info.metadata or {}).get('group_names')
-  return tuple(names) if names else NO_GROUPS
+  return group_names_of(prepare_from_config(data_config))
 
 
 def group_counts(
@@ -78,8 +117,4 @@ def group_counts(
 ) -> tuple[int, ...]:
   """Examples of each group (`group_names` order) in a pipeline split."""
   source = load_split_sources(data_config, [split])[split]
-  num_groups = len(group_names(data_config))
-  if source.groups is None:
-    return (len(source),) + (0,) * (num_groups - 1)
-  groups = np.asarray(source.groups)[np.asarray(source.indices)]
-  return tuple(int(n) for n in np.bincount(groups, minlength=num_groups))
+  return group_counts_of(source, len(group_names_of(source.builder)))

@@ -4,8 +4,10 @@ Examples are read (`sources`), decoded and transformed (`transforms`) inside
 Grain, optionally from a RAM cache (`cache`), and batched as
 (num_devices, per_device_batch, ...) for pmap. No TensorFlow.
 
-Every batch carries 'group' int32 (D, b): the example's group, an index into
-`info.group_names(config.data)` (0 for datasets without groups). With
+Each iterator takes its split already open (`source=`, from one
+`sources.load_split_sources` per process) or opens it. Every batch carries
+'group' int32 (D, b): the example's group, an index into the run's group
+names (`info.group_names_of`; 0 for datasets without groups). With
 `config.data.pixel_masks`, training batches also carry 'pixel_mask'.
 
 With `config.data.device_preprocessing` (the default) training images leave
@@ -196,6 +198,7 @@ def create_train_iterator(
   process_index: int = 0,
   process_count: int = 1,
   with_index: bool = False,
+  source: SplitSource | None = None,
 ) -> batching.TrainIterator:
   """Endless, shuffled, deterministic training batches for this host.
 
@@ -209,6 +212,8 @@ def create_train_iterator(
     process_count: number of hosts.
     with_index: also yield 'index' int32 (D, b), each example's position in
       the training split (for debugging and tests).
+    source: the training split, already open (`load_split_sources`); None
+      opens it.
 
   Returns:
     A `TrainIterator` of {'image': float32 (D, b, S, S, 3), 'mask': float32
@@ -228,7 +233,8 @@ def create_train_iterator(
   per_device = batching.per_device_batch_size(
     global_batch_size, num_devices, process_count
   )
-  source = load_split_sources(data_config, ['train'])['train']
+  if source is None:
+    source = load_split_sources(data_config, ['train'])['train']
   empty = empty_mask_positions(source, data_config, cam_size=cam_size)
   logging.info(
     '%d of %d training examples have an empty mask at CAM size %s; '
@@ -385,6 +391,7 @@ def create_eval_iterator(
   process_count: int = 1,
   with_pixel_mask: bool = False,
   with_file_name: bool = False,
+  source: SplitSource | None = None,
 ) -> Iterator[Batch]:
   """One pass over a split, every example exactly once across all hosts.
 
@@ -400,6 +407,7 @@ def create_eval_iterator(
       foreground at image resolution (nearest), empty ones left empty.
     with_file_name: also yield 'file_name', a str array (D, b) ('' = padding);
       drop it before handing the batch to jax.
+    source: the split, already open (`load_split_sources`); None opens it.
 
   Returns:
     An iterator of {'image': float32 (D, b, S, S, 3), 'mask': float32
@@ -415,7 +423,8 @@ def create_eval_iterator(
   per_device = batching.per_device_batch_size(
     global_batch_size, num_devices, process_count
   )
-  source = load_split_sources(data_config, [split])[split]
+  if source is None:
+    source = load_split_sources(data_config, [split])[split]
   if not len(source):
     raise ValueError(
       f'Split {split!r} is empty (validation_fraction='

@@ -95,6 +95,12 @@ class SplitSource:
       (returned as 'index'); None = 0..N-1.
     groups: int64 group of every record (indexed by record id, not by
       position); None = group 0 for all.
+    labels: int64 value of `label_feature` of every record (indexed by record
+      id), from the builder's metadata or one read of the split; None when
+      unknown.
+    label_feature: the record field `labels` holds ('label', 'species').
+    builder: the TFDS builder the split was opened from (its `info` holds the
+      dataset's name, version, classes and groups).
   """
 
   name: str
@@ -103,6 +109,9 @@ class SplitSource:
   has_masks: bool
   positions: np.ndarray | None = None
   groups: np.ndarray | None = None
+  labels: np.ndarray | None = None
+  label_feature: str = ''
+  builder: Any = None
 
   def __len__(self) -> int:
     return len(self.indices)
@@ -141,12 +150,18 @@ def _data_source(
   return builder.as_data_source(split, decoders=decoders)
 
 
+def _stratify_feature(builder: tfds.core.DatasetBuilder) -> str:
+  """The record field the validation carve stratifies by."""
+  return 'label' if 'label' in builder.info.features else 'species'
+
+
 def _split_lists(
   builder: tfds.core.DatasetBuilder,
   records: Sequence[Mapping[str, Any]],
   split: str,
 ) -> tuple[list[str], list[int], np.ndarray | None]:
-  """File names, stratification labels and groups of a TFDS split.
+  """File names, stratification labels (`_stratify_feature`) and groups of
+  a TFDS split.
 
   Uses the lists the builder stores in its metadata when they match the
   records (checked at a few places); otherwise reads every record (groups are
@@ -167,7 +182,7 @@ def _split_lists(
         listed['labels'],
         None if groups is None else np.asarray(groups, np.int64),
       )
-  stratify = 'label' if 'label' in builder.info.features else 'species'
+  stratify = _stratify_feature(builder)
   names, labels = [], []
   for i in range(len(records)):
     record = records[i]
@@ -180,13 +195,16 @@ def _whole_split(
   builder: tfds.core.DatasetBuilder, split: str, entry: DatasetEntry
 ) -> SplitSource:
   records = _data_source(builder, split, entry.has_masks)
-  _, _, groups = _split_lists(builder, records, split)
+  _, labels, groups = _split_lists(builder, records, split)
   return SplitSource(
     split,
     records,
     np.arange(len(records)),
     entry.has_masks,
     groups=groups,
+    labels=np.asarray(labels, np.int64),
+    label_feature=_stratify_feature(builder),
+    builder=builder,
   )
 
 
@@ -207,6 +225,9 @@ def _carved_trainval(
       indices,
       entry.has_masks,
       groups=groups,
+      labels=np.asarray(labels, np.int64),
+      label_feature=_stratify_feature(builder),
+      builder=builder,
     )
     for split, indices in (('train', train), ('validation', validation))
   }
@@ -215,12 +236,16 @@ def _carved_trainval(
 def load_split_sources(
   data_config: ml_collections.ConfigDict,
   splits: Sequence[str] = ('train', 'validation', 'test'),
+  *,
+  builder: tfds.core.DatasetBuilder | None = None,
 ) -> dict[str, SplitSource]:
   """Opens pipeline splits, preparing the data first if needed.
 
   Args:
     data_config: `config.data` (`cco_jax.data.config`).
     splits: any of 'train', 'validation', 'test', 'ood'.
+    builder: the primary dataset's prepared builder, when already at hand
+      (`prepare_from_config`).
 
   Returns:
     {split: SplitSource}.
@@ -235,7 +260,7 @@ def load_split_sources(
   entry = dataset_entry(data_config.name)
   sources = {}
   if {'train', 'validation', 'test'} & set(splits):
-    builder = prepare_from_config(data_config)
+    builder = builder or prepare_from_config(data_config)
     if {'train', 'validation'} & set(splits):
       if 'validation' in builder.info.splits:
         for split in ('train', 'validation'):
@@ -262,3 +287,41 @@ def load_split_sources(
     )
     sources['ood'] = _whole_split(builder, 'train', dataset_entry(OOD_DATASET))
   return {split: sources[split] for split in splits}
+
+
+class OpenSplits:
+  """The pipeline splits of one `config.data`, each opened once, on first
+  use, and then handed on (`splits[name]` is a `SplitSource`).
+
+  'train' and 'validation' open together (they may be carved from one TFDS
+  split); the primary dataset is prepared (checked) once.
+  """
+
+  def __init__(self, data_config: ml_collections.ConfigDict):
+    self.data_config = data_config
+    self._builder = None
+    self._sources: dict[str, SplitSource] = {}
+
+  @property
+  def builder(self) -> tfds.core.DatasetBuilder:
+    """The primary dataset's prepared builder."""
+    if self._builder is None:
+      self._builder = prepare_from_config(self.data_config)
+    return self._builder
+
+  def __getitem__(self, split: str) -> SplitSource:
+    if split not in self._sources:
+      together = ('train', 'validation') if split in SPLITS[:2] else (split,)
+      builder = None if split == 'ood' else self.builder
+      self._sources.update(
+        load_split_sources(self.data_config, together, builder=builder)
+      )
+    return self._sources[split]
+
+  def primary(self) -> dict[str, SplitSource]:
+    """{'train', 'validation'[, 'test']}: the primary dataset's splits (test
+    when it has one)."""
+    names = list(SPLITS[:2])
+    if 'test' in self.builder.info.splits:
+      names.append('test')
+    return {split: self[split] for split in names}

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 import io
 import math
+import os
 import types
 from typing import Any
 
@@ -37,6 +38,7 @@ from cco_jax.data.config import CROP_AREA_RANGE
 from cco_jax.data.config import CROP_ASPECT_RANGE
 from cco_jax.data.config import IMAGENET_MEAN
 from cco_jax.data.config import IMAGENET_STD
+from cco_jax.data.datasets import common as datasets_common
 from cco_jax.data.datasets import oxford_iiit_pet
 from cco_jax.data.sources import as_str
 
@@ -317,3 +319,63 @@ def to_model_input(
     'group': np.int32(example.get('group', 0)),
     'file_name': example['file_name'],
   }
+
+
+def read_image_file(
+  path: str | os.PathLike, *, image_size: int, normalize: bool
+) -> np.ndarray:
+  """An image file -> float32 `(S, S, 3)`, preprocessed as for evaluation
+  (RGB, squashed bilinearly to `S x S`, `finish_image`).
+
+  Raises:
+    ValueError: no such file, or not a readable image (names the file).
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise ValueError(f'{path}: no such file.')
+  try:
+    with Image.open(path) as image:
+      image.draft('RGB', (image_size, image_size))
+      pixels = resize(
+        image.convert('RGB'),
+        (image_size, image_size),
+        Image.Resampling.BILINEAR,
+      )
+  except (OSError, ValueError, Image.DecompressionBombError) as e:
+    raise ValueError(
+      f'{path}: not a readable image ({type(e).__name__}: {e}). Pass a JPEG '
+      'or PNG file.'
+    ) from None
+  return finish_image(pixels, normalize=normalize)
+
+
+def read_mask_file(
+  path: str | os.PathLike, *, image_size: int, boundary_is_foreground: bool
+) -> np.ndarray:
+  """An object-mask file -> float32 `(S, S)` in {0, 1} (1 = object), squashed
+  with 'nearest'.
+
+  A mask in the trimap convention (values in {1, 2, 3} with some 2) gets
+  `foreground` as in training; any other 8-bit mask is read as the 'folder'
+  layout reads it: 0 = background, > 0 = object.
+
+  Raises:
+    ValueError: the file cannot be read as an 8-bit mask (names the file).
+  """
+  path = os.fspath(path)
+  try:
+    with open(path, 'rb') as f:
+      values = datasets_common.decode_mask_png(f.read())
+  except (OSError, ValueError) as e:
+    raise ValueError(f'{path}: not a readable mask ({e}).') from None
+  present = set(np.unique(values).tolist())
+  if not (
+    present <= {1, 2, 3} and oxford_iiit_pet.TRIMAP_BACKGROUND in present
+  ):
+    values = np.where(
+      values > 0, oxford_iiit_pet.TRIMAP_PET, oxford_iiit_pet.TRIMAP_BACKGROUND
+    )
+  fg = foreground(values, boundary_is_foreground=boundary_is_foreground)
+  return resize(fg, (image_size, image_size), Image.Resampling.NEAREST).astype(
+    np.float32
+  )

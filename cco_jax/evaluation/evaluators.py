@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from cco_jax import cams as cams_lib
+from cco_jax import explain
 from cco_jax import metrics
 from cco_jax.evaluation import interventions
 
@@ -34,12 +35,6 @@ PredictFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 Named = Iterator[tuple[str, Any]]
 
 _batch_sums = jax.jit(metrics.batch_sums, static_argnames='num_groups')
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-  z = np.asarray(logits, np.float64)
-  z = np.exp(z - z.max(-1, keepdims=True))
-  return z / z.sum(-1, keepdims=True)
 
 
 class _Keeper:
@@ -262,7 +257,7 @@ class DeletionInsertionEvaluator(Evaluator):
       rows = np.arange(len(real))
 
       def probability(x, classes=classes, rows=rows):
-        return _softmax(np.asarray(self.predict_fn(x)[0]))[rows, classes]
+        return explain.softmax(np.asarray(self.predict_fn(x)[0]))[rows, classes]
 
       maps = {'hirescam': cams[rows, ..., classes]}
       if gradcam_fn is not None:

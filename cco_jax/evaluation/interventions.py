@@ -253,18 +253,18 @@ def _foreground_gray(batch: Batch, context: Context) -> np.ndarray:
 class SplitReader:
   """Random access to a split's examples by position, as the eval pipeline
   renders them (`image` `(S, S, 3)`, `pixel_mask` `(S, S)`): the donors of
-  `background_swap`."""
+  `background_swap`. `source`: the split, already open."""
 
   def __init__(
     self,
     data_config: ml_collections.ConfigDict,
-    split: str,
+    source: sources.SplitSource,
     *,
     cam_size: tuple[int, int],
   ):
     self._config = data_config
     self._cam_size = tuple(cam_size)
-    self._source = sources.load_split_sources(data_config, [split])[split]
+    self._source = source
     self._draft = pipeline.draft_size(data_config, training=False)
 
   def __len__(self) -> int:

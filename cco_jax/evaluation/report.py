@@ -1,13 +1,15 @@
 """Evaluating a checkpoint: the configured evaluators over one split.
 
-`evaluate_checkpoint(workdir, config, step='best')` restores the run
-(`cco_jax.restore`, not the training loop), resolves where its data lives
+`evaluate_checkpoint(workdir, config, step='best')` restores the trained model
+(`cco_jax.restore`: the run record and the variables, not the training loop),
+resolves where its data lives
 (`cco_jax.data.preparation.resolve_data_dir`: a data dir already holding another
 copy of a dataset is left alone, a scratch dir under `workdir/evaluation` is
-used instead), runs every evaluator named in `config.evaluators` on the split
-(`evaluators.EVALUATORS`) and, for species models, classification on
-Cats-vs-Dogs. `write_report` saves `workdir/evaluation/report_<step>.json`, one
-file per checkpoint step.
+used instead), opens the split once, runs every evaluator named in
+`config.evaluators` on it (`evaluators.EVALUATORS`) and, for species models,
+classification on Cats-vs-Dogs. Class and group names, image size and
+normalisation come from the run record, not from the data. `write_report`
+saves `workdir/evaluation/report_<step>.json`, one file per checkpoint step.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from cco_jax import explain
 from cco_jax import metric_writers
 from cco_jax import models
 from cco_jax import restore
-from cco_jax.data import info
 from cco_jax.data import pipeline
 from cco_jax.data import preparation
 from cco_jax.data import sources
@@ -91,18 +92,19 @@ def subset_positions(total: int, num_examples: int) -> np.ndarray | None:
 
 def split_batches(
   data_config: ml_collections.ConfigDict,
-  split: str,
+  source: sources.SplitSource,
   *,
   cam_size: tuple[int, int],
   batch_size: int,
   positions: np.ndarray | None = None,
 ) -> Iterator[dict]:
-  """Flat evaluation batches `(B, ...)` of a split, with `pixel_mask`; the
-  weight of examples outside `positions` is 0 (batches without any are
+  """Flat evaluation batches `(B, ...)` of an open split, with `pixel_mask`;
+  the weight of examples outside `positions` is 0 (batches without any are
   skipped)."""
   batches = pipeline.create_eval_iterator(
     data_config,
-    split,
+    source.name,
+    source=source,
     cam_size=cam_size,
     global_batch_size=batch_size,
     num_devices=1,
@@ -131,29 +133,31 @@ def resolved_data(
 
 
 def run_evaluators(
-  run: restore.Run,
+  trained: restore.TrainedModel,
   data: ml_collections.ConfigDict,
   config: ml_collections.ConfigDict,
-  split: str,
+  source: sources.SplitSource,
   names,
 ) -> dict:
-  """`{name: value}` of the evaluators `names` on `split` of `data`."""
+  """`{name: value}` of the evaluators `names` on the open split `source` of
+  `data`."""
   evaluators.check_names(names)
-  predict = run.predict_fn()
-  bias = models.head_bias(run.variables)
-  total = info.num_examples(data, split)
-  positions = subset_positions(total, config.num_examples)
+  predict = trained.predict_fn()
+  bias = models.head_bias(trained.variables)
+  positions = subset_positions(len(source), config.num_examples)
   context = interventions.Context(
-    normalize=data.normalize, seed=config.seed, noise_std=config.noise_std
+    normalize=trained.record.normalize,
+    seed=config.seed,
+    noise_std=config.noise_std,
   )
   if 'interventions' in names:
-    reader = interventions.SplitReader(data, split, cam_size=run.cam_size)
+    reader = interventions.SplitReader(data, source, cam_size=trained.cam_size)
     context = dataclasses.replace(
       context, donors=lambda where: reader.donors(where, seed=config.seed)
     )
-  groups = info.group_names(data)
+  groups = trained.record.group_names
   gradcam = jax.jit(
-    lambda x, c: explain.gradcam(run.model, run.variables, x, c)
+    lambda x, c: explain.gradcam(trained.model, trained.variables, x, c)
   )
   settings = {
     'classification': dict(
@@ -167,15 +171,15 @@ def run_evaluators(
       gradcam_fn=gradcam,
       steps=config.deletion_steps,
       max_examples=config.deletion_examples,
-      normalize=data.normalize,
+      normalize=trained.record.normalize,
     ),
   }
   results = {}
   for name in names:
     batches = split_batches(
       data,
-      split,
-      cam_size=run.cam_size,
+      source,
+      cam_size=trained.cam_size,
       batch_size=config.batch_size,
       positions=positions,
     )
@@ -212,7 +216,7 @@ def evaluate_checkpoint(
   Args:
     workdir: a training run's directory.
     config: `default_config()` with changes (None = the defaults).
-    step: 'best', 'last' or a step number (`restore.restore_run`).
+    step: 'best', 'last' or a step number (`restore.restore_model`).
     data_overrides: `config.data` fields to change (e.g. `manual_dir`,
       `tfds_data_dir`); None values are ignored.
     ood_overrides: the same for the Cats-vs-Dogs evaluation (`ood_manual_dir`,
@@ -225,34 +229,36 @@ def evaluate_checkpoint(
   if jax.process_count() > 1:
     raise ValueError('Evaluation runs as a single process.')
   config = config or default_config()
-  run = restore.restore_run(workdir, step=step)
+  trained = restore.restore_model(workdir, step=step)
   scratch = os.path.join(workdir, EVALUATION_DIR)
-  data = resolved_data(run.config, data_overrides, scratch)
+  data = resolved_data(trained.config, data_overrides, scratch)
   logging.info(
     'Evaluating %s at step %d (%s) on %r.',
     workdir,
-    run.step,
-    run.checkpoint,
+    trained.step,
+    trained.checkpoint,
     config.split,
   )
+  source = sources.load_split_sources(data, [config.split])[config.split]
   results = run_evaluators(
-    run, data, config, config.split, list(config.evaluators)
+    trained, data, config, source, list(config.evaluators)
   )
   arrays = {k: results.pop(k) for k in ARRAY_KEYS if k in results}
+  record = trained.record
   report = {
     'workdir': os.path.abspath(workdir),
-    'step': run.step,
-    'checkpoint': run.checkpoint,
-    'checkpoint_metrics': _checkpoint_metrics(workdir, run.step),
+    'step': trained.step,
+    'checkpoint': trained.checkpoint,
+    'checkpoint_metrics': _checkpoint_metrics(workdir, trained.step),
     'split': config.split,
     'settings': config.to_dict(),
-    'task': data.task,
-    'class_names': list(run.class_names),
+    'task': record.task,
+    'class_names': list(record.class_names),
     'model': {
-      'name': run.config.model.name,
-      'cam_faithful': run.config.model.cam_faithful,
-      'image_size': data.image_size,
-      'cam_size': list(run.cam_size),
+      'name': trained.config.model.name,
+      'cam_faithful': trained.config.model.cam_faithful,
+      'image_size': record.image_size,
+      'cam_size': list(record.cam_size),
     },
     'data': {
       'manual_dir': data.manual_dir,
@@ -263,17 +269,17 @@ def evaluate_checkpoint(
   }
   if arrays.get('influence_map') is not None:
     report['influence_map'] = np.round(arrays['influence_map'], 6).tolist()
-  if config.ood and data.task == 'species':
-    report['ood'] = _ood(run, data, config, ood_overrides, scratch)
+  if config.ood and record.task == 'species':
+    report['ood'] = _ood(trained, data, config, ood_overrides, scratch)
   return Result(
     report=json_safe(report),
     arrays=arrays,
-    class_names=run.class_names,
-    normalize=data.normalize,
+    class_names=record.class_names,
+    normalize=record.normalize,
   )
 
 
-def _ood(run, data, config, overrides, scratch) -> dict:
+def _ood(trained, data, config, overrides, scratch) -> dict:
   """Classification on Cats-vs-Dogs, its data dir resolved on its own."""
   ood = ml_collections.ConfigDict(data.to_dict())
   ood.update({k: v for k, v in (overrides or {}).items() if v is not None})
@@ -282,7 +288,8 @@ def _ood(run, data, config, overrides, scratch) -> dict:
   )
   quick = ml_collections.ConfigDict(config.to_dict())
   quick.keep_examples = 0
-  results = run_evaluators(run, ood, quick, 'ood', ['classification'])
+  source = sources.load_split_sources(ood, ['ood'])['ood']
+  results = run_evaluators(trained, ood, quick, source, ['classification'])
   return {
     'accuracy': results['accuracy'],
     'ce': results['ce'],

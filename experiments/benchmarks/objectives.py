@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cco_jax import model_config
 from cco_jax import models
 from cco_jax import objectives
-from cco_jax import train_setup
 from cco_jax import train_step as step_lib
 from experiments.configs import pets
 
@@ -96,7 +96,7 @@ def main(argv):
   del argv
   config = pets.get_config(_VARIANT.value)
   batch_size = _BATCH.value or config.batch_size
-  model = train_setup.create_model(config, 2)
+  model = model_config.create_model(config, 2)
   batch = synthetic_batch(model, config.data.image_size, batch_size)
   runs = {}
   for label, name, overrides in OBJECTIVES:

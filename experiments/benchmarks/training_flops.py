@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from cco_jax import model_config
 from cco_jax import models
 from cco_jax import optimizers
 from cco_jax import train_setup
@@ -84,7 +85,7 @@ def config_step_flops(
 ) -> float:
   """XLA's FLOPs of the config's train step at `batch` examples (one device),
   from the lowered module (nothing is compiled or allocated)."""
-  model = train_setup.create_model(config, num_classes)
+  model = model_config.create_model(config, num_classes)
   tx = optimizers.create_optimizer(config.optimizer, 1, 1, 1)
   state = jax.eval_shape(
     lambda: step_lib.create_train_state(
@@ -203,7 +204,7 @@ def count_variants(
   from experiments.configs import pets  # pylint: disable=g-import-not-at-top
 
   config = pets.get_config(variant)
-  model = train_setup.create_model(config, num_classes)
+  model = model_config.create_model(config, num_classes)
   counts = {}
   for batch in batches:
     xla = config_step_flops(config, batch, num_classes)
