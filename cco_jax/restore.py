@@ -11,10 +11,10 @@ restore: no optimizer, no train state, no data). `step` is
   'last'   the latest checkpoint;
   an int   that step (an error lists the steps that exist).
 
-A workdir written before run records (no `run.json`) still restores: its
-record is derived once from the config, which opens the data
-(`run_record.load_or_derive`; `python -m experiments.run_record
---workdir=...` writes it).
+A workdir written before run records (no `run.json`) is refused in one line
+that names the conversion command (`python -m experiments.run_record
+--workdir=...`, which derives the record once from the config and the data):
+using a model never opens its training data.
 The variables come back unreplicated, on the default device. Nothing here
 imports the training loop, its optimizer or its losses (a test checks it), so
 evaluation and explanation stay light. ("Restore" means this; the training
@@ -232,7 +232,7 @@ def restore_model(
       f'{workdir}/checkpoints does not exist: train first '
       '(python -m experiments.pets --workdir=...).'
     )
-  record = run_record.load_or_derive(workdir, config)
+  record = run_record.RunRecord.load(run_record.path_of(workdir))
   model = model_config.create_model(config, len(record.class_names))
   manager = checkpointing.create_manager(
     workdir,

@@ -21,11 +21,11 @@ import json
 import os
 from typing import Any
 
-from absl import logging
 from etils import epath
 import ml_collections
 import numpy as np
 
+from cco_jax import errors
 from cco_jax import model_config
 from cco_jax import models
 from cco_jax.data import config as data_config_lib
@@ -38,7 +38,7 @@ SCHEMA = 1
 FILE_NAME = 'run.json'
 
 
-class RecordError(ValueError):
+class RecordError(errors.UserError):
   """A run record that is missing or cannot be read (a one-line message)."""
 
 
@@ -193,27 +193,6 @@ def derive(config: ml_collections.ConfigDict) -> RunRecord:
     primary,
     cam_size=models.cam_size(model, config.data.image_size),
   )
-
-
-def load_or_derive(
-  workdir: str | os.PathLike, config: ml_collections.ConfigDict
-) -> RunRecord:
-  """`workdir/run.json`; derived from `config` (`derive`, opening the data)
-  when the workdir predates run records. Writes nothing.
-
-  Raises:
-    RecordError: `run.json` exists but cannot be read.
-  """
-  path = epath.Path(workdir) / FILE_NAME
-  if path.exists():
-    return RunRecord.load(path)
-  logging.warning(
-    '%s does not exist (a run written before run records): deriving it from '
-    'config.json, which opens the data; %s',
-    path,
-    FIX,
-  )
-  return derive(config)
 
 
 # The tuple fields, which JSON stores as lists.

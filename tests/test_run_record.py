@@ -214,21 +214,30 @@ def test_restore_loads_no_training_module(trained_run):
   assert result.stdout.splitlines()[-2:] == ['[]', '[]']
 
 
-def test_a_workdir_without_run_json_still_restores(trained_run, tmp_path):
+def test_a_workdir_without_run_json_is_refused_then_converted(
+  trained_run, tmp_path
+):
   workdir, _, _ = trained_run
   old = tmp_path / 'old'
   shutil.copytree(workdir, old, ignore=shutil.ignore_patterns('run.lock'))
   (old / 'run.json').unlink()
-  derived = restore.restore_model(str(old))
-  assert derived.record == run_record.RunRecord.load(workdir / 'run.json')
+  with pytest.raises(run_record.RecordError) as info:
+    restore.restore_model(str(old))
+  message = str(info.value)
+  assert '\n' not in message and 'experiments.run_record' in message
   assert not (old / 'run.json').exists()  # Restoring writes nothing.
-  # The conversion command writes it.
+  # The conversion command derives the same record from the config and data.
   from experiments import (
     run_record as convert,  # pylint: disable=g-import-not-at-top
   )
 
   path = convert.write(str(old))
-  assert run_record.RunRecord.load(path) == derived.record
+  assert run_record.RunRecord.load(path) == run_record.RunRecord.load(
+    workdir / 'run.json'
+  )
+  assert restore.restore_model(str(old)).record == run_record.RunRecord.load(
+    path
+  )
 
 
 def test_record_round_trip_and_one_line_errors(tmp_path):
@@ -272,9 +281,6 @@ def test_record_round_trip_and_one_line_errors(tmp_path):
   assert 'schema 2' in error(json.dumps({**values, 'schema': 2}))
   del values['class_names']
   assert "missing ['class_names']" in error(json.dumps(values))
-  # A malformed run.json of a workdir is refused, not silently re-derived.
-  with pytest.raises(run_record.RecordError):
-    run_record.load_or_derive(tmp_path, None)
   assert dataclasses.replace(record, image_size=8) != record
 
 
