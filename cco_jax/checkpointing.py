@@ -308,20 +308,24 @@ def _restore_step(
   }
   if verified:
     items['integrity'] = ocp.args.JsonRestore()
+  # The run record (checkpoints written before run records have none).
+  recorded = (epath.Path(manager.directory) / str(step) / 'run').exists()
+  if recorded:
+    items['run'] = ocp.args.JsonRestore()
   restored = manager.restore(step, args=ocp.args.Composite(**items))
   missing = [k for k in items if restored[k] is None]
   if missing:
     raise FileNotFoundError(f'item(s) {missing} missing')
   data = restored['data']
   if verified:
-    integrity.verify(
-      {
-        'state': restored['state'],
-        'rng': restored['rng'],
-        'data_json': data,
-      },
-      restored['integrity'],
-    )
+    checked = {
+      'state': restored['state'],
+      'rng': restored['rng'],
+      'data_json': data,
+    }
+    if recorded:
+      checked['run_json'] = restored['run']
+    integrity.verify(checked, restored['integrity'])
   else:
     logging.warning(
       'Checkpoint %s/%d has no checksums (written before checkpoints had '

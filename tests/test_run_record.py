@@ -29,6 +29,7 @@ from cco_jax import evaluation
 from cco_jax import restore
 from cco_jax import run_record
 from cco_jax import train
+from cco_jax import train_setup
 from cco_jax import train_step as step_lib
 from cco_jax.data import preparation
 from cco_jax.data import sources
@@ -148,7 +149,7 @@ def test_light_restore_equals_the_full_restore(trained_run):
   trained = restore.restore_model(str(workdir), step='last')
   assert (trained.step, trained.checkpoint) == (STEPS, 'last')
   assert trained.record == run_record.RunRecord.load(workdir / 'run.json')
-  setup = train.build(config)
+  setup = train_setup.build(config)
   template = step_lib.create_train_state(
     jax.random.key(0, impl=config.rng_impl or None),
     setup.model,

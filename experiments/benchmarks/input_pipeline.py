@@ -51,6 +51,7 @@ import tensorflow_datasets as tfds
 
 from cco_jax import data as data_lib
 from cco_jax.data import cache as cache_lib
+from experiments.benchmarks import jpeg_draft
 
 _SHARED = Path(__file__).resolve().parents[2].parent / 'shared' / 'data'
 _MANUAL_DIR = flags.DEFINE_string(
@@ -137,12 +138,6 @@ def time_prepare(data_dir: str) -> dict:
   return results
 
 
-def draft_size(image_size: int, fraction: float) -> int | None:
-  """The `draft_size` of `transforms.decode` for a fraction of the target
-  side (None for 0: no draft)."""
-  return max(1, round(image_size * fraction)) if fraction else None
-
-
 def cpu_ms_per_image(
   config, split: str, count: int = 200, draft_fraction: float = 1.0
 ) -> float:
@@ -156,7 +151,7 @@ def cpu_ms_per_image(
       source[i],
       task=config.task,
       boundary_is_foreground=config.boundary_is_foreground,
-      draft_size=draft_size(config.image_size, draft_fraction),
+      draft_size=jpeg_draft.draft_size(config.image_size, draft_fraction),
     )
     data_lib.to_model_input(
       example,
@@ -167,46 +162,6 @@ def cpu_ms_per_image(
       with_pixel_mask=False,
     )
   return (time.process_time() - start) / count * 1e3
-
-
-def draft_difference(
-  records, image_size: int, fraction: float, task: str = 'species'
-) -> dict:
-  """How far the squashed image of a JPEG draft decode lies from the full
-  decode's: per image the mean |difference| over (S, S, 3) in [0, 1] units;
-  returns their mean and maximum and how many images the draft reduced.
-
-  `records`: `transforms.decode` inputs (encoded 'image' bytes, labels,
-  'index', 'file_name').
-  """
-  diffs, reduced = [], 0
-
-  def final(record, size):
-    example = data_lib.decode(
-      record, task=task, boundary_is_foreground=False, draft_size=size
-    )
-    squashed = data_lib.to_model_input(
-      example,
-      image_size=image_size,
-      cam_size=(1, 1),
-      mask_resize='nearest',
-      normalize=False,
-      with_pixel_mask=False,
-    )
-    return example['image'].size, squashed['image']
-
-  for record in records:
-    full_size, full = final(record, None)
-    size, drafted = final(record, draft_size(image_size, fraction))
-    reduced += size != full_size
-    diffs.append(float(np.abs(drafted - full).mean()))
-  return {
-    'fraction': fraction,
-    'images': len(diffs),
-    'reduced_by_the_draft': reduced,
-    'mean_abs_difference': float(np.mean(diffs)),
-    'max_image_mean_abs_difference': float(np.max(diffs)),
-  }
 
 
 def time_train(config) -> dict:
@@ -390,7 +345,7 @@ def time_reading(config) -> dict:
     results['cpu_ms_per_image'][name] = cpu_ms_per_image(
       config, 'test', draft_fraction=fraction
     )
-    results['draft'][name] = draft_difference(
+    results['draft'][name] = jpeg_draft.draft_difference(
       records, config.image_size, fraction, config.task
     )
   for store_format in ('jpeg', 'raw'):  # Pre-squashed when preparing.
