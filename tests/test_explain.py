@@ -259,13 +259,14 @@ def test_mask_influence(tmp_path):
 
 
 def write_tiny_run(workdir, config, best_step=2, last_step=4):
-  """A run directory as training left it before run records, without
-  training: config.json (no run.json) and checkpoints at `best_step`
-  (validation accuracy 0.9) and `last_step` (0.5), whose parameters differ.
-  Returns {step: variables}."""
+  """A run directory as training leaves it, without training: config.json,
+  run.json (derived from the config and the data, as `experiments.run_record`
+  does) and checkpoints at `best_step` (validation accuracy 0.9) and
+  `last_step` (0.5), whose parameters differ. Returns {step: variables}."""
   from cco_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from cco_jax import model_config  # pylint: disable=g-import-not-at-top
   from cco_jax import optimizers  # pylint: disable=g-import-not-at-top
+  from cco_jax import run_record  # pylint: disable=g-import-not-at-top
   from cco_jax import train_step  # pylint: disable=g-import-not-at-top
   from cco_jax.data import info  # pylint: disable=g-import-not-at-top
 
@@ -289,6 +290,7 @@ def write_tiny_run(workdir, config, best_step=2, last_step=4):
     )
     saved[step] = {'params': state.params, 'batch_stats': state.batch_stats}
   manager.close()
+  run_record.derive(config).save(run_record.path_of(workdir))
   return saved
 
 
