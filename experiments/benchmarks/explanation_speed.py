@@ -1,6 +1,6 @@
 r"""Explanations per second: all-class maps from the forward pass vs autodiff.
 
-    python -m experiments.benchmarks.explain [--model=resnet50] \
+    python -m experiments.benchmarks.explanation_speed [--model=resnet50] \
         [--num_classes=37] [--image_size=224] [--batch_size=8] \
         [--autodiff_classes=4] [--repeats=3]
 
