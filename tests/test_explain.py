@@ -15,7 +15,7 @@ from test_models import random_variables
 from cco_jax import explain as explain_lib
 from cco_jax import models
 from cco_jax.data import transforms
-from experiments.benchmarks import explain as bench
+from experiments.benchmarks import explanation_speed as bench
 
 SIZE = 16
 
