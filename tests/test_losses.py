@@ -885,7 +885,7 @@ class ObjectivesTest(chex.TestCase):
   def test_unknown_name(self, name):
     with pytest.raises(
       ValueError,
-      match=rf"Unknown loss '{name}'; choose one of "
+      match=rf"Unknown config.loss.name '{name}'; choose one of "
       r"\['ace', 'ace_kld', 'ace_swd', 'ce', 'ce_bg_cam', 'ce_kld', "
       r"'ce_reweighted', 'energy', 'group_dro', 'rrr'\]",
     ):

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from cco_jax import errors
 from cco_jax.objectives import ace
 from cco_jax.objectives import core
 from cco_jax.objectives import cross_entropy
@@ -49,7 +50,10 @@ def names() -> list[str]:
 def get(name: str) -> type[core.Objective]:
   """The class of objective `name`."""
   if name not in REGISTRY:
-    raise ValueError(f'Unknown loss {name!r}; choose one of {names()}.')
+    raise errors.UserError(
+      f'Unknown config.loss.name {name!r}; choose one of {names()} '
+      '(--config.loss.name=NAME).'
+    )
   return REGISTRY[name]
 
 
