@@ -34,13 +34,12 @@ import os
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import scipy.special
 
 from cco_jax import cams as cams_lib
-from cco_jax import models
+from cco_jax import head_features
 from cco_jax import restore
 from cco_jax.data import config as data_config
 from cco_jax.data import transforms
@@ -82,74 +81,6 @@ def mask_to_cam_grid(masks: np.ndarray, cam_size: tuple[int, int]):
       for m in masks
     ]
   ).astype(np.float32)
-
-
-# ----------------------------------------------------------------------------
-# The forward pass: logits, maps and the head's input, in one call.
-# ----------------------------------------------------------------------------
-
-
-def forward_with_features(model: nn.Module, variables, images: jax.Array):
-  """`(logits (B, C), cams (B, h, w, C), features (B, h, w, F))`.
-
-  `features` are the activations entering the head (float32), captured with
-  `nn.intercept_methods` from the same forward pass.
-  """
-  captured = {}
-
-  def interceptor(next_fun, args, kwargs, context):
-    if isinstance(context.module, models.CamHead):
-      captured['features'] = args[0].astype(jnp.float32)
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(interceptor):
-    logits, cams = model.apply(variables, images, train=False)
-  return logits, cams, captured['features']
-
-
-def feature_gradients(model: nn.Module, variables, images, classes):
-  """`(d s_c / d A, A)`, both `(B, h, w, F)`: the gradient of each image's
-  class logit `s_c` (`classes` `(B,)`) with respect to the activations `A`
-  entering the head, by autodiff through the real head (one backward pass)."""
-
-  def total_logit(delta):
-    def interceptor(next_fun, args, kwargs, context):
-      if isinstance(context.module, models.CamHead):
-        args = (args[0].astype(jnp.float32) + delta,)
-      return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(interceptor):
-      logits, _ = model.apply(variables, images, train=False)
-    return jnp.take_along_axis(logits, classes[:, None], -1).sum()
-
-  features = forward_with_features(model, variables, images)[2]
-  return jax.grad(total_logit)(jnp.zeros_like(features)), features
-
-
-def autodiff_hirescam(model: nn.Module, variables, images, classes):
-  """HiResCAM computed post hoc: `sum_f (d s_c / d A) * A`, `(B, h, w)`.
-
-  Equal to `cams[..., c]` for these models (`tests/test_explain.py`), at the
-  price of a backward pass per class. Source: R. L. Draelos, L. Carin, "Use
-  HiResCAM instead of Grad-CAM for faithful explanations of convolutional
-  neural networks" (2020).
-  """
-  grads, features = feature_gradients(model, variables, images, classes)
-  return (grads * features).sum(-1)
-
-
-def gradcam(model: nn.Module, variables, images, classes):
-  """Grad-CAM at the layer entering the head, by autodiff, `(B, h, w)`:
-  `ReLU(sum_f alpha_f A[..., f])` with `alpha_f = mean_{h,w} d s_c / d A`.
-
-  Source: R. R. Selvaraju et al., "Grad-CAM: Visual Explanations from Deep
-  Networks via Gradient-based Localization", ICCV 2017. (Behind a global
-  average pool the gradient is the same at every position, so this is the
-  class's HiResCAM clipped at 0: positive evidence only.)
-  """
-  grads, features = feature_gradients(model, variables, images, classes)
-  alpha = grads.mean((1, 2), keepdims=True)
-  return jax.nn.relu((alpha * features).sum(-1))
 
 
 @dataclasses.dataclass
@@ -263,7 +194,9 @@ class Explainer:
       if bias is None
       else np.asarray(bias, np.float32)
     )
-    self._forward = jax.jit(functools.partial(forward_with_features, model))
+    self._forward = jax.jit(
+      functools.partial(head_features.forward_with_features, model)
+    )
 
   @classmethod
   def from_workdir(cls, workdir: str, *, step='best', **kwargs) -> Explainer:

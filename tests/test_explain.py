@@ -13,6 +13,7 @@ import pytest
 from test_models import random_variables
 
 from cco_jax import explain as explain_lib
+from cco_jax import head_features
 from cco_jax import models
 from cco_jax.data import transforms
 from experiments.benchmarks import explanation_speed as bench
@@ -124,7 +125,7 @@ def _autodiff_hirescam(model, variables, images, class_index):
       logits, _ = model.apply(variables, images, train=False)
     return logits[:, class_index].sum()
 
-  features = explain_lib.forward_with_features(model, variables, images)[2]
+  features = head_features.forward_with_features(model, variables, images)[2]
   grads = jax.grad(logit_of_delta)(jnp.zeros_like(features))
   return np.asarray((grads * features).sum(-1))
 
@@ -145,14 +146,14 @@ def test_maps_equal_autodiff_hirescam_and_bound_gradcam():
   rows = np.arange(3)
   ours = result.cams[rows, ..., np.asarray(classes)]
   np.testing.assert_allclose(
-    explain_lib.autodiff_hirescam(model, variables, images, classes),
+    head_features.autodiff_hirescam(model, variables, images, classes),
     ours,
     rtol=1e-4,
     atol=1e-6,
   )
   # Behind global average pooling, Grad-CAM is the class map clipped at 0.
   np.testing.assert_allclose(
-    explain_lib.gradcam(model, variables, images, classes),
+    head_features.gradcam(model, variables, images, classes),
     np.maximum(ours, 0),
     rtol=1e-4,
     atol=1e-6,

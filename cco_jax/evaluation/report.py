@@ -25,7 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from cco_jax import explain
+from cco_jax import head_features
 from cco_jax import metric_writers
 from cco_jax import models
 from cco_jax import restore
@@ -157,7 +157,7 @@ def run_evaluators(
     )
   groups = trained.record.group_names
   gradcam = jax.jit(
-    lambda x, c: explain.gradcam(trained.model, trained.variables, x, c)
+    lambda x, c: head_features.gradcam(trained.model, trained.variables, x, c)
   )
   settings = {
     'classification': dict(

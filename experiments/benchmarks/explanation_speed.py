@@ -5,13 +5,13 @@ r"""Explanations per second: all-class maps from the forward pass vs autodiff.
         [--autodiff_classes=4] [--repeats=3]
 
 One explanation = the maps of EVERY class for one image. Three ways:
-  ours       `explain.forward_with_features` (the model's forward pass, which
+  ours       `head_features.forward_with_features` (the model's forward pass, which
              returns all C maps by one einsum; what `Explainer` runs), jitted;
   hirescam   post-hoc HiResCAM as a per-class explainer call computes it:
              per class one forward pass and the gradient of that class's
              logit with respect to the head's input (`explain.
              autodiff_hirescam`, jitted; XLA differentiates only the head);
-  gradcam    Grad-CAM at the same layer the same way (`explain.gradcam`).
+  gradcam    Grad-CAM at the same layer the same way (`head_features.gradcam`).
 A post-hoc tool that keeps one forward pass and runs C backward passes
 through the head only would cost about one forward pass too; the training
 benchmark's `cams` section times backward passes through the whole network
@@ -36,7 +36,7 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
-from cco_jax import explain
+from cco_jax import head_features
 from cco_jax import models
 from cco_jax.runtime import xla_cpu
 
@@ -85,10 +85,12 @@ def measure(
   variables = jax.jit(functools.partial(model.init, train=False))(
     jax.random.key(1), images[:1]
   )
-  ours = jax.jit(functools.partial(explain.forward_with_features, model))
+  ours = jax.jit(functools.partial(head_features.forward_with_features, model))
   posthoc = {
-    'hirescam': jax.jit(functools.partial(explain.autodiff_hirescam, model)),
-    'gradcam': jax.jit(functools.partial(explain.gradcam, model)),
+    'hirescam': jax.jit(
+      functools.partial(head_features.autodiff_hirescam, model)
+    ),
+    'gradcam': jax.jit(functools.partial(head_features.gradcam, model)),
   }
   timed = autodiff_classes or num_classes
   timed = min(timed, num_classes)
