@@ -30,11 +30,8 @@ checkpoints, before the final evaluation and before closing).
 from __future__ import annotations
 
 import dataclasses
-import errno as errno_lib
 import json
 import os
-import re
-import shutil
 from typing import Any
 
 from absl import logging
@@ -46,6 +43,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from cco_jax import integrity
+from cco_jax import save_failures
 
 BEST_METRIC = 'eval_accuracy'
 UNRESTORABLE_DIR = 'unrestorable_checkpoints'
@@ -107,34 +105,6 @@ def _gather_json(text: str) -> list[str]:
   ]
 
 
-def _free_space(path: str | os.PathLike) -> str:
-  """Free space on the disk holding `path` (or its nearest existing parent);
-  unknown on object stores."""
-  path = epath.Path(path)
-  if '://' in str(path):
-    return 'unknown free space (object store)'
-  try:
-    while not path.exists() and path.parent != path:
-      path = path.parent
-    free = shutil.disk_usage(os.fspath(path)).free
-  except OSError:
-    return 'unknown free space'
-  return f'{free / 2**20:.1f} MiB free'
-
-
-def _underlying_errno(error: BaseException) -> int:
-  """The errno of the first `OSError` in `error`'s chain, else one in its text."""
-  seen = error
-  while seen is not None:
-    if isinstance(seen, OSError) and seen.errno:
-      return seen.errno
-    seen = seen.__cause__ or seen.__context__
-  match = re.search(
-    r'(?:os error|errno|os_error_code)[^0-9]{0,4}(\d+)', str(error), re.I
-  )
-  return int(match.group(1)) if match else errno_lib.EIO
-
-
 def save(
   manager: ocp.CheckpointManager,
   step: int,
@@ -194,7 +164,7 @@ def save(
       force=True,
     )
   except Exception as e:  # pylint: disable=broad-except
-    raise _save_error(manager, step, e) from None
+    raise save_failures.save_error(manager, step, e) from None
 
 
 def wait(manager: ocp.CheckpointManager) -> None:
@@ -206,62 +176,10 @@ def wait(manager: ocp.CheckpointManager) -> None:
   try:
     manager.wait_until_finished()
   except Exception as e:  # pylint: disable=broad-except
-    partial = _partial_steps(epath.Path(manager.directory))
-    raise _save_error(manager, partial[0] if partial else None, e) from None
-
-
-def _save_error(
-  manager: ocp.CheckpointManager, step: int | None, error: BaseException
-) -> OSError:
-  """The `OSError` of a failed save of `step` (None: unknown); removes its
-  partial files."""
-  directory = epath.Path(manager.directory)
-  path = str(directory / str(step) if step is not None else directory)
-  if step is not None:
-    _remove_partial_save(directory, step)
-  code = _underlying_errno(error)
-  # The cause is in the message; its traceback is Orbax's.
-  return OSError(
-    code,
-    f'Saving the checkpoint of step {step} failed ({os.strerror(code)}; '
-    f'{_free_space(path)} there): {type(error).__name__}: '
-    f'{str(error).splitlines()[0] if str(error) else ""} Earlier checkpoints '
-    f'are intact: steps {_finished_steps(directory)}. Free some space (or '
-    'fix the permissions) and run again to resume.',
-    path,
-  )
-
-
-_PARTIAL = re.compile(r'^(\d+)\.orbax-checkpoint-tmp')
-
-
-def _finished_steps(directory: epath.Path) -> list[int]:
-  """Steps whose save finished (a step directory, not a temporary one),
-  read from `directory` itself: the manager's list can lag behind an
-  asynchronous save that completed."""
-  if not directory.is_dir():
-    return []
-  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
-
-
-def _partial_steps(directory: epath.Path) -> list[int]:
-  """Steps with a temporary (unfinished or failed) save in `directory`."""
-  if not directory.is_dir():
-    return []
-  names = (p.name for p in directory.iterdir())
-  return sorted({int(m.group(1)) for m in map(_PARTIAL.match, names) if m})
-
-
-def _remove_partial_save(directory: epath.Path, step: int) -> None:
-  """Removes the temporary directory of a save of `step` that failed."""
-  if not directory.is_dir():
-    return
-  for path in directory.iterdir():
-    if path.name.startswith(f'{step}.orbax-checkpoint-tmp'):
-      logging.warning(
-        'Removing the partial checkpoint %s of a failed save.', path
-      )
-      path.rmtree(missing_ok=True)
+    partial = save_failures.partial_steps(epath.Path(manager.directory))
+    raise save_failures.save_error(
+      manager, partial[0] if partial else None, e
+    ) from None
 
 
 @dataclasses.dataclass
