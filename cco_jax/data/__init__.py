@@ -12,7 +12,8 @@ One job per module:
   transforms  decode, crop, squash, masks on the CAM grid.
   order       which example and which augmentation at each stream position.
   cache       the RAM cache of decoded, squashed training examples.
-  pipeline    the training and evaluation iterators.
+  pipeline    the training iterator.
+  eval_pipeline  the evaluation iterator.
   datasets    the TFDS builders (no TensorFlow) and their shared helpers.
   spurious    the spurious-background benchmark built from Pets.
   spurious_groups  the same with groups (species x background), in the
@@ -24,6 +25,7 @@ The names below are the public API the trainer and the experiments use.
 from cco_jax.data.config import IMAGENET_MEAN
 from cco_jax.data.config import IMAGENET_STD
 from cco_jax.data.config import default_config  # noqa: I001
+from cco_jax.data.eval_pipeline import create_eval_iterator
 from cco_jax.data.info import class_names
 from cco_jax.data.info import class_names_of
 from cco_jax.data.info import group_counts
@@ -34,7 +36,6 @@ from cco_jax.data.info import num_classes
 from cco_jax.data.info import num_examples
 from cco_jax.data.info import split_sizes
 from cco_jax.data.pipeline import TrainIterator
-from cco_jax.data.pipeline import create_eval_iterator
 from cco_jax.data.pipeline import create_train_iterator
 from cco_jax.data.preparation import prepare_dataset
 from cco_jax.data.preparation import prepare_from_config

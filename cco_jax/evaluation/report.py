@@ -29,7 +29,7 @@ from cco_jax import head_features
 from cco_jax import metric_writers
 from cco_jax import models
 from cco_jax import restore
-from cco_jax.data import pipeline
+from cco_jax.data import eval_pipeline
 from cco_jax.data import preparation
 from cco_jax.data import sources
 from cco_jax.evaluation import evaluators
@@ -101,7 +101,7 @@ def split_batches(
   """Flat evaluation batches `(B, ...)` of an open split, with `pixel_mask`;
   the weight of examples outside `positions` is 0 (batches without any are
   skipped)."""
-  batches = pipeline.create_eval_iterator(
+  batches = eval_pipeline.create_eval_iterator(
     data_config,
     source.name,
     source=source,
