@@ -7,7 +7,8 @@ in torchvision's naming (timm's `resnet*` models use the same names) from
 'imagenet' stem). Every tensor is mapped (conv `OIHW` -> `HWIO`, BatchNorm
 `weight/bias/running_mean/running_var` -> `scale/bias/mean/var`, `fc` `(C, F)`
 -> head `(F, C)`); anything missing, unexpected or of the wrong shape is an
-error that lists the names. `save_resnet(variables, path)` is the inverse.
+error that lists the names. `cco_jax.pretrained_export.save_resnet` is the
+inverse.
 
 With `cam_faithful=False` and 1,000 classes the model computes torchvision's
 eval-mode forward (the padding in `models` is torchvision's). With
@@ -102,7 +103,7 @@ def torch_names(
   return names
 
 
-def _tensor_map(names: dict[str, tuple[str, ...]]):
+def tensor_map(names: dict[str, tuple[str, ...]]):
   """File key -> (collection, flax path, kind) for every tensor of `names`."""
   out = {}
   for prefix, path in names.items():
@@ -122,14 +123,6 @@ def _to_flax(value: np.ndarray, kind: str) -> np.ndarray:
     return value.transpose(2, 3, 1, 0)  # OIHW -> HWIO.
   if kind == 'dense':
     return value.T  # (C, F) -> (F, C).
-  return value
-
-
-def _to_torch(value: np.ndarray, kind: str) -> np.ndarray:
-  if kind == 'conv':
-    return value.transpose(3, 2, 0, 1)  # HWIO -> OIHW.
-  if kind == 'dense':
-    return value.T
   return value
 
 
@@ -195,7 +188,7 @@ def convert(
     for collection in shapes
     for path, leaf in _flat(shapes[collection]).items()
   }
-  tensors = _tensor_map(
+  tensors = tensor_map(
     torch_names(
       model.stage_sizes,
       model.block_cls is models.BottleneckBlock,
@@ -382,68 +375,6 @@ def load_resnet(
   )
   logging.info('Loaded %s:\n%s', path, report)
   return variables
-
-
-def to_state_dict(variables) -> dict[str, np.ndarray]:
-  """`model`'s variables -> torchvision-named numpy state dict.
-
-  The architecture (block type, stage of each block) is read from the tree:
-  a block's stage is given by its first convolution's width. A faithful
-  model's tree has no head bias and no final BatchNorm in its last block, so
-  neither key is written; `num_batches_tracked` is written as 0 so that
-  torchvision's `load_state_dict` (strict) accepts a control model's file.
-  """
-  params = variables['params']
-  blocks = sorted(
-    (k for k in params if re.fullmatch(r'(Bottleneck|Residual)Block_\d+', k)),
-    key=lambda k: int(k.rsplit('_', 1)[1]),
-  )
-  if not blocks or 'conv_init' not in params or 'head' not in params:
-    raise ValueError(
-      'variables are not a models.ResNet tree (need conv_init, blocks, head); '
-      f'got params keys {sorted(params)}.'
-    )
-  widths = [params[b]['Conv_0']['kernel'].shape[-1] for b in blocks]
-  stage_sizes = [1]
-  for previous, width in zip(widths, widths[1:], strict=False):
-    if width == previous:
-      stage_sizes[-1] += 1
-    else:
-      stage_sizes.append(1)
-  block_name = blocks[0].rsplit('_', 1)[0]
-  tensors = _tensor_map(
-    torch_names(stage_sizes, block_name == 'BottleneckBlock', block_name)
-  )
-  out = {}
-  for key, (collection, path, kind) in tensors.items():
-    node = variables.get(collection, {})
-    for part in path:
-      node = node.get(part) if hasattr(node, 'get') else None
-      if node is None:
-        break
-    if node is None:
-      continue
-    out[key] = np.ascontiguousarray(_to_torch(np.asarray(node), kind))
-    if key.endswith('.running_var'):
-      out[key[: -len('running_var')] + 'num_batches_tracked'] = np.zeros(
-        (), np.int64
-      )
-  return out
-
-
-def save_resnet(variables, path: str) -> None:
-  """Writes `variables` as a torchvision-named `.safetensors` state dict.
-
-  A `cam_faithful=False` model with the 'imagenet' stem loads into
-  torchvision's `resnetXX(num_classes=C)` with `load_state_dict` and computes
-  the same function. `load_resnet(path, model)` into the model the variables
-  came from gives them back exactly.
-  """
-  if not path.endswith('.safetensors'):
-    raise ValueError(f'{path}: save_resnet writes .safetensors files only.')
-  from safetensors import numpy as st_numpy
-
-  st_numpy.save_file(to_state_dict(variables), path)
 
 
 def init_train_state(state, model: models.ResNet, path: str, rng: jax.Array):

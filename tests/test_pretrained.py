@@ -25,6 +25,7 @@ import pytest
 from cco_jax import model_config
 from cco_jax import models
 from cco_jax import pretrained
+from cco_jax import pretrained_export
 
 LAYERS = {
   'resnet18': (2, 2, 2, 2),
@@ -365,7 +366,7 @@ class FileTest(parameterized.TestCase):
     path = os.path.join(
       self.enter_context(tempfile.TemporaryDirectory()), 'w.safetensors'
     )
-    pretrained.save_resnet(variables, path)
+    pretrained_export.save_resnet(variables, path)
     loaded = pretrained.load_resnet(path, model)
     self.assertEqual(jax.tree.structure(loaded), jax.tree.structure(variables))
     jax.tree.map(np.testing.assert_array_equal, loaded, variables)
@@ -551,7 +552,7 @@ def compare_with_torchvision(name: str, size: int = 224, batch: int = 2):
     variables = pretrained.load_resnet(path, faithful, rng=jax.random.key(0))
     f_logits, f_cams = _apply(faithful, variables, nhwc)
     exported = os.path.join(directory, 'exported.safetensors')
-    pretrained.save_resnet(control_variables, exported)
+    pretrained_export.save_resnet(control_variables, exported)
     again = getattr(torchvision.models, name)(weights=None).eval()
     again.load_state_dict(st_torch.load_file(exported), strict=True)
     with torch.no_grad():
