@@ -42,6 +42,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from cco_jax import errors
 from cco_jax import integrity
 from cco_jax import save_failures
 
@@ -260,7 +261,7 @@ def _restore_step(
     if len(iterators) != jax.process_count():
       if not need_iterator:  # E.g. evaluation: only the state matters.
         return _Step(restored['state'], rng, None, loop_state)
-      raise ValueError(
+      raise errors.UserError(
         f'written by {len(iterators)} process(es), restored by '
         f'{jax.process_count()}: resume with the same number of processes'
       )

@@ -67,6 +67,27 @@ def check_training_config(config: ml_collections.ConfigDict) -> None:
       fail(field, 'must be a positive integer.')
   if config.keep_checkpoints < 1:
     fail('keep_checkpoints', 'must be at least 1.')
+  if not config.per_device_batch_size and (
+    config.batch_size % config.accumulation_steps
+  ):
+    fail(
+      'batch_size',
+      f'not divisible by config.accumulation_steps='
+      f'{config.accumulation_steps}; set --config.batch_size to a multiple '
+      'of it (or change accumulation_steps).',
+    )
+  from cco_jax import optimizers  # pylint: disable=g-import-not-at-top
+
+  for field, names in (
+    ('name', optimizers.OPTIMIZERS),
+    ('schedule', optimizers.SCHEDULES),
+  ):
+    if config.optimizer[field] not in names:
+      fail(
+        f'optimizer.{field}',
+        f'unknown; choose one of {list(names)} '
+        f'(--config.optimizer.{field}=NAME).',
+      )
   if not 0 < config.data.validation_fraction < 1:
     fail(
       'data.validation_fraction',

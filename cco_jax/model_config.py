@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_collections
 
+from cco_jax import errors
 from cco_jax import models
 
 DTYPES = {
@@ -33,7 +34,7 @@ def create_model(
   if not config.model.get('sync_batch_norm', True):
     bn_axis_name = None
   if config.model.dtype not in DTYPES:
-    raise ValueError(
+    raise errors.UserError(
       f'Unknown model.dtype {config.model.dtype!r}; choose one of '
       f'{sorted(DTYPES)}.'
     )

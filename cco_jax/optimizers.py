@@ -11,6 +11,8 @@ from __future__ import annotations
 import ml_collections
 import optax
 
+from cco_jax import errors
+
 OPTIMIZERS = ('adam', 'adamw', 'sgd')
 SCHEDULES = ('constant', 'cosine')
 
@@ -20,9 +22,9 @@ def create_learning_rate_fn(
 ) -> optax.Schedule:
   """Constant, or linear warmup then cosine decay to zero, in optimizer steps."""
   if config.schedule not in SCHEDULES:
-    raise ValueError(
-      f'Unknown optimizer.schedule {config.schedule!r}; choose one '
-      f'of {SCHEDULES}.'
+    raise errors.UserError(
+      f'config.optimizer.schedule={config.schedule!r} is unknown; choose one '
+      f'of {SCHEDULES} (--config.optimizer.schedule=NAME).'
     )
   warmup_steps = int(config.warmup_epochs * steps_per_epoch)
   if config.schedule == 'constant':
@@ -45,8 +47,9 @@ def create_optimizer(
 ) -> optax.GradientTransformation:
   """Builds the optimizer named by `config.name` (see `OPTIMIZERS`)."""
   if config.name not in OPTIMIZERS:
-    raise ValueError(
-      f'Unknown optimizer.name {config.name!r}; choose one of {OPTIMIZERS}.'
+    raise errors.UserError(
+      f'config.optimizer.name={config.name!r} is unknown; choose one of '
+      f'{OPTIMIZERS} (--config.optimizer.name=NAME).'
     )
   schedule = create_learning_rate_fn(config, steps_per_epoch, num_train_steps)
   if config.name == 'adam':

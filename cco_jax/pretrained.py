@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cco_jax import errors
 from cco_jax import models
 
 # Suffixes of the BatchNorm tensors, and where each goes in the flax tree.
@@ -176,7 +177,7 @@ def convert(
     ValueError: naming every missing, unexpected or mis-shaped tensor.
   """
   if model.stem != 'imagenet':
-    raise ValueError(
+    raise errors.UserError(
       f"{source}: torchvision's ResNets have the 'imagenet' stem (7x7/2 conv "
       f'and max-pool); the model has stem={model.stem!r}. Create it with '
       "stem='imagenet' (config: --config.model.stem=imagenet)."
@@ -239,7 +240,7 @@ def convert(
     values[where] = value
     report.loaded.append(key)
   if any(problems.values()):
-    raise ValueError(_problem_message(source, model, problems))
+    raise errors.UserError(_problem_message(source, model, problems))
   if fresh_head:
     if headless:
       report.notes.append('the file has no head (fc).')
@@ -256,7 +257,7 @@ def convert(
     )
   leftover = sorted('/'.join(k) for k in set(target) - set(values))
   if leftover:  # A model tree this mapping does not know: a bug, not input.
-    raise ValueError(f'{source}: no tensor for {leftover}.')
+    raise errors.UserError(f'{source}: no tensor for {leftover}.')
   variables = {
     collection: jax.tree_util.tree_map_with_path(
       lambda p, _, c=collection: np.ascontiguousarray(
@@ -325,7 +326,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
       return {k: data[k] for k in data.files}
   if ext in ('.pth', '.pt'):
     return _read_torch(path)
-  raise ValueError(
+  raise errors.UserError(
     f'{path}: unknown extension {ext!r}; expected .safetensors, .npz, .pth '
     'or .pt.'
   )

@@ -61,6 +61,7 @@ from cco_jax import train_guards
 from cco_jax import train_input
 from cco_jax import train_setup
 from cco_jax import train_step as step_lib
+from cco_jax.data import prepare_record
 from cco_jax.runtime import workdir_lock
 
 # ----------------------------------------------------------------------------
@@ -279,6 +280,8 @@ def train_and_evaluate(
       diverged state was saved and the message names the last good checkpoint.
   """
   config = config_schema.complete(config, 'the config')  # Before any write.
+  # The options given to experiments.prepare (data/prepare_record.py).
+  prepare_record.adopt(config.data)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   lock = workdir_lock.WorkdirLock(workdir, jax.process_index()).acquire()
   run = None

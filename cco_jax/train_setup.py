@@ -23,6 +23,7 @@ import numpy as np
 from cco_jax import checkpointing
 from cco_jax import configuration
 from cco_jax import data
+from cco_jax import errors
 from cco_jax import model_config
 from cco_jax import models
 from cco_jax import objectives
@@ -56,7 +57,7 @@ def with_data_fields(
       train, len(data.group_names_of(train.builder))
     )
     if len(counts) < 2:
-      raise ValueError(
+      raise errors.UserError(
         f'config.loss.name={config.loss.name!r} reweights groups, but '
         f'{config.data.name!r} has one group; train it on data with a group '
         'column (docs/data.md) or choose another objective.'
@@ -74,11 +75,11 @@ def best_metric(
   """The saved metric that picks the best checkpoint: `eval_<best_metric>`."""
   name = config.best_metric
   if name not in BEST_METRICS:
-    raise ValueError(
+    raise errors.UserError(
       f'config.best_metric={name!r}: choose one of {list(BEST_METRICS)}.'
     )
   if name in GROUP_METRICS and len(group_names) < 2:
-    raise ValueError(
+    raise errors.UserError(
       f'config.best_metric={name!r} needs groups, but '
       f'{config.data.name!r} has one ({group_names[0]!r}); use '
       "best_metric='accuracy'."
@@ -197,7 +198,7 @@ def _batch_sizes(config: ml_collections.ConfigDict) -> tuple[int, int]:
     ('per_device_eval_batch_size', per_device_eval),
   ):
     if not isinstance(value, int) or value < 0:
-      raise ValueError(
+      raise errors.UserError(
         f'config.{name} = {value!r} must be an integer >= 0 (0 = use the '
         'global batch_size / eval_batch_size).'
       )
@@ -232,14 +233,15 @@ def resolve_schedule(
   configuration.check_training_config(config)
   batch_size, eval_batch_size = _batch_sizes(config)
   if batch_size % config.accumulation_steps:
-    raise ValueError(
-      f'batch_size={batch_size} must be divisible by '
-      f'accumulation_steps={config.accumulation_steps}.'
+    raise errors.UserError(
+      f'config.batch_size={batch_size} is not divisible by '
+      f'config.accumulation_steps={config.accumulation_steps}; set '
+      '--config.batch_size to a multiple of it (or change accumulation_steps).'
     )
   micro = batch_size // config.accumulation_steps
   devices = jax.device_count()
   if micro % devices:
-    raise ValueError(
+    raise errors.UserError(
       f'The micro-batch batch_size/accumulation_steps = {micro} must be divisible '
       f'by the number of devices ({devices}); change config.batch_size or '
       'config.accumulation_steps (or set config.per_device_batch_size).'
@@ -282,7 +284,7 @@ def figures_due(config: ml_collections.ConfigDict, evaluation: int) -> bool:
   """
   every = config.figure_every_evals
   if not isinstance(every, int) or every < 0:
-    raise ValueError(
+    raise errors.UserError(
       f'config.figure_every_evals = {every!r} must be an integer >= 0 '
       '(0 = figures only at the end of training, N = every N-th evaluation).'
     )

@@ -11,9 +11,12 @@ r"""Prepares a dataset once, TF-free, and prints its split sizes as JSON.
 Without --manual_dir the official archives are downloaded through TFDS (from
 --download_mirror/<official file name> when given). With it, DIR must hold
 the dataset's layout (docs/data.md). --store_size=S stores images squashed to
-(S, S) (--store_format=jpeg, or raw pixels); training must then set
-config.data.store_size=S and store_format too (the options that change
-prepared data are config.data fields: pass the same values).
+(S, S) (--store_format=jpeg, or raw pixels).
+
+The options given here are recorded with the prepared data
+(`cco_jax.data.prepare_record`: DATA_DIR/prepare_records/) and training takes
+each one its config leaves at the default from there, so the train command
+needs none of them again (an option the config sets otherwise wins).
 
 The last line on stdout is a JSON object of split sizes as the input pipeline
 sees them: {"train", "validation"[, "test"]} (validation carved from train
@@ -28,6 +31,7 @@ from absl import flags
 
 from cco_jax import data as data_lib
 from cco_jax.data import config as config_lib
+from cco_jax.data import prepare_record
 from cco_jax.data.datasets import DATASETS
 from experiments import cli
 
@@ -96,6 +100,7 @@ def split_sizes(
     )
   )
   builder = data_lib.prepare_from_config(config)
+  prepare_record.write(config)  # Training takes these options from it.
   if dataset == data_lib.OOD_DATASET:
     return {
       name: split.num_examples for name, split in builder.info.splits.items()

@@ -10,6 +10,7 @@ from absl import flags
 import grain
 import numpy as np
 
+from cco_jax import errors
 from cco_jax.data import cache as cache_lib
 
 Batch = dict[str, np.ndarray]
@@ -24,9 +25,12 @@ def per_device_batch_size(
       'global_batch_size, num_devices and process_count must be positive.'
     )
   if global_batch_size % (num_devices * process_count):
-    raise ValueError(
-      f'global_batch_size={global_batch_size} is not divisible by '
-      f'num_devices * process_count = {num_devices} * {process_count}.'
+    raise errors.UserError(
+      f'batch size {global_batch_size} is not divisible by the '
+      f'{num_devices * process_count} devices of the run ({num_devices} per '
+      f'process x {process_count} processes); set config.batch_size / '
+      'config.eval_batch_size to a multiple of it (or '
+      'config.per_device_batch_size).'
     )
   return global_batch_size // (num_devices * process_count)
 

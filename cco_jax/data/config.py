@@ -64,6 +64,8 @@ import types
 import ml_collections
 import numpy as np
 
+from cco_jax import errors
+
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 CROP_AREA_RANGE = (0.35, 1.0)
@@ -162,22 +164,28 @@ def check_config(
   }
   for key, allowed in choices.items():
     if data_config[key] not in allowed:
-      raise ValueError(
+      raise errors.UserError(
         f'config.data.{key}={data_config[key]!r}; expected one of '
         f'{allowed} (dataset {data_config.name!r}).'
       )
   if not 0 <= data_config.validation_fraction < 1:
-    raise ValueError(
+    raise errors.UserError(
       'config.data.validation_fraction must be in [0, 1), got '
       f'{data_config.validation_fraction}.'
     )
   if data_config.image_size < 1:
-    raise ValueError('config.data.image_size must be positive.')
+    raise errors.UserError(
+      f'config.data.image_size={data_config.image_size}: must be positive '
+      '(e.g. --config.data.image_size=64).'
+    )
   for key in ('num_workers', 'prefetch', 'store_size'):
     if data_config[key] < 0:
-      raise ValueError(f'config.data.{key} must be >= 0.')
+      raise errors.UserError(
+        f'config.data.{key}={data_config[key]}: must be >= 0 '
+        f'(--config.data.{key}=0 is the default).'
+      )
   if data_config.cache_decoded and data_config.num_workers:
-    raise ValueError(
+    raise errors.UserError(
       'config.data.cache_decoded keeps decoded images in this '
       'process; it needs config.data.num_workers = 0.'
     )

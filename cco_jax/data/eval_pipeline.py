@@ -16,6 +16,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from cco_jax import errors
 from cco_jax.data import batching
 from cco_jax.data import pipeline
 from cco_jax.data import transforms
@@ -120,7 +121,7 @@ def create_eval_iterator(
   if source is None:
     source = load_split_sources(data_config, [split])[split]
   if not len(source):
-    raise ValueError(
+    raise errors.UserError(
       f'Split {split!r} is empty (validation_fraction='
       f'{data_config.validation_fraction}).'
     )

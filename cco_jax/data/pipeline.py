@@ -46,6 +46,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from cco_jax import errors
 from cco_jax.data import batching
 from cco_jax.data import cache as cache_lib
 from cco_jax.data import config as config_lib
@@ -249,9 +250,11 @@ def create_train_iterator(
   source = source.subset(np.arange(len(source))[process_index::process_count])
   per_host = per_device * num_devices
   if len(source) < per_host:
-    raise ValueError(
-      f'The training split has {len(source)} examples on this '
-      f'host, fewer than one batch ({per_host}).'
+    raise errors.UserError(
+      f'The training split of {data_config.name!r} has {len(source)} '
+      f'examples on this host, fewer than one batch ({per_host}); set '
+      f'--config.batch_size={max(1, len(source) // num_devices) * num_devices}'
+      ' or smaller (or add training images).'
     )
   pixel_masks = data_config['pixel_masks']
   decoded = Decoded(

@@ -29,6 +29,7 @@ import jax
 import ml_collections
 import tensorflow_datasets as tfds
 
+from cco_jax import errors
 from cco_jax.data.datasets import DATASETS
 from cco_jax.data.datasets import DatasetEntry
 from cco_jax.data.datasets import PrepareOptions
@@ -42,7 +43,7 @@ PREPARE_POLL_S = 2.0
 def dataset_entry(name: str) -> DatasetEntry:
   """The `DATASETS` entry of `name`; ValueError naming the choices."""
   if name not in DATASETS:
-    raise ValueError(
+    raise errors.UserError(
       f'Unknown dataset {name!r} (config.data.name, --dataset); expected '
       f'one of {tuple(DATASETS)}.'
     )
@@ -80,7 +81,7 @@ def prepared_data_dir(
     path = os.path.join(path, f'stored_{options.store_size}{raw}')
   if entry.needs_manual_dir:
     if not manual_dir:
-      raise ValueError(
+      raise errors.UserError(
         f'Dataset {name!r} is read from a local directory: set '
         'config.data.manual_dir (or --manual_dir of experiments.prepare).'
       )
@@ -230,7 +231,7 @@ def prepare_dataset(
     return builder
   recorded = _recorded_source(builder)
   if manual_dir and _realpath(recorded) != _realpath(manual_dir):
-    raise ValueError(
+    raise errors.UserError(
       f'{builder.data_dir} already holds {builder.name} prepared from '
       f'{recorded!r}, not from manual_dir {manual_dir!r}. Use another data '
       'dir (--data_dir / config.data.tfds_data_dir) or delete that one.'

@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from cco_jax import errors
 from cco_jax.data import config as config_lib
 from cco_jax.data.datasets import DatasetEntry
 from cco_jax.data.datasets import PrepareOptions
@@ -256,7 +257,9 @@ def load_split_sources(
   check_config(data_config)
   unknown = set(splits) - set(SPLITS)
   if unknown:
-    raise ValueError(f'Unknown splits {sorted(unknown)}; expected {SPLITS}.')
+    raise errors.UserError(
+      f'Unknown splits {sorted(unknown)}; expected {SPLITS}.'
+    )
   entry = dataset_entry(data_config.name)
   sources = {}
   if {'train', 'validation', 'test'} & set(splits):
@@ -269,11 +272,11 @@ def load_split_sources(
         sources.update(_carved_trainval(data_config, builder, entry))
     if 'test' in splits:
       if 'test' not in builder.info.splits:
-        raise ValueError(f'{data_config.name} has no test split.')
+        raise errors.UserError(f'{data_config.name} has no test split.')
       sources['test'] = _whole_split(builder, 'test', entry)
   if 'ood' in splits:
     if data_config.task != 'species':
-      raise ValueError(
+      raise errors.UserError(
         "The 'ood' split (Cats-vs-Dogs) needs config.data.task='species'."
       )
     builder = prepare_dataset(

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from cco_jax import errors
 from cco_jax.data.config import CROP_AREA_RANGE
 from cco_jax.data.config import CROP_ASPECT_RANGE
 from cco_jax.data.config import IMAGENET_MEAN
@@ -332,17 +333,17 @@ def read_image_file(
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise ValueError(f'{path}: no such file.')
+    raise errors.UserError(f'{path}: no such file.')
   try:
     with Image.open(path) as image:
       image.draft('RGB', (image_size, image_size))
       pixels = resize(
-        image.convert('RGB'),
+        datasets_common.to_rgb(image),
         (image_size, image_size),
         Image.Resampling.BILINEAR,
       )
   except (OSError, ValueError, Image.DecompressionBombError) as e:
-    raise ValueError(
+    raise errors.UserError(
       f'{path}: not a readable image ({type(e).__name__}: {e}). Pass a JPEG '
       'or PNG file.'
     ) from None
@@ -367,7 +368,7 @@ def read_mask_file(
     with open(path, 'rb') as f:
       values = datasets_common.decode_mask_png(f.read())
   except (OSError, ValueError) as e:
-    raise ValueError(f'{path}: not a readable mask ({e}).') from None
+    raise errors.UserError(f'{path}: not a readable mask ({e}).') from None
   present = set(np.unique(values).tolist())
   if not (
     present <= {1, 2, 3} and oxford_iiit_pet.TRIMAP_BACKGROUND in present

@@ -29,6 +29,7 @@ from absl import logging
 from etils import epath
 import tensorflow_datasets as tfds
 
+from cco_jax import errors
 from cco_jax.data.datasets.common import UNREADABLE as _UNREADABLE
 from cco_jax.data.datasets.common import ProjectBuilder
 from cco_jax.data.datasets.common import code_path_property
@@ -68,14 +69,14 @@ def find_pet_images(path: os.PathLike[str] | str) -> epath.Path:
   """
   root = epath.Path(path).expanduser()
   if not root.is_dir():
-    raise ValueError(
+    raise errors.UserError(
       f'Cats-vs-Dogs manual directory {os.fspath(root)!r} does not exist. '
       f'Expected {LAYOUT}. {MANUAL_DIR_HINT}'
     )
   for candidate in (root / 'PetImages', root):
     if all((candidate / c).is_dir() for c in CLASSES):
       return candidate
-  raise ValueError(
+  raise errors.UserError(
     f'Cats-vs-Dogs manual directory {os.fspath(root)!r} lacks PetImages/Cat '
     f'and PetImages/Dog. Expected {LAYOUT}. {MANUAL_DIR_HINT}'
   )

@@ -25,6 +25,8 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from cco_jax import errors
+
 _T = TypeVar('_T')
 _S = TypeVar('_S')
 
@@ -65,15 +67,44 @@ def rgb_jpeg_bytes(
     image.load()  # Decodes everything: truncated files fail here.
     if image.format == 'JPEG' and image.mode == 'RGB':
       return data, False
-    if image.mode in ('RGBA', 'LA') or (
-      image.mode == 'P' and 'transparency' in image.info
-    ):
-      image = image.convert('RGBA')
-      # Alpha is dropped, as TFDS's own builder does.
-    rgb = image.convert('RGB')
+    rgb = to_rgb(image)
   buffer = io.BytesIO()
   rgb.save(buffer, format='JPEG', quality=quality)
   return buffer.getvalue(), True
+
+
+# Pillow modes of more than 8 bits per pixel, and their largest value.
+_WIDE_MODES = {'I;16': 65535, 'I;16B': 65535, 'I;16L': 65535, 'I;16N': 65535}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+  """Any image Pillow reads -> 8-bit RGB, with its brightness kept.
+
+  Pillow's own `convert('RGB')` clips 16-bit greyscale (modes 'I;16*', and
+  'I' as 16-bit PNGs open) to 255, which turns a photo solid white; here it is
+  scaled to 0..255 instead (value / 257, so 65535 -> 255). Alpha is dropped,
+  as TFDS's own builder does.
+
+  Raises:
+    ValueError: a floating-point image (mode 'F'): its scale is unknown.
+  """
+  if image.mode in _WIDE_MODES or image.mode == 'I':
+    values = np.asarray(image).astype(np.float64)
+    top = _WIDE_MODES.get(image.mode, 65535)
+    if image.mode == 'I' and values.max(initial=0) > top:
+      top = float(values.max())  # 32-bit data: scale by its own range.
+    scaled = np.clip(np.round(values * (255.0 / top)), 0, 255)
+    return Image.fromarray(scaled.astype(np.uint8), 'L').convert('RGB')
+  if image.mode == 'F':
+    raise ValueError(
+      'a floating-point image (mode F) has no known scale; save it as an '
+      '8- or 16-bit PNG or a JPEG'
+    )
+  if image.mode in ('RGBA', 'LA') or (
+    image.mode == 'P' and 'transparency' in image.info
+  ):
+    image = image.convert('RGBA')
+  return image.convert('RGB')
 
 
 def ordered_parallel_map(
@@ -140,7 +171,9 @@ def _format(path: epath.Path) -> str:
   ):
     if name.endswith(suffixes):
       return archive_format
-  raise ValueError(f'{os.fspath(path)}: not a .tar, .tar.gz, .tgz or .zip.')
+  raise errors.UserError(
+    f'{os.fspath(path)}: not a .tar, .tar.gz, .tgz or .zip.'
+  )
 
 
 def manual_dir_or_none(

@@ -24,15 +24,15 @@ another size than its image, which is otherwise an error naming both sizes;
 `skip_bad_images` skips unreadable images (counted in
 ``metadata['skipped_images']``) instead of failing.
 
-Every row is checked before anything is written: one ValueError lists every
+Every row is checked before anything is written: one UserError lists every
 bad row (up to `MAX_LISTED`, then a count) with its line, file and reason.
 Records are in labels.csv order.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
+import errno
 import os
 
 from absl import logging
@@ -41,14 +41,19 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from cco_jax import errors
 from cco_jax.data.datasets import common
+from cco_jax.data.datasets import labels_csv
+from cco_jax.data.datasets.labels_csv import REQUIRED_COLUMNS  # noqa: F401
+from cco_jax.data.datasets.labels_csv import Row
 from cco_jax.data.datasets.oxford_iiit_pet import TRIMAP_BACKGROUND
 from cco_jax.data.datasets.oxford_iiit_pet import TRIMAP_PET
 
 LABELS_FILE = 'labels.csv'
-REQUIRED_COLUMNS = ('image', 'label', 'split')
 SPLITS = ('train', 'validation', 'test')
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
+# Smaller images carry no object to find (a 1x1 'image' is a broken export).
+MIN_IMAGE_SIDE = 8
 MAX_LISTED = 20
 LAYOUT = (
   'ROOT/labels.csv (header image,label,split[,group]; split is train, '
@@ -61,22 +66,16 @@ HINT = (
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class Row:
-  """One line of labels.csv (`line` counts the header as line 1)."""
-
-  line: int
-  image: str
-  label: str
-  split: str
-  group: str = ''
-
-
 def check_manual_dir(path: os.PathLike[str] | str) -> epath.Path:
   """Returns ROOT if it has labels.csv with the required header."""
   root = epath.Path(path).expanduser()
+  if not root.is_dir():
+    raise errors.UserError(
+      f'Folder dataset {os.fspath(root)!r} does not exist. Expected {LAYOUT}. '
+      f'{HINT}'
+    )
   if not (root / LABELS_FILE).is_file():
-    raise ValueError(
+    raise errors.UserError(
       f'Folder dataset {os.fspath(root)!r} has no {LABELS_FILE}. Expected '
       f'{LAYOUT}. {HINT}'
     )
@@ -85,35 +84,13 @@ def check_manual_dir(path: os.PathLike[str] | str) -> epath.Path:
 
 
 def read_rows(root: epath.Path) -> tuple[list[Row], bool]:
-  """(rows of labels.csv, whether it has a group column).
+  """(rows of ROOT/labels.csv, whether it has a group column); see
+  `labels_csv.read_rows` for the encodings and line endings it reads.
 
   Raises:
-    ValueError: the header lacks a required column.
+    errors.UserError: the file cannot be read as labels.csv (names it).
   """
-  path = root / LABELS_FILE
-  with open(path, newline='') as f:
-    reader = csv.DictReader(f)
-    header = [c.strip() for c in reader.fieldnames or []]
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
-    if missing:
-      raise ValueError(
-        f'{os.fspath(path)}: header {header} lacks {missing}. Expected '
-        f'{LAYOUT}.'
-      )
-    has_group = 'group' in header
-    rows = []
-    for line, raw in enumerate(reader, start=2):
-      raw = {k.strip(): (v or '').strip() for k, v in raw.items() if k}
-      rows.append(
-        Row(
-          line=line,
-          image=raw['image'],
-          label=raw['label'],
-          split=raw['split'],
-          group=raw.get('group', '') if has_group else '',
-        )
-      )
-  return rows, has_group
+  return labels_csv.read_rows(root / LABELS_FILE)
 
 
 def mask_path(root: epath.Path, image: str) -> epath.Path:
@@ -152,7 +129,7 @@ def _check_row(
     return _Checked(row, error='empty label')
   image_path = root / 'images' / row.image
   if not row.image or not image_path.is_file():
-    return _Checked(row, error=f'missing image file {os.fspath(image_path)}')
+    return _Checked(row, error=_not_a_file(image_path, 'image'))
   if not row.image.lower().endswith(IMAGE_SUFFIXES):
     return _Checked(row, error=f'not a {"/".join(IMAGE_SUFFIXES)} file')
   try:
@@ -161,21 +138,25 @@ def _check_row(
       raise ValueError('empty (0-byte) file')
     jpeg, _ = common.rgb_jpeg_bytes(data)
     size = common.image_size(jpeg)
+    if min(size) < MIN_IMAGE_SIDE:
+      raise ValueError(
+        f'{size[0]}x{size[1]} pixels, smaller than {MIN_IMAGE_SIDE} on a side'
+      )
   except common.UNREADABLE as error:
     if options.skip_bad_images:
       return _Checked(row, skipped_image=True)
     return _Checked(
       row,
       error=f'unreadable image {os.fspath(image_path)} ({error}); fix or '
-      'remove it, or set skip_bad_images',
+      'remove it, or pass --skip_bad_images to experiments.prepare',
     )
   path = mask_path(root, row.image)
   if not path.is_file():
     if options.missing_masks == 'error':
       return _Checked(
         row,
-        error=f'missing mask {os.fspath(path)} (or set missing_masks to '
-        "'all_ones' or 'drop')",
+        error=f'missing mask {os.fspath(path)}; add it, or pass '
+        '--missing_masks=all_ones (or drop) to experiments.prepare',
       )
     if options.missing_masks == 'drop':
       return _Checked(row, missing_mask=True)
@@ -193,7 +174,7 @@ def _check_row(
         row,
         error=f'mask {os.fspath(path)} is {values.shape[1]}x{values.shape[0]}'
         f' but its image is {size[0]}x{size[1]} (width x height); fix it '
-        'or set resize_masks',
+        'or pass --resize_masks to experiments.prepare',
       )
     values = np.asarray(
       Image.fromarray(values).resize(size, Image.Resampling.NEAREST)
@@ -206,19 +187,38 @@ def _check_row(
   )
 
 
+def _not_a_file(path: epath.Path, what: str) -> str:
+  """Why `path` is not a readable file: missing, a symlink loop, a link to
+  nowhere, or a directory."""
+  name = os.fspath(path)
+  if os.path.islink(name):
+    try:
+      os.stat(name)
+    except OSError as error:
+      if error.errno == errno.ELOOP:
+        return f'{what} {name} is a symlink loop; point the link at a file'
+      return (
+        f'{what} {name} is a symlink to a missing file '
+        f'({os.readlink(name)}); fix the link'
+      )
+  if os.path.isdir(name):
+    return f'{what} {name} is a directory, not a file'
+  return f'missing {what} file {name}'
+
+
 def _duplicates(rows: list[Row]) -> dict[int, str]:
   """{line: reason} of rows whose image path appeared on an earlier line."""
-  first, errors = {}, {}
+  first, duplicates = {}, {}
   for row in rows:
     key = os.path.normpath(row.image)
     if key in first:
-      errors[row.line] = f'duplicate path (also on line {first[key]})'
+      duplicates[row.line] = f'duplicate path (also on line {first[key]})'
     else:
       first[key] = row.line
-  return errors
+  return duplicates
 
 
-def bad_rows_error(path: str, bad: list[tuple[Row, str]]) -> ValueError:
+def bad_rows_error(path: str, bad: list[tuple[Row, str]]) -> errors.UserError:
   """One error listing bad rows (up to `MAX_LISTED`, then a count)."""
   lines = [
     f'  line {row.line}: {row.image!r}: {reason}'
@@ -226,7 +226,7 @@ def bad_rows_error(path: str, bad: list[tuple[Row, str]]) -> ValueError:
   ]
   if len(bad) > MAX_LISTED:
     lines.append(f'  ... and {len(bad) - MAX_LISTED} more bad rows.')
-  return ValueError(
+  return errors.UserError(
     f'{path}: {len(bad)} bad rows; nothing was written. Fix them and prepare '
     f'again. Expected {LAYOUT}.\n' + '\n'.join(lines)
   )
@@ -276,7 +276,7 @@ class FolderDataset(common.ProjectBuilder):
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     manual_dir = common.manual_dir_or_none(dl_manager)
     if manual_dir is None:
-      raise ValueError(f'The folder dataset needs a directory: {HINT}')
+      raise errors.UserError(f'The folder dataset needs a directory: {HINT}')
     root = check_manual_dir(manual_dir)
     rows, has_group = read_rows(root)
     classes, groups = _names(os.fspath(root))

@@ -47,6 +47,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from cco_jax import errors
 from cco_jax.data.datasets.common import JPEG_QUALITY  # noqa: F401
 from cco_jax.data.datasets.common import UNREADABLE
 from cco_jax.data.datasets.common import ProjectBuilder
@@ -163,13 +164,13 @@ def check_manual_dir(path: os.PathLike[str] | str) -> epath.Path:
     *(root / 'annotations' / f for f in SPLIT_FILES.values()),
   ]
   if not root.is_dir():
-    raise ValueError(
+    raise errors.UserError(
       f'Oxford-IIIT Pet manual directory {os.fspath(root)!r} does not exist. '
       f'Expected the official layout: {LAYOUT}. {MANUAL_DIR_HINT}'
     )
   missing = [os.fspath(p.relative_to(root)) for p in required if not p.exists()]
   if missing:
-    raise ValueError(
+    raise errors.UserError(
       f'Oxford-IIIT Pet manual directory {os.fspath(root)!r} lacks '
       f'{", ".join(missing)}. Expected the official layout: {LAYOUT}. '
       f'{MANUAL_DIR_HINT}'
@@ -215,13 +216,13 @@ def read_split_list(path: os.PathLike[str] | str) -> list[ListEntry]:
       continue
     entry = _parse_line(line)
     if entry is None:
-      raise ValueError(
+      raise errors.UserError(
         f'{os.fspath(path)}:{line_number}: expected "NAME CLASS-ID SPECIES '
         f'BREED-ID" with CLASS-ID in 1..{len(BREEDS)} and SPECIES in 1..2, '
         f'got {line!r}. Expected the official layout: {LAYOUT}.'
       )
     if entry.name in first_line:
-      raise ValueError(
+      raise errors.UserError(
         f'{os.fspath(path)}:{line_number}: {entry.name} is listed twice '
         f'(first on line {first_line[entry.name]}); remove the duplicate.'
       )
@@ -380,14 +381,14 @@ class OxfordIiitPetMasks(ProjectBuilder):
       trimap_path = trimaps_dir / f'{entry.name}.png'
       for path in (image_path, trimap_path):
         if not path.exists():
-          raise ValueError(
+          raise errors.UserError(
             f'{os.fspath(path)} is listed in a split but missing. Expected '
             f'the official layout: {LAYOUT}. {MANUAL_DIR_HINT}'
           )
       try:
         image, reencoded = rgb_jpeg_bytes(image_path.read_bytes())
       except UNREADABLE as error:
-        raise ValueError(
+        raise errors.UserError(
           f'{os.fspath(image_path)}: unreadable image ({error}): empty, '
           'truncated or not an image; replace it with the official file.'
         ) from error
@@ -396,7 +397,7 @@ class OxfordIiitPetMasks(ProjectBuilder):
           trimap_path.read_bytes(), _image_size(image)
         )
       except (*UNREADABLE, ValueError) as error:
-        raise ValueError(
+        raise errors.UserError(
           f'{os.fspath(trimap_path)}: bad trimap ({error}); replace it with '
           'the official file.'
         ) from error

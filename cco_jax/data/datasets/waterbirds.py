@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from cco_jax import errors
 from cco_jax.data.datasets import common
 from cco_jax.data.datasets.oxford_iiit_pet import TRIMAP_BACKGROUND
 from cco_jax.data.datasets.oxford_iiit_pet import TRIMAP_PET
@@ -69,7 +70,7 @@ def check_manual_dir(path: os.PathLike[str] | str) -> epath.Path:
   required = [root / WATERBIRDS_DIR / 'metadata.csv', root / SEGMENTATIONS_DIR]
   missing = [os.fspath(p) for p in required if not p.exists()]
   if missing:
-    raise ValueError(
+    raise errors.UserError(
       f'Waterbirds manual directory {os.fspath(root)!r} lacks {missing}. '
       f'Expected {LAYOUT}. {HINT}'
     )
@@ -89,12 +90,12 @@ def read_metadata(path: epath.Path) -> list[dict]:
           'place': int(raw['place']),
         }
       except (KeyError, ValueError, TypeError) as error:
-        raise ValueError(
+        raise errors.UserError(
           f'{os.fspath(path)}:{line}: expected img_filename, y in 0..1, '
           f'split in 0..2 and place in 0..1 ({error!r}). Expected {LAYOUT}.'
         ) from error
       if row['y'] not in (0, 1) or row['place'] not in (0, 1):
-        raise ValueError(
+        raise errors.UserError(
           f'{os.fspath(path)}:{line}: y and place must be 0 or 1.'
         )
       rows.append(row)
@@ -107,7 +108,7 @@ def _read(row: dict, images: epath.Path, masks: epath.Path):
   mask_path = masks / f'{os.path.splitext(row["image"])[0]}.png'
   for path in (image_path, mask_path):
     if not path.is_file():
-      raise ValueError(
+      raise errors.UserError(
         f'{os.fspath(path)} is listed in metadata.csv but missing. Expected '
         f'{LAYOUT}.'
       )
@@ -115,7 +116,7 @@ def _read(row: dict, images: epath.Path, masks: epath.Path):
     jpeg, _ = common.rgb_jpeg_bytes(image_path.read_bytes())
     values = common.decode_mask_png(mask_path.read_bytes())
   except common.UNREADABLE as error:
-    raise ValueError(
+    raise errors.UserError(
       f'{os.fspath(image_path)}: unreadable ({error}).'
     ) from error
   size = common.image_size(jpeg)
