@@ -16,16 +16,27 @@ the step used is always printed) and writes to `--out`:
                       'images': [per image: path, figure, predicted_index,
                       predicted_class, probabilities, logits, map_sums, bias,
                       identity_error, map_shape, target_index, target_class,
-                      true_class (if the path tells it), influence (fg, bg,
-                      net, bg_share; with a mask)], 'failed': [path, error]}.
+                      true_class (from --labels, else null), influence (fg,
+                      bg, net, bg_share; with a mask)], 'failed': [path,
+                      error], 'skipped': [files in the folders that are not
+                      images]}.
 
 For every class `logits == map_sums + bias` up to float rounding (the
 logit-sum identity, docs/method.md); `identity_error` is the largest gap.
 `--masks=DIR` takes `DIR/<stem>.png` as the object mask of `<stem>.*` (Pets
 trimaps or binary masks). `--classes=a,b,...` names (or numbers) classes:
 the large map and the contrastive maps are taken for the first instead of
-the predicted class, and the small panels show these classes. An unreadable
-image is reported and skipped; the exit status is 1 if any image failed.
+the predicted class, and the small panels show these classes.
+`--labels=FILE` gives true classes (a CSV with an image,label header, such as
+a folder dataset's labels.csv, or an Oxford-IIIT Pet list such as
+annotations/test.txt; `cco_jax.true_labels`); without it no true class is
+shown: a file name is never read as a label.
+
+Files in a folder that are not images are named as skipped. Progress, with
+the rate and the time left (measured after the first batch, which compiles),
+is logged every few seconds on runs of more than one batch. An unreadable or
+missing image is skipped; the others are written, then the command ends with
+one line naming the failed paths (exit status 1).
 """
 
 from __future__ import annotations
@@ -33,14 +44,17 @@ from __future__ import annotations
 import glob
 import json
 import os
-import sys
+import time
 
 from absl import app
 from absl import flags
+from absl import logging
 import numpy as np
 
+from cco_jax import errors
 from cco_jax import explain as explain_lib
 from cco_jax import figures
+from cco_jax import true_labels
 from cco_jax.data import transforms
 from experiments import cli
 
@@ -61,22 +75,33 @@ def define_flags() -> None:
     None,
     'Class (name or index) to explain instead of the predicted.',
   )
+  flags.DEFINE_string(
+    'labels',
+    None,
+    'True classes: a CSV with an image,label header (labels.csv) or an '
+    'Oxford-IIIT Pet list (annotations/test.txt). None: no true class.',
+  )
   flags.DEFINE_integer('batch_size', 32, 'Images per forward pass.')
   flags.mark_flags_as_required(['out'])
 
 
-def expand_paths(patterns: list[str]) -> list[str]:
+def expand_paths(
+  patterns: list[str], skipped: list[str] | None = None
+) -> list[str]:
   """Files, folders (recursively, image extensions only) and globs -> paths,
-  in the given order; a pattern that matches nothing is kept (it will fail)."""
+  in the given order; a pattern that matches nothing is kept (it will fail).
+  Files of a folder that are not images are appended to `skipped`."""
   paths = []
   for pattern in patterns:
     if os.path.isdir(pattern):
-      found = sorted(
+      files = sorted(
         os.path.join(root, name)
         for root, _, names in os.walk(pattern)
         for name in names
-        if name.lower().endswith(IMAGE_EXTENSIONS)
       )
+      found = [p for p in files if p.lower().endswith(IMAGE_EXTENSIONS)]
+      if skipped is not None:
+        skipped.extend(p for p in files if p not in found)
     elif os.path.exists(pattern):
       found = [pattern]
     else:
@@ -101,25 +126,6 @@ def unique_stems(paths: list[str]) -> list[str]:
   return stems
 
 
-def true_class(path: str, class_names) -> str | None:
-  """The class a path names, if any: a folder named like a class
-  (`PetImages/Cat/1.jpg`), or a Pets file name `<Breed>_<n>.jpg` (breed
-  classes, or species: cat breeds are capitalised, dog breeds are not)."""
-  lowered = {c.lower().replace(' ', '_'): c for c in class_names}
-  folder = os.path.basename(os.path.dirname(path)).lower()
-  if folder in lowered:
-    return lowered[folder]
-  stem = os.path.splitext(os.path.basename(path))[0]
-  if '_' not in stem or not stem.rsplit('_', 1)[1].isdigit():
-    return None
-  breed = stem.rsplit('_', 1)[0]
-  if breed.lower() in lowered:
-    return lowered[breed.lower()]
-  if {'cat', 'dog'} <= set(lowered):
-    return lowered['cat' if breed[:1].isupper() else 'dog']
-  return None
-
-
 def parse_class(value: str, class_names) -> int:
   if value.isdigit() and int(value) < len(class_names):
     return int(value)
@@ -131,12 +137,37 @@ def parse_class(value: str, class_names) -> int:
   )
 
 
-def progress(done: int, total: int, width: int = 30) -> None:
-  filled = width * done // max(total, 1)
-  sys.stderr.write(f'\r[{"#" * filled}{"." * (width - filled)}] {done}/{total}')
-  if done == total:
-    sys.stderr.write('\n')
-  sys.stderr.flush()
+class Progress:
+  """Logs `done/total`, the rate and the time left every `every_s` seconds
+  (and at the end) on runs of more than one batch; the rate is measured from
+  the end of the first batch, so compilation does not inflate the ETA."""
+
+  def __init__(self, total: int, batch_size: int, every_s: float = 10.0):
+    self.total, self.every_s = total, every_s
+    self.enabled = total > batch_size
+    self._first = None  # (time, done) after the first batch.
+    self._last_log = 0.0
+
+  def update(self, done: int) -> None:
+    now = time.monotonic()
+    if self._first is None:
+      self._first, self._last_log = (now, done), now
+      return
+    if not self.enabled or (
+      done < self.total and now - self._last_log < self.every_s
+    ):
+      return
+    self._last_log = now
+    rate = (done - self._first[1]) / max(now - self._first[0], 1e-9)
+    left = (self.total - done) / rate if rate > 0 else float('inf')
+    eta = time.strftime('%H:%M:%S', time.gmtime(left)) if left < 1e6 else '?'
+    logging.info(
+      'Explained %d/%d images, %.1f images/s, ETA %s.',
+      done,
+      self.total,
+      rate,
+      eta,
+    )
 
 
 def _load(explainer, path: str, mask_dir: str | None):
@@ -156,9 +187,11 @@ def _load(explainer, path: str, mask_dir: str | None):
   return image, mask
 
 
-def record(explainer, result, i: int, path: str, figure: str) -> dict:
-  """The JSON entry of image `i` of an `Explanation`."""
-  names = explainer.class_names
+def record(
+  explainer, result, i: int, path: str, figure: str, labels=None
+) -> dict:
+  """The JSON entry of image `i` of an `Explanation` (`labels`: the
+  `true_labels.TrueLabels` of --labels, or None)."""
   predicted, target = int(result.predicted[i]), int(result.target[i])
   entry = {
     'path': path,
@@ -167,7 +200,7 @@ def record(explainer, result, i: int, path: str, figure: str) -> dict:
     'predicted_class': explainer.class_name(predicted),
     'target_index': target,
     'target_class': explainer.class_name(target),
-    'true_class': true_class(path, names) if names else None,
+    'true_class': labels.of(path) if labels else None,
     'probabilities': result.probabilities[i].astype(float).tolist(),
     'logits': result.logits[i].astype(float).tolist(),
     'map_sums': result.map_sums[i].astype(float).tolist(),
@@ -184,18 +217,19 @@ def record(explainer, result, i: int, path: str, figure: str) -> dict:
 
 
 def explain_paths(
-  explainer, paths, out, *, mask_dir=None, target=None, panels=3
+  explainer, paths, out, *, mask_dir=None, target=None, panels=3, labels=None
 ):
   """Explains `paths` in batches; returns (entries, failures). `target`:
   the class of the large map (None = the predicted one); `panels`: how many
-  top classes, or which classes, get small panels."""
+  top classes, or which classes, get small panels; `labels`: true classes
+  (`true_labels.TrueLabels`) or None."""
   stems = dict(zip(paths, unique_stems(paths)))
   entries, failures = [], []
   subtitle = ''
   if explainer.trained is not None:
     trained = explainer.trained
     subtitle = f'{trained.workdir}, step {trained.step} ({trained.checkpoint})'
-  progress(0, len(paths))
+  progress = Progress(len(paths), explainer.batch_size)
   for start in range(0, len(paths), explainer.batch_size):
     chunk = paths[start : start + explainer.batch_size]
     loaded = []
@@ -203,8 +237,7 @@ def explain_paths(
       try:
         loaded.append((path, *_load(explainer, path, mask_dir)))
       except (ValueError, OSError) as e:
-        failures.append({'path': path, 'error': str(e)})
-        print(f'\nskipped: {e}', file=sys.stderr)
+        failures.append({'path': path, 'error': _reason(path, e)})
     groups = [
       [x for x in loaded if x[2] is not None],
       [x for x in loaded if x[2] is None],
@@ -226,15 +259,33 @@ def explain_paths(
           class_names=[
             explainer.class_name(c) for c in range(len(result.bias))
           ],
-          true_class=true_class(path, explainer.class_names or ()),
+          true_class=labels.of(path) if labels else None,
           subtitle=subtitle,
           panels=panels,
         )
-        entries.append(record(explainer, result, i, path, figure))
-    progress(min(start + len(chunk), len(paths)), len(paths))
+        entries.append(record(explainer, result, i, path, figure, labels))
+    progress.update(min(start + len(chunk), len(paths)))
   order = {p: k for k, p in enumerate(paths)}
   entries.sort(key=lambda e: order[e['path']])
   return entries, failures
+
+
+def _reason(path: str, error: Exception) -> str:
+  """Why `path` could not be read, without repeating the path."""
+  if not os.path.exists(path) and glob.has_magic(path):
+    return 'no file matches this pattern'
+  text = str(error)
+  return text[len(path) + 2 :] if text.startswith(f'{path}: ') else text
+
+
+def failure_line(failures: list[dict], report_path: str) -> str:
+  """One line naming the images that failed and the fix."""
+  shown = '; '.join(f'{f["path"]}: {f["error"]}' for f in failures[:3])
+  more = f'; and {len(failures) - 3} more' if len(failures) > 3 else ''
+  return (
+    f'{len(failures)} image(s) could not be explained ({shown}{more}); the '
+    f'others are in {report_path}. Fix or leave out those paths.'
+  )
 
 
 def run(
@@ -246,9 +297,42 @@ def run(
   masks: str | None = None,
   classes: list[str] | None = None,
   batch_size: int = 32,
+  labels: str | None = None,
 ) -> int:
   """Explains the images of `patterns` with the run's checkpoint `step`
   ('best', 'last' or a number); writes `out`; returns the exit status."""
+  _, failures = explain_to(
+    workdir,
+    out,
+    patterns,
+    step=step,
+    masks=masks,
+    classes=classes,
+    batch_size=batch_size,
+    labels=labels,
+  )
+  return 1 if failures else 0
+
+
+def explain_to(
+  workdir: str,
+  out: str,
+  patterns: list[str],
+  *,
+  step='best',
+  masks: str | None = None,
+  classes: list[str] | None = None,
+  batch_size: int = 32,
+  labels: str | None = None,
+) -> tuple[str, list[dict]]:
+  """`run`'s work; returns (the report's path, the failures)."""
+  if masks and not os.path.isdir(masks):
+    raise errors.UserError(
+      f'--masks={masks}: no such folder; give the folder of the object '
+      'masks named <image stem>.png, or leave --masks out.'
+    )
+  skipped: list[str] = []
+  paths = expand_paths(patterns, skipped)
   explainer = explain_lib.Explainer.from_workdir(
     workdir, step=step, batch_size=batch_size
   )
@@ -262,7 +346,16 @@ def run(
   names = trained.record.class_names
   chosen = [parse_class(c, names) for c in classes or ()]
   target = chosen[0] if chosen else None
-  paths = expand_paths(patterns)
+  truth = true_labels.read(labels, names) if labels else None
+  if skipped:
+    shown = ', '.join(os.path.basename(p) for p in skipped[:5])
+    print(
+      f'Skipped {len(skipped)} file(s) that are not images '
+      f'({"/".join(IMAGE_EXTENSIONS)}): {shown}'
+      + (', ...' if len(skipped) > 5 else '')
+      + '.',
+      flush=True,
+    )
   os.makedirs(out, exist_ok=True)
   entries, failures = explain_paths(
     explainer,
@@ -271,14 +364,17 @@ def run(
     mask_dir=masks,
     target=target,
     panels=chosen or 3,
+    labels=truth,
   )
   report = {
     'workdir': os.path.abspath(trained.workdir),
     'step': trained.step,
     'checkpoint': trained.checkpoint,
     'class_names': list(names),
+    'labels': os.path.abspath(labels) if labels else None,
     'images': entries,
     'failed': failures,
+    'skipped': skipped,
   }
   path = os.path.join(out, 'explanations.json')
   with open(path, 'w') as f:
@@ -291,7 +387,7 @@ def run(
   for failure in failures:
     print(f'FAILED {failure["path"]}: {failure["error"]}')
   print(path, flush=True)
-  return 1 if failures else 0
+  return path, failures
 
 
 def main(argv):
@@ -299,7 +395,7 @@ def main(argv):
   if not patterns:
     raise app.UsageError('Give at least one image file, folder or glob.')
   f = flags.FLAGS
-  return run(
+  path, failures = explain_to(
     f.workdir,
     f.out,
     patterns,
@@ -307,7 +403,10 @@ def main(argv):
     masks=f.masks,
     classes=f.classes,
     batch_size=f.batch_size,
+    labels=f.labels,
   )
+  if failures:
+    raise errors.UserError(failure_line(failures, path))
 
 
 if __name__ == '__main__':

@@ -381,8 +381,8 @@ def test_explain_entry_point_end_to_end(
   # Pets images have trimaps of the same stem; the others do not.
   assert set(entries[0]['influence']) == {'net', 'fg', 'bg', 'bg_share'}
   assert 'influence' not in entries[2]
-  assert entries[1]['true_class'] == 'cat'  # Bengal: a cat breed
-  assert entries[2]['true_class'] is None
+  # No --labels: no true class, whatever the file names say (Bengal_7).
+  assert [e['true_class'] for e in entries] == [None, None, None]
 
   # The best checkpoint by default, printed.
   best = tmp_path / 'best'
@@ -393,24 +393,51 @@ def test_explain_entry_point_end_to_end(
   assert entry['target_class'] == 'dog' and entry['target_index'] == 1
 
 
-def test_paths_stems_and_true_classes(tmp_path):
+def test_paths_stems_and_skipped_files(tmp_path):
   from experiments import explain as cli  # pylint: disable=g-import-not-at-top
 
   for name in ('Cat/1.jpg', 'Dog/1.jpg', 'Dog/notes.txt'):
     (tmp_path / name).parent.mkdir(exist_ok=True)
     (tmp_path / name).write_bytes(b'')
-  paths = cli.expand_paths([str(tmp_path), str(tmp_path / 'Cat' / '1.jpg')])
+  skipped = []
+  paths = cli.expand_paths(
+    [str(tmp_path), str(tmp_path / 'Cat' / '1.jpg')], skipped
+  )
   assert [os.path.relpath(p, tmp_path) for p in paths] == [
     'Cat/1.jpg',
     'Dog/1.jpg',
   ]
+  assert [os.path.relpath(p, tmp_path) for p in skipped] == ['Dog/notes.txt']
   assert cli.unique_stems(paths) == ['1', 'Dog_1']
-  assert cli.true_class(paths[1], ('cat', 'dog')) == 'dog'
-  assert cli.true_class('x/american_bulldog_12.jpg', ('cat', 'dog')) == 'dog'
-  assert cli.true_class('x/Abyssinian_3.jpg', ('Abyssinian', 'Bengal')) == (
-    'Abyssinian'
+
+
+def test_true_labels_come_only_from_a_labels_file(tmp_path):
+  from cco_jax import errors  # pylint: disable=g-import-not-at-top
+  from cco_jax import true_labels  # pylint: disable=g-import-not-at-top
+
+  csv_path = tmp_path / 'labels.csv'
+  csv_path.write_text(
+    '\ufeffimage,label,split\nsub/Rex_1.jpg,dog,test\nIMG_0042.jpg,cat,test\n',
+    encoding='utf-8',
   )
-  assert cli.true_class('x/holiday.jpg', ('cat', 'dog')) is None
+  labels = true_labels.read(str(csv_path), ('cat', 'dog'))
+  assert labels.of('/photos/sub/Rex_1.jpg') == 'dog'  # By relative path.
+  assert labels.of('elsewhere/IMG_0042.jpg') == 'cat'  # By file name.
+  assert labels.of('x/Abyssinian_3.jpg') is None  # Never by a name rule.
+  pets = tmp_path / 'test.txt'
+  pets.write_text(
+    '#NAME CLASS-ID SPECIES BREED-ID\nAbyssinian_3 1 1 1\n'
+    'american_bulldog_12 2 2 1\n'
+  )
+  species = true_labels.read(str(pets), ('cat', 'dog'))
+  assert species.of('x/Abyssinian_3.jpg') == 'cat'
+  assert species.of('x/american_bulldog_12.jpg') == 'dog'
+  breeds = true_labels.read(str(pets), ('Abyssinian', 'american_bulldog'))
+  assert breeds.of('Abyssinian_3.jpg') == 'Abyssinian'
+  with pytest.raises(errors.UserError, match=r"\['Abyssinian'.*not classes"):
+    true_labels.read(str(pets), ('melanoma', 'nevus'))
+  with pytest.raises(errors.UserError, match='no such file'):
+    true_labels.read(str(tmp_path / 'none.csv'), ('cat', 'dog'))
 
 
 def test_read_mask_file_reads_trimaps_and_binary_masks(tmp_path):

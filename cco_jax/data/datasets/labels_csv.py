@@ -77,8 +77,10 @@ def line_endings(text: str) -> dict[str, int]:
   return {kind: n for kind, n in counts.items() if n}
 
 
-def _check_header(path: str, header: list[str]) -> None:
-  missing = [c for c in REQUIRED_COLUMNS if c not in header]
+def _check_header(
+  path: str, header: list[str], required: tuple[str, ...]
+) -> None:
+  missing = [c for c in required if c not in header]
   if not missing:
     return
   joined = ','.join(header)
@@ -86,11 +88,16 @@ def _check_header(path: str, header: list[str]) -> None:
     if len(header) == 1 and separator in joined:
       raise errors.UserError(
         f'{path}: the header {joined!r} is separated by {name}; save the '
-        'file with commas (header image,label,split[,group]).'
+        f'file with commas (header {",".join(required)}).'
       )
   raise errors.UserError(
     f'{path}: header {header} lacks {missing}; make its first line '
-    'image,label,split[,group] (split: train, validation or test).'
+    f'{",".join(required)}'
+    + (
+      '[,group] (split: train, validation or test).'
+      if 'split' in required
+      else '.'
+    )
   )
 
 
@@ -119,9 +126,17 @@ def read_rows(path: os.PathLike[str] | str) -> tuple[list[Row], bool]:
   path = os.fspath(path)
   with open(path, 'rb') as f:
     text = decode(path, f.read())
+  return read_rows_of(path, text)
+
+
+def read_rows_of(
+  path: str, text: str, required: tuple[str, ...] = REQUIRED_COLUMNS
+) -> tuple[list[Row], bool]:
+  """`read_rows` of the decoded `text` of `path`, whose header must hold
+  `required` (absent optional columns read as '')."""
   reader = csv.reader(io.StringIO(text, newline=''))
   header = [c.strip() for c in next(reader, [])]
-  _check_header(path, header)
+  _check_header(path, header, required)
   has_group = 'group' in header
   rows, blank = [], []
   for raw in reader:
@@ -138,7 +153,7 @@ def read_rows(path: os.PathLike[str] | str) -> tuple[list[Row], bool]:
         line=line,
         image=fields['image'],
         label=fields['label'],
-        split=fields['split'],
+        split=fields.get('split', ''),
         group=fields.get('group', '') if has_group else '',
       )
     )
