@@ -45,6 +45,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from cco_jax import errors
 from cco_jax.runtime import compilation_cache
 from experiments import cli
 from experiments import compare_table
@@ -240,20 +241,45 @@ def grid_choices(out, correlation, data_dir, variants, seed, steps, parallel):
   return choices
 
 
+def _number(kind, text: str, flag: str):
+  """`kind(text)`, or a one-line error naming the flag."""
+  try:
+    return kind(text)
+  except ValueError:
+    raise errors.UserError(
+      f'{flag}: {text!r} is not {"an integer" if kind is int else "a number"}'
+      ' (comma-separated, e.g. --seeds=0,1,2 --correlations=0.95,1.0).'
+    ) from None
+
+
 def main(argv):
   cli.no_arguments(argv)
   f = flags.FLAGS
   out = os.path.abspath(f.out)
-  compilation_cache.enable_compilation_cache(os.path.join(out, 'xla_cache'))
-  correlations = [float(c) for c in f.correlations]
-  seeds_at = dict.fromkeys(correlations, [int(s) for s in f.seeds])
+  correlations = [_number(float, c, '--correlations') for c in f.correlations]
+  seeds_at = dict.fromkeys(
+    correlations, [_number(int, s, '--seeds') for s in f.seeds]
+  )
   for text in f.seeds_for:
     correlation, _, listed = text.partition('=')
-    seeds_at[float(correlation)] = [int(s) for s in listed.split(',')]
+    seeds_at[_number(float, correlation, '--seeds_for')] = [
+      _number(int, s, '--seeds_for') for s in listed.split(',')
+    ]
   variants_at = dict.fromkeys(correlations, list(f.variants))
   for text in f.variants_for:
     correlation, _, listed = text.partition('=')
-    variants_at[float(correlation)] = listed.split(',')
+    variants_at[_number(float, correlation, '--variants_for')] = listed.split(
+      ','
+    )
+  for variants in [f.variants, f.figure_variants, *variants_at.values()]:
+    unknown = sorted(set(variants) - set(spurious_configs.VARIANTS))
+    if unknown:
+      raise errors.UserError(
+        f'variants {unknown} are unknown; choose among '
+        f'{sorted(spurious_configs.VARIANTS)} (--variants, --variants_for, '
+        '--figure_variants).'
+      )
+  compilation_cache.enable_compilation_cache(os.path.join(out, 'xla_cache'))
   chosen_by = {}
   if f.grid_from is not None and float(f.grid_from) not in correlations:
     raise app.UsageError('--grid_from must be one of --correlations.')

@@ -28,6 +28,7 @@ from absl import flags
 import matplotlib.pyplot as plt  # pylint: disable=g-bad-import-order  (Agg set by figures)
 import numpy as np
 
+from cco_jax import errors
 from cco_jax import evaluation
 from cco_jax import figures
 from experiments import cli
@@ -185,6 +186,12 @@ def write_outputs(workdir: str, result) -> str:
 def main(argv):
   cli.no_arguments(argv)
   f = flags.FLAGS
+  unknown = [n for n in f.evaluators if n not in evaluation.EVALUATORS]
+  if unknown:  # Before the checkpoint and the data are opened.
+    raise errors.UserError(
+      f'--evaluators: unknown {unknown}; choose from '
+      f'{sorted(evaluation.EVALUATORS)} (comma-separated).'
+    )
   config = evaluation.default_config()
   config.split = f.split
   config.evaluators = tuple(f.evaluators)

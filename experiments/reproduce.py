@@ -43,6 +43,7 @@ import time
 from absl import flags
 from absl import logging
 
+from cco_jax import errors
 from experiments import cli
 from experiments import results_tables
 from experiments import runs
@@ -127,13 +128,13 @@ def select_runs(
   """
   unknown_variants = set(variants) - set(LABELS)
   if unknown_variants:
-    raise ValueError(
+    raise errors.UserError(
       f'--variants names {sorted(unknown_variants)} are unknown; '
       f'choose among {sorted(LABELS)}.'
     )
   unknown = set(only) - set(DATASETS) - set(variants)
   if unknown:
-    raise ValueError(
+    raise errors.UserError(
       f'--only names {sorted(unknown)} are unknown; use datasets '
       f'{DATASETS} and/or variants {tuple(variants)}.'
     )

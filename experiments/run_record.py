@@ -15,13 +15,13 @@ from absl import flags
 
 from cco_jax import restore
 from cco_jax import run_record
+from experiments import cli
 
 
 def define_flags() -> None:
   """The entry point's flags (defined only when run)."""
-  flags.DEFINE_string('workdir', None, 'Directory of a training run.')
+  cli.define_workdir_flag()
   flags.DEFINE_bool('force', False, 'Replace an existing run.json.')
-  flags.mark_flags_as_required(['workdir'])
 
 
 def write(workdir: str, force: bool = False) -> str:
@@ -34,11 +34,10 @@ def write(workdir: str, force: bool = False) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  cli.no_arguments(argv)
   print(write(flags.FLAGS.workdir, flags.FLAGS.force), flush=True)
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

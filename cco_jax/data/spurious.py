@@ -41,6 +41,7 @@ import shutil
 import numpy as np
 from PIL import Image
 
+from cco_jax import errors
 from cco_jax.data.datasets import common
 from cco_jax.data.datasets import oxford_iiit_pet
 
@@ -193,7 +194,7 @@ def read_pair(
   trimap_path = os.path.join(pets_dir, 'annotations', 'trimaps', f'{name}.png')
   for path in (image_path, trimap_path):
     if not os.path.exists(path):
-      raise ValueError(
+      raise errors.UserError(
         f'{path} is listed in a split but missing. Expected the '
         f'official layout: {oxford_iiit_pet.LAYOUT}.'
       )
@@ -271,10 +272,12 @@ def prepare_output_dir(
   """
   oxford_iiit_pet.check_manual_dir(pets_dir)
   if os.path.realpath(pets_dir) == os.path.realpath(out_dir):
-    raise ValueError('out_dir must differ from pets_dir.')
+    raise errors.UserError(
+      f'--out_dir={out_dir} is --pets_dir; write the benchmark elsewhere.'
+    )
   if os.path.isdir(out_dir) and os.listdir(out_dir):
     if not overwrite:
-      raise ValueError(
+      raise errors.UserError(
         f'{out_dir} is not empty; choose another --out_dir or pass --overwrite.'
       )
     for part in (*parts, METADATA_FILE):
@@ -317,7 +320,10 @@ def make_benchmark(
     ValueError: a bad layout or argument, or a non-empty `out_dir`.
   """
   if not 0.0 <= correlation <= 1.0:
-    raise ValueError(f'correlation must be in [0, 1]; got {correlation}.')
+    raise errors.UserError(
+      f'--correlation={correlation}: must be in [0, 1] (the share of aligned '
+      'backgrounds; e.g. 0.95).'
+    )
   prepare_output_dir(
     pets_dir, out_dir, overwrite=overwrite, parts=('images', 'annotations')
   )
@@ -336,7 +342,9 @@ def make_benchmark(
     )
     names.extend(e.name for e in entries[split])
   if len(set(names)) != len(names):
-    raise ValueError(f'{pets_dir}: an image is listed twice in trainval/test.')
+    raise errors.UserError(
+      f'{pets_dir}: an image is listed twice in trainval/test.'
+    )
 
   threads = {} if num_threads is None else {'num_threads': num_threads}
   for _ in common.ordered_parallel_map(

@@ -44,6 +44,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from cco_jax import errors
 from cco_jax.data import spurious
 from cco_jax.data.datasets import common
 from cco_jax.data.datasets import oxford_iiit_pet
@@ -73,9 +74,12 @@ def assign(
       validation groups, or a bad argument.
   """
   if not 0.0 <= correlation <= 1.0:
-    raise ValueError(f'correlation must be in [0, 1]; got {correlation}.')
+    raise errors.UserError(
+      f'--correlation={correlation}: must be in [0, 1] (the share of aligned '
+      'backgrounds; e.g. 0.95).'
+    )
   if val_per_group < 1 or test_per_group < 1:
-    raise ValueError(
+    raise errors.UserError(
       f'val_per_group={val_per_group} and test_per_group={test_per_group} '
       'must be at least 1.'
     )
@@ -88,7 +92,7 @@ def assign(
     )
     held_out = 2 * (test_per_group + val_per_group)
     if len(members) <= held_out:
-      raise ValueError(
+      raise errors.UserError(
         f'{SPECIES_NAMES[species]}: {len(members)} images, but test and '
         f'validation take {held_out} ({test_per_group} + {val_per_group} per '
         'group, two groups per species) and train needs at least one; lower '
@@ -165,7 +169,9 @@ def make_group_benchmark(
     entries.extend(oxford_iiit_pet.read_split_list(path))
   names = [e.name for e in entries]
   if len(set(names)) != len(names):
-    raise ValueError(f'{pets_dir}: an image is listed twice in trainval/test.')
+    raise errors.UserError(
+      f'{pets_dir}: an image is listed twice in trainval/test.'
+    )
   chosen = assign(
     entries,
     correlation=correlation,
