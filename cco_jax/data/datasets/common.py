@@ -26,6 +26,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from cco_jax import errors
+from cco_jax.data.datasets import downloads
 
 _T = TypeVar('_T')
 _S = TypeVar('_S')
@@ -143,8 +144,28 @@ def download_and_extract(dl_manager: tfds.download.DownloadManager, urls):
   Returns:
     The extracted directory (or a dict of them, with the keys of `urls`); a
     download that is already a directory is returned as it is.
+
+  Raises:
+    errors.UserError: a host cannot be reached or a download fails
+      (`downloads`: one line naming --manual_dir and --download_mirror).
   """
-  paths = dl_manager.download(urls)
+  import requests  # pylint: disable=g-import-not-at-top
+
+  listed = list(urls.values()) if isinstance(urls, dict) else [urls]
+  downloads.check_reachable(
+    u
+    for u in listed
+    if not downloads.already_downloaded(dl_manager.download_dir, u)
+  )
+  try:
+    paths = dl_manager.download(urls)
+  except (
+    requests.exceptions.RequestException,
+    tfds.download.DownloadError,
+  ) as e:
+    raise downloads.download_error(
+      ', '.join(listed), f'{type(e).__name__}: {e}'.splitlines()[0][:300]
+    ) from None
 
   def extract(path) -> epath.Path:
     path = epath.Path(path)
