@@ -76,17 +76,22 @@ def check_training_config(config: ml_collections.ConfigDict) -> None:
       f'{config.accumulation_steps}; set --config.batch_size to a multiple '
       'of it (or change accumulation_steps).',
     )
+  from cco_jax import model_config  # pylint: disable=g-import-not-at-top
+  from cco_jax import models  # pylint: disable=g-import-not-at-top
   from cco_jax import optimizers  # pylint: disable=g-import-not-at-top
 
   for field, names in (
-    ('name', optimizers.OPTIMIZERS),
-    ('schedule', optimizers.SCHEDULES),
+    ('optimizer.name', optimizers.OPTIMIZERS),
+    ('optimizer.schedule', optimizers.SCHEDULES),
+    ('model.name', sorted(models.STAGE_SIZES)),
+    ('model.stem', ['imagenet', *sorted(models.STEM_STRIDES)]),
+    ('model.dtype', sorted(model_config.DTYPES)),
   ):
-    if config.optimizer[field] not in names:
+    section, key = field.split('.')
+    if key in config[section] and config[section][key] not in names:
       fail(
-        f'optimizer.{field}',
-        f'unknown; choose one of {list(names)} '
-        f'(--config.optimizer.{field}=NAME).',
+        field,
+        f'unknown; choose one of {list(names)} (--config.{field}=NAME).',
       )
   if not 0 < config.data.validation_fraction < 1:
     fail(

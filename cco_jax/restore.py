@@ -127,7 +127,7 @@ def choose_step(manager, step) -> tuple[int, str]:
   if wanted not in steps:
     raise errors.UserError(
       f'No checkpoint at step {wanted} in {manager.directory}; kept steps: '
-      f'{steps}.'
+      f'{steps}. Pass --step=best, --step=last or one of these.'
     )
   return wanted, 'step'
 

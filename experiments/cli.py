@@ -38,6 +38,7 @@ its `main` to `run`:
 from __future__ import annotations
 
 from collections.abc import Callable
+import functools
 import os
 import re
 import sys
@@ -171,8 +172,41 @@ def one_line(error: BaseException) -> str:
     # A config file's own error: keep its last line, the exception.
     lines = [re.sub(r'^[\w.]+(Error|Exception): ', '', lines[-1])]
   if isinstance(error, KeyError):
-    lines[0] = f'no config field {lines[0]}.'
-  return ' '.join(lines)
+    lines[0] = _no_such_field(lines[0].strip('\'"'))
+  text = ' '.join(lines)
+  for problem, fix in _FLAG_VALUE_FIXES:
+    if problem in text:
+      text += fix
+  return text
+
+
+# Parts of absl's and ml_collections' flag errors, and the fix to append.
+_FLAG_VALUE_FIXES = (
+  ('invalid literal for int()', '; give an integer.'),
+  ('could not convert string to float', '; give a number, e.g. 1e-3.'),
+  ('must have a value other than None', ' It is required (see --help).'),
+)
+
+
+def _no_such_field(name: str) -> str:
+  """'no config field X' with the closest fields of the schema."""
+  import difflib  # pylint: disable=g-import-not-at-top
+
+  from cco_jax import config_schema  # pylint: disable=g-import-not-at-top
+
+  known = config_schema.flatten(config_schema.default_config().to_dict())
+  leaves = {}
+  for key in known:
+    leaves.setdefault(key.rsplit('.', 1)[-1], []).append(key)
+  close = difflib.get_close_matches(name, list(leaves), n=2)
+  hint = (
+    f'; did you mean {" or ".join(f"--config.{k}" for c in close for k in leaves[c])}?'
+    if close
+    else ''
+  )
+  return (
+    f'no config field {name!r}{hint} (every field: cco_jax/config_schema.py).'
+  )
 
 
 def _command() -> str:
@@ -235,7 +269,10 @@ def setup_runtime() -> None:
       jax.local_devices(),
     )
   cache = compilation_cache.enable_compilation_cache()
-  logging.info(
+  # Shown with --verbose (or -v 1): a newcomer's first lines are the
+  # command's own.
+  log = logging.info if FLAGS.verbose else functools.partial(logging.vlog, 1)
+  log(
     'XLA_FLAGS=%r (added for CPU: %r, for GPU: %r); compilation cache: %r.',
     os.environ.get('XLA_FLAGS', ''),
     _ADDED_XLA_FLAGS.get('cpu', ''),

@@ -12,9 +12,14 @@ class QuietLibraryLogs(logging_lib.Filter):
   evaluation and the tracebacks of its worker threads (the caller re-raises
   their error), and repeats of TFDS's and the data pipeline's INFO lines
   ("Load dataset info ...", "Using ... at ..."), which every evaluation would
-  log again. Other warnings and errors always pass."""
+  log again, and TFDS's warning that a folder it is about to prepare has no
+  dataset_info.json yet. Other warnings and errors always pass."""
 
   _REPEATED = ('/tensorflow_datasets/', '/cco_jax/data/', '/input_pipeline.py')
+  # TFDS lines of every first preparation that say nothing to act on: the
+  # empty version folder it is about to fill, and "Generating dataset" (the
+  # project logs what it prepares, from where).
+  _TFDS_NOISE = ('has no dataset_info.json', 'Generating dataset')
 
   def __init__(self):
     super().__init__()
@@ -31,6 +36,10 @@ class QuietLibraryLogs(logging_lib.Filter):
       # line about it, not the traceback of each of its threads.
       record.exc_info, record.exc_text = None, None
       return True
+    if '/tensorflow_datasets/' in path and any(
+      text in record.getMessage() for text in self._TFDS_NOISE
+    ):
+      return False
     if record.levelno > logging_lib.INFO:
       return True
     if any(part in path for part in self._REPEATED):
