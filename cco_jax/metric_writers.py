@@ -181,12 +181,21 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict]:
 
 
 class ProgressLogger:
-  """Logs `step/total`, steps per second and the ETA every call to `log`."""
+  """Logs `step/total`, steps per second and the ETA every call to `log`.
+
+  Call `compiled(step)` once the first step has been dispatched (its call
+  returns after compiling): the rate is then measured from there, so the
+  first ETA does not include compilation.
+  """
 
   def __init__(self, total_steps: int, start_step: int):
     self._total = total_steps
     self._last_step = start_step
     self._last_time = time.perf_counter()
+
+  def compiled(self, step: int) -> None:
+    """Restarts the clock after `step`, the first (compiling) one."""
+    self._last_step, self._last_time = step, time.perf_counter()
 
   def log(self, step: int, extra: str = '') -> float:
     now = time.perf_counter()

@@ -358,6 +358,8 @@ def _train_and_evaluate(run: Run) -> dict:
     for step in range(start_step + 1, schedule.num_train_steps + 1):
       batch, data_state = next(batches)
       state, metrics = setup.p_train_step(state, batch)
+      if step == start_step + 1 and step % schedule.log_every:
+        progress.compiled(step)  # The ETA leaves compilation out.
       pending.append(metrics)
       last = step == schedule.num_train_steps
       stop = notice.reached(step)  # SIGTERM/SIGINT: save this step, stop.

@@ -112,6 +112,18 @@ def summary_lines(report: dict) -> list[str]:
       f'  accuracy {report["accuracy"]:.3f}  ce {report["ce"]:.3f}  '
       f'background share of evidence {_fmt(report.get("bg_share"))}'
     )
+  per_class = report.get('per_class')
+  if per_class:
+    recalls = ', '.join(
+      f'{name} {_fmt(r, ".3f")}' for name, r in per_class['recall'].items()
+    )
+    lines.append(
+      f'  balanced accuracy {_fmt(per_class["balanced_accuracy"])}; '
+      f'per-class accuracy: {recalls}'
+      if len(per_class['recall']) <= 12
+      else f'  balanced accuracy {_fmt(per_class["balanced_accuracy"])} '
+      f'({len(per_class["recall"])} classes: per_class in the report)'
+    )
   if 'worst_group_accuracy' in report:
     lines.append(
       f'  worst-group accuracy {report["worst_group_accuracy"]:.3f} '
@@ -144,6 +156,8 @@ def summary_lines(report: dict) -> list[str]:
       f'  Cats-vs-Dogs accuracy {report["ood"]["accuracy"]:.3f} '
       f'({report["ood"]["count"]} images)'
     )
+  elif report.get('ood_note'):
+    lines.append(f'  {report["ood_note"]}')
   return lines
 
 

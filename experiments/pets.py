@@ -27,6 +27,7 @@ misspelt key or config file, num_train_steps=0, ...) end with one line
 
 from absl import flags
 from absl import logging
+import jax
 
 from cco_jax import preemption
 from cco_jax import train
@@ -40,13 +41,36 @@ def define_flags() -> None:
   cli.define_distributed_flags()
 
 
+def summary_lines(metrics: dict, workdir: str) -> list[str]:
+  """One screen at the end of training: the final accuracies, where the
+  outputs are and the next commands."""
+  lines = [f'Trained {workdir} to step {metrics.get("step")}.']
+  for split in ('validation', 'test', 'ood'):
+    if f'{split}_accuracy' in metrics:
+      lines.append(
+        f'  {split:<10} accuracy {metrics[f"{split}_accuracy"]:.3f} '
+        f'({metrics.get(f"{split}_count")} examples)'
+      )
+  lines += [
+    f'  outputs: {workdir}/final_metrics.json, metrics.jsonl, figures/, '
+    'checkpoints/, tensorboard/ (tensorboard --logdir '
+    f'{workdir}/tensorboard)',
+    f'  next: python -m experiments.evaluate --workdir={workdir}',
+    f'        python -m experiments.explain --workdir={workdir} '
+    f'--out={workdir}/why IMAGE...',
+  ]
+  return lines
+
+
 def main(argv: list[str]) -> None:
   cli.no_arguments(argv)
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    metrics = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except preemption.Preempted as e:  # SIGTERM/SIGINT: saved, then stopped.
     logging.warning('%s', e)
     raise SystemExit(e.exit_code) from None
+  if jax.process_index() == 0 and isinstance(metrics, dict):
+    print('\n'.join(summary_lines(metrics, FLAGS.workdir)), flush=True)
 
 
 if __name__ == '__main__':

@@ -126,3 +126,11 @@ class ClasswiseEvaluator(evaluators.Evaluator):
           labels, predicted, len(names), weight
         )
     yield 'classwise', {k: summary(v, names) for k, v in confusion.items()}
+
+
+def split_summary(predict_fn, class_names: Sequence[str], batches) -> dict:
+  """`summary` of the clean images of `batches` (flat evaluation batches
+  with `image`, `label`, `weight`): the per-class accuracy (recall) and
+  confusion matrix that every evaluation report holds as `per_class`."""
+  evaluator = ClasswiseEvaluator(predict_fn, class_names=class_names)
+  return dict(evaluator.run(batches))['classwise']['clean']

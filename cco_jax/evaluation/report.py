@@ -32,6 +32,7 @@ from cco_jax import restore
 from cco_jax.data import eval_pipeline
 from cco_jax.data import preparation
 from cco_jax.data import sources
+from cco_jax.evaluation import classwise
 from cco_jax.evaluation import evaluators
 from cco_jax.evaluation import interventions
 
@@ -245,6 +246,18 @@ def evaluate_checkpoint(
   )
   arrays = {k: results.pop(k) for k in ARRAY_KEYS if k in results}
   record = trained.record
+  if 'classification' in config.evaluators:  # Every dataset, per class.
+    results['per_class'] = classwise.split_summary(
+      trained.predict_fn(),
+      record.class_names,
+      split_batches(
+        data,
+        source,
+        cam_size=trained.cam_size,
+        batch_size=config.batch_size,
+        positions=subset_positions(len(source), config.num_examples),
+      ),
+    )
   report = {
     'workdir': os.path.abspath(workdir),
     'step': trained.step,
@@ -271,6 +284,12 @@ def evaluate_checkpoint(
     report['influence_map'] = np.round(arrays['influence_map'], 6).tolist()
   if config.ood and record.task == 'species':
     report['ood'] = _ood(trained, data, config, ood_overrides, scratch)
+  elif config.ood:  # Settings say what ran: Cats-vs-Dogs needs species.
+    report['settings']['ood'] = False
+    report['ood_note'] = (
+      f'Cats-vs-Dogs is evaluated for species models only; task is '
+      f'{record.task!r}.'
+    )
   return Result(
     report=json_safe(report),
     arrays=arrays,

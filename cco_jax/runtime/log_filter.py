@@ -16,10 +16,14 @@ class QuietLibraryLogs(logging_lib.Filter):
   dataset_info.json yet. Other warnings and errors always pass."""
 
   _REPEATED = ('/tensorflow_datasets/', '/cco_jax/data/', '/input_pipeline.py')
-  # TFDS lines of every first preparation that say nothing to act on: the
-  # empty version folder it is about to fill, and "Generating dataset" (the
-  # project logs what it prepares, from where).
-  _TFDS_NOISE = ('has no dataset_info.json', 'Generating dataset')
+  # TFDS lines that say nothing to act on: the empty version folder it is
+  # about to fill, "Generating dataset" and "Load dataset info" (the project
+  # logs what it prepares and uses, from where).
+  _TFDS_NOISE = (
+    'has no dataset_info.json',
+    'Generating dataset',
+    'Load dataset info from',
+  )
 
   def __init__(self):
     super().__init__()
