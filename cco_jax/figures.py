@@ -19,6 +19,7 @@ import matplotlib
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import matplotlib.ticker  # pylint: disable=g-import-not-at-top
 import numpy as np
 from PIL import Image
 
@@ -90,6 +91,16 @@ def outlined(ax, image: np.ndarray, mask: np.ndarray, title: str) -> None:
   ax.axis('off')
 
 
+def _evidence_colorbar(colorbar) -> None:
+  """The label and ticks of an evidence colour bar: two significant digits
+  (0.015, -0.005, 0; not -0.00, -0.01, -0.01 for small maps)."""
+  colorbar.set_label('evidence (logit units per map cell)', fontsize=7)
+  colorbar.ax.yaxis.set_major_formatter(
+    matplotlib.ticker.FuncFormatter(lambda value, _: f'{value:.2g}')
+  )
+  colorbar.ax.tick_params(labelsize=6)
+
+
 def _limit(maps) -> float:
   return float(max(np.abs(np.asarray(m)).max() for m in maps)) or 1.0
 
@@ -142,9 +153,7 @@ def save_explanation(
   if true_class is not None:
     title += f'; true class {true_class}'
   ax.set_title(f'{title}\nwhere the image argues for {name}', fontsize=9)
-  colorbar = fig.colorbar(artist, ax=ax, fraction=0.046, pad=0.02)
-  colorbar.set_label('evidence (logit units per map cell)', fontsize=7)
-  colorbar.ax.tick_params(labelsize=6)
+  _evidence_colorbar(fig.colorbar(artist, ax=ax, fraction=0.046, pad=0.02))
   for row, c in enumerate(top):
     ax = fig.add_subplot(grid[row, 2])
     overlay(ax, image, maps[row + 1], limit)
@@ -208,8 +217,9 @@ def save_cam_grid(
     heading += f' (step {step})'
   fig.suptitle(f'{heading}\n{MAP_LEGEND}', fontsize=8)
   fig.tight_layout(rect=(0, 0, 0.86, 1))
-  colorbar = fig.colorbar(artist, cax=fig.add_axes((0.88, 0.3, 0.03, 0.4)))
-  colorbar.set_label('evidence (logit units per map cell)', fontsize=7)
+  _evidence_colorbar(
+    fig.colorbar(artist, cax=fig.add_axes((0.88, 0.3, 0.03, 0.4)))
+  )
   return _save(fig, path)
 
 
@@ -255,8 +265,9 @@ def save_method_comparison(
     f'{title}\nevidence for the true class; {MAP_LEGEND}', fontsize=8
   )
   fig.tight_layout(rect=(0, 0, 0.9, 1))
-  colorbar = fig.colorbar(artist, cax=fig.add_axes((0.92, 0.3, 0.02, 0.4)))
-  colorbar.set_label('evidence (logit units per map cell)', fontsize=7)
+  _evidence_colorbar(
+    fig.colorbar(artist, cax=fig.add_axes((0.92, 0.3, 0.02, 0.4)))
+  )
   return _save(fig, path)
 
 
@@ -321,7 +332,9 @@ def _save(fig, path: str) -> str:
   target = epath.Path(path)
   target.parent.mkdir(parents=True, exist_ok=True)
   buffer = io.BytesIO()
-  fig.savefig(buffer, format='png', dpi=90)
+  # 'tight': the saved area grows to every label (colour bars placed beside
+  # the tight layout, long titles) instead of clipping them.
+  fig.savefig(buffer, format='png', dpi=90, bbox_inches='tight', pad_inches=0.1)
   plt.close(fig)
   target.write_bytes(buffer.getvalue())
   return path

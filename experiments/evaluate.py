@@ -23,6 +23,7 @@ other than the one a data dir was prepared from is prepared under
 """
 
 import os
+import textwrap
 
 from absl import flags
 import matplotlib.pyplot as plt  # pylint: disable=g-bad-import-order  (Agg set by figures)
@@ -78,7 +79,7 @@ def save_perturbation_grid(
   ]
   rows = len(examples['label'])
   fig, axes = plt.subplots(
-    rows, len(columns), figsize=(2.2 * len(columns), 2.3 * rows), squeeze=False
+    rows, len(columns), figsize=(2.2 * len(columns), 2.6 * rows), squeeze=False
   )
   for i in range(rows):
     for j, (title, image_key, prediction_key) in enumerate(columns):
@@ -88,8 +89,13 @@ def save_perturbation_grid(
       axes[i, j].imshow(np.clip(image, 0, 1))
       prediction = class_names[int(examples[prediction_key][i])]
       label = class_names[int(examples['label'][i])]
-      axes[i, j].set_title(
-        f'{title}\nmodel says {prediction} (true {label})', fontsize=7
+      axes[i, j].set_title(  # Wrapped: long class names must not overlap.
+        '\n'.join(
+          [title]
+          + textwrap.wrap(f'says {prediction}', 24)
+          + textwrap.wrap(f'(true {label})', 24)
+        ),
+        fontsize=7,
       )
       axes[i, j].axis('off')
   fig.suptitle('What the model predicts when a region is changed', fontsize=9)
