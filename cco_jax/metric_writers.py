@@ -23,8 +23,12 @@ import time
 from absl import logging
 from etils import epath
 import numpy as np
+from PIL import Image
 
 from cco_jax import event_files
+
+# TensorBoard tags of the figures (`MetricWriter.write_image`).
+IMAGE_PREFIX = 'figures/'
 
 
 def _to_python(value):
@@ -60,7 +64,7 @@ class MetricWriter:
       for r in records
       if r['step'] < step or (r['step'] == step and not rewritten(r))
     ]
-    self._keep_tensorboard(kept)
+    self._keep_tensorboard(kept, step)
     if torn or len(kept) != len(records):
       self._rewrite(kept)
       logging.info(
@@ -72,8 +76,9 @@ class MetricWriter:
       )
     return len(records) - len(kept)
 
-  def _keep_tensorboard(self, records: list[dict]) -> None:
-    """Rewrites the TensorBoard events to the points of `records`."""
+  def _keep_tensorboard(self, records: list[dict], step: int) -> None:
+    """Rewrites the TensorBoard events to the points of `records` and the
+    figures (`write_image`) of steps before `step`."""
     points = {
       (key, r['step'])
       for r in records
@@ -81,7 +86,9 @@ class MetricWriter:
       if key != 'step' and _scalar(value)
     }
     event_files.keep_scalars(
-      str(self._workdir / 'tensorboard'), lambda tag, s: (tag, s) in points
+      str(self._workdir / 'tensorboard'),
+      lambda tag, s: (tag, s) in points
+      or (tag.startswith(IMAGE_PREFIX) and s < step),
     )
 
   def _rewrite(self, records: list[dict]) -> None:
@@ -125,6 +132,18 @@ class MetricWriter:
     for key, value in record.items():
       if key != 'step' and _scalar(value):
         tb.add_scalar(key, value, int(step))
+    tb.flush()
+
+  def write_image(self, tag: str, png_path: str, step: int) -> None:
+    """Shows the PNG figure at `png_path` in TensorBoard's Images tab as
+    `figures/<tag>` at `step` (where JAX users look first)."""
+    if not self._enabled:
+      return
+    with epath.Path(png_path).open('rb') as f:
+      with Image.open(f) as image:
+        pixels = np.asarray(image.convert('RGB'))
+    tb = self._tensorboard()
+    tb.add_image(f'{IMAGE_PREFIX}{tag}', pixels, int(step), dataformats='HWC')
     tb.flush()
 
   def close(self) -> None:

@@ -205,7 +205,7 @@ class Run:
       )
     ]
     pick = lambda x: flat(x)[chosen]
-    figures.save_cam_grid(
+    grid = figures.save_cam_grid(
       str(self.figure_dir / f'cams_step_{step:07d}.png'),
       pick(batch['image']),
       pick(batch['mask']),
@@ -215,6 +215,7 @@ class Run:
       class_names=self.setup.record.class_names,
       step=step,
     )
+    self.writer.write_image('validation_cams', grid, step)
     figures.save_learning_curves(
       str(self.figure_dir / 'learning_curves.png'),
       metric_writers.read_metrics(self.workdir),

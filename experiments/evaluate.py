@@ -32,6 +32,7 @@ import numpy as np
 from cco_jax import errors
 from cco_jax import evaluation
 from cco_jax import figures
+from cco_jax import metric_writers
 from experiments import cli
 
 
@@ -200,7 +201,22 @@ def write_outputs(workdir: str, result) -> str:
       arrays['influence_map'],
       arrays['mean_mask'],
     )
+  _to_tensorboard(workdir, out, tag, report['step'])
   return evaluation.write_report(workdir, report)
+
+
+def _to_tensorboard(workdir: str, out: str, tag: str, step: int) -> None:
+  """The evaluation's figures, also in TensorBoard's Images tab
+  (`figures/evaluation/<name>_<split>`, at the checkpoint's step)."""
+  writer = metric_writers.MetricWriter(workdir)
+  try:
+    for name in ('cams', 'perturbations', 'influence_map'):
+      path = os.path.join(out, f'{name}_{tag}.png')
+      if os.path.exists(path):
+        split = tag.rsplit('_', 1)[0]
+        writer.write_image(f'evaluation/{name}_{split}', path, step)
+  finally:
+    writer.close()
 
 
 def main(argv):

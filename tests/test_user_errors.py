@@ -559,3 +559,49 @@ def test_prepare_options_reach_training(world):
   assert "config.data.missing_masks='all_ones'" in trained.stderr
   saved = json.loads((workdir / 'config.json').read_text())
   assert saved['data']['missing_masks'] == 'all_ones'
+
+
+# ----------------------------------------------------------------------------
+# What the first hour reads after training: the report and TensorBoard.
+# ----------------------------------------------------------------------------
+
+
+def _image_tags(workdir: Path) -> dict[str, tuple[int, int]]:
+  """{tag: (step, PNG height)} of the image summaries in workdir/tensorboard."""
+  from cco_jax import event_files  # pylint: disable=g-import-not-at-top
+
+  found = {}
+  for path in (workdir / 'tensorboard').glob(event_files.PATTERN):
+    for event in event_files.read_events(path.read_bytes()):
+      for value in event.summary.value:
+        if value.HasField('image'):
+          found[value.tag] = (int(event.step), value.image.height)
+  return found
+
+
+def test_evaluation_report_has_per_class_numbers_and_figures_in_tensorboard(
+  world,
+):
+  result = run_command(
+    EVALUATE,
+    [f'--workdir={world["run"]}', '--evaluators=classification'],
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(Path(result.stdout.strip().splitlines()[-1]).read_text())
+  per_class = report['per_class']
+  confusion = np.array(per_class['confusion'])
+  assert confusion.shape == (2, 2) and confusion.sum() == report['count']
+  assert per_class['count'] == report['count'] == 4  # The test split.
+  recall = [per_class['recall'][name] for name in CLASSES]
+  np.testing.assert_allclose(
+    recall, np.diag(confusion) / confusion.sum(1), rtol=1e-12
+  )
+  assert per_class['accuracy'] == pytest.approx(report['accuracy'])
+  # Folder data has no Cats-vs-Dogs: the settings say it did not run.
+  assert report['ood'] is None and report['settings']['ood'] is False
+  assert 'species models only' in report['ood_note']
+  assert 'per-class accuracy: apple' in result.stdout
+  tags = _image_tags(world['run'])
+  assert tags['figures/validation_cams'][0] == 2  # Written by training.
+  step, height = tags['figures/evaluation/cams_test']  # By evaluate.
+  assert step == 2 and height > 100
