@@ -11,11 +11,16 @@ context contribution, per-group and worst-group accuracy, interventions and
 RFS, pointing game and top-20% IoU, deletion / insertion AUC of our maps and
 of Grad-CAM; see each function's docstring for its definition and source)
 and writes, under `WORKDIR/evaluation/`:
-  report_<step>.json               the full report (one file per step);
+  report_<step>.json               the full report (one file per step;
+                                   every key: docs/evaluation_report.md);
+  report_<step>.html               one self-contained page: tables and
+                                   figures (`cco_jax.html_report`);
   cams_<split>_<step>.png          examples of every class with their maps;
   perturbations_<split>_<step>.png each example under every intervention;
   influence_map_<split>_<step>.png where the evidence lies on average.
-Then prints a short summary and, as the last line, the report's path.
+The figures also go to TensorBoard's Images tab
+(`figures/evaluation/<name>_<split>`). Then prints a short summary and, as the
+last line, the report's path.
 
 Data flags override the run's `config.data`. A Pets or Cats-vs-Dogs directory
 other than the one a data dir was prepared from is prepared under
@@ -32,6 +37,7 @@ import numpy as np
 from cco_jax import errors
 from cco_jax import evaluation
 from cco_jax import figures
+from cco_jax import html_report
 from cco_jax import metric_writers
 from experiments import cli
 
@@ -202,7 +208,25 @@ def write_outputs(workdir: str, result) -> str:
       arrays['mean_mask'],
     )
   _to_tensorboard(workdir, out, tag, report['step'])
-  return evaluation.write_report(workdir, report)
+  path = evaluation.write_report(workdir, report)
+  html_report.write(
+    os.path.splitext(path)[0] + '.html',
+    html_report.evaluation_page(
+      report,
+      {
+        'Examples of every class and where the model finds evidence': (
+          os.path.join(out, f'cams_{tag}.png')
+        ),
+        'What the model predicts when a region is changed': os.path.join(
+          out, f'perturbations_{tag}.png'
+        ),
+        'Where the evidence lies on average': os.path.join(
+          out, f'influence_map_{tag}.png'
+        ),
+      },
+    ),
+  )
+  return path
 
 
 def _to_tensorboard(workdir: str, out: str, tag: str, step: int) -> None:
@@ -255,6 +279,7 @@ def main(argv):
   )
   path = write_outputs(f.workdir, result)
   print('\n'.join(summary_lines(result.report)), flush=True)
+  print(f'  page: {os.path.splitext(path)[0]}.html', flush=True)
   print(path, flush=True)
 
 

@@ -12,6 +12,8 @@ the step used is always printed) and writes to `--out`:
                       predicted class (red argues for it, blue against) at
                       image resolution with a colour bar; small panels for
                       the three most probable classes;
+  explanations.html   one self-contained page: every image's figure, its
+                      prediction and true class, the failures and skips;
   explanations.json   {'workdir', 'step', 'checkpoint', 'class_names',
                       'images': [per image: path, figure, predicted_index,
                       predicted_class, probabilities, logits, map_sums, bias,
@@ -54,6 +56,7 @@ import numpy as np
 from cco_jax import errors
 from cco_jax import explain as explain_lib
 from cco_jax import figures
+from cco_jax import html_report
 from cco_jax import true_labels
 from cco_jax.data import transforms
 from experiments import cli
@@ -379,6 +382,9 @@ def explain_to(
   path = os.path.join(out, 'explanations.json')
   with open(path, 'w') as f:
     json.dump(report, f, indent=1)
+  page = html_report.write(
+    os.path.join(out, 'explanations.html'), html_report.explanation_page(report)
+  )
   worst = max((e['identity_error'] for e in entries), default=0.0)
   print(
     f'Explained {len(entries)} image(s), {len(failures)} failed; largest '
@@ -386,6 +392,7 @@ def explain_to(
   )
   for failure in failures:
     print(f'FAILED {failure["path"]}: {failure["error"]}')
+  print(f'Page: {page}')
   print(path, flush=True)
   return path, failures
 

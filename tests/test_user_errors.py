@@ -11,6 +11,9 @@ output, and the error is the last line.
 
 from __future__ import annotations
 
+import base64
+import html.parser
+import io
 import json
 import os
 from pathlib import Path
@@ -579,15 +582,22 @@ def _image_tags(workdir: Path) -> dict[str, tuple[int, int]]:
   return found
 
 
-def test_evaluation_report_has_per_class_numbers_and_figures_in_tensorboard(
-  world,
-):
+@pytest.fixture(scope='module')
+def evaluation(world):
+  """`experiments.evaluate` of the trained run: (result, report path)."""
   result = run_command(
     EVALUATE,
     [f'--workdir={world["run"]}', '--evaluators=classification'],
   )
   assert result.returncode == 0, result.stderr[-3000:]
-  report = json.loads(Path(result.stdout.strip().splitlines()[-1]).read_text())
+  return result, Path(result.stdout.strip().splitlines()[-1])
+
+
+def test_evaluation_report_has_per_class_numbers_and_figures_in_tensorboard(
+  world, evaluation
+):
+  result, path = evaluation
+  report = json.loads(path.read_text())
   per_class = report['per_class']
   confusion = np.array(per_class['confusion'])
   assert confusion.shape == (2, 2) and confusion.sum() == report['count']
@@ -605,3 +615,68 @@ def test_evaluation_report_has_per_class_numbers_and_figures_in_tensorboard(
   assert tags['figures/validation_cams'][0] == 2  # Written by training.
   step, height = tags['figures/evaluation/cams_test']  # By evaluate.
   assert step == 2 and height > 100
+
+
+class _Page(html.parser.HTMLParser):
+  """The images, tags and outside references of an HTML page."""
+
+  def __init__(self):
+    super().__init__()
+    self.images, self.tags, self.outside = [], [], []
+
+  def handle_starttag(self, tag, attrs):
+    self.tags.append(tag)
+    for name, value in attrs:
+      if name in ('src', 'href') and not (value or '').startswith('data:'):
+        self.outside.append(value)
+    if tag == 'img':
+      self.images.append(dict(attrs)['src'])
+
+
+def check_page(path: Path) -> _Page:
+  """A page a browser opens from disk: no script, no outside file, every
+  image an embedded PNG that decodes."""
+  parsed = _Page()
+  parsed.feed(path.read_text(encoding='utf-8'))
+  assert 'script' not in parsed.tags and 'link' not in parsed.tags
+  assert not parsed.outside, parsed.outside
+  for src in parsed.images:
+    prefix = 'data:image/png;base64,'
+    assert src.startswith(prefix)
+    with Image.open(io.BytesIO(base64.b64decode(src[len(prefix) :]))) as png:
+      png.load()
+      assert png.size[0] > 50 and png.size[1] > 50
+  return parsed
+
+
+def test_evaluation_and_explanation_pages(world, evaluation):
+  page = evaluation[1].with_suffix('.html')
+  parsed = check_page(page)
+  assert len(parsed.images) >= 2 and parsed.tags.count('table') >= 2
+  text = page.read_text()
+  assert 'Balanced accuracy' in text and 'true \\ predicted' in text
+  # explain: a folder with a note in it, true classes from labels.csv only.
+  folder = world['tmp'] / 'to_explain'
+  folder.mkdir(exist_ok=True)
+  for name in ('apple_1.jpg', 'pear_9.jpg'):
+    shutil.copy(world['root'] / 'images' / name, folder / name)
+  (folder / 'notes.txt').write_text('not an image')
+  out = world['tmp'] / 'why_page'
+  result = run_command(
+    EXPLAIN,
+    [
+      f'--workdir={world["run"]}',
+      f'--out={out}',
+      f'--labels={world["root"] / "labels.csv"}',
+      str(folder),
+    ],
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Skipped 1 file(s) that are not images' in result.stdout
+  assert 'notes.txt' in result.stdout
+  explained = json.loads((out / 'explanations.json').read_text())
+  assert [e['true_class'] for e in explained['images']] == ['apple', 'pear']
+  parsed = check_page(out / 'explanations.html')
+  assert len(parsed.images) == 2
+  text = (out / 'explanations.html').read_text()
+  assert 'true class apple' in text and 'notes.txt' in text
