@@ -100,7 +100,12 @@ def split_sizes(
     )
   )
   builder = data_lib.prepare_from_config(config)
-  prepare_record.write(config)  # Training takes these options from it.
+  record = prepare_record.write(config)  # Training takes these options.
+  print(
+    f'Prepared {dataset} in {builder.data_dir}; options recorded in {record}'
+    ' (training uses them).',
+    flush=True,
+  )
   if dataset == data_lib.OOD_DATASET:
     return {
       name: split.num_examples for name, split in builder.info.splits.items()

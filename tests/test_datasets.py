@@ -18,6 +18,7 @@ import tensorflow_datasets as tfds
 
 from cco_jax import data as data_lib
 from cco_jax.data.datasets import cats_vs_dogs
+from cco_jax.data.datasets import downloads
 from cco_jax.data.datasets import oxford_iiit_pet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -242,6 +243,9 @@ def test_without_manual_dir_the_official_archives_are_used(
     'download',
     fake_download,
   )
+  # No network here: the reachability probe (tested in test_input_cases.py)
+  # is not what this test is about.
+  monkeypatch.setattr(downloads, 'check_reachable', lambda urls: list(urls))
   builder = data_lib.prepare_dataset(name, data_dir=str(tmp_path))
   assert builder.info.metadata['source'] == 'download'
   if name == 'oxford_iiit_pet':
