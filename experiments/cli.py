@@ -58,7 +58,24 @@ from cco_jax.runtime import xla_gpu
 
 FLAGS = flags.FLAGS
 # Exceptions that are the user's mistake: one line, no traceback.
-USER_ERRORS = (errors.UserError, app.UsageError, FileNotFoundError)
+USER_ERRORS = (
+  errors.UserError,
+  app.UsageError,
+  FileNotFoundError,
+  # A path given that cannot be written where asked (--out, --workdir):
+  PermissionError,
+  FileExistsError,
+  NotADirectoryError,
+  IsADirectoryError,
+)
+# The fix each of these path errors names (`one_line`).
+_PATH_FIXES = {
+  PermissionError: 'permission denied; choose a path you may write to',
+  FileExistsError: 'exists and is not a folder; choose another path',
+  NotADirectoryError: 'a part of this path is a file, not a folder; choose '
+  'another path',
+  IsADirectoryError: 'is a folder where a file was expected; give a file',
+}
 STEP_CHOICES = ('best', 'last')  # As `cco_jax.restore.choose_step` takes.
 
 flags.DEFINE_bool(
@@ -165,6 +182,11 @@ def one_line(error: BaseException) -> str:
       f'config file {missing.group(1)} does not exist (--config=FILE:VARIANT, '
       'e.g. experiments/configs/pets.py:cpu).'
     )
+  if isinstance(error, OSError) and error.filename:
+    fix = _PATH_FIXES.get(type(error)) or (
+      f'{(error.strerror or text).lower()}; check the path'
+    )
+    return f'{error.filename}: {fix}.'
   lines = [line.strip() for line in text.splitlines() if line.strip()] or [
     type(error).__name__
   ]

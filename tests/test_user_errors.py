@@ -301,6 +301,12 @@ MISTAKES = [
     ),
     ['--config.model.init_from=PATH'],
   ),
+  (
+    'workdir inside a file',
+    PETS,
+    lambda w: _train(w, workdir=w['root'] / 'labels.csv' / 'run'),
+    ['labels.csv/run', 'is a file, not a folder'],
+  ),
   # Training: the data.
   (
     'folder that does not exist',
@@ -410,6 +416,13 @@ MISTAKES = [
     EXPLAIN,
     lambda w: [f'--workdir={w["run"]}', f'--out={w["tmp"] / "why"}'],
     ['at least one image'],
+  ),
+  (
+    'explain into a file',
+    EXPLAIN,
+    lambda w: _explain(w, workdir=w['run'])
+    + [f'--out={w["root"] / "labels.csv"}'],
+    ['labels.csv: exists and is not a folder'],
   ),
   (
     'explain an unknown class',
