@@ -463,3 +463,31 @@ def test_read_mask_file_reads_trimaps_and_binary_masks(tmp_path):
   np.testing.assert_array_equal(read('ones.png'), [[0, 1], [1, 1]])
   with pytest.raises(ValueError, match='missing.png'):
     read('missing.png')
+
+
+def test_progress_logs_rate_and_eta_measured_after_the_first_batch(
+  monkeypatch, caplog
+):
+  import logging  # pylint: disable=g-import-not-at-top
+
+  from experiments import explain as cli  # pylint: disable=g-import-not-at-top
+
+  # The first batch ends at 100 s (compilation); then 10 images per 10 s.
+  clock = iter([100.0, 110.0, 115.0, 130.0])
+  monkeypatch.setattr(cli.time, 'monotonic', lambda: next(clock))
+  caplog.set_level(logging.INFO)
+  progress = cli.Progress(40, batch_size=10, every_s=10)
+  for done in (10, 20, 30, 40):
+    progress.update(done)
+  lines = [
+    r.getMessage() for r in caplog.records if 'Explained' in r.getMessage()
+  ]
+  assert lines == [
+    'Explained 20/40 images, 1.0 images/s, ETA 00:00:20.',  # Not 100 s/batch.
+    'Explained 40/40 images, 1.0 images/s, ETA 00:00:00.',  # The end: always.
+  ]
+  # One batch: nothing to wait for, no progress lines.
+  caplog.clear()
+  clock = iter([1.0])
+  cli.Progress(5, batch_size=10).update(5)
+  assert not [r for r in caplog.records if 'Explained' in r.getMessage()]
