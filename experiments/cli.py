@@ -38,7 +38,6 @@ its `main` to `run`:
 from __future__ import annotations
 
 from collections.abc import Callable
-import functools
 import os
 import re
 import sys
@@ -194,7 +193,11 @@ def one_line(error: BaseException) -> str:
     # A config file's own error: keep its last line, the exception.
     lines = [re.sub(r'^[\w.]+(Error|Exception): ', '', lines[-1])]
   if isinstance(error, KeyError):
-    lines[0] = _no_such_field(lines[0].strip('\'"'))
+    lines[0] = (
+      f'no config field {lines[0]}.'  # ml_collections' own suggestion.
+      if 'Did you mean' in text
+      else _no_such_field(lines[0].strip('\'"'))
+    )
   text = ' '.join(lines)
   for problem, fix in _FLAG_VALUE_FIXES:
     if problem in text:
@@ -291,10 +294,7 @@ def setup_runtime() -> None:
       jax.local_devices(),
     )
   cache = compilation_cache.enable_compilation_cache()
-  # Shown with --verbose (or -v 1): a newcomer's first lines are the
-  # command's own.
-  log = logging.info if FLAGS.verbose else functools.partial(logging.vlog, 1)
-  log(
+  logging.info(
     'XLA_FLAGS=%r (added for CPU: %r, for GPU: %r); compilation cache: %r.',
     os.environ.get('XLA_FLAGS', ''),
     _ADDED_XLA_FLAGS.get('cpu', ''),

@@ -249,7 +249,7 @@ MISTAKES = [
     'misspelt override',
     PETS,
     lambda w: _train(w, '--config.model.num_filterz=8'),
-    ["'num_filterz'", '--config.model.num_filters'],
+    ["'num_filterz'", 'Did you mean "num_filters"'],
   ),
   (
     'text for a number',
