@@ -45,41 +45,45 @@ def _entries(num_cats, num_dogs):
 
 
 @pytest.mark.parametrize(
-  'num_cats, num_dogs, correlation, val, test',
-  [(40, 17, 0.95, 3, 5), (23, 30, 1.0, 2, 2), (61, 12, 0.5, 1, 4)],
+  'num_cats, num_dogs, correlation, val, test, held_out',
+  [
+    (40, 17, 0.95, 3, 5, 'split'),
+    (23, 30, 1.0, 2, 2, 'split'),
+    (61, 12, 0.5, 1, 4, 'split'),
+    (40, 17, 0.95, 3, 5, 'paired'),
+    (23, 30, 1.0, 2, 9, 'paired'),
+  ],
 )
-def test_assign_counts_are_exact(num_cats, num_dogs, correlation, val, test):
+def test_assign_counts_are_exact(
+  num_cats, num_dogs, correlation, val, test, held_out
+):
   entries = _entries(num_cats, num_dogs)
-  chosen = spurious_groups.assign(
-    entries,
+  kwargs = dict(
     correlation=correlation,
     val_per_group=val,
     test_per_group=test,
-    seed=3,
+    held_out=held_out,
   )
+  chosen = spurious_groups.assign(entries, seed=3, **kwargs)
   assert set(chosen) == {e.name for e in entries}
+  per_kind = 1 if held_out == 'paired' else 2
   for species, total in ((0, num_cats), (1, num_dogs)):
     mine = [chosen[e.name] for e in entries if e.species == species]
     aligned = spurious.ALIGNED_KIND[species]
     for split, per_group in (('test', test), ('validation', val)):
       kinds = [k for s, k in mine if s == split]
-      assert len(kinds) == 2 * per_group
-      assert kinds.count(aligned) == per_group
+      assert len(kinds) == per_kind * per_group
+      if held_out == 'paired':  # Each rendered on both kinds.
+        assert set(kinds) == {spurious_groups.BOTH}
+      else:
+        assert kinds.count(aligned) == per_group
     train_kinds = [k for s, k in mine if s == 'train']
-    n = total - 2 * (val + test)
+    n = total - per_kind * (val + test)
     assert len(train_kinds) == n
     other = math.floor((1 - correlation) * n + 0.5)
     assert train_kinds.count(aligned) == n - other
-  again = spurious_groups.assign(
-    entries, correlation=correlation, val_per_group=val, test_per_group=test,
-    seed=3,
-  )  # fmt: skip
-  assert again == chosen
-  other_seed = spurious_groups.assign(
-    entries, correlation=correlation, val_per_group=val, test_per_group=test,
-    seed=4,
-  )  # fmt: skip
-  assert other_seed != chosen
+  assert spurious_groups.assign(entries, seed=3, **kwargs) == chosen
+  assert spurious_groups.assign(entries, seed=4, **kwargs) != chosen
 
 
 def test_assign_refuses_too_few_images():
@@ -93,7 +97,7 @@ def test_assign_refuses_too_few_images():
     )
 
 
-def _make(pets_dir: Path, out: Path) -> dict:
+def _make(pets_dir: Path, out: Path, held_out: str = 'paired') -> dict:
   result = subprocess.run(
     [
       sys.executable,
@@ -105,6 +109,7 @@ def _make(pets_dir: Path, out: Path) -> dict:
       '--correlation=0.9',
       f'--val_per_group={VAL}',
       f'--test_per_group={TEST}',
+      f'--held_out={held_out}',
     ],
     cwd=REPO,
     capture_output=True,
@@ -133,24 +138,40 @@ def test_layout_masks_and_composites(grouped, synthetic_pets_dir):
       synthetic_pets_dir / 'annotations' / f'{split}.txt'
     )
   ]
-  assert sorted(r['image'] for r in rows) == sorted(f'{n}.jpg' for n in listed)
+  held_out = [r['image'][:-4] for r in rows if r['split'] != 'train']
+  # Paired: every held-out pet twice, once on each kind, never in train.
+  pairs = {}
+  for r in rows:
+    if r['split'] != 'train':
+      name, _, kind = r['image'][:-4].rpartition('-')
+      pairs.setdefault(name, []).append((r['split'], kind, r['group']))
+  assert all(
+    sorted(k for _, k, _ in v) == ['smooth', 'textured']
+    and len({s for s, _, _ in v}) == 1
+    and all(g.endswith(k) for _, k, g in v)
+    for v in pairs.values()
+  )
+  train = [r['image'][:-4] for r in rows if r['split'] == 'train']
+  assert sorted(train + list(pairs)) == sorted(listed)
+  assert len(held_out) == 2 * len(pairs)
   for split, per_group in (('test', TEST), ('validation', VAL)):
     assert summary['counts'][split] == dict.fromkeys(
       ('cat_smooth', 'cat_textured', 'dog_smooth', 'dog_textured'), per_group
     )
   for row in rows[:12]:
-    name = row['image'][:-4]
+    stem = row['image'][:-4]
+    name = stem if row['split'] == 'train' else stem.rpartition('-')[0]
     trimap = np.asarray(
       Image.open(synthetic_pets_dir / 'annotations' / 'trimaps' / f'{name}.png')
     )
-    mask = np.asarray(Image.open(out / 'masks' / f'{name}.png'))
+    mask = np.asarray(Image.open(out / 'masks' / f'{stem}.png'))
     pet = trimap != oxford_iiit_pet.TRIMAP_BACKGROUND
     np.testing.assert_array_equal(mask, np.where(pet, 255, 0))
     source = np.asarray(
       Image.open(synthetic_pets_dir / 'images' / f'{name}.jpg').convert('RGB'),
       np.float32,
     )
-    written = np.asarray(Image.open(out / 'images' / f'{name}.jpg'), np.float32)
+    written = np.asarray(Image.open(out / 'images' / f'{stem}.jpg'), np.float32)
     padded = np.pad(pet, 4)
     inside = np.logical_and.reduce(
       [
