@@ -43,7 +43,6 @@ def train_errors(trained, *, batch_size: int = 64) -> list[str]:
   )
   source = sources.load_split_sources(data, ['train'])['train']
   predict = trained.predict_fn()
-  root = os.path.join(data.manual_dir, 'images')
   errors = []
   for batch in eval_pipeline.create_eval_iterator(
     data,
@@ -58,8 +57,7 @@ def train_errors(trained, *, batch_size: int = 64) -> list[str]:
     flat = {k: np.asarray(v)[0] for k, v in batch.items()}
     predicted = np.asarray(predict(flat['image'])[0]).argmax(-1)
     wrong = (predicted != flat['label']) & (flat['weight'] > 0)
-    for name in names[wrong]:
-      errors.append(os.path.relpath(str(name), root))
+    errors.extend(str(name) for name in names[wrong])  # labels.csv's `image`
   return sorted(errors)
 
 

@@ -28,6 +28,7 @@ from cco_jax import train_setup
 from cco_jax.data import spurious
 from cco_jax.data import spurious_groups
 from cco_jax.data.datasets import oxford_iiit_pet
+from experiments import compare_grid
 from experiments import compare_table
 from experiments.configs import pets as pets_configs
 from experiments.configs import spurious as spurious_configs
@@ -297,13 +298,12 @@ def test_group_dro_run_selects_and_restores_on_worst_group(grouped, tmp_path):
 
 
 def test_compare_table_measures():
-  a = {'mean': 0.5, 'std': 0.1, 'n': 5}
-  assert compare_table.differs(a, {'mean': 0.7, 'std': 0.1, 'n': 5})
-  assert not compare_table.differs(a, {'mean': 0.6, 'std': 0.1, 'n': 5})
-  assert not compare_table.differs(a, {'mean': 0.9, 'std': 0.0, 'n': 1})
   report = {
     'step': 7,
-    'checkpoint_metrics': {'eval_worst_group_accuracy': 0.25},
+    'checkpoint_metrics': {
+      'eval_worst_group_accuracy': 0.25,
+      'eval_accuracy': 0.5,
+    },
     'accuracy': 0.6,
     'worst_group_accuracy': 0.2,
     'average_group_accuracy': 0.55,
@@ -313,11 +313,14 @@ def test_compare_table_measures():
     'group_accuracy/dog_textured': 0.7,
     'bg_share': 0.3,
     'perturbations': {'background_noise': {'flip_rate': 0.1}},
+    'per_example': {'label': [0, 1, 1, 0], 'prediction': [0, 0, 1, 1]},
   }
   numbers = compare_table.checkpoint_numbers(report)
   assert numbers['minority_accuracy'] == pytest.approx(0.3)
   assert numbers['validation_worst_group_accuracy'] == 0.25
+  assert numbers['validation_accuracy'] == 0.5
   assert numbers['groups']['dog_smooth'] == 0.2
+  assert numbers['correct'] == '1010'
 
 
 @pytest.mark.parametrize('steps', [(20, 40, 60, 80), (10, 30, 100, 200, 310)])
@@ -337,19 +340,27 @@ def test_late_fall_is_the_share_of_the_fall_in_the_last_third(steps):
   assert compare_table.late_fall(line[:2]) is None
 
 
-def test_grid_markdown_lists_every_value_and_the_choice(tmp_path):
+def test_grid_markdown_lists_every_value_and_both_choices(tmp_path):
   os.makedirs(tmp_path / 'c095')
   os.makedirs(tmp_path / 'c100')  # No grid there: no table.
-  grid = {
-    'field': {'rrr': 'loss.rrr_weight'},
-    'score': compare_table.SCORE,
-    'scores': {'rrr': {'0.1': [0.45, 0.7, 0.125], '3': [0.5, 0.6125, 0.2]}},
-    'chosen': {'rrr': '3'},
+  result = {
+    'fields': ['loss.rrr_weight'],
+    'axes': {'loss.rrr_weight': [0.1, 3.0]},
+    'scores': {
+      'worst_group': {'0.1': [0.45, 0.7, 0.125], '3': [0.5, 0.6125, 0.2]},
+      'accuracy': {'0.1': [0.75, -0.5], '3': [0.7, -0.4]},
+    },
+    'chosen': {
+      'worst_group': (('loss.rrr_weight', 3.0),),
+      'accuracy': (('loss.rrr_weight', 0.1),),
+    },
+    'on_edge': {'worst_group': ['loss.rrr_weight'], 'accuracy': []},
+    'widened': [('loss.rrr_weight', 3.0)],
   }
-  (tmp_path / 'c095' / 'grid.json').write_text(json.dumps(grid))
+  compare_grid.write(str(tmp_path / 'c095' / 'grid.json'), {'rrr': result})
   text = compare_table.grid_markdown(str(tmp_path))
   assert 'Grid at c095' in text and 'c100' not in text
   assert (
-    '| RRR | `loss.rrr_weight` | 0.1: 0.45 / 0.7 / 0.125, 3: 0.5 / 0.613 / 0.2 | 3 |'
-    in text
+    '| RRR | `loss.rrr_weight` | 0.1: 0.45/0.7 / 0.75, 3: 0.5/0.613 / 0.7 | 3 '
+    '| 0.1 | worst_group: loss.rrr_weight | loss.rrr_weight=3 |' in text
   )
