@@ -53,6 +53,7 @@ from cco_jax.runtime import compilation_cache
 from cco_jax.runtime import deterministic
 from cco_jax.runtime import distributed
 from cco_jax.runtime import log_filter
+from cco_jax.runtime import supervisor
 from cco_jax.runtime import xla_cpu
 from cco_jax.runtime import xla_gpu
 
@@ -253,6 +254,8 @@ _ADDED_XLA_FLAGS: dict[str, str] = {}
 
 def run(main: Callable[[list[str]], int | None]) -> None:
   """Runs `main` as an entry point (module docstring); does not return."""
+  if supervisor.needed(sys.argv):  # One of several processes: see there.
+    supervisor.run_supervised(sys.argv)
   # XLA reads XLA_FLAGS once, when JAX starts its backends: set them first.
   try:  # CCO_DETERMINISTIC first: it pins the option xla_cpu would set.
     _ADDED_XLA_FLAGS['deterministic'] = deterministic.apply()
