@@ -1,11 +1,12 @@
 r"""ACE against the field's fixes on the grouped spurious-background benchmark.
 
     CCO_DETERMINISTIC=2 python -m experiments.compare --out=/work/compare \
-        --pets_dir=../shared/data/oxford-iiit-pet-sample
+        --source_dir=../shared/data/oxford-iiit-pet-sample
 
 For each correlation in --correlations (default 1.0 and 0.95) it
-  1. builds the benchmark (`cco_jax/data/spurious_groups.py`, held-out pets
-     rendered on both backgrounds: 50 validation and 80 test images per
+  1. builds the benchmark (--benchmark, a plug-in: `compare_runs.py`; by
+     default `spurious`: `cco_jax/data/spurious_groups.py`, held-out pets
+     rendered on both backgrounds, 50 validation and 80 test images per
      group) into OUT/c<corr>/data;
   2. searches every `GRIDS` variant's coefficients at this correlation (seed
      --grid_seed), choosing them on validation two ways, with and without
@@ -46,7 +47,6 @@ from experiments import compare_grid
 from experiments import compare_runs
 from experiments import compare_table
 from experiments import runs
-from experiments.configs import spurious as spurious_configs
 
 DEFAULT_VARIANTS = (
   'ce_control',
@@ -66,9 +66,16 @@ DEFAULT_VARIANTS = (
 def define_flags():
   flags.DEFINE_string('out', None, 'Output directory (data, runs, table).')
   flags.DEFINE_string(
-    'pets_dir',
+    'benchmark',
+    'spurious',
+    'The benchmark plug-in: a module of experiments/configs '
+    '(experiments/compare_runs.py says what it provides).',
+  )
+  flags.DEFINE_string(
+    'source_dir',
     '../shared/data/oxford-iiit-pet-sample',
-    'Oxford-IIIT Pet in the official layout.',
+    "The benchmark's source data (for 'spurious': Oxford-IIIT Pet in the "
+    'official layout).',
   )
   flags.DEFINE_list('correlations', ['1.0', '0.95'], 'Train correlations.')
   flags.DEFINE_list('variants', list(DEFAULT_VARIANTS), 'Variants to train.')
@@ -103,23 +110,19 @@ def ensure_data(out: str, correlation: float) -> str:
   """The benchmark at `correlation` (built and prepared once)."""
   from cco_jax import configuration  # pylint: disable=g-import-not-at-top
   from cco_jax import data  # pylint: disable=g-import-not-at-top
-  from cco_jax.data import (
-    spurious_groups,  # pylint: disable=g-import-not-at-top
-  )
 
   f = flags.FLAGS
   data_dir = os.path.join(out, compare_runs.corr_name(correlation), 'data')
   if not os.path.exists(os.path.join(data_dir, 'labels.csv')):
-    spurious_groups.make_group_benchmark(
-      f.pets_dir,
+    compare_runs.benchmark().build_benchmark(
+      f.source_dir,
       data_dir,
       correlation=correlation,
       val_per_group=f.val_per_group,
       test_per_group=f.test_per_group,
-      overwrite=True,
     )
   # Prepared here, once: parallel trainings must not prepare it together.
-  config = spurious_configs.get_config('ace')
+  config = compare_runs.benchmark().get_config('ce')
   configuration.apply_overrides(
     config,
     {
@@ -176,10 +179,10 @@ class Trainer:
 def grids(trainer: Trainer, variants, grid_seed: int, max_widen: int) -> dict:
   """Every grid variant's search at the trainer's correlation (all first
   grids trained together, then each widened on its own)."""
-  searched = [v for v in variants if v in spurious_configs.GRIDS]
+  searched = [v for v in variants if v in compare_runs.benchmark().GRIDS]
   initial = []
   for variant in searched:
-    axes = spurious_configs.GRIDS[variant]
+    axes = compare_runs.benchmark().GRIDS[variant]
     for values in itertools.product(*(v for _, v in axes)):
       setting = tuple(zip((f for f, _ in axes), values))
       initial.append((variant, setting, grid_seed))
@@ -193,7 +196,7 @@ def grids(trainer: Trainer, variants, grid_seed: int, max_widen: int) -> dict:
       ),
       max_widen=max_widen,
       max_steps=trainer.steps
-      or spurious_configs.get_config(variant).num_train_steps,
+      or compare_runs.benchmark().get_config(variant).num_train_steps,
     )
   return results
 
@@ -211,15 +214,23 @@ def choices(results: dict, variants) -> dict:
 def main(argv):
   cli.no_arguments(argv)
   f = flags.FLAGS
+  compare_runs.BENCHMARK = f.benchmark
+  try:
+    compare_runs.benchmark()
+  except ImportError:
+    raise app.UsageError(
+      f'--benchmark={f.benchmark}: no module experiments/configs/'
+      f'{f.benchmark}.py; name a config module there.'
+    ) from None
   out = os.path.abspath(f.out)
   compilation_cache.enable_compilation_cache(os.path.join(out, 'xla_cache'))
   correlations = [float(c) for c in f.correlations]
   seeds = [int(s) for s in f.seeds]
-  unknown = set(f.variants) - set(spurious_configs.VARIANTS)
+  unknown = set(f.variants) - set(compare_runs.benchmark().VARIANTS)
   if unknown:
     raise app.UsageError(
       f'--variants: unknown {sorted(unknown)}; choose from '
-      f'{sorted(spurious_configs.VARIANTS)}.'
+      f'{sorted(compare_runs.benchmark().VARIANTS)}.'
     )
   chosen_at = {}
   for correlation in correlations:

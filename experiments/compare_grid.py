@@ -30,7 +30,6 @@ import numpy as np
 from cco_jax import metric_writers
 from cco_jax import selection
 from experiments import compare_runs
-from experiments.configs import spurious as spurious_configs
 
 PROTOCOLS = ('worst_group', 'accuracy')
 # Integer fields and their bounds (None: the run's step count). JTT's
@@ -95,8 +94,9 @@ def search(
      'chosen' {protocol: setting}, 'on_edge' {protocol: [fields]},
      'widened' [(field, value)]}.
   """
-  fields = [f for f, _ in spurious_configs.GRIDS[variant]]
-  axes = {f: sorted(v) for f, v in spurious_configs.GRIDS[variant]}
+  grid = compare_runs.benchmark().GRIDS[variant]
+  fields = [f for f, _ in grid]
+  axes = {f: sorted(v) for f, v in grid}
   widened, used = (
     [],
     dict.fromkeys(((f, s) for f in fields for s in (-1, 1)), 0),

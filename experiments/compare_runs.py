@@ -6,6 +6,14 @@ A run is (correlation, variant, setting, seed); a setting is a tuple of
 the config's own values). Its directory is
 OUT/c<corr>/runs/<variant>_<values>_s<seed>[_t<steps>].
 
+The benchmark is a plug-in: a config module `experiments/configs/<name>.py`
+(`--benchmark`, default `spurious`) that provides `VARIANTS` and `get_config`
+(the trainer's config variants), `GRIDS` (`{variant: ((field, values), ...)}`),
+`MINORITY_GROUPS` (the groups whose spurious feature disagrees with the label)
+and `build_benchmark(source_dir, out_dir, *, correlation, val_per_group,
+test_per_group)` (writes the folder dataset at a correlation). A new
+benchmark (e.g. skin lesions with pasted artifacts) supplies only that module.
+
 Each finished run is evaluated on the test split at the checkpoint each
 selection rule names (`cco_jax.selection`: worst_group, accuracy, last), and
 runs of the `DFR_BASES` variants also with their head refit by DFR
@@ -15,19 +23,31 @@ WORKDIR/evaluation/compare_<rule>.json with per-example predictions.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 
 from cco_jax import selection
 from experiments import runs
-from experiments.configs import spurious as spurious_configs
 
-CONFIG = 'experiments/configs/spurious.py'
+# The benchmark plug-in: a module of experiments/configs (module docstring);
+# `experiments.compare --benchmark` sets it once, before any run.
+BENCHMARK = 'spurious'
 RULES = tuple(selection.RULES)  # worst_group, accuracy, last
 DFR = 'dfr_last'  # The DFR evaluation's name: DFR on the last checkpoint.
 JTT_FIELDS = ('jtt.first_steps', 'jtt.factor')
 
 Setting = tuple[tuple[str, float], ...]
+
+
+def benchmark():
+  """The benchmark's config module (`BENCHMARK`)."""
+  return importlib.import_module(f'experiments.configs.{BENCHMARK}')
+
+
+def config_path() -> str:
+  """The benchmark's config file, relative to the repository root."""
+  return f'experiments/configs/{BENCHMARK}.py'
 
 
 def corr_name(correlation: float) -> str:
@@ -76,7 +96,7 @@ def job(
     overrides.append(f'num_train_steps={steps}')
   workdir = run_dir(out, correlation, variant, setting, seed, steps)
   return workdir, runs.command(
-    'experiments.pets', CONFIG, variant, workdir, seed, overrides
+    'experiments.pets', config_path(), variant, workdir, seed, overrides
   )
 
 
@@ -89,7 +109,7 @@ def jtt_first_stage(out, correlation, first_steps, data_dir, seed, steps=0):
     f'num_train_steps={min(first_steps, steps or first_steps)}',
   ]
   return workdir, runs.command(
-    'experiments.pets', CONFIG, 'ce', workdir, seed, overrides
+    'experiments.pets', config_path(), 'ce', workdir, seed, overrides
   )
 
 
@@ -108,7 +128,7 @@ def jtt_second_stage(
     overrides.append(f'num_train_steps={steps}')
   workdir = run_dir(out, correlation, 'jtt', setting, seed, steps)
   return workdir, runs.command(
-    'experiments.pets', CONFIG, 'jtt', workdir, seed, overrides
+    'experiments.pets', config_path(), 'jtt', workdir, seed, overrides
   )
 
 
@@ -145,7 +165,7 @@ def prepare_jtt_data(
     with open(errors_path) as f:
       error_set = json.load(f)
     jtt.write_upsampled(data_dir, target, error_set, factor)
-  config = spurious_configs.get_config('jtt')
+  config = benchmark().get_config('jtt')
   configuration.apply_overrides(
     config,
     {

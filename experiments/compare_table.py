@@ -27,11 +27,9 @@ import numpy as np
 
 from cco_jax import metric_writers
 from cco_jax import objectives
-from cco_jax.data import spurious_groups
 from experiments import compare_runs
 from experiments import compare_stats
 from experiments import results_tables
-from experiments.configs import spurious as spurious_configs
 
 MEASURES = (
   ('accuracy', 'avg acc'),
@@ -89,7 +87,8 @@ def checkpoint_numbers(report: dict) -> dict:
   """The table's measures of one evaluation report (test split), with the
   per-example correctness as a '0'/'1' string in split order."""
   minority = [
-    report.get(f'group_accuracy/{g}') for g in spurious_groups.MINORITY_GROUPS
+    report.get(f'group_accuracy/{g}')
+    for g in compare_runs.benchmark().MINORITY_GROUPS
   ]
   minority = [m for m in minority if m is not None]
   rows = report.get('per_example')
@@ -253,7 +252,7 @@ def table_rows(collected: dict, correlation: float, table: str) -> list[dict]:
 
 
 def supervision(variant: str) -> str:
-  config = spurious_configs.get_config(variant)
+  config = compare_runs.benchmark().get_config(variant)
   needs = objectives.supervision(config.loss.name)
   if 'group' in needs:
     return 'groups'
@@ -446,7 +445,7 @@ def save_maps_figure(
     )
   chosen = [
     r
-    for group in spurious_groups.MINORITY_GROUPS
+    for group in compare_runs.benchmark().MINORITY_GROUPS
     for r in [t for t in test if t['group'] == group][:per_group]
   ]
   paths = [os.path.join(data_dir, 'images', r['image']) for r in chosen]

@@ -21,6 +21,7 @@ from cco_jax import selection
 from experiments import compare_grid
 from experiments import compare_runs
 from experiments import compare_stats
+from experiments.configs import spurious as spurious_configs
 
 
 def _record(step, acc, worst=None, ce=1.0):
@@ -75,7 +76,7 @@ def _fake_trainer(tmp_path, score_of):
 
 def test_grid_widens_while_the_choice_sits_on_an_edge(tmp_path, monkeypatch):
   monkeypatch.setitem(
-    compare_grid.spurious_configs.GRIDS,
+    spurious_configs.GRIDS,
     'rrr',
     (('loss.rrr_weight', (0.1, 1.0, 10.0)),),
   )
@@ -108,7 +109,7 @@ def test_grid_widens_while_the_choice_sits_on_an_edge(tmp_path, monkeypatch):
 
 def test_grid_widens_integer_axes_within_bounds(tmp_path, monkeypatch):
   monkeypatch.setitem(
-    compare_grid.spurious_configs.GRIDS,
+    spurious_configs.GRIDS,
     'jtt',
     (('jtt.first_steps', (20, 60, 120)), ('jtt.factor', (5, 20))),
   )

@@ -42,8 +42,31 @@ labels).
 
 import ml_collections
 
+from cco_jax.data import spurious_groups
 from experiments import configs
 from experiments.configs import protocols
+
+# The comparison's benchmark plug-in (experiments/compare_runs.py).
+MINORITY_GROUPS = spurious_groups.MINORITY_GROUPS
+
+
+def build_benchmark(
+  source_dir: str,
+  out_dir: str,
+  *,
+  correlation: float,
+  val_per_group: int,
+  test_per_group: int,
+) -> dict:
+  """The grouped benchmark from Oxford-IIIT Pet at `source_dir`."""
+  return spurious_groups.make_group_benchmark(
+    source_dir,
+    out_dir,
+    correlation=correlation,
+    val_per_group=val_per_group,
+    test_per_group=test_per_group,
+    overwrite=True,
+  )
 
 
 def _base() -> ml_collections.ConfigDict:
