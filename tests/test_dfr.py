@@ -6,6 +6,7 @@ the whole stage on a real trained run: only the head changes, and the refit
 model keeps the logit-sum identity.
 """
 
+import csv
 import dataclasses
 
 import jax
@@ -15,6 +16,8 @@ import pytest
 from cco_jax import cams as cams_lib
 from cco_jax import configuration
 from cco_jax import dfr
+from cco_jax import evaluation
+from cco_jax import jtt
 from cco_jax import restore
 from cco_jax import train
 from cco_jax.data import spurious_groups
@@ -147,3 +150,18 @@ def test_refit_head_changes_only_the_head_and_keeps_the_identity(
   kernel = np.asarray(refit.variables['params']['head']['kernel'], np.float64)
   np.testing.assert_allclose(features @ kernel, logits, rtol=1e-4, atol=1e-4)
   assert dataclasses.replace(refit, checkpoint='x').step == trained.step
+  # JTT's error set: exactly the training images the model gets wrong (the
+  # per-example evaluator on the unaugmented train split counts them).
+  errors = jtt.train_errors(trained, batch_size=8)
+  config = evaluation.default_config()
+  config.update(split='train', evaluators=('per_example',), ood=False)
+  rows = evaluation.evaluate_checkpoint(
+    str(tmp_path / 'run'), config, trained=trained
+  ).report['per_example']
+  wrong = sum(p != y for p, y in zip(rows['prediction'], rows['label']))
+  assert len(errors) == wrong
+  with open(out / 'labels.csv') as f:
+    train_rows = {
+      r['image'] for r in csv.DictReader(f) if r['split'] == 'train'
+    }
+  assert set(errors) <= train_rows
