@@ -26,6 +26,8 @@ from cco_jax.data.config import IMAGENET_MEAN
 from cco_jax.data.config import IMAGENET_STD
 from cco_jax.data.config import default_config  # noqa: I001
 from cco_jax.data.eval_pipeline import create_eval_iterator
+from cco_jax.data.info import class_counts_of
+from cco_jax.data.info import class_labels_of
 from cco_jax.data.info import class_names
 from cco_jax.data.info import class_names_of
 from cco_jax.data.info import group_counts
@@ -58,6 +60,8 @@ __all__ = [
   'TrainIterator',
   'carve_validation',
   'check_config',
+  'class_counts_of',
+  'class_labels_of',
   'class_names',
   'class_names_of',
   'create_eval_iterator',
