@@ -275,6 +275,7 @@ def create_train_iterator(
   keys = ('image', 'mask', 'label', 'group')
   keys += ('pixel_mask',) * pixel_masks + ('index',) * with_index
   keys += ('flip',) * (on_device and data_config.augment_flip)
+  keys += ('targets',) * (source.targets is not None)
   if isinstance(decoded, cache_lib.Cached) and not data_config.augment_crop:
     batches = grain.MapDataset.source(
       cache_lib.CachedBatches(
