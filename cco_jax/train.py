@@ -136,6 +136,7 @@ class Run:
       jax.local_device_count(),
     )
     self._average_batch_stats = train_setup.batch_stats_averager(config)
+    self._auc = train_evaluation.auc_spec(config, self.setup)
 
   def close(self) -> None:
     """Stops the input workers, waits for the last checkpoint and closes the
@@ -166,20 +167,27 @@ class Run:
       self.setup.record.save(run_record.path_of(self.workdir))
 
   def evaluate_split(self, state, split: str, **kwargs) -> dict:
-    """Evaluates `split`; validation from the batches read once per run."""
+    """Evaluates `split`; validation from the batches read once per run;
+    AUC of `config.auc_tasks` on the primary dataset's splits."""
+    auc = self._auc if split != 'ood' else None
     if split == 'validation' and not kwargs:
       return train_evaluation.evaluate(
         self.setup.p_eval_step,
         state,
         self.validation,
         self.setup.record.group_names,
+        auc,
       )
     batches = train_setup.eval_iterator(
       self.config, self.setup, split, **kwargs
     )
     try:
       return train_evaluation.evaluate(
-        self.setup.p_eval_step, state, batches, self.setup.record.group_names
+        self.setup.p_eval_step,
+        state,
+        batches,
+        self.setup.record.group_names,
+        auc,
       )
     finally:
       train_input.close_iterator(batches)

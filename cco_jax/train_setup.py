@@ -31,7 +31,7 @@ from cco_jax import run_record
 from cco_jax import train_step as step_lib
 
 GROUP_METRICS = ('worst_group_accuracy', 'average_group_accuracy')
-BEST_METRICS = ('accuracy',) + GROUP_METRICS
+BEST_METRICS = ('accuracy', 'mean_auc') + GROUP_METRICS
 
 
 def with_data_fields(

@@ -14,7 +14,11 @@ not selected). The evaluation config lists which evaluators run
   interventions       accuracy and flip rate under each intervention, RFS;
   localisation        pointing game and top-k% IoU of the true class's map;
   deletion_insertion  deletion / insertion AUC of the predicted class's map
-                      and of Grad-CAM at the same layer.
+                      and of Grad-CAM at the same layer;
+  auc                 ROC AUC per binary task (class vs rest) and their mean,
+                      bootstrap intervals, sensitivity at 0.8 / 0.9
+                      specificity, balanced accuracy, confusion matrix
+                      (`auc.py`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 from cco_jax import cams as cams_lib
 from cco_jax import explain
 from cco_jax import metrics
+from cco_jax.evaluation import auc
 from cco_jax.evaluation import interventions
 
 Batch = dict[str, np.ndarray]
@@ -283,6 +288,7 @@ EVALUATORS: dict[str, type[Evaluator]] = {
   'interventions': InterventionEvaluator,
   'localisation': LocalisationEvaluator,
   'deletion_insertion': DeletionInsertionEvaluator,
+  'auc': auc.AucEvaluator,
 }
 
 
