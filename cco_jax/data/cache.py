@@ -132,6 +132,7 @@ class CachedBatches:
   normalize: bool
   keys: tuple[str, ...]
   device_preprocessing: bool = False
+  balance_labels: bytes | None = None  # Class-balanced (`order`).
 
   def __len__(self) -> int:
     return ENDLESS
@@ -139,7 +140,9 @@ class CachedBatches:
   def positions(self, k: int) -> np.ndarray:
     """Positions in the cache of batch k's examples, int64 (b,)."""
     stream = np.arange(k * self.batch_size, (k + 1) * self.batch_size)
-    return order.stream_positions(stream, len(self.cached), self.shuffle_seed)
+    return order.stream_positions(
+      stream, len(self.cached), self.shuffle_seed, self.balance_labels
+    )
 
   def flips(self, k: int) -> np.ndarray:
     """bool (b,): which of batch k's examples are flipped."""
