@@ -47,10 +47,10 @@ import ml_collections
 import numpy as np
 
 from cco_jax import checkpointing
-from cco_jax import early_stopping
 from cco_jax import config_schema
 from cco_jax import configuration
 from cco_jax import data
+from cco_jax import early_stopping
 from cco_jax import errors
 from cco_jax import figures
 from cco_jax import metric_writers
@@ -409,7 +409,9 @@ def _train_and_evaluate(run: Run) -> dict:
         train_guards.check_evaluation(config, results, step)
         train_evaluation.log_validation(step, results)
         eval_metrics = {f'eval_{k}': v for k, v in results.items()}
-        stop_early = early.update(step, results[config.best_metric]) and not last
+        stop_early = (
+          early.update(step, results[config.best_metric]) and not last
+        )
         run.writer.write(step, {**eval_metrics, **early.record()})
         if stop_early:
           logging.info(

@@ -82,7 +82,9 @@ def test_confusion_and_balanced_accuracy():
   # Recalls 2/3, 1, 0 over the three classes present.
   assert auc.balanced_accuracy(matrix) == pytest.approx((2 / 3 + 1 + 0) / 3)
   np.testing.assert_array_equal(
-    auc.binary_confusion([True, False, True, False], [True, True, False, False]),
+    auc.binary_confusion(
+      [True, False, True, False], [True, True, False, False]
+    ),
     [[1, 1], [1, 1]],
   )
 
@@ -110,9 +112,10 @@ def test_softmax_tasks_read_class_probabilities():
     np.mean([out['tasks'][t]['auc'] for t in tasks])
   )
   matrix = np.asarray(out['confusion_matrix'])
-  assert matrix.sum() == 80 and np.trace(matrix) == (
-    logits.argmax(-1) == labels
-  ).sum()
+  assert (
+    matrix.sum() == 80
+    and np.trace(matrix) == (logits.argmax(-1) == labels).sum()
+  )
   assert out['mean_auc_interval'] is None
 
 
@@ -174,7 +177,9 @@ def test_bootstrap_intervals_are_seeded_and_cover_the_estimate():
 def test_unknown_task_is_named():
   logits, labels = _case(0)
   with pytest.raises(ValueError, match=r"AUC tasks \['melanoma'\]"):
-    auc.auc_metrics(logits, labels, class_names=('a', 'b', 'c'), tasks=('melanoma',))
+    auc.auc_metrics(
+      logits, labels, class_names=('a', 'b', 'c'), tasks=('melanoma',)
+    )
 
 
 def test_registered_evaluator_skips_padding():

@@ -82,9 +82,7 @@ def test_objectives_match_float64_references(shape, multi_hot):
   cams, labels, targets, mask = random_case(sum(shape), shape, multi_hot)
   logits = cams.astype(np.float64).sum((1, 2))
   given = targets if multi_hot else None  # One-hot: from the labels.
-  loss, metrics, _ = run_objective(
-    {'name': 'bce'}, cams, labels, mask, given
-  )
+  loss, metrics, _ = run_objective({'name': 'bce'}, cams, labels, mask, given)
   np.testing.assert_allclose(loss, np_bce(logits, targets).mean(), rtol=2e-5)
   loss, metrics, _ = run_objective(
     {'name': 'ace_bce', 'bce_weight': 0.7}, cams, labels, mask, given
@@ -185,8 +183,7 @@ def test_inverse_frequency_weights_match_the_hand_weighted_loss(name):
   }
   weights = hand_weights(COUNTS)[labels]
   expected = sum(
-    plain.coefficients[k] * (weights * v).mean()
-    for k, v in per_example.items()
+    plain.coefficients[k] * (weights * v).mean() for k, v in per_example.items()
   )
   weighted = objectives.create(
     {
@@ -198,7 +195,9 @@ def test_inverse_frequency_weights_match_the_hand_weighted_loss(name):
   )
   loss, metrics, _ = weighted(inputs)
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
-  unweighted = sum(plain.coefficients[k] * v.mean() for k, v in per_example.items())
+  unweighted = sum(
+    plain.coefficients[k] * v.mean() for k, v in per_example.items()
+  )
   assert abs(float(loss) - unweighted) > 1e-4  # The weights did something.
 
 

@@ -123,7 +123,5 @@ def test_class_counts_filled_from_the_training_split(imbalanced):
   )
   filled = train_setup.with_data_fields(config)
   assert tuple(filled.loss.class_counts) == (3, 2, 1)
-  config = configuration.apply_overrides(
-    config, {'loss.class_weights': 'none'}
-  )
+  config = configuration.apply_overrides(config, {'loss.class_weights': 'none'})
   assert tuple(train_setup.with_data_fields(config).loss.class_counts) == ()
