@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scipy import special
 
+from cco_jax import objectives
 from cco_jax.evaluation import auc
 from cco_jax.evaluation import evaluators
 
@@ -208,3 +209,8 @@ def test_registered_evaluator_skips_padding():
   )
   assert out['auc'] == direct and out['mean_auc'] == direct['mean_auc']
   assert out['auc']['count'] == 10
+
+
+def test_sigmoid_losses_are_the_registry_s():
+  sigmoid = {n for n in objectives.names() if objectives.head(n) == 'sigmoid'}
+  assert sigmoid == set(auc.SIGMOID_LOSSES)
