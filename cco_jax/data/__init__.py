@@ -18,6 +18,8 @@ One job per module:
   spurious    the spurious-background benchmark built from Pets.
   spurious_groups  the same with groups (species x background), in the
               'folder' layout: train at a correlation, balanced val/test.
+  isic_shortcut  ISIC images with an adhesive patch pasted outside the
+              lesion, groups diagnosis x patch, in the 'folder' layout.
 
 The names below are the public API the trainer and the experiments use.
 """
