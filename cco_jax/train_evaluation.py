@@ -18,6 +18,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from cco_jax import errors
 from cco_jax import metrics as metrics_lib
 from cco_jax import train_guards
 from cco_jax import train_input
@@ -51,7 +52,10 @@ def auc_spec(config, setup: train_setup.Setup) -> AucSpec | None:
     tasks = auc_lib.default_tasks(names)
   if not tasks:
     return None
-  auc_lib.task_indices(names, tasks)  # A task that is no class fails here.
+  try:
+    auc_lib.task_indices(names, tasks)  # A task that is no class fails here.
+  except ValueError as e:
+    raise errors.UserError(str(e)) from None
   head = 'sigmoid' if setup.objective.head == 'sigmoid' else 'softmax'
   return AucSpec(setup.p_predict, tuple(names), tasks, head)
 

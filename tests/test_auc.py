@@ -4,12 +4,16 @@ brute-force definitions in float64."""
 from __future__ import annotations
 
 import itertools
+import types
 
+import ml_collections
 import numpy as np
 import pytest
 from scipy import special
 
+from cco_jax import errors
 from cco_jax import objectives
+from cco_jax import train_evaluation
 from cco_jax.evaluation import auc
 from cco_jax.evaluation import evaluators
 
@@ -214,3 +218,24 @@ def test_registered_evaluator_skips_padding():
 def test_sigmoid_losses_are_the_registry_s():
   sigmoid = {n for n in objectives.names() if objectives.head(n) == 'sigmoid'}
   assert sigmoid == set(auc.SIGMOID_LOSSES)
+
+
+def test_training_validation_tasks_and_their_errors():
+  setup = types.SimpleNamespace(
+    record=types.SimpleNamespace(class_names=('cat', 'dog')),
+    objective=types.SimpleNamespace(head='sigmoid'),
+    p_predict=None,
+  )
+
+  def spec(**values):
+    config = ml_collections.ConfigDict(
+      dict(auc_tasks=(), best_metric='accuracy', **values)
+    )
+    return train_evaluation.auc_spec(config, setup)
+
+  assert spec() is None
+  assert spec(best_metric='mean_auc').tasks == ('dog',)
+  both = spec(auc_tasks=('cat', 'dog'))
+  assert both.tasks == ('cat', 'dog') and both.head == 'sigmoid'
+  with pytest.raises(errors.UserError, match=r"AUC tasks \['melanoma'\]"):
+    spec(auc_tasks=('melanoma',))

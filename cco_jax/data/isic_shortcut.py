@@ -260,10 +260,10 @@ def _render(
 ) -> Patch | None:
   """Writes one image (with its patch) and copies its mask."""
   stem = os.path.splitext(image)[0]
-  mask_bytes = open(os.path.join(isic_dir, 'masks', f'{stem}.png'), 'rb').read()
-  pixels = np.asarray(
-    Image.open(os.path.join(isic_dir, 'images', image)).convert('RGB')
-  )
+  with open(os.path.join(isic_dir, 'masks', f'{stem}.png'), 'rb') as f:
+    mask_bytes = f.read()
+  with Image.open(os.path.join(isic_dir, 'images', image)) as source:
+    pixels = np.asarray(source.convert('RGB'))
   patch = None
   if has_patch:
     lesion = common.decode_mask_png(mask_bytes) > 0
