@@ -229,7 +229,7 @@ def test_training_validation_tasks_and_their_errors():
 
   def spec(**values):
     config = ml_collections.ConfigDict(
-      dict(auc_tasks=(), best_metric='accuracy', **values)
+      {'auc_tasks': (), 'best_metric': 'accuracy', **values}
     )
     return train_evaluation.auc_spec(config, setup)
 
