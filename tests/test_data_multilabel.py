@@ -9,8 +9,12 @@ from PIL import Image
 import pytest
 import synthetic_data as df
 
+from cco_jax import configuration
 from cco_jax import data as data_lib
+from cco_jax import metric_writers
+from cco_jax import train
 from cco_jax.data.datasets import folder
+from experiments.configs import folder as folder_config
 
 # (label, labels cell, split): the primary class and the others present.
 ROWS = (
@@ -157,3 +161,44 @@ def test_single_label_folders_have_no_targets(tmp_path):
     )
   )
   assert 'targets' not in batch
+
+
+def test_multi_label_training_scores_validation_auc_from_the_targets(tmp_path):
+  """A few steps of `ace_bce` through the real loop: the batches' targets
+  reach the objective, and validation AUC reads them (class 'c' is present
+  in images whose primary class is another)."""
+  write_folder(tmp_path / 'root')
+  config = folder_config.get_config('cpu')
+  with config.unlocked():
+    config.data.manual_dir = str(tmp_path / 'root')
+    config.data.tfds_data_dir = str(tmp_path / 'tfds')
+    config.data.image_size = 32
+    config.model.num_filters = 4
+    config.batch_size = 4
+    config.eval_batch_size = 4
+    config.num_figure_examples = 0
+  config = configuration.apply_overrides(
+    config,
+    {
+      'loss.name': 'ace_bce',
+      'num_train_steps': 3,
+      'eval_every_steps': 3,
+      'auc_tasks': ('c',),
+      'eval_ood': False,
+    },
+  )
+  # Validation rows (the builder's split, no carve): the last two test rows,
+  # where 'c' is present only as a secondary class: by the labels alone the
+  # task would have no positive (AUC undefined).
+  path = tmp_path / 'root' / 'labels.csv'
+  lines = path.read_text().splitlines()
+  lines[-2:] = [line.replace(',test,', ',validation,') for line in lines[-2:]]
+  path.write_text('\n'.join(lines) + '\n')
+  final = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  records = metric_writers.read_metrics(tmp_path / 'run')
+  assert [r['step'] for r in records if 'train_ace_bce' in r] == [3]
+  validation = [r for r in ROWS if r[2] == 'test'][1:]
+  assert [expected_targets(r)[2] for r in validation] == [0.0, 1.0]
+  assert [r[0] for r in validation] == ['b', 'a']
+  assert 0.0 <= final['validation_auc_c'] <= 1.0
+  assert final['validation_mean_auc'] == final['validation_auc_c']
