@@ -62,6 +62,7 @@ from cco_jax import train_guards
 from cco_jax import train_input
 from cco_jax import train_setup
 from cco_jax import train_step as step_lib
+from cco_jax.runtime import environment
 from cco_jax.runtime import workdir_lock
 
 # ----------------------------------------------------------------------------
@@ -160,12 +161,14 @@ class Run:
     )
 
   def save_config(self) -> None:
-    """Writes `config.json` and the run record `run.json`."""
+    """Writes `config.json` and the run record `run.json`, and appends what
+    this start runs on to `environment.json`."""
     if self.is_chief:
       (self.workdir / 'config.json').write_text(
         self.config.to_json_best_effort(indent=2)
       )
       self.setup.record.save(run_record.path_of(self.workdir))
+      environment.append(str(self.workdir))
 
   def evaluate_split(self, state, split: str, **kwargs) -> dict:
     """Evaluates `split`; validation from the batches read once per run;

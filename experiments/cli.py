@@ -50,6 +50,7 @@ from absl import logging
 from cco_jax import configuration
 from cco_jax import errors
 from cco_jax.runtime import compilation_cache
+from cco_jax.runtime import deterministic
 from cco_jax.runtime import distributed
 from cco_jax.runtime import log_filter
 from cco_jax.runtime import xla_cpu
@@ -236,10 +237,13 @@ def setup_runtime() -> None:
     )
   cache = compilation_cache.enable_compilation_cache()
   logging.info(
-    'XLA_FLAGS=%r (added for CPU: %r, for GPU: %r); compilation cache: %r.',
+    'XLA_FLAGS=%r (added for CPU: %r, for GPU: %r, for %s: %r); '
+    'compilation cache: %r.',
     os.environ.get('XLA_FLAGS', ''),
     _ADDED_XLA_FLAGS.get('cpu', ''),
     _ADDED_XLA_FLAGS.get('gpu', ''),
+    deterministic.ENV,
+    _ADDED_XLA_FLAGS.get('deterministic', ''),
     cache or 'off',
   )
 
@@ -250,6 +254,10 @@ _ADDED_XLA_FLAGS: dict[str, str] = {}
 def run(main: Callable[[list[str]], int | None]) -> None:
   """Runs `main` as an entry point (module docstring); does not return."""
   # XLA reads XLA_FLAGS once, when JAX starts its backends: set them first.
+  try:  # CCO_DETERMINISTIC first: it pins the option xla_cpu would set.
+    _ADDED_XLA_FLAGS['deterministic'] = deterministic.apply()
+  except errors.UserError as e:
+    fail(e)
   _ADDED_XLA_FLAGS['cpu'] = xla_cpu.apply()
   _ADDED_XLA_FLAGS['gpu'] = xla_gpu.apply()
 
