@@ -15,7 +15,11 @@ not selected). The evaluation config lists which evaluators run
   localisation        pointing game and top-k% IoU of the true class's map;
   deletion_insertion  deletion / insertion AUC of the predicted class's map
                       and of Grad-CAM at the same layer;
-  per_example         each example's label, group, prediction, probabilities.
+  per_example         each example's label, group, prediction, probabilities;
+  auc                 ROC AUC per binary task (class vs rest) and their mean,
+                      bootstrap intervals, sensitivity at 0.8 / 0.9
+                      specificity, balanced accuracy, confusion matrix
+                      (`auc.py`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import numpy as np
 from cco_jax import cams as cams_lib
 from cco_jax import explain
 from cco_jax import metrics
+from cco_jax.evaluation import auc
 from cco_jax.evaluation import interventions
 
 Batch = dict[str, np.ndarray]
@@ -328,6 +333,7 @@ EVALUATORS: dict[str, type[Evaluator]] = {
   'localisation': LocalisationEvaluator,
   'deletion_insertion': DeletionInsertionEvaluator,
   'per_example': PerExampleEvaluator,
+  'auc': auc.AucEvaluator,
 }
 
 

@@ -32,6 +32,7 @@ from cco_jax import restore
 from cco_jax.data import eval_pipeline
 from cco_jax.data import preparation
 from cco_jax.data import sources
+from cco_jax.evaluation import auc
 from cco_jax.evaluation import evaluators
 from cco_jax.evaluation import interventions
 
@@ -61,6 +62,7 @@ def default_config() -> ml_collections.ConfigDict:
         'interventions',
         'localisation',
         'deletion_insertion',
+        'auc',
       ),
       batch_size=32,
       seed=interventions.DEFAULT_SEED,
@@ -174,6 +176,9 @@ def run_evaluators(
       normalize=trained.record.normalize,
     ),
     'per_example': {},
+    'auc': auc.settings_of(
+      trained.config, trained.record.class_names, seed=config.seed
+    ),
   }
   results = {}
   for name in names:
