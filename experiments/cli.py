@@ -250,12 +250,23 @@ def setup_runtime() -> None:
 
 
 _ADDED_XLA_FLAGS: dict[str, str] = {}
+_ORIGINAL_XLA_FLAGS: list[str] = []
+
+
+def child_environment() -> dict[str, str]:
+  """Environment changes for a child entry point: the `XLA_FLAGS` this
+  process was started with (without the flags `run` added), so the child's
+  own setup (e.g. `CCO_DETERMINISTIC`) decides them afresh."""
+  if not _ORIGINAL_XLA_FLAGS:
+    return {}
+  return {'XLA_FLAGS': _ORIGINAL_XLA_FLAGS[0]}
 
 
 def run(main: Callable[[list[str]], int | None]) -> None:
   """Runs `main` as an entry point (module docstring); does not return."""
   if supervisor.needed(sys.argv):  # One of several processes: see there.
     supervisor.run_supervised(sys.argv)
+  _ORIGINAL_XLA_FLAGS[:] = [os.environ.get('XLA_FLAGS', '')]
   # XLA reads XLA_FLAGS once, when JAX starts its backends: set them first.
   try:  # CCO_DETERMINISTIC first: it pins the option xla_cpu would set.
     _ADDED_XLA_FLAGS['deterministic'] = deterministic.apply()

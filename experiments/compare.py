@@ -142,7 +142,8 @@ class Trainer:
     self.out, self.correlation, self.data_dir = out, correlation, data_dir
     self.steps, self.parallel = f.steps, f.parallel
     self.env = {
-      compilation_cache.COMPILATION_CACHE_ENV: os.path.join(out, 'xla_cache')
+      **cli.child_environment(),
+      compilation_cache.COMPILATION_CACHE_ENV: os.path.join(out, 'xla_cache'),
     }
     if f.deterministic_threads:
       self.env[deterministic.ENV] = str(f.deterministic_threads)

@@ -11,6 +11,9 @@ links.
 import csv
 import json
 import os
+from pathlib import Path
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -22,6 +25,8 @@ from experiments import compare_grid
 from experiments import compare_runs
 from experiments import compare_stats
 from experiments.configs import spurious as spurious_configs
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _record(step, acc, worst=None, ce=1.0):
@@ -202,3 +207,61 @@ def test_interval_widens_with_fewer_seeds():
   narrow = compare_stats.compare_rows({'m': many}, groups, 'ace')['m']
   width = lambda r: np.diff(r['worst_group']['ci'])[0]
   assert width(wide) > width(narrow)
+
+
+def test_compare_end_to_end(tmp_path, synthetic_pets_dir):
+  """`experiments.compare` on a tiny benchmark: grids, seeds, every
+  selection rule, DFR, and tables whose statistics match the runs."""
+  out = tmp_path / 'compare'
+  result = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'experiments.compare',
+      f'--out={out}',
+      f'--source_dir={synthetic_pets_dir}',
+      '--correlations=1.0',
+      '--variants=ce,ace,ace_kld',
+      '--seeds=0,1',
+      '--dfr_variants=ace',
+      '--figure_variants=ace',
+      '--steps=4',
+      '--max_widen=0',
+      '--val_per_group=2',
+      '--test_per_group=3',
+      '--deterministic_threads=1',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=1200,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  table = json.loads((out / 'table.json').read_text())
+  assert set(table['tables']) == {'1/groups', '1/labels', '1/labels_last'}
+  groups = {r['method']: r for r in table['tables']['1/groups']}
+  assert set(groups) == {'ce', 'ace', 'ace+dfr', 'ace_kld'}
+  assert groups['ace']['versus'] is None
+  for row in groups.values():
+    assert row['seeds'] == [0, 1]
+    low, high = row['worst_group']['ci']
+    assert low <= row['worst_group']['mean'] <= high
+  # Recompute one row's worst-group accuracy from the stored correctness.
+  test = table['test']['1']
+  group = np.asarray(test['group'])
+  runs = [
+    r for r in table['runs'] if r['variant'] == 'ce' and 'worst_group' in
+    r['protocols']
+  ]  # fmt: skip
+  per_seed = []
+  for r in sorted(runs, key=lambda r: r['seed']):
+    correct = np.array([c == '1' for c in r['rules']['worst_group']['correct']])
+    per_seed.append(min(correct[group == g].mean() for g in np.unique(group)))
+    assert r['environment'][0]['deterministic_threads'] == 1
+  assert groups['ce']['worst_group']['mean'] == pytest.approx(np.mean(per_seed))
+  # Every run kept every evaluated checkpoint: each rule's step was restored.
+  for r in table['runs']:
+    steps = {rule: n['step'] for rule, n in r['rules'].items()}
+    assert steps['last'] == 4 and set(steps) >= {'worst_group', 'accuracy'}
+  text = (out / 'table.md').read_text()
+  assert 'ACE + DFR' in text and 'Grid at c100' in text
