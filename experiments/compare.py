@@ -93,6 +93,12 @@ def define_flags():
     'CCO_DETERMINISTIC of every training (0 = off; see '
     'cco_jax/runtime/deterministic.py).',
   )
+  flags.DEFINE_integer(
+    'data_seed',
+    0,
+    'Composes the benchmark (which pets go to which split and background); '
+    'another value gives a re-composed benchmark.',
+  )
   flags.DEFINE_integer('val_per_group', 50, 'Validation images per group.')
   flags.DEFINE_integer('test_per_group', 80, 'Test images per group.')
   flags.DEFINE_list(
@@ -120,6 +126,7 @@ def ensure_data(out: str, correlation: float) -> str:
       correlation=correlation,
       val_per_group=f.val_per_group,
       test_per_group=f.test_per_group,
+      seed=f.data_seed,
     )
   # Prepared here, once: parallel trainings must not prepare it together.
   config = compare_runs.benchmark().get_config('ce')

@@ -11,7 +11,8 @@ The benchmark is a plug-in: a config module `experiments/configs/<name>.py`
 (the trainer's config variants), `GRIDS` (`{variant: ((field, values), ...)}`),
 `MINORITY_GROUPS` (the groups whose spurious feature disagrees with the label)
 and `build_benchmark(source_dir, out_dir, *, correlation, val_per_group,
-test_per_group)` (writes the folder dataset at a correlation). A new
+test_per_group, seed)` (writes the folder dataset at a correlation; `seed`
+composes it). A new
 benchmark (e.g. skin lesions with pasted artifacts) supplies only that module.
 
 Each finished run is evaluated on the test split at the checkpoint each

@@ -57,14 +57,17 @@ def build_benchmark(
   correlation: float,
   val_per_group: int,
   test_per_group: int,
+  seed: int = 0,
 ) -> dict:
-  """The grouped benchmark from Oxford-IIIT Pet at `source_dir`."""
+  """The grouped benchmark from Oxford-IIIT Pet at `source_dir`; `seed`
+  composes it (splits, kinds, backgrounds)."""
   return spurious_groups.make_group_benchmark(
     source_dir,
     out_dir,
     correlation=correlation,
     val_per_group=val_per_group,
     test_per_group=test_per_group,
+    seed=seed,
     overwrite=True,
   )
 
