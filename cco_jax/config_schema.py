@@ -136,9 +136,18 @@ def _cadence(config: ml_collections.ConfigDict) -> None:
   # decoded once per run); a split over it is read at every evaluation.
   config.eval_cache_mb = 512
   config.keep_checkpoints = 3  # The last k, plus the best by best_metric.
-  # Validation 'accuracy', or (data with groups) 'worst_group_accuracy' or
+  # Validation 'accuracy', 'mean_auc' (the mean ROC AUC of the auc_tasks,
+  # evaluation/auc.py), or (data with groups) 'worst_group_accuracy' or
   # 'average_group_accuracy': the metric that picks the best checkpoint.
   config.best_metric = 'accuracy'
+  # Class names, each scored against the rest by ROC AUC at every validation
+  # (eval_mean_auc, eval_auc_<task>); () = none unless best_metric is
+  # 'mean_auc' (then every class, or the second of two). Costs one more
+  # forward pass over the split per evaluation.
+  config.auc_tasks = ()
+  # Stop once the validation best_metric has not improved for this many
+  # evaluations (0 = train for the whole budget).
+  config.early_stopping_patience = 0
   config.num_figure_examples = 8  # Rows of the CAM figure; 0 = no figures.
   config.figure_every_evals = 0  # 0 = figures at the end; N = every N-th eval.
 

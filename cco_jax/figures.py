@@ -297,6 +297,7 @@ def save_learning_curves(
     'train_loss',
     'train_accuracy',
     'eval_accuracy',
+    'eval_mean_auc',
     'eval_ce',
     'eval_bg_share',
   ),
@@ -306,6 +307,7 @@ def save_learning_curves(
     'train_loss': 'training loss',
     'train_accuracy': 'training accuracy',
     'eval_accuracy': 'validation accuracy',
+    'eval_mean_auc': 'validation mean AUC',
     'eval_ce': 'validation cross-entropy',
     'eval_bg_share': 'share of evidence on the background\n(validation)',
   }

@@ -144,6 +144,33 @@ def cam_divergence(
   return (weight * (log_p[..., None] - log_q)).sum((1, 2)) / num_classes
 
 
+def binary_cross_entropy(logits: Array, targets: Array) -> Array:
+  """Sigmoid binary cross-entropy of independent heads, averaged over them.
+
+  `loss = (1/C) sum_c -t_c log sig(s_c) - (1 - t_c) log(1 - sig(s_c))`,
+  each logit read as its own sigmoid (multi-label heads).
+
+  Args:
+    logits: `(B, C)` unnormalised scores.
+    targets: `(B, C)` binary (or soft) targets in [0, 1].
+
+  Returns:
+    `(B,)` per-example losses.
+
+  Example:
+    >>> binary_cross_entropy(jnp.zeros((1, 2)), jnp.array([[1.0, 0.0]]))
+    Array([0.6931472], dtype=float32)
+  """
+  checks.check_rank(logits, 2, 'logits', '(B, C)')
+  checks.check_same_shape(targets, logits, 'targets', 'logits')
+  targets = targets.astype(logits.dtype)
+  # -log sig(x) = softplus(-x); -log(1 - sig(x)) = softplus(x).
+  per_class = targets * jax.nn.softplus(-logits) + (
+    1 - targets
+  ) * jax.nn.softplus(logits)
+  return per_class.mean(-1)
+
+
 def ablated_binary_cross_entropy(
   cams: Array, targets: Array, fg_masks: Array
 ) -> Array:

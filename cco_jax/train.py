@@ -50,6 +50,7 @@ from cco_jax import checkpointing
 from cco_jax import config_schema
 from cco_jax import configuration
 from cco_jax import data
+from cco_jax import early_stopping
 from cco_jax import errors
 from cco_jax import figures
 from cco_jax import metric_writers
@@ -62,6 +63,7 @@ from cco_jax import train_input
 from cco_jax import train_setup
 from cco_jax import train_step as step_lib
 from cco_jax.data import prepare_record
+from cco_jax.runtime import environment
 from cco_jax.runtime import workdir_lock
 
 # ----------------------------------------------------------------------------
@@ -137,6 +139,7 @@ class Run:
       jax.local_device_count(),
     )
     self._average_batch_stats = train_setup.batch_stats_averager(config)
+    self._auc = train_evaluation.auc_spec(config, self.setup)
 
   def close(self) -> None:
     """Stops the input workers, waits for the last checkpoint and closes the
@@ -159,28 +162,37 @@ class Run:
     )
 
   def save_config(self) -> None:
-    """Writes `config.json` and the run record `run.json`."""
+    """Writes `config.json` and the run record `run.json`, and appends what
+    this start runs on to `environment.json`."""
     if self.is_chief:
       (self.workdir / 'config.json').write_text(
         self.config.to_json_best_effort(indent=2)
       )
       self.setup.record.save(run_record.path_of(self.workdir))
+      environment.append(str(self.workdir))
 
   def evaluate_split(self, state, split: str, **kwargs) -> dict:
-    """Evaluates `split`; validation from the batches read once per run."""
+    """Evaluates `split`; validation from the batches read once per run;
+    AUC of `config.auc_tasks` on the primary dataset's splits."""
+    auc = self._auc if split != 'ood' else None
     if split == 'validation' and not kwargs:
       return train_evaluation.evaluate(
         self.setup.p_eval_step,
         state,
         self.validation,
         self.setup.record.group_names,
+        auc,
       )
     batches = train_setup.eval_iterator(
       self.config, self.setup, split, **kwargs
     )
     try:
       return train_evaluation.evaluate(
-        self.setup.p_eval_step, state, batches, self.setup.record.group_names
+        self.setup.p_eval_step,
+        state,
+        batches,
+        self.setup.record.group_names,
+        auc,
       )
     finally:
       train_input.close_iterator(batches)
@@ -229,8 +241,13 @@ class Run:
     data_state,
     metrics: dict | None,
     pending: list[dict],
+    early: early_stopping.EarlyStopping | None = None,
   ) -> None:
-    """Saves `step`, with the metrics of the steps not logged yet."""
+    """Saves `step`, with the metrics of the steps not logged yet and the
+    early-stopping state."""
+    loop_state = {'pending_metrics': preemption.pending_to_json(pending)}
+    if early is not None:
+      loop_state['early_stopping'] = early.to_json()
     checkpointing.save(
       self.manager,
       step,
@@ -238,7 +255,7 @@ class Run:
       rng,
       data_state,
       metrics,
-      {'pending_metrics': preemption.pending_to_json(pending)},
+      loop_state,
       record=self.setup.record.to_json(),
     )
     logging.info(
@@ -354,9 +371,21 @@ def _train_and_evaluate(run: Run) -> dict:
   pending = preemption.pending_from_json(loop_state.get('pending_metrics', []))
   pending_from, checked = start_step - len(pending), len(pending)
   step = start_step
+  early = early_stopping.EarlyStopping.from_json(
+    loop_state.get('early_stopping'), config.early_stopping_patience
+  )
+  end = start_step if early.stopped else schedule.num_train_steps
+  if early.stopped:
+    logging.info(
+      'This run stopped early at step %d (best %s at step %d): no more '
+      'training.',
+      start_step,
+      early.best,
+      early.best_step,
+    )
   notice = preemption.Notice().install()
   try:
-    for step in range(start_step + 1, schedule.num_train_steps + 1):
+    for step in range(start_step + 1, end + 1):
       batch, data_state = next(batches)
       state, metrics = setup.p_train_step(state, batch)
       if step == start_step + 1 and step % schedule.log_every:
@@ -383,16 +412,38 @@ def _train_and_evaluate(run: Run) -> dict:
       eval_metrics = None
       if due_eval or due_save:
         state = run.consistent(state)
+      stop_early = False
       if due_eval:
         results = run.evaluate_split(state, 'validation')
         train_guards.check_evaluation(config, results, step)
         train_evaluation.log_validation(step, results)
         eval_metrics = {f'eval_{k}': v for k, v in results.items()}
-        run.writer.write(step, eval_metrics)
-        if last or train_setup.figures_due(config, step // schedule.eval_every):
+        stop_early = (
+          early.update(step, results[config.best_metric]) and not last
+        )
+        run.writer.write(step, {**eval_metrics, **early.record()})
+        if stop_early:
+          logging.info(
+            'Early stopping at step %d: validation %s has not improved on '
+            '%.4f (step %d) for %d evaluations.',
+            step,
+            config.best_metric,
+            early.best,
+            early.best_step,
+            early.since_best,
+          )
+        if (
+          last
+          or stop_early
+          or train_setup.figures_due(config, step // schedule.eval_every)
+        ):
           run.save_figures(state, step)
-      if due_save:
-        run.checkpoint(state, rng, step, data_state, eval_metrics, pending)
+      if due_save or stop_early:
+        run.checkpoint(
+          state, rng, step, data_state, eval_metrics, pending, early
+        )
+      if stop_early:
+        break
       if stop:
         checkpointing.wait(run.manager)
         raise preemption.Preempted(

@@ -32,7 +32,7 @@ from cco_jax import run_record
 from cco_jax import train_step as step_lib
 
 GROUP_METRICS = ('worst_group_accuracy', 'average_group_accuracy')
-BEST_METRICS = ('accuracy',) + GROUP_METRICS
+BEST_METRICS = ('accuracy', 'mean_auc') + GROUP_METRICS
 
 
 def with_data_fields(
@@ -44,7 +44,9 @@ def with_data_fields(
   An objective that reads image-resolution masks (`objectives.supervision`, e.g.
   'rrr') gets `data.pixel_masks=True`; one that reads groups ('group_dro',
   'ce_reweighted') gets `loss.group_counts`, the training examples of each
-  group, unless the config sets them. The copy is what `config.json` records.
+  group, unless the config sets them; `loss.class_weights='inverse_frequency'`
+  gets `loss.class_counts`, the training examples of each class, likewise.
+  The copy is what `config.json` records.
   `splits`: the run's open splits (None: opened here when needed).
   """
   needs = objectives.supervision(config.loss.name)
@@ -64,6 +66,12 @@ def with_data_fields(
       )
     updates['loss.group_counts'] = counts
     logging.info('Training examples per group: %s.', counts)
+  weighted = config.loss.get('class_weights', 'none') != 'none'
+  if weighted and not tuple(config.loss.class_counts):
+    train = (splits or data.OpenSplits(config.data))['train']
+    counts = tuple(int(n) for n in data.class_counts_of(train, config.data))
+    updates['loss.class_counts'] = counts
+    logging.info('Training examples per class: %s.', counts)
   if not updates:
     return config
   return configuration.apply_overrides(copy.deepcopy(config), updates)

@@ -50,8 +50,10 @@ from absl import logging
 from cco_jax import configuration
 from cco_jax import errors
 from cco_jax.runtime import compilation_cache
+from cco_jax.runtime import deterministic
 from cco_jax.runtime import distributed
 from cco_jax.runtime import log_filter
+from cco_jax.runtime import supervisor
 from cco_jax.runtime import xla_cpu
 from cco_jax.runtime import xla_gpu
 
@@ -295,20 +297,40 @@ def setup_runtime() -> None:
     )
   cache = compilation_cache.enable_compilation_cache()
   logging.info(
-    'XLA_FLAGS=%r (added for CPU: %r, for GPU: %r); compilation cache: %r.',
+    'XLA_FLAGS=%r (added for CPU: %r, for GPU: %r, for %s: %r); '
+    'compilation cache: %r.',
     os.environ.get('XLA_FLAGS', ''),
     _ADDED_XLA_FLAGS.get('cpu', ''),
     _ADDED_XLA_FLAGS.get('gpu', ''),
+    deterministic.ENV,
+    _ADDED_XLA_FLAGS.get('deterministic', ''),
     cache or 'off',
   )
 
 
 _ADDED_XLA_FLAGS: dict[str, str] = {}
+_ORIGINAL_XLA_FLAGS: list[str] = []
+
+
+def child_environment() -> dict[str, str]:
+  """Environment changes for a child entry point: the `XLA_FLAGS` this
+  process was started with (without the flags `run` added), so the child's
+  own setup (e.g. `CCO_DETERMINISTIC`) decides them afresh."""
+  if not _ORIGINAL_XLA_FLAGS:
+    return {}
+  return {'XLA_FLAGS': _ORIGINAL_XLA_FLAGS[0]}
 
 
 def run(main: Callable[[list[str]], int | None]) -> None:
   """Runs `main` as an entry point (module docstring); does not return."""
+  if supervisor.needed(sys.argv):  # One of several processes: see there.
+    supervisor.run_supervised(sys.argv)
+  _ORIGINAL_XLA_FLAGS[:] = [os.environ.get('XLA_FLAGS', '')]
   # XLA reads XLA_FLAGS once, when JAX starts its backends: set them first.
+  try:  # CCO_DETERMINISTIC first: it pins the option xla_cpu would set.
+    _ADDED_XLA_FLAGS['deterministic'] = deterministic.apply()
+  except errors.UserError as e:
+    fail(e)
   _ADDED_XLA_FLAGS['cpu'] = xla_cpu.apply()
   _ADDED_XLA_FLAGS['gpu'] = xla_gpu.apply()
 

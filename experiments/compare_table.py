@@ -1,12 +1,21 @@
-"""The numbers, table, curves and maps figure of `experiments.compare`. Not an
-entry point.
+"""The records, tables, curves and maps figure of `experiments.compare`. Not
+an entry point.
 
-A run record holds, for the checkpoint chosen on validation worst-group
-accuracy ('best') and the last one ('last'), the test split's average
-accuracy, worst-group accuracy, minority-group accuracy (the mean over the two
-groups whose background disagrees with the label: the old reversed test),
-background share of influence and the flip rate under background noise; and
-the run's median training steps per second and its loss curve.
+Three tables per correlation, one per way of choosing coefficients and
+checkpoints (`TABLES`): with group labels (the grid and the checkpoint chosen
+on validation worst-group accuracy; DFR, which refits the head on the
+group-labelled validation set, belongs here), and without them (chosen on
+validation accuracy; the checkpoint at the best validation accuracy, or the
+last one). A user without group labels gets the second or the third.
+
+Each row: mean ± sample std over seeds of average, worst-group and
+minority-group accuracy (the mean over the two groups whose background
+disagrees with the label), background share of influence and the flip rate
+under background noise; the worst-group accuracy's 95 % interval over seeds
+and test images; against ACE, the paired difference in worst-group accuracy
+with its interval, the paired t-test's p-value after Holm's correction over
+the table's rows, and wins / ties / losses by seed
+(`experiments/compare_stats.py`).
 """
 
 from __future__ import annotations
@@ -18,11 +27,10 @@ import numpy as np
 
 from cco_jax import metric_writers
 from cco_jax import objectives
-from cco_jax.data import spurious_groups
+from experiments import compare_runs
+from experiments import compare_stats
 from experiments import results_tables
-from experiments.configs import spurious as spurious_configs
 
-CHECKPOINTS = ('best', 'last')
 MEASURES = (
   ('accuracy', 'avg acc'),
   ('worst_group_accuracy', 'worst-group acc'),
@@ -30,8 +38,29 @@ MEASURES = (
   ('bg_share', 'bg share'),
   ('bg_noise_flip', 'bg-noise flip'),
 )
-# Compared with ACE: higher is better for the first three, lower for the rest.
-COMPARED = ('accuracy', 'worst_group_accuracy', 'minority_accuracy')
+# table -> (grid protocol, checkpoint rule, what a user needs, title)
+TABLES = {
+  'groups': (
+    'worst_group',
+    'worst_group',
+    'group labels on validation',
+    'coefficients and checkpoint chosen on validation worst-group accuracy',
+  ),
+  'labels': (
+    'accuracy',
+    'accuracy',
+    'class labels only',
+    'coefficients and checkpoint chosen on validation accuracy',
+  ),
+  'labels_last': (
+    'accuracy',
+    'last',
+    'class labels only',
+    'coefficients chosen on validation accuracy, last checkpoint',
+  ),
+}
+REFERENCE = 'ace'
+DFR_SUFFIX = '+dfr'
 LABELS = {
   'ce_control': 'CE control (unfaithful arch.)',
   'ce': 'CE',
@@ -44,47 +73,31 @@ LABELS = {
   'energy': 'CE + Energy loss',
   'group_dro': 'Group DRO',
   'ce_reweighted': 'CE reweighted by group',
+  'jtt': 'JTT',
 }
 
 
-SCORE = 'best val worst-group acc, val acc there, mean val worst-group acc'
-
-
-def validation_score(workdir: str) -> tuple[float, float, float]:
-  """A grid run's score, compared in order: its highest validation
-  worst-group accuracy; the validation accuracy at that evaluation (the
-  highest, if several tie), which breaks the ties that 20 images per group
-  make common and ranks a run collapsed to chance (accuracy 0.5) below a
-  working one with the same worst group; the mean worst-group accuracy over
-  its evaluations."""
-  evaluations = [
-    r
-    for r in metric_writers.read_metrics(workdir)
-    if 'eval_worst_group_accuracy' in r
-  ]
-  if not evaluations:
-    raise ValueError(f'{workdir}: no validation worst-group accuracy recorded.')
-  worst = [r['eval_worst_group_accuracy'] for r in evaluations]
-  best = max(worst)
-  accuracy = max(
-    r['eval_accuracy']
-    for r in evaluations
-    if r['eval_worst_group_accuracy'] == best
-  )
-  return float(best), float(accuracy), float(np.mean(worst))
+def label(method: str) -> str:
+  if method.endswith(DFR_SUFFIX):
+    return LABELS.get(method[: -len(DFR_SUFFIX)], method) + ' + DFR'
+  return LABELS.get(method, method)
 
 
 def checkpoint_numbers(report: dict) -> dict:
-  """The table's measures of one evaluation report (test split)."""
+  """The table's measures of one evaluation report (test split), with the
+  per-example correctness as a '0'/'1' string in split order."""
   minority = [
-    report.get(f'group_accuracy/{g}') for g in spurious_groups.MINORITY_GROUPS
+    report.get(f'group_accuracy/{g}')
+    for g in compare_runs.benchmark().MINORITY_GROUPS
   ]
   minority = [m for m in minority if m is not None]
-  return {
+  rows = report.get('per_example')
+  numbers = {
     'step': report['step'],
     'validation_worst_group_accuracy': report['checkpoint_metrics'].get(
       'eval_worst_group_accuracy'
     ),
+    'validation_accuracy': report['checkpoint_metrics'].get('eval_accuracy'),
     'accuracy': report['accuracy'],
     'worst_group_accuracy': report['worst_group_accuracy'],
     'average_group_accuracy': report['average_group_accuracy'],
@@ -97,10 +110,48 @@ def checkpoint_numbers(report: dict) -> dict:
       if k.startswith('group_accuracy/')
     },
   }
+  if rows is not None:
+    correct = np.asarray(rows['prediction']) == np.asarray(rows['label'])
+    numbers['correct'] = ''.join('1' if c else '0' for c in correct)
+  if 'dfr' in report:
+    numbers['dfr'] = report['dfr']
+  return numbers
 
 
-def run_record(workdir, correlation, variant, value, seed, reports) -> dict:
-  """Everything the table needs of one run."""
+def collect(out, chosen_at, seeds, steps, dfr_variants) -> dict:
+  """{'runs': [...], 'test': {corr: {'index','group','label'}}}: every run's
+  numbers under every rule (and DFR), read from its cached evaluations."""
+  records, test = [], {}
+  for correlation, chosen in chosen_at.items():
+    for variant, by_protocol in chosen.items():
+      settings = {}
+      for protocol, setting in by_protocol.items():
+        settings.setdefault(setting, []).append(protocol)
+      for setting, protocols in settings.items():
+        for seed in seeds:
+          workdir = compare_runs.run_dir(
+            out, correlation, variant, setting, seed, steps
+          )
+          if not os.path.exists(os.path.join(workdir, 'final_metrics.json')):
+            continue
+          reports = compare_runs.evaluations(workdir, variant, dfr_variants)
+          first = next(iter(reports.values()))['per_example']
+          test.setdefault(
+            correlation,
+            {k: first[k] for k in ('index', 'group', 'label')},
+          )
+          records.append(
+            run_record(
+              workdir, correlation, variant, setting, protocols, seed, reports
+            )
+          )
+  return {'runs': records, 'test': test}
+
+
+def run_record(
+  workdir, correlation, variant, setting, protocols, seed, reports
+):
+  """Everything the tables need of one run."""
   records = metric_writers.read_metrics(workdir)
   curve = [(r['step'], r['train_loss']) for r in records if 'train_loss' in r]
   speeds = [
@@ -108,16 +159,21 @@ def run_record(workdir, correlation, variant, value, seed, reports) -> dict:
     for r in records
     if 'train_steps_per_second' in r
   ]
+  from cco_jax.runtime import environment  # pylint: disable=g-import-not-at-top
+
   return {
     'workdir': workdir,
     'correlation': correlation,
     'variant': variant,
-    'value': value,
+    'setting': [list(x) for x in setting],
+    'value': compare_runs.value_name(setting),
+    'protocols': protocols,
     'seed': seed,
     'steps_per_second': float(np.median(speeds[1:] or speeds)),
     'loss_curve': curve,
     'loss_late_fall': late_fall(curve),
-    **{which: checkpoint_numbers(reports[which]) for which in CHECKPOINTS},
+    'environment': environment.read(workdir),
+    'rules': {rule: checkpoint_numbers(r) for rule, r in reports.items()},
   }
 
 
@@ -139,75 +195,64 @@ def late_fall(curve: list[tuple[int, float]]) -> float | None:
   return float((at_two_thirds - loss[-1]) / total) if total > 0 else None
 
 
-def differs(a: dict | None, b: dict | None) -> bool:
-  """Whether two seed means differ by more than twice their standard error
-  (Welch: `|m_a - m_b| > 2 sqrt(s_a^2 / n_a + s_b^2 / n_b)`)."""
-  if not a or not b or a['n'] < 2 or b['n'] < 2:
-    return False
-  error = np.sqrt(a['std'] ** 2 / a['n'] + b['std'] ** 2 / b['n'])
-  return bool(abs(a['mean'] - b['mean']) > 2 * error)
-
-
-def aggregate(records: list[dict]) -> list[dict]:
-  """Per (correlation, variant): seed statistics of every measure."""
-  rows = []
-  keys = sorted({(r['correlation'], r['variant']) for r in records})
+def table_rows(collected: dict, correlation: float, table: str) -> list[dict]:
+  """The rows of one table: per method, seed statistics and the comparison
+  with ACE (`compare_stats.compare_rows`)."""
+  protocol, rule, _, _ = TABLES[table]
+  test = collected['test'][correlation]
+  by_method = {}
+  for r in collected['runs']:
+    if r['correlation'] != correlation or protocol not in r['protocols']:
+      continue
+    by_method.setdefault(r['variant'], []).append((r, rule))
+    if table == 'groups' and compare_runs.DFR in r['rules']:
+      by_method.setdefault(r['variant'] + DFR_SUFFIX, []).append(
+        (r, compare_runs.DFR)
+      )
   order = list(LABELS)
-  keys.sort(key=lambda k: (k[0], order.index(k[1]) if k[1] in order else 99))
-  for correlation, variant in keys:
-    runs = [
-      r
-      for r in records
-      if r['correlation'] == correlation and r['variant'] == variant
-    ]
-    ce = [
-      r['steps_per_second']
-      for r in records
-      if r['correlation'] == correlation and r['variant'] == 'ce'
-    ]
-    row = {
-      'correlation': correlation,
-      'variant': variant,
-      'value': runs[0]['value'],
-      'seeds': [r['seed'] for r in runs],
-      'step_time_vs_ce': (
-        float(np.median(ce) / np.median([r['steps_per_second'] for r in runs]))
-        if ce
-        else None
-      ),
-      'loss_late_fall': results_tables.seed_stat(
-        [r.get('loss_late_fall') for r in runs]
-      ),
+  methods = sorted(
+    by_method,
+    key=lambda m: (
+      order.index(m.split('+')[0]) if m.split('+')[0] in order else 99,
+      m,
+    ),
+  )
+  correct = {
+    m: {
+      r['seed']: np.array([c == '1' for c in r['rules'][which]['correct']])
+      for r, which in by_method[m]
     }
-    for which in CHECKPOINTS:
-      row[which] = {
-        key: results_tables.seed_stat([r[which][key] for r in runs])
-        for key, _ in MEASURES
+    for m in methods
+  }
+  stats = compare_stats.compare_rows(correct, test['group'], REFERENCE)
+  rows = []
+  for m in methods:
+    runs = by_method[m]
+    numbers = [r['rules'][which] for r, which in runs]
+    rows.append(
+      {
+        'method': m,
+        'value': runs[0][0]['value'],
+        'seeds': [r['seed'] for r, _ in runs],
+        'steps': [n['step'] for n in numbers],
+        **{
+          key: results_tables.seed_stat([n[key] for n in numbers])
+          for key, _ in MEASURES
+        },
+        'loss_late_fall': results_tables.seed_stat(
+          [r['loss_late_fall'] for r, _ in runs]
+        ),
+        'steps_per_second': float(
+          np.median([r['steps_per_second'] for r, _ in runs])
+        ),
+        **stats[m],
       }
-    rows.append(row)
-  for row in rows:
-    ace = next(
-      (
-        r
-        for r in rows
-        if r['correlation'] == row['correlation'] and r['variant'] == 'ace'
-      ),
-      None,
     )
-    row['differs_from_ace'] = {
-      which: {
-        key: ace is not None
-        and row['variant'] != 'ace'
-        and differs(row[which][key], ace[which][key])
-        for key in COMPARED
-      }
-      for which in CHECKPOINTS
-    }
   return rows
 
 
 def supervision(variant: str) -> str:
-  config = spurious_configs.get_config(variant)
+  config = compare_runs.benchmark().get_config(variant)
   needs = objectives.supervision(config.loss.name)
   if 'group' in needs:
     return 'groups'
@@ -216,43 +261,51 @@ def supervision(variant: str) -> str:
   return 'masks' if 'mask' in needs else 'none'
 
 
-def markdown(rows: list[dict], which: str) -> str:
-  """One markdown table per correlation for checkpoint `which`."""
-  lines = []
-  for correlation in sorted({r['correlation'] for r in rows}):
-    lines += [
-      f'\n**Train correlation {correlation:g}, {which} checkpoint**\n',
-      '| method | supervision | coefficient | '
-      + ' | '.join(label for _, label in MEASURES)
-      + ' | step time / CE | loss fall in last third |',
-      '|---|---|---|' + '---|' * (len(MEASURES) + 2),
-    ]
-    for row in rows:
-      if row['correlation'] != correlation:
-        continue
-      cells = []
-      for key, _ in MEASURES:
-        text = results_tables.cell(row[which][key], key)
-        if row['differs_from_ace'][which].get(key):
-          text += ' *'
-        cells.append(text)
-      field = spurious_configs.GRIDS.get(row['variant'], ('',))[0]
-      coefficient = f'{field.split(".")[-1]}={row["value"]}' if field else '—'
-      ratio = row['step_time_vs_ce']
-      lines.append(
-        f'| {LABELS.get(row["variant"], row["variant"])} | '
-        f'{supervision(row["variant"])} | {coefficient} | '
-        + ' | '.join(cells)
-        + f' | {"—" if ratio is None else f"{ratio:.2f}"} | '
-        + results_tables.cell(row['loss_late_fall'], 'loss_late_fall')
-        + ' |'
+def _p(value) -> str:
+  if value is None:
+    return '—'
+  return '< 0.001' if value < 0.001 else f'{value:.3f}'
+
+
+def markdown(rows: list[dict], correlation: float, table: str) -> str:
+  """One table (TABLES[table]) at `correlation`."""
+  _, _, needs, title = TABLES[table]
+  lines = [
+    f'\n**Train correlation {correlation:g}: {title}** (needs {needs})\n',
+    '| method | supervision | coefficients | '
+    + ' | '.join(name for _, name in MEASURES)
+    + ' | worst-group 95 % CI | Δ worst-group vs ACE [95 % CI] | p (Holm) '
+    '| W/T/L vs ACE |',
+    '|---|---|---|' + '---|' * (len(MEASURES) + 4),
+  ]
+  for row in rows:
+    base = row['method'].split('+')[0]
+    cells = [results_tables.cell(row[key], key) for key, _ in MEASURES]
+    low, high = row['worst_group']['ci']
+    versus = row['versus']
+    if versus is None:
+      delta, p, wtl = '—', '—', '—'
+    else:
+      delta = (
+        f'{versus["mean_difference"]:+.3f} '
+        f'[{versus["ci"][0]:+.3f}, {versus["ci"][1]:+.3f}]'
       )
+      p = _p(versus.get('p_holm'))
+      wtl = f'{versus["wins"]}/{versus["ties"]}/{versus["losses"]}'
+    supervised = supervision(base) + (
+      ' + val. groups' if row['method'].endswith(DFR_SUFFIX) else ''
+    )
+    lines.append(
+      f'| {label(row["method"])} | {supervised} | {row["value"]} | '
+      + ' | '.join(cells)
+      + f' | [{low:.3f}, {high:.3f}] | {delta} | {p} | {wtl} |'
+    )
   return '\n'.join(lines) + '\n'
 
 
 def grid_markdown(out: str) -> str:
-  """The coefficients searched, their validation scores and the choice, from
-  every OUT/c<corr>/grid.json."""
+  """The coefficients searched, their validation scores and both choices,
+  from every OUT/c<corr>/grid.json."""
   lines = []
   for name in sorted(os.listdir(out)):
     path = os.path.join(out, name, 'grid.json')
@@ -260,22 +313,30 @@ def grid_markdown(out: str) -> str:
       continue
     with open(path) as f:
       grid = json.load(f)
-    scores = grid['scores']
-    if not scores:
-      continue
     lines += [
-      f'\n**Grid at {name}, one seed; scores: {grid["score"]}**\n',
-      '| method | field | value: score | chosen |',
-      '|---|---|---|---|',
+      f'\n**Grid at {name}, one seed.** Scores: with groups '
+      f'({grid["protocols"]["worst_group"]}); without '
+      f'({grid["protocols"]["accuracy"]}).\n',
+      '| method | fields | value: score with groups / without | chosen with '
+      'groups | chosen without | still on an edge | widened |',
+      '|---|---|---|---|---|---|---|',
     ]
-    for variant, values in scores.items():
+    for variant, r in grid['variants'].items():
       cells = ', '.join(
-        f'{v}: ' + ' / '.join(f'{x:.3g}' for x in score)
-        for v, score in values.items()
+        f'{v}: '
+        + '/'.join(f'{x:.3g}' for x in r['scores']['worst_group'][v][:2])
+        + ' / '
+        + '/'.join(f'{x:.3g}' for x in r['scores']['accuracy'][v][:1])
+        for v in r['scores']['worst_group']
       )
+      edge = '; '.join(
+        f'{p}: {", ".join(f)}' for p, f in r['on_edge'].items() if f
+      )
+      widened = ', '.join(f'{f}={v:g}' for f, v in r['widened'])
       lines.append(
-        f'| {LABELS.get(variant, variant)} | `{grid["field"][variant]}` | '
-        f'{cells} | {grid["chosen"][variant]} |'
+        f'| {label(variant)} | {", ".join(f"`{f}`" for f in r["fields"])} | '
+        f'{cells} | {r["chosen"]["worst_group"]} | {r["chosen"]["accuracy"]} '
+        f'| {edge or "no"} | {widened or "—"} |'
       )
   return '\n'.join(lines) + '\n'
 
@@ -312,28 +373,59 @@ def save_curves(path: str, records: list[dict], correlation: float) -> None:
   plt.close(fig)
 
 
-def write_outputs(out: str, records: list[dict]) -> None:
-  """OUT/table.json, OUT/table.md and OUT/curves_c<corr>.png."""
-  rows = aggregate(records)
-  machine = results_tables.machine_info()
-  with open(os.path.join(out, 'table.json'), 'w') as f:
-    json.dump({'rows': rows, 'runs': records, 'machine': machine}, f, indent=1)
+def write_outputs(out, collected, chosen_at, figure_variants) -> None:
+  """OUT/table.json, OUT/table.md, OUT/curves_c<corr>.png, OUT/maps_*.png."""
+  tables = {}
   text = ['# Grouped spurious-background benchmark\n']
-  for which in CHECKPOINTS:
-    text.append(markdown(rows, which))
+  for correlation in sorted(collected['test'], reverse=True):
+    for table in TABLES:
+      rows = table_rows(collected, correlation, table)
+      tables[f'{correlation:g}/{table}'] = rows
+      text.append(markdown(rows, correlation, table))
   text.append(grid_markdown(out))
+  machine = results_tables.machine_info()
   text.append(
-    '\nMeans ± sample std over seeds. * = differs from ACE by more than '
-    'twice the standard error of the difference (Welch). best = the '
-    'checkpoint with the highest validation worst-group accuracy; last = '
-    f'the final step. Machine: {machine["platform"]}, '
+    '\nMeans ± sample std over seeds. Intervals: 95 %, two-level bootstrap '
+    f'({compare_stats.NUM_RESAMPLES} draws of seeds and, within each group, '
+    'test images). p: paired t-test over seeds against ACE, Holm-adjusted '
+    f"over each table's rows. Machine: {machine['platform']}, "
     f'{machine["cpu_count"]} CPUs, JAX {machine["jax"]}.\n'
   )
+  with open(os.path.join(out, 'table.json'), 'w') as f:
+    json.dump(
+      {
+        'tables': tables,
+        'runs': collected['runs'],
+        'test': {f'{c:g}': t for c, t in collected['test'].items()},
+        'machine': machine,
+      },
+      f,
+    )
   with open(os.path.join(out, 'table.md'), 'w') as f:
     f.write('\n'.join(text))
-  for correlation in sorted({r['correlation'] for r in records}):
-    name = f'curves_c{round(correlation * 100):03d}.png'
-    save_curves(os.path.join(out, name), records, correlation)
+  for correlation in collected['test']:
+    name = compare_runs.corr_name(correlation)
+    save_curves(
+      os.path.join(out, f'curves_{name}.png'), collected['runs'], correlation
+    )
+    chosen = chosen_at.get(correlation, {})
+    workdirs = {}
+    for v in figure_variants:
+      match = [
+        r['workdir']
+        for r in collected['runs']
+        if r['correlation'] == correlation
+        and r['variant'] == v
+        and 'worst_group' in r['protocols']
+      ]
+      if v in chosen and match:
+        workdirs[LABELS.get(v, v)] = sorted(match)[0]
+    if workdirs:
+      save_maps_figure(
+        os.path.join(out, f'maps_{name}.png'),
+        os.path.join(out, name, 'data'),
+        workdirs,
+      )
 
 
 def save_maps_figure(
@@ -353,7 +445,7 @@ def save_maps_figure(
     )
   chosen = [
     r
-    for group in spurious_groups.MINORITY_GROUPS
+    for group in compare_runs.benchmark().MINORITY_GROUPS
     for r in [t for t in test if t['group'] == group][:per_group]
   ]
   paths = [os.path.join(data_dir, 'images', r['image']) for r in chosen]

@@ -54,10 +54,18 @@ _GROUPED = flags.DEFINE_bool(
   'grouped', False, "The benchmark with groups, in the 'folder' layout."
 )
 _VAL_PER_GROUP = flags.DEFINE_integer(
-  'val_per_group', 20, 'With --grouped: validation images per group.'
+  'val_per_group', 50, 'With --grouped: validation images per group.'
 )
 _TEST_PER_GROUP = flags.DEFINE_integer(
-  'test_per_group', 40, 'With --grouped: test images per group.'
+  'test_per_group', 80, 'With --grouped: test images per group.'
+)
+_HELD_OUT = flags.DEFINE_enum(
+  'held_out',
+  'paired',
+  ['paired', 'split'],
+  'With --grouped: render each held-out pet on both background kinds '
+  "('paired') or once ('split', the first benchmark: use with "
+  '--val_per_group=20 --test_per_group=40).',
 )
 _SEED = flags.DEFINE_integer('seed', 0, 'Seeds the assignment and backgrounds.')
 _OVERWRITE = flags.DEFINE_bool(
@@ -76,6 +84,7 @@ def main(argv):
       correlation=0.95 if correlation is None else correlation,
       val_per_group=_VAL_PER_GROUP.value,
       test_per_group=_TEST_PER_GROUP.value,
+      held_out=_HELD_OUT.value,
       seed=_SEED.value,
       overwrite=_OVERWRITE.value,
     )

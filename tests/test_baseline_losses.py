@@ -617,6 +617,8 @@ def test_registry_supervision():
     'ce_reweighted': ('group',),
     'ace_swd': ('mask',),
     'energy': ('mask',),
+    'bce': (),
+    'ace_bce': ('mask',),
   }
   assert {n: objectives.supervision(n) for n in objectives.names()} == expected
 

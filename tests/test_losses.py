@@ -886,7 +886,7 @@ class ObjectivesTest(chex.TestCase):
     with pytest.raises(
       ValueError,
       match=rf"Unknown config.loss.name '{name}'; choose one of "
-      r"\['ace', 'ace_kld', 'ace_swd', 'ce', 'ce_bg_cam', 'ce_kld', "
-      r"'ce_reweighted', 'energy', 'group_dro', 'rrr'\]",
+      r"\['ace', 'ace_bce', 'ace_kld', 'ace_swd', 'bce', 'ce', 'ce_bg_cam', "
+      r"'ce_kld', 'ce_reweighted', 'energy', 'group_dro', 'rrr'\]",
     ):
       objectives.create({'name': name})

@@ -13,7 +13,12 @@ Fault table (`PREEMPTIONS`, `test_preempted_run_resumes_bit_identically`):
                                                  peer timeout, its last line
                                                  naming process 1 and the
                                                  resume command
-                                                 (`test_dead_peer_...`).
+                                                 (`test_dead_peer_...`);
+  the coordinator killed (-9), two processes  -> the other exits 75, its last
+                                                 line (its supervisor's)
+                                                 naming process 0 and the
+                                                 resume command
+                                                 (`test_dead_coordinator_...`).
 
 The processes compile once into a shared `$CCO_COMPILATION_CACHE`, with 2
 virtual CPU devices each (the tiny `cpu` config at 32 px, width 4).
@@ -214,6 +219,23 @@ def test_dead_peer_is_named_with_the_resume_command(tmp_path, launch):
   last = logs[0].read_text().strip().splitlines()[-1]
   assert 'Process 1 of 2 stopped responding' in last, last
   assert 'Start all 2 processes again with the same command' in last
+  assert '-m experiments.pets --config=experiments/configs/pets.py:cpu' in last
+
+
+def test_dead_coordinator_is_named_with_the_resume_command(tmp_path, launch):
+  """Process 0 (the coordinator) killed with SIGKILL: JAX's runtime aborts
+  process 1 before Python runs, and its supervisor's line is the last one:
+  which process died and what to run (`cco_jax.runtime.supervisor`)."""
+  workdir = tmp_path / 'run'
+  processes, logs = launch(workdir, 2, env={peers.TIMEOUT_ENV: '30'})
+  _wait_for_line(logs[1], 'step 4/', processes[1])
+  processes[0].send_signal(signal.SIGKILL)
+  codes = _wait(processes[1:], timeout=120)
+  _wait(processes)
+  assert codes == [peers.EXIT_CODE]
+  last = logs[1].read_text().strip().splitlines()[-1]
+  assert 'Process 1 of 2 was stopped by the JAX distributed runtime' in last
+  assert 'the coordinator, process 0' in last, last
   assert '-m experiments.pets --config=experiments/configs/pets.py:cpu' in last
 
 

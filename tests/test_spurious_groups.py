@@ -28,6 +28,7 @@ from cco_jax import train_setup
 from cco_jax.data import spurious
 from cco_jax.data import spurious_groups
 from cco_jax.data.datasets import oxford_iiit_pet
+from experiments import compare_grid
 from experiments import compare_table
 from experiments.configs import pets as pets_configs
 from experiments.configs import spurious as spurious_configs
@@ -45,41 +46,45 @@ def _entries(num_cats, num_dogs):
 
 
 @pytest.mark.parametrize(
-  'num_cats, num_dogs, correlation, val, test',
-  [(40, 17, 0.95, 3, 5), (23, 30, 1.0, 2, 2), (61, 12, 0.5, 1, 4)],
+  'num_cats, num_dogs, correlation, val, test, held_out',
+  [
+    (40, 17, 0.95, 3, 5, 'split'),
+    (23, 30, 1.0, 2, 2, 'split'),
+    (61, 12, 0.5, 1, 4, 'split'),
+    (40, 17, 0.95, 3, 5, 'paired'),
+    (23, 30, 1.0, 2, 9, 'paired'),
+  ],
 )
-def test_assign_counts_are_exact(num_cats, num_dogs, correlation, val, test):
+def test_assign_counts_are_exact(
+  num_cats, num_dogs, correlation, val, test, held_out
+):
   entries = _entries(num_cats, num_dogs)
-  chosen = spurious_groups.assign(
-    entries,
+  kwargs = dict(
     correlation=correlation,
     val_per_group=val,
     test_per_group=test,
-    seed=3,
+    held_out=held_out,
   )
+  chosen = spurious_groups.assign(entries, seed=3, **kwargs)
   assert set(chosen) == {e.name for e in entries}
+  per_kind = 1 if held_out == 'paired' else 2
   for species, total in ((0, num_cats), (1, num_dogs)):
     mine = [chosen[e.name] for e in entries if e.species == species]
     aligned = spurious.ALIGNED_KIND[species]
     for split, per_group in (('test', test), ('validation', val)):
       kinds = [k for s, k in mine if s == split]
-      assert len(kinds) == 2 * per_group
-      assert kinds.count(aligned) == per_group
+      assert len(kinds) == per_kind * per_group
+      if held_out == 'paired':  # Each rendered on both kinds.
+        assert set(kinds) == {spurious_groups.BOTH}
+      else:
+        assert kinds.count(aligned) == per_group
     train_kinds = [k for s, k in mine if s == 'train']
-    n = total - 2 * (val + test)
+    n = total - per_kind * (val + test)
     assert len(train_kinds) == n
     other = math.floor((1 - correlation) * n + 0.5)
     assert train_kinds.count(aligned) == n - other
-  again = spurious_groups.assign(
-    entries, correlation=correlation, val_per_group=val, test_per_group=test,
-    seed=3,
-  )  # fmt: skip
-  assert again == chosen
-  other_seed = spurious_groups.assign(
-    entries, correlation=correlation, val_per_group=val, test_per_group=test,
-    seed=4,
-  )  # fmt: skip
-  assert other_seed != chosen
+  assert spurious_groups.assign(entries, seed=3, **kwargs) == chosen
+  assert spurious_groups.assign(entries, seed=4, **kwargs) != chosen
 
 
 def test_assign_refuses_too_few_images():
@@ -93,7 +98,7 @@ def test_assign_refuses_too_few_images():
     )
 
 
-def _make(pets_dir: Path, out: Path) -> dict:
+def _make(pets_dir: Path, out: Path, held_out: str = 'paired') -> dict:
   result = subprocess.run(
     [
       sys.executable,
@@ -105,6 +110,7 @@ def _make(pets_dir: Path, out: Path) -> dict:
       '--correlation=0.9',
       f'--val_per_group={VAL}',
       f'--test_per_group={TEST}',
+      f'--held_out={held_out}',
     ],
     cwd=REPO,
     capture_output=True,
@@ -133,24 +139,40 @@ def test_layout_masks_and_composites(grouped, synthetic_pets_dir):
       synthetic_pets_dir / 'annotations' / f'{split}.txt'
     )
   ]
-  assert sorted(r['image'] for r in rows) == sorted(f'{n}.jpg' for n in listed)
+  held_out = [r['image'][:-4] for r in rows if r['split'] != 'train']
+  # Paired: every held-out pet twice, once on each kind, never in train.
+  pairs = {}
+  for r in rows:
+    if r['split'] != 'train':
+      name, _, kind = r['image'][:-4].rpartition('-')
+      pairs.setdefault(name, []).append((r['split'], kind, r['group']))
+  assert all(
+    sorted(k for _, k, _ in v) == ['smooth', 'textured']
+    and len({s for s, _, _ in v}) == 1
+    and all(g.endswith(k) for _, k, g in v)
+    for v in pairs.values()
+  )
+  train = [r['image'][:-4] for r in rows if r['split'] == 'train']
+  assert sorted(train + list(pairs)) == sorted(listed)
+  assert len(held_out) == 2 * len(pairs)
   for split, per_group in (('test', TEST), ('validation', VAL)):
     assert summary['counts'][split] == dict.fromkeys(
       ('cat_smooth', 'cat_textured', 'dog_smooth', 'dog_textured'), per_group
     )
   for row in rows[:12]:
-    name = row['image'][:-4]
+    stem = row['image'][:-4]
+    name = stem if row['split'] == 'train' else stem.rpartition('-')[0]
     trimap = np.asarray(
       Image.open(synthetic_pets_dir / 'annotations' / 'trimaps' / f'{name}.png')
     )
-    mask = np.asarray(Image.open(out / 'masks' / f'{name}.png'))
+    mask = np.asarray(Image.open(out / 'masks' / f'{stem}.png'))
     pet = trimap != oxford_iiit_pet.TRIMAP_BACKGROUND
     np.testing.assert_array_equal(mask, np.where(pet, 255, 0))
     source = np.asarray(
       Image.open(synthetic_pets_dir / 'images' / f'{name}.jpg').convert('RGB'),
       np.float32,
     )
-    written = np.asarray(Image.open(out / 'images' / f'{name}.jpg'), np.float32)
+    written = np.asarray(Image.open(out / 'images' / f'{stem}.jpg'), np.float32)
     padded = np.pad(pet, 4)
     inside = np.logical_and.reduce(
       [
@@ -276,13 +298,12 @@ def test_group_dro_run_selects_and_restores_on_worst_group(grouped, tmp_path):
 
 
 def test_compare_table_measures():
-  a = {'mean': 0.5, 'std': 0.1, 'n': 5}
-  assert compare_table.differs(a, {'mean': 0.7, 'std': 0.1, 'n': 5})
-  assert not compare_table.differs(a, {'mean': 0.6, 'std': 0.1, 'n': 5})
-  assert not compare_table.differs(a, {'mean': 0.9, 'std': 0.0, 'n': 1})
   report = {
     'step': 7,
-    'checkpoint_metrics': {'eval_worst_group_accuracy': 0.25},
+    'checkpoint_metrics': {
+      'eval_worst_group_accuracy': 0.25,
+      'eval_accuracy': 0.5,
+    },
     'accuracy': 0.6,
     'worst_group_accuracy': 0.2,
     'average_group_accuracy': 0.55,
@@ -292,11 +313,14 @@ def test_compare_table_measures():
     'group_accuracy/dog_textured': 0.7,
     'bg_share': 0.3,
     'perturbations': {'background_noise': {'flip_rate': 0.1}},
+    'per_example': {'label': [0, 1, 1, 0], 'prediction': [0, 0, 1, 1]},
   }
   numbers = compare_table.checkpoint_numbers(report)
   assert numbers['minority_accuracy'] == pytest.approx(0.3)
   assert numbers['validation_worst_group_accuracy'] == 0.25
+  assert numbers['validation_accuracy'] == 0.5
   assert numbers['groups']['dog_smooth'] == 0.2
+  assert numbers['correct'] == '1010'
 
 
 @pytest.mark.parametrize('steps', [(20, 40, 60, 80), (10, 30, 100, 200, 310)])
@@ -316,19 +340,27 @@ def test_late_fall_is_the_share_of_the_fall_in_the_last_third(steps):
   assert compare_table.late_fall(line[:2]) is None
 
 
-def test_grid_markdown_lists_every_value_and_the_choice(tmp_path):
+def test_grid_markdown_lists_every_value_and_both_choices(tmp_path):
   os.makedirs(tmp_path / 'c095')
   os.makedirs(tmp_path / 'c100')  # No grid there: no table.
-  grid = {
-    'field': {'rrr': 'loss.rrr_weight'},
-    'score': compare_table.SCORE,
-    'scores': {'rrr': {'0.1': [0.45, 0.7, 0.125], '3': [0.5, 0.6125, 0.2]}},
-    'chosen': {'rrr': '3'},
+  result = {
+    'fields': ['loss.rrr_weight'],
+    'axes': {'loss.rrr_weight': [0.1, 3.0]},
+    'scores': {
+      'worst_group': {'0.1': [0.45, 0.7, 0.125], '3': [0.5, 0.6125, 0.2]},
+      'accuracy': {'0.1': [0.75, -0.5], '3': [0.7, -0.4]},
+    },
+    'chosen': {
+      'worst_group': (('loss.rrr_weight', 3.0),),
+      'accuracy': (('loss.rrr_weight', 0.1),),
+    },
+    'on_edge': {'worst_group': ['loss.rrr_weight'], 'accuracy': []},
+    'widened': [('loss.rrr_weight', 3.0)],
   }
-  (tmp_path / 'c095' / 'grid.json').write_text(json.dumps(grid))
+  compare_grid.write(str(tmp_path / 'c095' / 'grid.json'), {'rrr': result})
   text = compare_table.grid_markdown(str(tmp_path))
   assert 'Grid at c095' in text and 'c100' not in text
   assert (
-    '| RRR | `loss.rrr_weight` | 0.1: 0.45 / 0.7 / 0.125, 3: 0.5 / 0.613 / 0.2 | 3 |'
-    in text
+    '| RRR | `loss.rrr_weight` | 0.1: 0.45/0.7 / 0.75, 3: 0.5/0.613 / 0.7 | 3 '
+    '| 0.1 | worst_group: loss.rrr_weight | loss.rrr_weight=3 |' in text
   )

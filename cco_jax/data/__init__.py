@@ -18,6 +18,8 @@ One job per module:
   spurious    the spurious-background benchmark built from Pets.
   spurious_groups  the same with groups (species x background), in the
               'folder' layout: train at a correlation, balanced val/test.
+  isic_shortcut  ISIC images with an adhesive patch pasted outside the
+              lesion, groups diagnosis x patch, in the 'folder' layout.
 
 The names below are the public API the trainer and the experiments use.
 """
@@ -26,6 +28,8 @@ from cco_jax.data.config import IMAGENET_MEAN
 from cco_jax.data.config import IMAGENET_STD
 from cco_jax.data.config import default_config  # noqa: I001
 from cco_jax.data.eval_pipeline import create_eval_iterator
+from cco_jax.data.info import class_counts_of
+from cco_jax.data.info import class_labels_of
 from cco_jax.data.info import class_names
 from cco_jax.data.info import class_names_of
 from cco_jax.data.info import group_counts
@@ -58,6 +62,8 @@ __all__ = [
   'TrainIterator',
   'carve_validation',
   'check_config',
+  'class_counts_of',
+  'class_labels_of',
   'class_names',
   'class_names_of',
   'create_eval_iterator',

@@ -50,6 +50,7 @@ class Cached:
   indices: np.ndarray  # int32 (N,): positions in the pipeline split.
   groups: np.ndarray  # int32 (N,)
   file_names: tuple[str, ...]
+  targets: np.ndarray | None = None  # float32 (N, C) multi-hot, or None.
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -64,13 +65,14 @@ class Cached:
       'index': int(self.indices[i]),
       'group': int(self.groups[i]),
       'file_name': self.file_names[i],
+      'targets': None if self.targets is None else self.targets[i],
     }
 
 
 def as_images(example: Example) -> Example:
   """A `Cached` item as `transforms.decode` returns examples (Pillow)."""
   fg = example['fg_array']
-  return {
+  out = {
     'image': Image.fromarray(example['image_array']),
     'fg': None if fg is None else Image.fromarray(fg),
     'label': example['label'],
@@ -78,6 +80,7 @@ def as_images(example: Example) -> Example:
     'group': example['group'],
     'file_name': example['file_name'],
   }
+  return transforms.with_targets(out, example)
 
 
 def cached_model_input(
@@ -97,7 +100,7 @@ def cached_model_input(
   if flip:
     image = image[:, ::-1]
     masks = {key: mask[:, ::-1] for key, mask in masks.items()}
-  return {
+  out = {
     'image': transforms.finish_image(image, normalize=normalize)
     if finish
     else np.ascontiguousarray(image),
@@ -107,6 +110,7 @@ def cached_model_input(
     'group': np.int32(example['group']),
     'file_name': example['file_name'],
   }
+  return transforms.with_targets(out, example)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +132,7 @@ class CachedBatches:
   normalize: bool
   keys: tuple[str, ...]
   device_preprocessing: bool = False
+  balance_labels: bytes | None = None  # Class-balanced (`order`).
 
   def __len__(self) -> int:
     return ENDLESS
@@ -135,7 +140,9 @@ class CachedBatches:
   def positions(self, k: int) -> np.ndarray:
     """Positions in the cache of batch k's examples, int64 (b,)."""
     stream = np.arange(k * self.batch_size, (k + 1) * self.batch_size)
-    return order.stream_positions(stream, len(self.cached), self.shuffle_seed)
+    return order.stream_positions(
+      stream, len(self.cached), self.shuffle_seed, self.balance_labels
+    )
 
   def flips(self, k: int) -> np.ndarray:
     """bool (b,): which of batch k's examples are flipped."""
@@ -158,6 +165,8 @@ class CachedBatches:
     }
     if 'pixel_mask' in self.keys:
       batch['pixel_mask'] = self.cached.pixel_masks[positions]
+    if 'targets' in self.keys:
+      batch['targets'] = self.cached.targets[positions]
     if self.device_preprocessing:
       batch['flip'] = flips
     else:
@@ -245,4 +254,7 @@ def build_cache(
     indices=np.array([e['index'] for e in examples], np.int32),
     groups=np.array([e['group'] for e in examples], np.int32),
     file_names=tuple(e['file_name'] for e in examples),
+    targets=np.stack([e['targets'] for e in examples])
+    if 'targets' in examples[0]
+    else None,
   )

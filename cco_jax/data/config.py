@@ -26,6 +26,12 @@ it and change only what their protocol needs. Fields:
   prefetch                batches prepared ahead (and concurrently, by
                           threads) by each reader; 0 = synchronous.
   shuffle_seed_offset     added to the seed of the shuffle and augmentations.
+  sampling                'natural' (each epoch a permutation of the
+                          training split) or 'class_balanced' (each epoch as
+                          many draws, the classes of `task` equally often,
+                          each class's examples in permutations of their own:
+                          minorities repeat, majorities are subsampled;
+                          `order.balanced_epoch_order`).
   cache_decoded           decode and squash each training example once and
                           keep it in RAM (about 200 kB per example at
                           S = 224); augmentations then act on the (S, S) copy.
@@ -74,6 +80,7 @@ MASK_RESIZE = ('nearest', 'area')
 EMPTY_MASK_POLICIES = ('all_ones', 'drop')
 MISSING_MASK_POLICIES = ('error', 'all_ones', 'drop')
 STORE_FORMATS = ('jpeg', 'raw')
+SAMPLING = ('natural', 'class_balanced')
 # Fields of config.data that change what a training batch contains (the rest,
 # e.g. num_workers or where the data lives, do not).
 CONTENT_FIELDS = (
@@ -92,7 +99,7 @@ CONTENT_FIELDS = (
 )
 # Content fields added later: in a fingerprint only when not at their default,
 # so that runs saved before they existed still resume.
-LATER_CONTENT_FIELDS = ('pixel_masks', 'store_size', 'store_format')
+LATER_CONTENT_FIELDS = ('pixel_masks', 'store_size', 'store_format', 'sampling')
 # Fields that change what preparing a dataset writes.
 PREPARE_FIELDS = (
   'store_size',
@@ -119,6 +126,7 @@ _DEFAULTS = types.MappingProxyType(
     num_workers=0,
     prefetch=2,
     shuffle_seed_offset=0,
+    sampling='natural',
     cache_decoded=False,
     device_preprocessing=True,
     pixel_masks=False,
@@ -141,7 +149,7 @@ def fingerprint_fields(data_config: ml_collections.ConfigDict) -> dict:
   """The content fields of `config.data` that identify a training stream."""
   fields = {key: data_config[key] for key in CONTENT_FIELDS}
   for key in LATER_CONTENT_FIELDS:
-    if data_config[key] != _DEFAULTS[key]:
+    if data_config.get(key, _DEFAULTS[key]) != _DEFAULTS[key]:
       fields[key] = data_config[key]
   return fields
 
@@ -161,9 +169,10 @@ def check_config(
     'empty_mask_policy': EMPTY_MASK_POLICIES,
     'missing_masks': MISSING_MASK_POLICIES,
     'store_format': STORE_FORMATS,
+    'sampling': SAMPLING,
   }
   for key, allowed in choices.items():
-    if data_config[key] not in allowed:
+    if data_config.get(key, _DEFAULTS[key]) not in allowed:
       raise errors.UserError(
         f'config.data.{key}={data_config[key]!r}; expected one of '
         f'{allowed} (dataset {data_config.name!r}).'

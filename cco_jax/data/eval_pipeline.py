@@ -48,6 +48,7 @@ def _eval_example(
   data_config: ml_collections.ConfigDict,
   cam_size: tuple[int, int],
   with_pixel_mask: bool,
+  num_targets: int = 0,
 ) -> Example:
   size = data_config.image_size
   if example.get('padding'):
@@ -62,6 +63,8 @@ def _eval_example(
     }
     if with_pixel_mask:
       out['pixel_mask'] = np.zeros((size, size), np.float32)
+    if num_targets:
+      out['targets'] = np.zeros((num_targets,), np.float32)
     return out
   out = transforms.to_model_input(
     example,
@@ -108,7 +111,8 @@ def create_eval_iterator(
     An iterator of {'image': float32 (D, b, S, S, 3), 'mask': float32
     (D, b, h, w), 'label': int32 (D, b), 'group': int32 (D, b), 'weight':
     float32 (D, b) (1 = real example, 0 = padding), 'index': int32 (D, b)
-    (position in the split, -1 = padding)}, with the optional keys above.
+    (position in the split, -1 = padding)}, with the optional keys above
+    and, for multi-label data, 'targets' float32 (D, b, C) (multi-hot).
     Padding examples are zeros.
 
   Raises:
@@ -139,6 +143,8 @@ def create_eval_iterator(
   )
   keys = ('image', 'mask', 'label', 'group', 'weight', 'index')
   keys += ('pixel_mask',) * with_pixel_mask + ('file_name',) * with_file_name
+  num_targets = 0 if source.targets is None else source.targets.shape[1]
+  keys += ('targets',) * (num_targets > 0)
   batches = (
     grain.MapDataset.source(_Padded(decoded, positions))
     .map(
@@ -147,6 +153,7 @@ def create_eval_iterator(
         data_config=data_config,
         cam_size=cam_size,
         with_pixel_mask=with_pixel_mask,
+        num_targets=num_targets,
       )
     )
     .batch(

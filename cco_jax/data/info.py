@@ -79,6 +79,23 @@ def task_labels(source: SplitSource, feature: str) -> np.ndarray:
   )
 
 
+def class_labels_of(
+  source: SplitSource, data_config: ml_collections.ConfigDict
+) -> np.ndarray:
+  """int64 `(len(source),)`: each example's class of `config.data.task`."""
+  feature = dataset_entry(data_config.name).tasks[data_config.task]
+  return task_labels(source, feature)
+
+
+def class_counts_of(
+  source: SplitSource, data_config: ml_collections.ConfigDict
+) -> tuple[int, ...]:
+  """Examples of each class (`class_names_of` order) in `source`."""
+  names = class_names_of(source.builder, data_config.name, data_config.task)
+  labels = class_labels_of(source, data_config)
+  return tuple(int(n) for n in np.bincount(labels, minlength=len(names)))
+
+
 def group_counts_of(source: SplitSource, num_groups: int) -> tuple[int, ...]:
   """Examples of each of `num_groups` groups in `source`."""
   if source.groups is None:

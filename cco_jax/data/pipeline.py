@@ -50,6 +50,7 @@ from cco_jax import errors
 from cco_jax.data import batching
 from cco_jax.data import cache as cache_lib
 from cco_jax.data import config as config_lib
+from cco_jax.data import info
 from cco_jax.data import order
 from cco_jax.data import transforms
 from cco_jax.data.sources import SplitSource
@@ -87,12 +88,15 @@ class _Stream:
 
   source: Any  # Decoded or cache.Cached
   shuffle_seed: int
+  balance_labels: bytes | None = None  # Class-balanced (`order`).
 
   def __len__(self) -> int:
     return cache_lib.ENDLESS
 
   def __getitem__(self, i: int) -> Example:
-    position = order.stream_positions([i], len(self.source), self.shuffle_seed)
+    position = order.stream_positions(
+      [i], len(self.source), self.shuffle_seed, self.balance_labels
+    )
     return {**self.source[int(position[0])], 'stream': i}
 
 
@@ -256,6 +260,16 @@ def create_train_iterator(
       f'--config.batch_size={max(1, len(source) // num_devices) * num_devices}'
       ' or smaller (or add training images).'
     )
+  balance_labels = None
+  if data_config.get('sampling', 'natural') == 'class_balanced':
+    labels = info.class_labels_of(source, data_config)
+    logging.info(
+      'Class-balanced sampling over %d classes (training examples per '
+      'class: %s).',
+      len(np.unique(labels)),
+      np.bincount(labels).tolist(),
+    )
+    balance_labels = order.labels_key(labels)
   pixel_masks = data_config['pixel_masks']
   decoded = Decoded(
     source,
@@ -278,6 +292,7 @@ def create_train_iterator(
   keys = ('image', 'mask', 'label', 'group')
   keys += ('pixel_mask',) * pixel_masks + ('index',) * with_index
   keys += ('flip',) * (on_device and data_config.augment_flip)
+  keys += ('targets',) * (source.targets is not None)
   if isinstance(decoded, cache_lib.Cached) and not data_config.augment_crop:
     batches = grain.MapDataset.source(
       cache_lib.CachedBatches(
@@ -290,11 +305,12 @@ def create_train_iterator(
         normalize=data_config.normalize,
         keys=keys,
         device_preprocessing=on_device,
+        balance_labels=balance_labels,
       )
     )
   else:
     batches = (
-      grain.MapDataset.source(_Stream(decoded, shuffle_seed))
+      grain.MapDataset.source(_Stream(decoded, shuffle_seed, balance_labels))
       .map(
         functools.partial(
           _train_example,

@@ -10,7 +10,9 @@ Splits seen by the pipeline:
 
 Each example read from a `SplitSource` carries 'group': an int index into the
 dataset's `group_names` (metadata recorded by the builder); datasets without
-groups give every example group 0 (one group, named 'all').
+groups give every example group 0 (one group, named 'all'). Multi-label data
+(the folder dataset's `labels` column) also gives 'targets', uint8 `(C,)`
+multi-hot, from the lists the builder recorded.
 """
 
 from __future__ import annotations
@@ -102,6 +104,8 @@ class SplitSource:
     label_feature: the record field `labels` holds ('label', 'species').
     builder: the TFDS builder the split was opened from (its `info` holds the
       dataset's name, version, classes and groups).
+    targets: uint8 `(num records, C)` multi-hot targets (indexed by record
+      id), or None for single-label data.
   """
 
   name: str
@@ -113,6 +117,7 @@ class SplitSource:
   labels: np.ndarray | None = None
   label_feature: str = ''
   builder: Any = None
+  targets: np.ndarray | None = None
 
   def __len__(self) -> int:
     return len(self.indices)
@@ -122,6 +127,8 @@ class SplitSource:
     record = dict(self.records[record_id])
     record['index'] = int(i if self.positions is None else self.positions[i])
     record['group'] = 0 if self.groups is None else int(self.groups[record_id])
+    if self.targets is not None:
+      record['targets'] = self.targets[record_id]
     return record
 
   def subset(self, which: np.ndarray) -> SplitSource:
@@ -192,6 +199,24 @@ def _split_lists(
   return names, labels, None
 
 
+def _targets(
+  builder: tfds.core.DatasetBuilder, split: str, num_records: int
+) -> np.ndarray | None:
+  """uint8 `(num_records, C)` multi-hot targets the builder recorded for a
+  TFDS split, or None (single-label data)."""
+  try:
+    listed = builder.info.metadata['splits'][split]['targets']
+    num_classes = len(builder.info.metadata['class_names'])
+  except (KeyError, TypeError):
+    return None
+  if len(listed) != num_records:
+    return None
+  targets = np.zeros((num_records, num_classes), np.uint8)
+  for row, classes in enumerate(listed):
+    targets[row, list(classes)] = 1
+  return targets
+
+
 def _whole_split(
   builder: tfds.core.DatasetBuilder, split: str, entry: DatasetEntry
 ) -> SplitSource:
@@ -206,6 +231,7 @@ def _whole_split(
     labels=np.asarray(labels, np.int64),
     label_feature=_stratify_feature(builder),
     builder=builder,
+    targets=_targets(builder, split, len(records)),
   )
 
 
@@ -219,6 +245,7 @@ def _carved_trainval(
   train, validation = carve_validation(
     names, labels, data_config.validation_fraction
   )
+  targets = _targets(builder, 'train', len(records))
   return {
     split: SplitSource(
       split,
@@ -229,6 +256,7 @@ def _carved_trainval(
       labels=np.asarray(labels, np.int64),
       label_feature=_stratify_feature(builder),
       builder=builder,
+      targets=targets,
     )
     for split, indices in (('train', train), ('validation', validation))
   }

@@ -17,17 +17,28 @@ and
   test        `test_per_group` images in each of the four groups.
 
 Every listed image of the source (its trainval and test lists together) is
-used once. Within each species, images are ordered by SHA-256 of (seed,
-name): the first `2 * test_per_group` go to test, the next
-`2 * val_per_group` to validation (alternating kinds, so each group gets
-exactly its share), the rest to train, where the first
-`floor((1 - correlation) * n + 0.5)` get the other kind.
+used in one split. Within each species, images are ordered by SHA-256 of
+(seed, name); the held-out splits come first, the rest go to train, where the
+first `floor((1 - correlation) * n + 0.5)` get the other kind. Held-out pets
+are placed one of two ways (`held_out`):
+
+  'paired'  (default) each held-out pet is rendered on BOTH kinds, as
+            `<name>-smooth.jpg` and `<name>-textured.jpg`: the first
+            `test_per_group` pets of a species go to test, the next
+            `val_per_group` to validation. A species' two groups then hold
+            the same pets and differ only in the background (a
+            counterfactual pair), and the groups are twice as large for the
+            same pets taken from train: worst-group accuracy moves in finer
+            steps, so checkpoint and grid choices tie less often.
+  'split'   (the first benchmark) each held-out pet is rendered once: the
+            first `2 * test_per_group` go to test, the next
+            `2 * val_per_group` to validation, alternating kinds.
 
 The old benchmark's reversed-test accuracy is the mean accuracy over the two
 minority groups of this test split.
 
 Output (`folder` dataset, docs/data.md): ROOT/labels.csv with columns
-image,label,split,group; ROOT/images/<name>.jpg; ROOT/masks/<name>.png (255
+image,label,split,group; ROOT/images/<stem>.jpg; ROOT/masks/<stem>.png (255
 on the pet and its boundary, `trimap != 2`, 0 elsewhere); ROOT/spurious.json
 with the settings and counts. A pure function of (source files, settings):
 the same inputs give byte-identical files.
@@ -52,6 +63,8 @@ from cco_jax.data.datasets import oxford_iiit_pet
 SPECIES_NAMES = ('cat', 'dog')
 MINORITY_GROUPS = ('cat_textured', 'dog_smooth')
 _OTHER_KIND = {0: spurious.TEXTURED, 1: spurious.SMOOTH}
+HELD_OUT = ('paired', 'split')
+BOTH = None  # The kind of a 'paired' held-out pet: rendered on both kinds.
 
 
 def group_name(species: int, kind: str) -> str:
@@ -66,8 +79,10 @@ def assign(
   val_per_group: int,
   test_per_group: int,
   seed: int,
-) -> dict[str, tuple[str, str]]:
-  """{name: (split, kind)} of every entry (module docstring).
+  held_out: str = 'split',
+) -> dict[str, tuple[str, str | None]]:
+  """{name: (split, kind)} of every entry (module docstring); with
+  `held_out='paired'` a held-out entry's kind is `BOTH` (None).
 
   Raises:
     ValueError: a species has too few images for the requested test and
@@ -78,6 +93,8 @@ def assign(
       f'--correlation={correlation}: must be in [0, 1] (the share of aligned '
       'backgrounds; e.g. 0.95).'
     )
+  if held_out not in HELD_OUT:
+    raise errors.UserError(f'held_out={held_out!r}; choose from {HELD_OUT}.')
   if val_per_group < 1 or test_per_group < 1:
     raise errors.UserError(
       f'val_per_group={val_per_group} and test_per_group={test_per_group} '
@@ -90,18 +107,20 @@ def assign(
       (e.name for e in entries if e.species == species),
       key=lambda name: spurious.digest(seed, 'group-split', name),
     )
-    held_out = 2 * (test_per_group + val_per_group)
-    if len(members) <= held_out:
+    paired = held_out == 'paired'
+    per_kind = 1 if paired else 2
+    taken = per_kind * (test_per_group + val_per_group)
+    if len(members) <= taken:
       raise errors.UserError(
         f'{SPECIES_NAMES[species]}: {len(members)} images, but test and '
-        f'validation take {held_out} ({test_per_group} + {val_per_group} per '
-        'group, two groups per species) and train needs at least one; lower '
-        '--test_per_group / --val_per_group.'
+        f'validation take {taken} ({test_per_group} + {val_per_group} per '
+        f'group, {held_out} held-out placement) and train needs at least '
+        'one; lower --test_per_group / --val_per_group.'
       )
-    for i, name in enumerate(members[:held_out]):
-      split = 'test' if i < 2 * test_per_group else 'validation'
-      out[name] = (split, kinds[i % 2][species])
-    train = members[held_out:]
+    for i, name in enumerate(members[:taken]):
+      split = 'test' if i < per_kind * test_per_group else 'validation'
+      out[name] = (split, BOTH if paired else kinds[i % 2][species])
+    train = members[taken:]
     num_other = math.floor((1 - correlation) * len(train) + 0.5)
     for i, name in enumerate(train):
       out[name] = ('train', kinds[int(i < num_other)][species])
@@ -109,8 +128,17 @@ def assign(
 
 
 def _render(
-  pets_dir: str, out_dir: str, name: str, kind: str, seed: int, quality: int
+  pets_dir: str,
+  out_dir: str,
+  name: str,
+  stem: str,
+  kind: str,
+  seed: int,
+  quality: int,
 ) -> None:
+  """Writes images/<stem>.jpg (the pet of `name` on `kind`) and its mask; the
+  background's random numbers depend on (seed, name) only, so a paired pet's
+  two renders differ in the kind of background alone."""
   image, trimap, _, _ = spurious.read_pair(pets_dir, name)
   background = spurious.BACKGROUNDS[kind](
     spurious.image_rng(seed, name), *image.shape[:2]
@@ -119,12 +147,25 @@ def _render(
   Image.fromarray(spurious.composite(image, trimap, background)).save(
     buffer, format='JPEG', quality=quality
   )
-  with open(os.path.join(out_dir, 'images', f'{name}.jpg'), 'wb') as f:
+  with open(os.path.join(out_dir, 'images', f'{stem}.jpg'), 'wb') as f:
     f.write(buffer.getvalue())
   pet = (trimap != oxford_iiit_pet.TRIMAP_BACKGROUND).astype(np.uint8) * 255
   Image.fromarray(pet, mode='L').save(
-    os.path.join(out_dir, 'masks', f'{name}.png')
+    os.path.join(out_dir, 'masks', f'{stem}.png')
   )
+
+
+def _rows(entries, chosen) -> list[tuple[str, str, int, str, str]]:
+  """(stem, name, species, split, kind) of every written image, by stem."""
+  out = []
+  for e in entries:
+    split, kind = chosen[e.name]
+    if kind is BOTH:
+      for both in (spurious.SMOOTH, spurious.TEXTURED):
+        out.append((f'{e.name}-{both}', e.name, e.species, split, both))
+    else:
+      out.append((e.name, e.name, e.species, split, kind))
+  return sorted(out)
 
 
 def make_group_benchmark(
@@ -136,6 +177,7 @@ def make_group_benchmark(
   test_per_group: int = 40,
   seed: int = 0,
   jpeg_quality: int = spurious.JPEG_QUALITY,
+  held_out: str = 'paired',
   overwrite: bool = False,
   num_threads: int | None = None,
 ) -> dict:
@@ -147,6 +189,7 @@ def make_group_benchmark(
     correlation: share of each species' training images on its aligned kind.
     val_per_group, test_per_group: images per group in validation and test.
     seed: seeds the split, the kinds and every background.
+    held_out: 'paired' or 'split' (module docstring).
     jpeg_quality: of the written images.
     overwrite: replace what `out_dir` holds.
     num_threads: image threads (the output does not depend on it).
@@ -178,13 +221,15 @@ def make_group_benchmark(
     val_per_group=val_per_group,
     test_per_group=test_per_group,
     seed=seed,
+    held_out=held_out,
   )
+  rows = _rows(entries, chosen)
   threads = {} if num_threads is None else {'num_threads': num_threads}
   for _ in common.ordered_parallel_map(
-    lambda name: _render(
-      pets_dir, out_dir, name, chosen[name][1], seed, jpeg_quality
+    lambda row: _render(
+      pets_dir, out_dir, row[1], row[0], row[4], seed, jpeg_quality
     ),
-    names,
+    rows,
     **threads,
   ):
     pass
@@ -192,10 +237,9 @@ def make_group_benchmark(
   with open(os.path.join(out_dir, 'labels.csv'), 'w', newline='') as f:
     writer = csv.writer(f, lineterminator='\n')
     writer.writerow(('image', 'label', 'split', 'group'))
-    for e in sorted(entries, key=lambda e: e.name):
-      split, kind = chosen[e.name]
-      group = group_name(e.species, kind)
-      writer.writerow((f'{e.name}.jpg', SPECIES_NAMES[e.species], split, group))
+    for stem, _, species, split, kind in rows:
+      group = group_name(species, kind)
+      writer.writerow((f'{stem}.jpg', SPECIES_NAMES[species], split, group))
       by_group = counts.setdefault(split, {})
       by_group[group] = by_group.get(group, 0) + 1
   metadata = {
@@ -203,6 +247,7 @@ def make_group_benchmark(
     'correlation': correlation,
     'val_per_group': val_per_group,
     'test_per_group': test_per_group,
+    'held_out': held_out,
     'seed': seed,
     'jpeg_quality': jpeg_quality,
     'minority_groups': list(MINORITY_GROUPS),

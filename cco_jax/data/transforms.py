@@ -132,7 +132,7 @@ def decode(
     image.draft('RGB', (draft_size, draft_size))
   if image.mode != 'RGB':
     image = image.convert('RGB')
-  return {
+  out = {
     'image': image,
     'fg': decode_foreground(
       record, boundary_is_foreground=boundary_is_foreground
@@ -142,6 +142,14 @@ def decode(
     'group': int(record.get('group', 0)),
     'file_name': as_str(record['file_name']),
   }
+  return with_targets(out, record)
+
+
+def with_targets(out: Example, example: Mapping[str, Any]) -> Example:
+  """`out` with the example's multi-hot 'targets' float32 `(C,)`, if any."""
+  if example.get('targets') is not None:
+    out['targets'] = np.asarray(example['targets'], np.float32)
+  return out
 
 
 def resize(
@@ -310,7 +318,7 @@ def to_model_input(
   if flip:
     image = image[:, ::-1]
     masks = {key: mask[:, ::-1] for key, mask in masks.items()}
-  return {
+  out = {
     'image': finish_image(image, normalize=normalize)
     if finish
     else np.ascontiguousarray(image),
@@ -320,6 +328,7 @@ def to_model_input(
     'group': np.int32(example.get('group', 0)),
     'file_name': example['file_name'],
   }
+  return with_targets(out, example)
 
 
 def read_image_file(

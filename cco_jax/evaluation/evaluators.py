@@ -14,7 +14,12 @@ not selected). The evaluation config lists which evaluators run
   interventions       accuracy and flip rate under each intervention, RFS;
   localisation        pointing game and top-k% IoU of the true class's map;
   deletion_insertion  deletion / insertion AUC of the predicted class's map
-                      and of Grad-CAM at the same layer.
+                      and of Grad-CAM at the same layer;
+  per_example         each example's label, group, prediction, probabilities;
+  auc                 ROC AUC per binary task (class vs rest) and their mean,
+                      bootstrap intervals, sensitivity at 0.8 / 0.9
+                      specificity, balanced accuracy, confusion matrix
+                      (`auc.py`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import numpy as np
 from cco_jax import cams as cams_lib
 from cco_jax import explain
 from cco_jax import metrics
+from cco_jax.evaluation import auc
 from cco_jax.evaluation import interventions
 
 Batch = dict[str, np.ndarray]
@@ -277,12 +283,57 @@ class DeletionInsertionEvaluator(Evaluator):
     yield 'deletion_insertion_count', count
 
 
+def _softmax(logits: np.ndarray) -> np.ndarray:
+  z = logits - logits.max(-1, keepdims=True)
+  e = np.exp(z)
+  return e / e.sum(-1, keepdims=True)
+
+
+class PerExampleEvaluator(Evaluator):
+  """Per-example predictions, what paired and bootstrap statistics resample.
+
+  Yields `per_example`: {'index', 'label', 'group' (0 without groups),
+  'prediction', 'probabilities' (softmax)} lists for every real example,
+  sorted by `index` (the split's order), so two models evaluated on one split
+  give rows in the same order and a comparison can resample test images once
+  for all of them (`cco_jax.statistics`). cfg: none.
+  """
+
+  def run(self, batches):
+    rows = {'index': [], 'label': [], 'group': [], 'prediction': [], 'p': []}
+    for batch in batches:
+      logits = np.asarray(self.predict_fn(batch['image'])[0], np.float64)
+      keep = np.asarray(batch['weight']) > 0
+      label = np.asarray(batch['label'])
+      rows['index'].append(np.asarray(batch['index'])[keep])
+      rows['label'].append(label[keep])
+      rows['group'].append(
+        np.asarray(batch.get('group', np.zeros_like(label)))[keep]
+      )
+      rows['prediction'].append(logits.argmax(-1)[keep])
+      rows['p'].append(_softmax(logits)[keep])
+    joined = {k: np.concatenate(v) for k, v in rows.items()}
+    order = np.argsort(joined['index'], kind='stable')
+    yield (
+      'per_example',
+      {
+        'index': joined['index'][order].astype(int).tolist(),
+        'label': joined['label'][order].astype(int).tolist(),
+        'group': joined['group'][order].astype(int).tolist(),
+        'prediction': joined['prediction'][order].astype(int).tolist(),
+        'probabilities': np.round(joined['p'][order], 6).tolist(),
+      },
+    )
+
+
 # The one place where evaluators are registered.
 EVALUATORS: dict[str, type[Evaluator]] = {
   'classification': ClassificationEvaluator,
   'interventions': InterventionEvaluator,
   'localisation': LocalisationEvaluator,
   'deletion_insertion': DeletionInsertionEvaluator,
+  'per_example': PerExampleEvaluator,
+  'auc': auc.AucEvaluator,
 }
 
 

@@ -32,6 +32,7 @@ from cco_jax import restore
 from cco_jax.data import eval_pipeline
 from cco_jax.data import preparation
 from cco_jax.data import sources
+from cco_jax.evaluation import auc
 from cco_jax.evaluation import classwise
 from cco_jax.evaluation import evaluators
 from cco_jax.evaluation import interventions
@@ -62,6 +63,7 @@ def default_config() -> ml_collections.ConfigDict:
         'interventions',
         'localisation',
         'deletion_insertion',
+        'auc',
       ),
       batch_size=32,
       seed=interventions.DEFAULT_SEED,
@@ -174,6 +176,10 @@ def run_evaluators(
       max_examples=config.deletion_examples,
       normalize=trained.record.normalize,
     ),
+    'per_example': {},
+    'auc': auc.settings_of(
+      trained.config, trained.record.class_names, seed=config.seed
+    ),
   }
   results = {}
   for name in names:
@@ -211,6 +217,7 @@ def evaluate_checkpoint(
   step='best',
   data_overrides: dict | None = None,
   ood_overrides: dict | None = None,
+  trained: restore.TrainedModel | None = None,
 ) -> Result:
   """Evaluates one checkpoint of a training run.
 
@@ -222,6 +229,8 @@ def evaluate_checkpoint(
       `tfds_data_dir`); None values are ignored.
     ood_overrides: the same for the Cats-vs-Dogs evaluation (`ood_manual_dir`,
       `tfds_data_dir`).
+    trained: a model of `workdir` already restored and changed (e.g. its head
+      refit by `cco_jax.dfr`); None restores `step`.
 
   Returns:
     A `Result` whose report holds `workdir`, `step`, `checkpoint`, `split`,
@@ -230,7 +239,8 @@ def evaluate_checkpoint(
   if jax.process_count() > 1:
     raise ValueError('Evaluation runs as a single process.')
   config = config or default_config()
-  trained = restore.restore_model(workdir, step=step)
+  if trained is None:
+    trained = restore.restore_model(workdir, step=step)
   scratch = os.path.join(workdir, EVALUATION_DIR)
   data = resolved_data(trained.config, data_overrides, scratch)
   logging.info(

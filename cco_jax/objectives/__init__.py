@@ -8,6 +8,7 @@ place that lists them; each family lives in its own module:
   mask_penalties  rrr, ce_bg_cam
   groups          group_dro, ce_reweighted
   energy          energy (Rao, Böhle et al. 2023)
+  binary          bce, ace_bce (multi-label sigmoid heads)
 
 The pure loss functions they wrap stay in `cco_jax.losses`,
 `cco_jax.baseline_losses` and `cco_jax.cutmix`. To add an objective: one new
@@ -20,6 +21,7 @@ from cco_jax.objectives.registry import REGISTRY
 from cco_jax.objectives.registry import create
 from cco_jax.objectives.registry import default_config
 from cco_jax.objectives.registry import get
+from cco_jax.objectives.registry import head
 from cco_jax.objectives.registry import names
 from cco_jax.objectives.registry import supervision
 
@@ -30,6 +32,7 @@ __all__ = [
   'create',
   'default_config',
   'get',
+  'head',
   'names',
   'supervision',
 ]

@@ -20,7 +20,12 @@ it never asks which objective it runs. An objective declares:
                          DRO's weights), updated by `reduce`.
 
 The loss is `sum_term coefficient_term * batch_mean(term)` (`reduce` may
-replace the batch mean, as Group DRO's robust mean does). Metrics hold each
+replace the batch mean, as Group DRO's robust mean does). Every objective
+also reads `class_weights`: 'inverse_frequency' multiplies each example's
+terms by its class's weight `w_c = n / (C' n_c)` (`class_counts`, the
+training examples per class, filled from the data by
+`train_setup.with_data_fields`), so the batch mean estimates the
+class-balanced loss; 'none' (the default) leaves them unweighted. Metrics hold each
 term's batch value and `loss`, plus, without gradient, the terms of the
 `monitors` (the classic terms `ce`, `ace`, `kld` that a run logs whatever it
 trains, `config.loss.log_all_terms`).
@@ -33,8 +38,14 @@ import dataclasses
 from typing import Any, ClassVar
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cco_jax import errors
 
 Array = jax.Array
+
+CLASS_WEIGHTS = ('none', 'inverse_frequency')
 
 # How to provide each kind of supervision, for `Objective.check_batch`.
 SUPERVISION_FIXES = {
@@ -81,18 +92,53 @@ class Objective:
   name: ClassVar[str]
   supervision: ClassVar[tuple[str, ...]] = ()
   needs_input_gradients: ClassVar[bool] = False
+  # How the loss, and hence evaluation, reads the logits: 'softmax' (one
+  # class per image) or 'sigmoid' (independent heads, `binary.py`).
+  head: ClassVar[str] = 'softmax'
   # Options that switch a feature on when > 0, with the family they belong to;
   # `create` rejects them for objectives that lack them (e.g. CutMix for CE).
   exclusive_options: ClassVar[Mapping[str, str]] = {}
 
   seed: int = 0
   monitors: tuple[Objective, ...] = dataclasses.field(default=(), repr=False)
+  class_weights: str = 'none'
+  class_counts: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    object.__setattr__(
+      self, 'class_counts', tuple(int(n) for n in self.class_counts)
+    )
+    if self.class_weights not in CLASS_WEIGHTS:
+      raise errors.UserError(
+        f'config.loss.class_weights={self.class_weights!r}: choose one of '
+        f'{list(CLASS_WEIGHTS)}.'
+      )
+    counts = np.asarray(self.class_counts)
+    if self.class_weights != 'none' and (
+      counts.size == 0 or (counts < 0).any() or counts.sum() == 0
+    ):
+      raise errors.UserError(
+        f'config.loss.class_counts={list(self.class_counts)} must hold the '
+        'training examples of each class (leave it empty: training fills it).'
+      )
 
   @classmethod
   def config_keys(cls) -> tuple[str, ...]:
-    """The `config.loss` keys this objective reads (its own fields)."""
-    base = {field.name for field in dataclasses.fields(Objective)}
+    """The `config.loss` keys this objective reads (its own fields and the
+    shared `class_weights`, `class_counts`)."""
+    base = {'seed', 'monitors'}
     return tuple(f.name for f in dataclasses.fields(cls) if f.name not in base)
+
+  def example_weights(self, labels: Array) -> Array | None:
+    """`(b,)` the class weight of each example, None when unweighted."""
+    if self.class_weights == 'none':
+      return None
+    counts = np.asarray(self.class_counts, np.float64)
+    present = counts > 0
+    weights = np.where(
+      present, counts.sum() / (present.sum() * np.maximum(counts, 1)), 0.0
+    )
+    return jnp.asarray(weights, jnp.float32)[labels]
 
   @classmethod
   def from_config(cls, loss: Mapping[str, Any], **kwargs) -> Objective:
@@ -150,7 +196,14 @@ class Objective:
 
   def __call__(self, x: StepInputs) -> tuple[Array, dict[str, Array], Any]:
     """`(loss, metrics, new_state)` of one shard."""
-    values, metrics, state = self.reduce(self.per_example_losses(x), x)
+    per_example = self.per_example_losses(x)
+    weights = self.example_weights(x.labels)
+    if weights is not None:
+      per_example = {
+        term: weights.astype(value.dtype) * value
+        for term, value in per_example.items()
+      }
+    values, metrics, state = self.reduce(per_example, x)
     coefficients = self.coefficients
     loss = sum(coefficients[term] * value for term, value in values.items())
     metrics.update(values)

@@ -78,6 +78,7 @@ class Energy(cross_entropy.CrossEntropyTerm, core.Objective):
   energy_weight: float = 0.05
 
   def __post_init__(self):
+    super().__post_init__()
     if self.energy_weight < 0:
       raise ValueError(
         f'loss.energy_weight must be >= 0; got {self.energy_weight}.'

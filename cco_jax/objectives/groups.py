@@ -28,6 +28,7 @@ class GroupTerm:
   group_counts: tuple[int, ...] = ()
 
   def __post_init__(self):
+    super().__post_init__()
     object.__setattr__(
       self, 'group_counts', tuple(int(n) for n in self.group_counts)
     )

@@ -15,6 +15,7 @@ from typing import Any
 
 from cco_jax import errors
 from cco_jax.objectives import ace
+from cco_jax.objectives import binary
 from cco_jax.objectives import core
 from cco_jax.objectives import cross_entropy
 from cco_jax.objectives import energy
@@ -32,6 +33,8 @@ OBJECTIVES: tuple[type[core.Objective], ...] = (
   groups.GroupDro,
   groups.ReweightedCrossEntropy,
   energy.Energy,
+  binary.BinaryCrossEntropy,
+  binary.AblatedBinaryCrossEntropy,
 )
 REGISTRY: Mapping[str, type[core.Objective]] = {
   objective.name: objective for objective in OBJECTIVES
@@ -60,6 +63,11 @@ def get(name: str) -> type[core.Objective]:
 def supervision(name: str) -> tuple[str, ...]:
   """The batch entries objective `name` reads: () = neither masks nor groups."""
   return get(name).supervision
+
+
+def head(name: str) -> str:
+  """How objective `name` reads the logits: 'softmax' or 'sigmoid'."""
+  return get(name).head
 
 
 def default_config(name: str = 'ace_kld') -> dict[str, Any]:

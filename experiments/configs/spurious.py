@@ -30,17 +30,46 @@ Variants (the objective's supervision in brackets):
   ce_bg_cam      CE + L1 of the label's map outside the mask  [masks]
   energy         CE + Energy loss: share of the label's positive evidence
                  outside the mask (Rao, Böhle et al. 2023)  [masks]
-  group_dro      online Group DRO  [groups]
+  group_dro      online Group DRO, with L2  [groups]
   ce_reweighted  CE weighted by inverse group frequency  [groups]
+  jtt            Just Train Twice: CE retrained with a first CE model's
+                 training errors upsampled  [none in training]
 
-`GRIDS` lists the coefficient each variant's small grid searches, chosen on
-validation worst-group accuracy (`experiments.compare`).
+`GRIDS` lists the coefficients each variant's grid searches
+(`experiments.compare` chooses them on validation, with and without group
+labels).
 """
 
 import ml_collections
 
+from cco_jax.data import spurious_groups
 from experiments import configs
 from experiments.configs import protocols
+
+# The comparison's benchmark plug-in (experiments/compare_runs.py).
+MINORITY_GROUPS = spurious_groups.MINORITY_GROUPS
+
+
+def build_benchmark(
+  source_dir: str,
+  out_dir: str,
+  *,
+  correlation: float,
+  val_per_group: int,
+  test_per_group: int,
+  seed: int = 0,
+) -> dict:
+  """The grouped benchmark from Oxford-IIIT Pet at `source_dir`; `seed`
+  composes it (splits, kinds, backgrounds)."""
+  return spurious_groups.make_group_benchmark(
+    source_dir,
+    out_dir,
+    correlation=correlation,
+    val_per_group=val_per_group,
+    test_per_group=test_per_group,
+    seed=seed,
+    overwrite=True,
+  )
 
 
 def _base() -> ml_collections.ConfigDict:
@@ -52,7 +81,9 @@ def _base() -> ml_collections.ConfigDict:
   config.num_train_steps = 300
   config.eval_every_steps = 20
   config.log_every_steps = 20
-  config.keep_checkpoints = 1
+  # Every evaluated checkpoint is kept (15 of ~2 MB), so any selection rule
+  # (`cco_jax.selection`) can be applied after training.
+  config.keep_checkpoints = 1000
   config.best_metric = 'worst_group_accuracy'
   config.num_figure_examples = 0
   return config
@@ -81,21 +112,35 @@ VARIANTS = {
   'ce_bg_cam': _objective('ce_bg_cam', bg_cam_weight=0.1),
   'energy': _objective('energy', energy_weight=0.05),
   'group_dro': _objective('group_dro', dro_step_size=0.01),
+  # JTT's second stage: CE on the training set with the first stage's errors
+  # upsampled (`cco_jax/jtt.py`); `experiments.compare` runs both stages.
+  'jtt': _objective('ce'),
   'ce_reweighted': _objective('ce_reweighted'),
 }
 
-# variant -> (config field, values searched); the default above is one of
-# them. ACE has no coefficient. The ACE regularisers search around their
-# published weights (kld 1e-3: docs/method.md; swd 5: the original code), the
-# Energy loss around the authors' example (1e-3 on a sum over 64 images, i.e.
-# 0.064 on our batch mean: cco_jax/objectives/energy.py).
+# variant -> ((field, values searched), ...): every combination is trained
+# (one seed) and the choice is made on validation (`experiments.compare`,
+# which widens an axis, by the ratio of its last two values, while the choice
+# sits on its edge). ACE has no coefficient. The ACE regularisers start
+# around their published weights (kld 1e-3: docs/method.md; swd 5: the
+# original code), the Energy loss around the authors' example (1e-3 on a sum
+# over 64 images, i.e. 0.064 on our batch mean: cco_jax/objectives/energy.py),
+# Group DRO with the strong L2 penalty its authors found necessary (Sagawa
+# et al. 2020 search it as widely as the step size; coupled L2, added to the
+# gradient before Adam). JTT's fields are not config fields: `jtt.first_steps`
+# is the first stage's length T and `jtt.factor` lambda_up (the paper's
+# Waterbirds choice is T = 60 of 300 epochs, lambda_up = 100).
 GRIDS = {
-  'ace_kld': ('loss.kld_weight', (1e-4, 1e-3, 1e-2)),
-  'ace_swd': ('loss.swd_weight', (0.5, 5.0, 50.0)),
-  'rrr': ('loss.rrr_weight', (0.1, 0.3, 1.0, 3.0, 10.0, 100.0)),
-  'ce_bg_cam': ('loss.bg_cam_weight', (0.01, 0.1, 1.0)),
-  'energy': ('loss.energy_weight', (0.01, 0.05, 0.25, 1.0)),
-  'group_dro': ('loss.dro_step_size', (0.01, 0.1, 1.0)),
+  'ace_kld': (('loss.kld_weight', (1e-4, 1e-3, 1e-2)),),
+  'ace_swd': (('loss.swd_weight', (0.5, 5.0, 50.0)),),
+  'rrr': (('loss.rrr_weight', (0.1, 0.3, 1.0, 3.0, 10.0, 100.0)),),
+  'ce_bg_cam': (('loss.bg_cam_weight', (0.01, 0.1, 1.0)),),
+  'energy': (('loss.energy_weight', (0.01, 0.05, 0.25, 1.0)),),
+  'group_dro': (
+    ('loss.dro_step_size', (0.01, 0.1, 1.0)),
+    ('optimizer.weight_decay', (1e-3, 1e-2, 1e-1)),
+  ),
+  'jtt': (('jtt.first_steps', (20, 60, 120)), ('jtt.factor', (5, 20, 50))),
 }
 
 

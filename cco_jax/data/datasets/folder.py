@@ -2,13 +2,21 @@
 
 Layout of ROOT (`config.data.manual_dir`, `experiments.prepare --manual_dir`):
 
-    ROOT/labels.csv             header: image,label,split[,group]
+    ROOT/labels.csv             header: image,label,split[,group][,labels]
     ROOT/images/<path>          .jpg/.jpeg/.png, any sub-folders
     ROOT/masks/<path stem>.png  8-bit, same size as the image:
                                 0 = background, > 0 = object
 
 `label` is a class name: the classes are the sorted unique names (recorded in
 ``metadata['class_names']``, so the number of classes comes from the data).
+Multi-label data adds a `labels` column: the `;`-separated names of every
+class present in the image (`label`, the primary class that softmax
+objectives, the validation carve and class balance read, is always present
+and may be listed or not; an empty cell = the primary class alone). The
+classes are then the names of both columns, and each split's multi-hot
+targets are recorded as class-index lists in
+``metadata['splits'][split]['targets']``, which batches carry as 'targets'
+float32 `(C,)` (read by the sigmoid objectives `bce`, `ace_bce`).
 `split` is 'train', 'validation' or 'test' (without validation rows the
 pipeline carves validation from train, as for Pets). `group` is an optional
 string (an attribute or environment); every batch carries its index into
@@ -56,7 +64,8 @@ IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
 MIN_IMAGE_SIDE = 8
 MAX_LISTED = 20
 LAYOUT = (
-  'ROOT/labels.csv (header image,label,split[,group]; split is train, '
+  'ROOT/labels.csv (header image,label,split[,group][,labels]; split is '
+  'train, '
   'validation or test), ROOT/images/<image> and ROOT/masks/<image stem>.png '
   '(8-bit, 0 = background, > 0 = object, same size as the image)'
 )
@@ -91,6 +100,11 @@ def read_rows(root: epath.Path) -> tuple[list[Row], bool]:
     errors.UserError: the file cannot be read as labels.csv (names it).
   """
   return labels_csv.read_rows(root / LABELS_FILE)
+
+
+def has_labels_column(root: epath.Path) -> bool:
+  """Whether labels.csv has the multi-label `labels` column."""
+  return labels_csv.has_column(root / LABELS_FILE, 'labels')
 
 
 def mask_path(root: epath.Path, image: str) -> epath.Path:
@@ -235,7 +249,7 @@ def bad_rows_error(path: str, bad: list[tuple[Row, str]]) -> errors.UserError:
 def _names(root: str) -> tuple[list[str], list[str]]:
   """(sorted class names, sorted group names or ['all']) of labels.csv."""
   rows, has_group = read_rows(epath.Path(root))
-  classes = sorted({r.label for r in rows if r.label})
+  classes = sorted({name for r in rows for name in r.present})
   groups = sorted({r.group for r in rows}) if has_group else ['all']
   return classes, groups
 
@@ -280,6 +294,7 @@ class FolderDataset(common.ProjectBuilder):
     root = check_manual_dir(manual_dir)
     rows, has_group = read_rows(root)
     classes, groups = _names(os.fspath(root))
+    multi_label = has_labels_column(root)
     duplicates = _duplicates(rows)
     checked = list(
       common.ordered_parallel_map(
@@ -318,6 +333,7 @@ class FolderDataset(common.ProjectBuilder):
       num_missing_masks=len(missing),
       missing_masks=missing,
       missing_masks_policy=self.options.missing_masks,
+      multi_label=multi_label,
       resized_masks=resized,
       splits={},
     )
@@ -331,6 +347,10 @@ class FolderDataset(common.ProjectBuilder):
         'labels': [classes.index(r.label) for r in members],
         'groups': [groups.index(r.group) if has_group else 0 for r in members],
       }
+      if multi_label:
+        self.info.metadata['splits'][split]['targets'] = [
+          [classes.index(name) for name in r.present] for r in members
+        ]
       splits[split] = self._generate_examples(root, members, classes)
     return splits
 

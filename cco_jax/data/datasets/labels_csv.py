@@ -43,6 +43,12 @@ class Row:
   label: str
   split: str
   group: str = ''
+  labels: tuple[str, ...] = ()
+
+  @property
+  def present(self) -> tuple[str, ...]:
+    """The classes present: the primary `label` and those of `labels`."""
+    return tuple(sorted({self.label, *self.labels} - {''}))
 
 
 def decode(path: str, data: bytes) -> str:
@@ -138,6 +144,7 @@ def read_rows_of(
   header = [c.strip() for c in next(reader, [])]
   _check_header(path, header, required)
   has_group = 'group' in header
+  has_labels = 'labels' in header
   rows, blank = [], []
   for raw in reader:
     line = reader.line_num
@@ -155,8 +162,25 @@ def read_rows_of(
         label=fields['label'],
         split=fields.get('split', ''),
         group=fields.get('group', '') if has_group else '',
+        labels=split_names(fields.get('labels', '')) if has_labels else (),
       )
     )
   if blank:
     raise _blank_rows_error(path, blank, text)
   return rows, has_group
+
+
+def split_names(cell: str) -> tuple[str, ...]:
+  """The names of a multi-label `labels` cell (`;`-separated, blanks
+  ignored)."""
+  return tuple(name.strip() for name in cell.split(';') if name.strip())
+
+
+def has_column(path: os.PathLike[str] | str, column: str) -> bool:
+  """Whether the header of the CSV at `path` holds `column` (the file's
+  encoding and line endings read as by `read_rows`)."""
+  path = os.fspath(path)
+  with open(path, 'rb') as f:
+    text = decode(path, f.read())
+  header = next(csv.reader(io.StringIO(text, newline='')), [])
+  return column in [c.strip() for c in header]

@@ -1,0 +1,221 @@
+"""The runs of `experiments.compare`: names, commands, JTT's two stages and
+each run's evaluations. Not an entry point.
+
+A run is (correlation, variant, setting, seed); a setting is a tuple of
+(field, value) pairs from `experiments/configs/spurious.py:GRIDS` (empty:
+the config's own values). Its directory is
+OUT/c<corr>/runs/<variant>_<values>_s<seed>[_t<steps>].
+
+The benchmark is a plug-in: a config module `experiments/configs/<name>.py`
+(`--benchmark`, default `spurious`) that provides `VARIANTS` and `get_config`
+(the trainer's config variants), `GRIDS` (`{variant: ((field, values), ...)}`),
+`MINORITY_GROUPS` (the groups whose spurious feature disagrees with the label)
+and `build_benchmark(source_dir, out_dir, *, correlation, val_per_group,
+test_per_group, seed)` (writes the folder dataset at a correlation; `seed`
+composes it). A new
+benchmark (e.g. skin lesions with pasted artifacts) supplies only that module.
+
+Each finished run is evaluated on the test split at the checkpoint each
+selection rule names (`cco_jax.selection`: worst_group, accuracy, last), and
+runs of the `DFR_BASES` variants also with their head refit by DFR
+(`cco_jax.dfr`) on the last checkpoint; every evaluation is cached in
+WORKDIR/evaluation/compare_<rule>.json with per-example predictions.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+from cco_jax import selection
+from experiments import runs
+
+# The benchmark plug-in: a module of experiments/configs (module docstring);
+# `experiments.compare --benchmark` sets it once, before any run.
+BENCHMARK = 'spurious'
+RULES = tuple(selection.RULES)  # worst_group, accuracy, last
+DFR = 'dfr_last'  # The DFR evaluation's name: DFR on the last checkpoint.
+JTT_FIELDS = ('jtt.first_steps', 'jtt.factor')
+
+Setting = tuple[tuple[str, float], ...]
+
+
+def benchmark():
+  """The benchmark's config module (`BENCHMARK`)."""
+  return importlib.import_module(f'experiments.configs.{BENCHMARK}')
+
+
+def config_path() -> str:
+  """The benchmark's config file, relative to the repository root."""
+  return f'experiments/configs/{BENCHMARK}.py'
+
+
+def corr_name(correlation: float) -> str:
+  return f'c{round(correlation * 100):03d}'
+
+
+def value_name(setting: Setting) -> str:
+  """'default', or the values joined by '_' ('0.01_0.1')."""
+  return '_'.join(f'{v:g}' for _, v in setting) or 'default'
+
+
+def run_dir(
+  out: str,
+  correlation: float,
+  variant: str,
+  setting: Setting,
+  seed: int,
+  steps: int = 0,
+) -> str:
+  name = f'{variant}_{value_name(setting)}_s{seed}' + (
+    f'_t{steps}' if steps else ''
+  )
+  return os.path.join(out, corr_name(correlation), 'runs', name)
+
+
+def _data_overrides(data_dir: str) -> list[str]:
+  return [
+    f'data.manual_dir={data_dir}',
+    f'data.tfds_data_dir={os.path.join(data_dir, "tfds")}',
+  ]
+
+
+def job(
+  out: str,
+  correlation: float,
+  variant: str,
+  setting: Setting,
+  data_dir: str,
+  steps: int,
+  seed: int,
+) -> tuple[str, list[str]]:
+  """`(workdir, argv)` of a one-stage run (not JTT's second stage: `jtt`)."""
+  overrides = _data_overrides(data_dir)
+  overrides += [f'{field}={value:g}' for field, value in setting]
+  if steps:
+    overrides.append(f'num_train_steps={steps}')
+  workdir = run_dir(out, correlation, variant, setting, seed, steps)
+  return workdir, runs.command(
+    'experiments.pets', config_path(), variant, workdir, seed, overrides
+  )
+
+
+def jtt_first_stage(out, correlation, first_steps, data_dir, seed, steps=0):
+  """`(workdir, argv)` of JTT's first stage: CE for `first_steps` steps."""
+  workdir = os.path.join(
+    out, corr_name(correlation), 'runs', f'jtt_stage1_T{first_steps}_s{seed}'
+  )
+  overrides = _data_overrides(data_dir) + [
+    f'num_train_steps={min(first_steps, steps or first_steps)}',
+  ]
+  return workdir, runs.command(
+    'experiments.pets', config_path(), 'ce', workdir, seed, overrides
+  )
+
+
+def jtt_second_stage(
+  out, correlation, setting: Setting, data_dir: str, seed: int, steps: int
+) -> tuple[str, list[str]]:
+  """`(workdir, argv)` of JTT's second stage on its upsampled dataset (the
+  first stage must have finished: `prepare_jtt_data`)."""
+  values = dict(setting)
+  upsampled = jtt_data_dir(
+    out, correlation, int(values['jtt.first_steps']), int(values['jtt.factor']),
+    seed,
+  )  # fmt: skip
+  overrides = _data_overrides(upsampled)
+  if steps:
+    overrides.append(f'num_train_steps={steps}')
+  workdir = run_dir(out, correlation, 'jtt', setting, seed, steps)
+  return workdir, runs.command(
+    'experiments.pets', config_path(), 'jtt', workdir, seed, overrides
+  )
+
+
+def jtt_data_dir(out, correlation, first_steps, factor, seed) -> str:
+  return os.path.join(
+    out,
+    corr_name(correlation),
+    'jtt_data',
+    f'T{first_steps}_up{factor}_s{seed}',
+  )
+
+
+def prepare_jtt_data(
+  out, correlation, setting: Setting, data_dir: str, seed: int, steps: int
+) -> dict:
+  """Writes and prepares JTT's upsampled dataset of `setting` and `seed` from
+  its finished first stage (once); returns its summary (`jtt.json`)."""
+  from cco_jax import configuration  # pylint: disable=g-import-not-at-top
+  from cco_jax import data  # pylint: disable=g-import-not-at-top
+  from cco_jax import jtt  # pylint: disable=g-import-not-at-top
+  from cco_jax import restore  # pylint: disable=g-import-not-at-top
+
+  values = dict(setting)
+  first, factor = int(values['jtt.first_steps']), int(values['jtt.factor'])
+  target = jtt_data_dir(out, correlation, first, factor, seed)
+  summary_path = os.path.join(target, jtt.SUMMARY_FILE)
+  if not os.path.exists(summary_path):
+    stage1, _ = jtt_first_stage(out, correlation, first, data_dir, seed, steps)
+    errors_path = os.path.join(stage1, 'jtt_errors.json')
+    if not os.path.exists(errors_path):
+      trained = restore.restore_model(stage1, step='last')
+      with open(errors_path, 'w') as f:
+        json.dump(jtt.train_errors(trained), f)
+    with open(errors_path) as f:
+      error_set = json.load(f)
+    jtt.write_upsampled(data_dir, target, error_set, factor)
+  config = benchmark().get_config('jtt')
+  configuration.apply_overrides(
+    config,
+    {
+      'data.manual_dir': target,
+      'data.tfds_data_dir': os.path.join(target, 'tfds'),
+    },
+  )
+  data.prepare_from_config(config.data)
+  with open(summary_path) as f:
+    summary = json.load(f)
+  return {k: v for k, v in summary.items() if k != 'error_set'}
+
+
+def evaluate(workdir: str, rule: str) -> dict:
+  """The test report of the checkpoint `rule` names (or DFR's), cached."""
+  from cco_jax import dfr  # pylint: disable=g-import-not-at-top
+  from cco_jax import evaluation  # pylint: disable=g-import-not-at-top
+  from cco_jax import metric_writers  # pylint: disable=g-import-not-at-top
+  from cco_jax import restore  # pylint: disable=g-import-not-at-top
+
+  path = os.path.join(
+    workdir, evaluation.EVALUATION_DIR, f'compare_{rule}.json'
+  )
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  config = evaluation.default_config()
+  config.evaluators = ('classification', 'interventions', 'per_example')
+  config.ood = False
+  records = metric_writers.read_metrics(workdir)
+  if rule == DFR:
+    step = selection.select_step(records, 'last')
+    refit, info = dfr.refit_head(restore.restore_model(workdir, step=step))
+    report = evaluation.evaluate_checkpoint(
+      workdir, config, trained=refit
+    ).report
+    report['dfr'] = info
+  else:
+    step = selection.select_step(records, rule)
+    report = evaluation.evaluate_checkpoint(workdir, config, step=step).report
+  report['rule'] = rule
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(report, f)
+  os.replace(path + '.tmp', path)
+  return report
+
+
+def evaluations(workdir: str, variant: str, dfr_variants) -> dict:
+  """{rule: report} of a finished run (DFR too for `dfr_variants`)."""
+  names = RULES + ((DFR,) if variant in dfr_variants else ())
+  return {name: evaluate(workdir, name) for name in names}

@@ -1,0 +1,267 @@
+"""The comparison protocol: selection rules, grid widening, JTT's upsampled
+data and the statistics of the tables.
+
+Selection and widening run on written metrics records (the rules read
+nothing else); the statistics are checked against definitions (identical
+methods differ by exactly 0, a shared per-seed effect cancels in the paired
+difference, intervals cover the mean); JTT's dataset against its rows and
+links.
+"""
+
+import csv
+import json
+import os
+from pathlib import Path
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cco_jax import errors
+from cco_jax import jtt
+from cco_jax import selection
+from experiments import compare_grid
+from experiments import compare_runs
+from experiments import compare_stats
+from experiments.configs import spurious as spurious_configs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _record(step, acc, worst=None, ce=1.0):
+  r = {'step': step, 'eval_accuracy': acc, 'eval_ce': ce}
+  if worst is not None:
+    r['eval_worst_group_accuracy'] = worst
+  return r
+
+
+def test_rules_and_their_tie_breaks():
+  records = [
+    {'step': 10, 'train_loss': 1.0},
+    _record(20, 0.7, 0.3, ce=0.9),
+    _record(40, 0.8, 0.5, ce=0.7),
+    _record(60, 0.8, 0.5, ce=0.6),  # Ties 40 on both: lower CE wins.
+    _record(80, 0.9, 0.2, ce=0.8),
+    _record(100, 0.6, 0.5, ce=0.5),
+  ]
+  assert selection.select_step(records, 'worst_group') == 60
+  assert selection.select_step(records, 'accuracy') == 80
+  assert selection.select_step(records, 'last') == 100
+  same = [_record(20, 0.8, 0.5), _record(40, 0.8, 0.5)]
+  assert selection.select_step(same, 'worst_group') == 20  # Then earlier.
+  with pytest.raises(errors.UserError, match='needs group metrics'):
+    selection.select_step([_record(20, 0.8)], 'worst_group')
+  with pytest.raises(errors.UserError, match="Unknown selection rule 'best'"):
+    selection.select_step(records, 'best')
+  with pytest.raises(errors.UserError, match='never evaluated'):
+    selection.select_step([{'step': 3, 'train_loss': 1.0}], 'last')
+
+
+def _fake_trainer(tmp_path, score_of):
+  """A `train(settings)` writing metrics whose validation scores are
+  `score_of(setting values)`: (worst-group, accuracy)."""
+  trained = []
+
+  def train(settings):
+    out = []
+    for setting in settings:
+      workdir = tmp_path / compare_runs.value_name(setting)
+      if not workdir.exists():
+        workdir.mkdir()
+        trained.append(setting)
+        worst, acc = score_of(dict(setting))
+        with open(workdir / 'metrics.jsonl', 'w') as f:
+          f.write(json.dumps(_record(20, acc, worst)) + '\n')
+      out.append(str(workdir))
+    return out
+
+  return train, trained
+
+
+def test_grid_widens_while_the_choice_sits_on_an_edge(tmp_path, monkeypatch):
+  monkeypatch.setitem(
+    spurious_configs.GRIDS,
+    'rrr',
+    (('loss.rrr_weight', (0.1, 1.0, 10.0)),),
+  )
+
+  # Worst-group peaks at 1000 (beyond the grid: two widenings reach it),
+  # accuracy at 0.1 (the lower edge: one widening below, then it is inside).
+  def score(values):
+    w = values['loss.rrr_weight']
+    return 1 - abs(np.log10(w) - 3) / 10, 1 - abs(np.log10(w) + 1) / 10
+
+  train, trained = _fake_trainer(tmp_path, score)
+  result = compare_grid.search('rrr', train, max_widen=2)
+  assert result['axes']['loss.rrr_weight'] == pytest.approx(
+    [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0]
+  )
+  assert dict(result['chosen']['worst_group'])['loss.rrr_weight'] == (
+    pytest.approx(1000.0)
+  )
+  assert dict(result['chosen']['accuracy'])['loss.rrr_weight'] == (
+    pytest.approx(0.1)
+  )
+  # 1000 is the edge and the upper side's widenings are spent: reported.
+  assert result['on_edge'] == {'worst_group': ['loss.rrr_weight'],
+                               'accuracy': []}  # fmt: skip
+  assert len(trained) == 6  # Every value trained once.
+  path = tmp_path / 'grid.json'
+  compare_grid.write(str(path), {'rrr': result})
+  assert compare_grid.read(str(path))['rrr']['chosen'] == result['chosen']
+
+
+def test_grid_widens_integer_axes_within_bounds(tmp_path, monkeypatch):
+  monkeypatch.setitem(
+    spurious_configs.GRIDS,
+    'jtt',
+    (('jtt.first_steps', (20, 60, 120)), ('jtt.factor', (5, 20))),
+  )
+  train, _ = _fake_trainer(
+    tmp_path, lambda v: (v['jtt.first_steps'] / 1000, v['jtt.factor'] / 100)
+  )
+  result = compare_grid.search('jtt', train, max_widen=3, max_steps=300)
+  steps = result['axes']['jtt.first_steps']
+  assert max(steps) <= 300 and all(float(s).is_integer() for s in steps)
+  assert result['axes']['jtt.factor'] == [5, 20, 80]  # 320 > 100.
+
+
+def test_upsampled_dataset(tmp_path):
+  data = tmp_path / 'data'
+  (data / 'images' / 'sub').mkdir(parents=True)
+  (data / 'masks' / 'sub').mkdir(parents=True)
+  rows = [
+    ('a.jpg', 'cat', 'train', 'g0'),
+    ('sub/b.jpg', 'dog', 'train', 'g1'),
+    ('c.jpg', 'dog', 'train', 'g1'),
+    ('d.jpg', 'cat', 'validation', 'g0'),
+  ]
+  for image, *_ in rows:
+    (data / 'images' / image).write_bytes(image.encode())
+    (data / 'masks' / (os.path.splitext(image)[0] + '.png')).write_bytes(b'm')
+  with open(data / 'labels.csv', 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(('image', 'label', 'split', 'group'))
+    writer.writerows(rows)
+  out = tmp_path / 'up'
+  summary = jtt.write_upsampled(str(data), str(out), ['sub/b.jpg'], 4)
+  assert summary['error_set_size'] == 1
+  assert (summary['train_rows'], summary['train_rows_upsampled']) == (3, 6)
+  with open(out / 'labels.csv') as f:
+    written = list(csv.DictReader(f))
+  images = [r['image'] for r in written]
+  assert images.count('sub/b.jpg') == 1
+  copies = [i for i in images if i.startswith('sub/b-jtt')]
+  assert len(copies) == 3
+  for image in copies:
+    row = next(r for r in written if r['image'] == image)
+    assert (row['label'], row['split'], row['group']) == ('dog', 'train', 'g1')
+    assert (out / 'images' / image).read_bytes() == b'sub/b.jpg'
+    assert os.path.samefile(out / 'images' / image, data / 'images/sub/b.jpg')
+    assert (out / 'masks' / (image[:-4] + '.png')).exists()
+  assert [r['image'] for r in written if r['split'] == 'validation'] == [
+    'd.jpg'
+  ]
+  with pytest.raises(ValueError, match='not train rows'):
+    jtt.write_upsampled(str(data), str(tmp_path / 'x'), ['d.jpg'], 2)
+  with pytest.raises(ValueError, match='factor'):
+    jtt.write_upsampled(str(data), str(tmp_path / 'x'), [], 0)
+
+
+def _correct(rng, n, accuracy):
+  return rng.random(n) < accuracy
+
+
+def test_statistics_of_identical_and_shifted_methods():
+  rng = np.random.default_rng(0)
+  groups = np.repeat([0, 1, 2, 3], [30, 30, 20, 20])
+  seeds = [0, 1, 2, 3, 4]
+  ace = {s: _correct(rng, 100, 0.6) for s in seeds}
+  better = {s: ace[s] | _correct(rng, 100, 0.5) for s in seeds}
+  out = compare_stats.compare_rows(
+    {'ace': ace, 'same': dict(ace), 'better': better}, groups, 'ace'
+  )
+  assert out['ace']['versus'] is None
+  same = out['same']['versus']
+  assert same['mean_difference'] == 0 and same['ci'] == [0.0, 0.0]
+  assert same['ties'] == 5 and same['p'] == 1.0
+  wg = out['ace']['worst_group']
+  per_seed = [min(ace[s][groups == g].mean() for g in range(4)) for s in seeds]
+  assert wg['mean'] == pytest.approx(np.mean(per_seed))
+  assert wg['ci'][0] <= wg['mean'] <= wg['ci'][1]
+  b = out['better']['versus']
+  assert b['mean_difference'] >= 0 and b['wins'] + b['ties'] == 5
+  assert b['ci'][0] <= b['mean_difference'] <= b['ci'][1]
+  assert b['p_holm'] >= b['p']  # Holm never lowers a p-value.
+  with pytest.raises(ValueError, match='same test split'):
+    compare_stats.compare_rows({'ace': {0: ace[0][:50]}}, groups, 'ace')
+
+
+def test_interval_widens_with_fewer_seeds():
+  rng = np.random.default_rng(3)
+  groups = np.repeat([0, 1], 60)
+  many = {s: _correct(rng, 120, 0.3 + 0.1 * (s % 3)) for s in range(9)}
+  few = {s: many[s] for s in range(3)}
+  wide = compare_stats.compare_rows({'m': few}, groups, 'ace')['m']
+  narrow = compare_stats.compare_rows({'m': many}, groups, 'ace')['m']
+  width = lambda r: np.diff(r['worst_group']['ci'])[0]
+  assert width(wide) > width(narrow)
+
+
+def test_compare_end_to_end(tmp_path, synthetic_pets_dir):
+  """`experiments.compare` on a tiny benchmark: grids, seeds, every
+  selection rule, DFR, and tables whose statistics match the runs."""
+  out = tmp_path / 'compare'
+  result = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'experiments.compare',
+      f'--out={out}',
+      f'--source_dir={synthetic_pets_dir}',
+      '--correlations=1.0',
+      '--variants=ce,ace,ace_kld',
+      '--seeds=0,1',
+      '--dfr_variants=ace',
+      '--figure_variants=ace',
+      '--steps=4',
+      '--max_widen=0',
+      '--val_per_group=2',
+      '--test_per_group=3',
+      '--deterministic_threads=1',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=1200,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  table = json.loads((out / 'table.json').read_text())
+  assert set(table['tables']) == {'1/groups', '1/labels', '1/labels_last'}
+  groups = {r['method']: r for r in table['tables']['1/groups']}
+  assert set(groups) == {'ce', 'ace', 'ace+dfr', 'ace_kld'}
+  assert groups['ace']['versus'] is None
+  for row in groups.values():
+    assert row['seeds'] == [0, 1]
+    low, high = row['worst_group']['ci']
+    assert low <= row['worst_group']['mean'] <= high
+  # Recompute one row's worst-group accuracy from the stored correctness.
+  test = table['test']['1']
+  group = np.asarray(test['group'])
+  runs = [
+    r for r in table['runs'] if r['variant'] == 'ce' and 'worst_group' in
+    r['protocols']
+  ]  # fmt: skip
+  per_seed = []
+  for r in sorted(runs, key=lambda r: r['seed']):
+    correct = np.array([c == '1' for c in r['rules']['worst_group']['correct']])
+    per_seed.append(min(correct[group == g].mean() for g in np.unique(group)))
+    assert r['environment'][0]['deterministic_threads'] == 1
+  assert groups['ce']['worst_group']['mean'] == pytest.approx(np.mean(per_seed))
+  # Every run kept every evaluated checkpoint: each rule's step was restored.
+  for r in table['runs']:
+    steps = {rule: n['step'] for rule, n in r['rules'].items()}
+    assert steps['last'] == 4 and set(steps) >= {'worst_group', 'accuracy'}
+  text = (out / 'table.md').read_text()
+  assert 'ACE + DFR' in text and 'Grid at c100' in text
