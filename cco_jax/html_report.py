@@ -137,6 +137,21 @@ def evaluation_page(report: dict, figures: dict[str, str]) -> str:
       for name, v in (report.get('deletion_insertion') or {}).items()
     ],
   )
+  tasks = (report.get('auc') or {}).get('tasks') or {}
+  auc_table = table(
+    ['task', 'ROC AUC', '95 % interval', 'sensitivity @ 0.8 / 0.9 spec.'],
+    [
+      (
+        name,
+        v.get('auc'),
+        ' - '.join(_text(x) for x in v.get('auc_interval') or ()) or None,
+        ' / '.join(
+          _text(v.get(f'sensitivity_at_specificity_{x}')) for x in (0.8, 0.9)
+        ),
+      )
+      for name, v in tasks.items()
+    ],
+  )
   shown = ''.join(
     f'<figure>{image(path, caption)}<figcaption>{html.escape(caption)}'
     '</figcaption></figure>'
@@ -152,6 +167,10 @@ def evaluation_page(report: dict, figures: dict[str, str]) -> str:
         table(['measure', 'value'], [r for r in summary if r[1] is not None]),
       ),
       ('Per class', _classes(report)),
+      (
+        'Binary tasks (each class against the rest)',
+        auc_table if tasks else '',
+      ),
       ('Interventions', perturbations if report.get('perturbations') else ''),
       (
         'Deletion and insertion',

@@ -463,7 +463,25 @@ MISTAKES = [
     'compare an unknown variant',
     'experiments.compare',
     lambda w: [f'--out={w["tmp"] / "cmp"}', '--variants=ace,acee'],
-    ["['acee']", 'choose among'],
+    ["['acee']", 'choose from'],
+  ),
+  (
+    'compare with a seed that is not a number',
+    'experiments.compare',
+    lambda w: [f'--out={w["tmp"] / "cmp"}', '--seeds=0,one'],
+    ["--seeds: 'one' is not an integer"],
+  ),
+  (
+    'ISIC shortcut benchmark without ISIC',
+    'experiments.make_isic_shortcut',
+    lambda w: ['--isic_dir=/nowhere', f'--out_dir={w["tmp"] / "isc"}'],
+    ['/nowhere has no labels.csv', 'folder layout'],
+  ),
+  (
+    'ISIC shortcut from other labels',
+    'experiments.make_isic_shortcut',
+    lambda w: [f'--isic_dir={w["root"]}', f'--out_dir={w["tmp"] / "isc"}'],
+    ["labels ['apple', 'pear']", 'expected melanoma'],
   ),
   (
     'reproduce an unknown variant',

@@ -54,6 +54,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from cco_jax import errors
 from cco_jax.data.datasets import common
 
 METADATA_FILE = 'shortcut.json'
@@ -177,12 +178,16 @@ def assign(
 ) -> dict[str, tuple[str, str, bool]]:
   """{image: (split, label, has_patch)} of the source rows (module doc)."""
   if not 0.5 <= correlation <= 1.0:
-    raise ValueError(f'correlation must be in [0.5, 1]; got {correlation}.')
+    raise errors.UserError(
+      f'--correlation={correlation}: must be in [0.5, 1] (the share of '
+      'benign training images with a patch; e.g. 0.9).'
+    )
   if test not in TEST_MODES:
-    raise ValueError(f'test must be one of {TEST_MODES}; got {test!r}.')
+    raise errors.UserError(f'test must be one of {TEST_MODES}; got {test!r}.')
   if not 0.0 < validation_fraction < 1.0:
-    raise ValueError(
-      f'validation_fraction must be in (0, 1); got {validation_fraction}.'
+    raise errors.UserError(
+      f'--validation_fraction={validation_fraction}: must be in (0, 1), '
+      'e.g. 0.15.'
     )
   label = {
     r['image']: MELANOMA if r['label'] == MELANOMA else 'benign' for r in rows
@@ -220,7 +225,7 @@ def assign(
 def _read_source(isic_dir: str) -> list[dict]:
   path = os.path.join(isic_dir, 'labels.csv')
   if not os.path.isfile(path):
-    raise ValueError(
+    raise errors.UserError(
       f'{isic_dir} has no labels.csv; expected the ISIC sample in the folder '
       'layout (labels.csv image,label,split; images/; masks/).'
     )
@@ -230,7 +235,7 @@ def _read_source(isic_dir: str) -> list[dict]:
     ]
   labels = {r['label'] for r in rows}
   if MELANOMA not in labels or len(labels) < 2:
-    raise ValueError(
+    raise errors.UserError(
       f'{path}: labels {sorted(labels)}; expected melanoma and at least one '
       'benign diagnosis.'
     )
@@ -239,10 +244,12 @@ def _read_source(isic_dir: str) -> list[dict]:
 
 def _prepare_output_dir(isic_dir: str, out_dir: str, overwrite: bool) -> None:
   if os.path.realpath(isic_dir) == os.path.realpath(out_dir):
-    raise ValueError('out_dir must differ from isic_dir.')
+    raise errors.UserError(
+      '--out_dir is --isic_dir; write the benchmark elsewhere.'
+    )
   if os.path.isdir(out_dir) and os.listdir(out_dir):
     if not overwrite:
-      raise ValueError(
+      raise errors.UserError(
         f'{out_dir} is not empty; choose another --out_dir or pass --overwrite.'
       )
     for part in ('images', 'masks', 'labels.csv', PATCHES_FILE, METADATA_FILE):
@@ -268,7 +275,7 @@ def _render(
   if has_patch:
     lesion = common.decode_mask_png(mask_bytes) > 0
     if lesion.shape != pixels.shape[:2]:
-      raise ValueError(
+      raise errors.UserError(
         f'{image}: mask {lesion.shape[::-1]} and image '
         f'{pixels.shape[1::-1]} differ in size (width x height).'
       )
