@@ -179,8 +179,8 @@ def assign(
   """{image: (split, label, has_patch)} of the source rows (module doc)."""
   if not 0.5 <= correlation <= 1.0:
     raise errors.UserError(
-      f'--correlation={correlation}: must be in [0.5, 1] (the share of '
-      'benign training images with a patch; e.g. 0.9).'
+      f'correlation must be in [0.5, 1]; got {correlation} (--correlation: '
+      'the share of benign training images with a patch, e.g. 0.9).'
     )
   if test not in TEST_MODES:
     raise errors.UserError(f'test must be one of {TEST_MODES}; got {test!r}.')
