@@ -39,6 +39,21 @@ DFR = 'dfr_last'  # The DFR evaluation's name: DFR on the last checkpoint.
 JTT_FIELDS = ('jtt.first_steps', 'jtt.factor')
 
 Setting = tuple[tuple[str, float], ...]
+# The variants' names in tables and figures, in table order.
+LABELS = {
+  'ce_control': 'CE control (unfaithful arch.)',
+  'ce': 'CE',
+  'ace': 'ACE',
+  'ace_kld': 'ACE + divergence',
+  'ace_swd': 'ACE + SWD',
+  'ace_cutmix': 'ACE + contrastive CutMix',
+  'rrr': 'RRR',
+  'ce_bg_cam': 'CE + background-CAM penalty',
+  'energy': 'CE + Energy loss',
+  'group_dro': 'Group DRO',
+  'ce_reweighted': 'CE reweighted by group',
+  'jtt': 'JTT',
+}
 
 
 def benchmark():

@@ -27,6 +27,7 @@ import numpy as np
 
 from cco_jax import metric_writers
 from cco_jax import objectives
+from experiments import compare_figures
 from experiments import compare_runs
 from experiments import compare_stats
 from experiments import results_tables
@@ -61,20 +62,7 @@ TABLES = {
 }
 REFERENCE = 'ace'
 DFR_SUFFIX = '+dfr'
-LABELS = {
-  'ce_control': 'CE control (unfaithful arch.)',
-  'ce': 'CE',
-  'ace': 'ACE',
-  'ace_kld': 'ACE + divergence',
-  'ace_swd': 'ACE + SWD',
-  'ace_cutmix': 'ACE + contrastive CutMix',
-  'rrr': 'RRR',
-  'ce_bg_cam': 'CE + background-CAM penalty',
-  'energy': 'CE + Energy loss',
-  'group_dro': 'Group DRO',
-  'ce_reweighted': 'CE reweighted by group',
-  'jtt': 'JTT',
-}
+LABELS = compare_runs.LABELS
 
 
 def label(method: str) -> str:
@@ -341,38 +329,6 @@ def grid_markdown(out: str) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def save_curves(path: str, records: list[dict], correlation: float) -> None:
-  """Training loss against step, mean over seeds, one line per variant."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  fig, (ax, linear) = plt.subplots(1, 2, figsize=(11, 4.2))
-  for variant in LABELS:
-    curves = [
-      dict(r['loss_curve'])
-      for r in records
-      if r['correlation'] == correlation and r['variant'] == variant
-    ]
-    if not curves:
-      continue
-    steps = sorted(set.intersection(*(set(c) for c in curves)))
-    mean = [np.mean([c[s] for c in curves]) for s in steps]
-    ax.plot(steps, mean, label=LABELS[variant])
-    linear.plot(steps, mean)
-  ax.set_yscale('log')
-  linear.set_ylim(0, 1.5)
-  for axis, scale in ((ax, 'log scale'), (linear, 'linear scale')):
-    axis.set_xlabel('step')
-    axis.set_ylabel('training loss (mean over seeds)')
-    axis.set_title(f'Train correlation {correlation:g}, {scale}')
-  ax.legend(fontsize=7, ncol=2)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
 def write_outputs(out, collected, chosen_at, figure_variants) -> None:
   """OUT/table.json, OUT/table.md, OUT/curves_c<corr>.png, OUT/maps_*.png."""
   tables = {}
@@ -405,7 +361,7 @@ def write_outputs(out, collected, chosen_at, figure_variants) -> None:
     f.write('\n'.join(text))
   for correlation in collected['test']:
     name = compare_runs.corr_name(correlation)
-    save_curves(
+    compare_figures.save_curves(
       os.path.join(out, f'curves_{name}.png'), collected['runs'], correlation
     )
     chosen = chosen_at.get(correlation, {})
@@ -421,53 +377,8 @@ def write_outputs(out, collected, chosen_at, figure_variants) -> None:
       if v in chosen and match:
         workdirs[LABELS.get(v, v)] = sorted(match)[0]
     if workdirs:
-      save_maps_figure(
+      compare_figures.save_maps_figure(
         os.path.join(out, f'maps_{name}.png'),
         os.path.join(out, name, 'data'),
         workdirs,
       )
-
-
-def save_maps_figure(
-  path: str, data_dir: str, workdirs: dict, per_group: int = 3
-) -> None:
-  """Test images of the minority groups explained by each run in `workdirs`
-  ({label: workdir}, best checkpoints), on one colour scale."""
-  import csv  # pylint: disable=g-import-not-at-top
-
-  from cco_jax import explain  # pylint: disable=g-import-not-at-top
-  from cco_jax import figures  # pylint: disable=g-import-not-at-top
-
-  with open(os.path.join(data_dir, 'labels.csv')) as f:
-    test = sorted(
-      (r for r in csv.DictReader(f) if r['split'] == 'test'),
-      key=lambda r: r['image'],
-    )
-  chosen = [
-    r
-    for group in compare_runs.benchmark().MINORITY_GROUPS
-    for r in [t for t in test if t['group'] == group][:per_group]
-  ]
-  paths = [os.path.join(data_dir, 'images', r['image']) for r in chosen]
-  masks = [
-    os.path.join(data_dir, 'masks', os.path.splitext(r['image'])[0] + '.png')
-    for r in chosen
-  ]
-  cams, predictions, first = {}, {}, None
-  for label, workdir in workdirs.items():
-    explainer = explain.Explainer.from_workdir(workdir, step='best')
-    labels = [explainer.class_names.index(r['label']) for r in chosen]
-    result = explainer.explain(paths, targets=labels, masks=masks)
-    cams[label], predictions[label] = result.cams, result.predicted
-    first = first or (result, labels, explainer.class_names)
-  result, labels, class_names = first
-  figures.save_method_comparison(
-    path,
-    result.images,
-    result.cam_masks,
-    labels,
-    cams,
-    predictions,
-    class_names,
-    title='Minority-group test images (background disagrees with the label)',
-  )
