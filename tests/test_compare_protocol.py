@@ -221,7 +221,7 @@ def test_compare_end_to_end(tmp_path, synthetic_pets_dir):
       f'--out={out}',
       f'--source_dir={synthetic_pets_dir}',
       '--correlations=1.0',
-      '--variants=ce,ace,ace_kld',
+      '--variants=ace,ace_kld',
       '--seeds=0,1',
       '--dfr_variants=ace',
       '--figure_variants=ace',
@@ -240,7 +240,7 @@ def test_compare_end_to_end(tmp_path, synthetic_pets_dir):
   table = json.loads((out / 'table.json').read_text())
   assert set(table['tables']) == {'1/groups', '1/labels', '1/labels_last'}
   groups = {r['method']: r for r in table['tables']['1/groups']}
-  assert set(groups) == {'ce', 'ace', 'ace+dfr', 'ace_kld'}
+  assert set(groups) == {'ace', 'ace+dfr', 'ace_kld'}
   assert groups['ace']['versus'] is None
   for row in groups.values():
     assert row['seeds'] == [0, 1]
@@ -250,7 +250,7 @@ def test_compare_end_to_end(tmp_path, synthetic_pets_dir):
   test = table['test']['1']
   group = np.asarray(test['group'])
   runs = [
-    r for r in table['runs'] if r['variant'] == 'ce' and 'worst_group' in
+    r for r in table['runs'] if r['variant'] == 'ace' and 'worst_group' in
     r['protocols']
   ]  # fmt: skip
   per_seed = []
@@ -258,7 +258,9 @@ def test_compare_end_to_end(tmp_path, synthetic_pets_dir):
     correct = np.array([c == '1' for c in r['rules']['worst_group']['correct']])
     per_seed.append(min(correct[group == g].mean() for g in np.unique(group)))
     assert r['environment'][0]['deterministic_threads'] == 1
-  assert groups['ce']['worst_group']['mean'] == pytest.approx(np.mean(per_seed))
+  assert groups['ace']['worst_group']['mean'] == pytest.approx(
+    np.mean(per_seed)
+  )
   # Every run kept every evaluated checkpoint: each rule's step was restored.
   for r in table['runs']:
     steps = {rule: n['step'] for rule, n in r['rules'].items()}

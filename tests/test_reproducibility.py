@@ -43,13 +43,12 @@ def _train(workdir, data_dir, cpus, env):
     f'--workdir={workdir}',
   ] + [f'--config.{k}={v}' for k, v in overrides.items()]
   result = subprocess.run(
-    argv,
+    deterministic.offered_cpus(cpus, argv),
     cwd=REPO,
     env={**os.environ, **env},
     capture_output=True,
     text=True,
     timeout=600,
-    preexec_fn=lambda: os.sched_setaffinity(0, cpus),
   )
   assert result.returncode == 0, result.stderr[-3000:]
   losses = [

@@ -33,6 +33,7 @@ tell whether two runs could have matched.
 from __future__ import annotations
 
 import os
+import sys
 
 from cco_jax import errors
 
@@ -96,3 +97,24 @@ def apply() -> str:
   os.sched_setaffinity(0, allowed[:count])
   os.environ['XLA_FLAGS'] = ' '.join([current, *added]).strip()
   return ' '.join(added)
+
+
+# Sets its CPU affinity, then becomes the command: a child limited to some
+# CPUs without `preexec_fn` (unsafe to fork from a multithreaded process).
+_PINNED = (
+  'import os, sys; '
+  "os.sched_setaffinity(0, [int(c) for c in sys.argv[1].split(',')]); "
+  'os.execv(sys.argv[2], sys.argv[2:])'
+)
+
+
+def offered_cpus(cpus, argv: list[str]) -> list[str]:
+  """`argv` (an absolute executable first) run with only `cpus` offered: what
+  a machine with that many CPUs would give it (for tests and benchmarks)."""
+  return [
+    sys.executable,
+    '-c',
+    _PINNED,
+    ','.join(str(c) for c in cpus),
+    *argv,
+  ]

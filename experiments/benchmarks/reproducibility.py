@@ -30,6 +30,7 @@ import sys
 from absl import app
 from absl import flags
 
+from cco_jax.runtime import deterministic
 from experiments import cli
 
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'A grouped benchmark.')
@@ -83,13 +84,12 @@ def _train(workdir: str, cpus: int | None, env: dict) -> dict:
   base['CCO_CPU_XLA_TUNING'] = '1'
   with open(f'{workdir}.log', 'w') as log:
     subprocess.run(
-      argv,
+      deterministic.offered_cpus(chosen, argv),
       env={**base, **env},
       stdout=log,
       stderr=subprocess.STDOUT,
       check=True,
       cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
-      preexec_fn=lambda: os.sched_setaffinity(0, chosen),
     )
   losses, speeds = {}, []
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
