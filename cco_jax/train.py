@@ -52,12 +52,12 @@ from cco_jax import configuration
 from cco_jax import data
 from cco_jax import early_stopping
 from cco_jax import errors
-from cco_jax import figures
 from cco_jax import metric_writers
 from cco_jax import preemption
 from cco_jax import pretrained
 from cco_jax import run_record
 from cco_jax import train_evaluation
+from cco_jax import train_figures
 from cco_jax import train_guards
 from cco_jax import train_input
 from cco_jax import train_setup
@@ -207,31 +207,18 @@ class Run:
       return
     batch = self.validation.first()
     logits, cams = self.setup.p_predict(state, batch['image'])
-    if not self.is_chief:
-      return
-    flat = lambda x: np.asarray(x).reshape((-1,) + np.shape(x)[2:])
-    real = np.flatnonzero(flat(batch['weight']) > 0)
-    chosen = real[
-      figures.examples_per_class(
-        flat(batch['label'])[real], self.config.num_figure_examples
+    if self.is_chief:
+      train_figures.save(
+        self.figure_dir,
+        self.workdir,
+        self.writer,
+        batch,
+        logits,
+        cams,
+        class_names=self.setup.record.class_names,
+        num_examples=self.config.num_figure_examples,
+        step=step,
       )
-    ]
-    pick = lambda x: flat(x)[chosen]
-    grid = figures.save_cam_grid(
-      str(self.figure_dir / f'cams_step_{step:07d}.png'),
-      pick(batch['image']),
-      pick(batch['mask']),
-      pick(cams),
-      pick(batch['label']),
-      predictions=pick(logits).argmax(-1),
-      class_names=self.setup.record.class_names,
-      step=step,
-    )
-    self.writer.write_image('validation_cams', grid, step)
-    figures.save_learning_curves(
-      str(self.figure_dir / 'learning_curves.png'),
-      metric_writers.read_metrics(self.workdir),
-    )
 
   def checkpoint(
     self,
