@@ -37,6 +37,7 @@ import dataclasses
 
 import jax
 import numpy as np
+from scipy import special
 
 from cco_jax import head_features
 
@@ -45,17 +46,9 @@ from cco_jax import head_features
 C_GRID = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-  z = z - z.max(-1, keepdims=True)
-  e = np.exp(z)
-  return e / e.sum(-1, keepdims=True)
-
-
 def logistic_loss(x, y, kernel, bias) -> float:
   """Mean softmax cross-entropy of `x (N, F) @ kernel (F, C) + bias (C,)`."""
-  z = x @ kernel + bias
-  z = z - z.max(-1, keepdims=True)
-  log_p = z - np.log(np.exp(z).sum(-1, keepdims=True))
+  log_p = special.log_softmax(x @ kernel + bias, axis=-1)
   return float(-log_p[np.arange(len(y)), y].mean())
 
 
@@ -100,7 +93,9 @@ def fit_logistic(
   weights = np.zeros((f + 1, num_classes))
   momentum, t = weights.copy(), 1.0
   for _ in range(num_iterations):
-    gradient = design.T @ (_softmax(design @ momentum) - one_hot) / n
+    gradient = (
+      design.T @ (special.softmax(design @ momentum, axis=-1) - one_hot) / n
+    )
     moved = momentum - step * gradient
     new = moved.copy()
     new[:f] = np.sign(moved[:f]) * np.maximum(np.abs(moved[:f]) - threshold, 0)

@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from scipy import special
 
 from cco_jax import cams as cams_lib
 from cco_jax import explain
@@ -283,12 +284,6 @@ class DeletionInsertionEvaluator(Evaluator):
     yield 'deletion_insertion_count', count
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-  z = logits - logits.max(-1, keepdims=True)
-  e = np.exp(z)
-  return e / e.sum(-1, keepdims=True)
-
-
 class PerExampleEvaluator(Evaluator):
   """Per-example predictions, what paired and bootstrap statistics resample.
 
@@ -311,7 +306,7 @@ class PerExampleEvaluator(Evaluator):
         np.asarray(batch.get('group', np.zeros_like(label)))[keep]
       )
       rows['prediction'].append(logits.argmax(-1)[keep])
-      rows['p'].append(_softmax(logits)[keep])
+      rows['p'].append(special.softmax(logits, axis=-1)[keep])
     joined = {k: np.concatenate(v) for k, v in rows.items()}
     order = np.argsort(joined['index'], kind='stable')
     yield (
