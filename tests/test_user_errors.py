@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 
+import browser
 import numpy as np
 from PIL import Image
 import pytest
@@ -711,3 +712,27 @@ def test_evaluation_and_explanation_pages(world, evaluation):
   assert len(parsed.images) == 2
   text = (out / 'explanations.html').read_text()
   assert 'true class apple' in text and 'notes.txt' in text
+
+
+def test_pages_in_a_real_browser(world, evaluation):
+  """Both pages opened from disk in headless Chromium: no console or page
+  error, no failed request, every image decoded, the tables rendered."""
+  report = browser.open_page(
+    evaluation[1].with_suffix('.html'), screenshot=world['tmp'] / 'report.png'
+  )
+  browser.assert_reads_well(report, min_images=2)
+  assert report.tables >= 2 and report.title
+  out = world['tmp'] / 'why_browser'
+  result = run_command(
+    EXPLAIN,
+    [
+      f'--workdir={world["run"]}',
+      f'--out={out}',
+      f'--labels={world["root"] / "labels.csv"}',
+      str(world['root'] / 'images' / 'apple_1.jpg'),
+      str(world['root'] / 'images' / 'pear_9.jpg'),
+    ],
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  explained = browser.open_page(out / 'explanations.html')
+  browser.assert_reads_well(explained, min_images=2)
