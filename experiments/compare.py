@@ -76,10 +76,19 @@ def define_flags():
     'source_dir',
     '../shared/data/oxford-iiit-pet-sample',
     "The benchmark's source data (for 'spurious': Oxford-IIIT Pet in the "
-    'official layout).',
+    "official layout); not given: the plug-in's SOURCE_DIR, if it has one.",
   )
-  flags.DEFINE_list('correlations', ['1.0', '0.95'], 'Train correlations.')
-  flags.DEFINE_list('variants', list(DEFAULT_VARIANTS), 'Variants to train.')
+  flags.DEFINE_list(
+    'correlations',
+    ['1.0', '0.95'],
+    "Train correlations; not given: the plug-in's CORRELATIONS, if it has one.",
+  )
+  flags.DEFINE_list(
+    'variants',
+    list(DEFAULT_VARIANTS),
+    "Variants to train; not given: the plug-in's DEFAULT_VARIANTS, if it has "
+    'one.',
+  )
   flags.DEFINE_list('seeds', ['0', '1', '2', '3', '4'], 'Training seeds.')
   flags.DEFINE_list(
     'dfr_variants', ['ce', 'ace'], 'Variants also evaluated with DFR.'
@@ -119,15 +128,20 @@ def ensure_data(out: str, correlation: float) -> str:
   from cco_jax import data  # pylint: disable=g-import-not-at-top
 
   f = flags.FLAGS
+  plugin = compare_runs.benchmark()
   data_dir = os.path.join(out, compare_runs.corr_name(correlation), 'data')
   if not os.path.exists(os.path.join(data_dir, 'labels.csv')):
-    compare_runs.benchmark().build_benchmark(
-      f.source_dir,
+    sizes = {}
+    if getattr(plugin, 'GROUP_SIZES_FROM_FLAGS', True):
+      sizes = dict(
+        val_per_group=f.val_per_group, test_per_group=f.test_per_group
+      )
+    plugin.build_benchmark(
+      plugin_default('source_dir'),
       data_dir,
       correlation=correlation,
-      val_per_group=f.val_per_group,
-      test_per_group=f.test_per_group,
       seed=f.data_seed,
+      **sizes,
     )
   # Prepared here, once: parallel trainings must not prepare it together.
   config = compare_runs.benchmark().get_config('ce')
@@ -231,22 +245,56 @@ def _number(kind, text: str, flag: str):
     ) from None
 
 
-def main(argv):
-  cli.no_arguments(argv)
+# Flags whose default a benchmark plug-in may set (module attribute): what
+# the flag says when it is given, the plug-in's value when not.
+PLUGIN_DEFAULTS = {
+  'source_dir': 'SOURCE_DIR',
+  'variants': 'DEFAULT_VARIANTS',
+  'correlations': 'CORRELATIONS',
+}
+
+
+def plugin_default(flag: str):
+  """The flag's value, or (not given) the plug-in's default for it."""
+  f = flags.FLAGS
+  if f[flag].present:
+    return f[flag].value
+  value = getattr(compare_runs.benchmark(), PLUGIN_DEFAULTS[flag], None)
+  return f[flag].value if value is None else list(value)
+
+
+def check_plugin() -> None:
+  """The --benchmark module exists, and takes the flags given."""
   f = flags.FLAGS
   compare_runs.BENCHMARK = f.benchmark
   try:
-    compare_runs.benchmark()
+    plugin = compare_runs.benchmark()
   except ImportError:
     raise app.UsageError(
       f'--benchmark={f.benchmark}: no module experiments/configs/'
       f'{f.benchmark}.py; name a config module there.'
     ) from None
+  sized = [n for n in ('val_per_group', 'test_per_group') if f[n].present]
+  if sized and not getattr(plugin, 'GROUP_SIZES_FROM_FLAGS', True):
+    raise app.UsageError(
+      f'--{sized[0]}: the {f.benchmark} benchmark takes its group sizes from '
+      'its source data; leave the flag out (experiments/configs/'
+      f'{f.benchmark}.py says what they are).'
+    )
+
+
+def main(argv):
+  cli.no_arguments(argv)
+  f = flags.FLAGS
+  check_plugin()
   out = os.path.abspath(f.out)
   compilation_cache.enable_compilation_cache(os.path.join(out, 'xla_cache'))
-  correlations = [_number(float, c, '--correlations') for c in f.correlations]
+  correlations = [
+    _number(float, c, '--correlations') for c in plugin_default('correlations')
+  ]
   seeds = [_number(int, s, '--seeds') for s in f.seeds]
-  unknown = set(f.variants) - set(compare_runs.benchmark().VARIANTS)
+  variants = plugin_default('variants')
+  unknown = set(variants) - set(compare_runs.benchmark().VARIANTS)
   if unknown:
     raise app.UsageError(
       f'--variants: unknown {sorted(unknown)}; choose from '
@@ -262,9 +310,9 @@ def main(argv):
     elif f.tables_only:
       continue
     else:
-      results = grids(trainer, f.variants, f.grid_seed, f.max_widen)
+      results = grids(trainer, variants, f.grid_seed, f.max_widen)
       compare_grid.write(path, results)
-    chosen_at[correlation] = choices(results, f.variants)
+    chosen_at[correlation] = choices(results, variants)
     if f.tables_only:
       continue
     items = sorted(

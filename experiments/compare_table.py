@@ -27,6 +27,7 @@ import numpy as np
 
 from cco_jax import metric_writers
 from cco_jax import objectives
+from cco_jax.evaluation import auc
 from experiments import compare_figures
 from experiments import compare_runs
 from experiments import compare_stats
@@ -36,6 +37,7 @@ MEASURES = (
   ('accuracy', 'avg acc'),
   ('worst_group_accuracy', 'worst-group acc'),
   ('minority_accuracy', 'minority acc'),
+  ('auc', 'AUC'),
   ('bg_share', 'bg share'),
   ('bg_noise_flip', 'bg-noise flip'),
 )
@@ -98,12 +100,26 @@ def checkpoint_numbers(report: dict) -> dict:
       if k.startswith('group_accuracy/')
     },
   }
+  numbers['auc'] = None
   if rows is not None:
     correct = np.asarray(rows['prediction']) == np.asarray(rows['label'])
     numbers['correct'] = ''.join('1' if c else '0' for c in correct)
+    numbers['auc'] = binary_auc(rows, report.get('class_names') or ())
   if 'dfr' in report:
     numbers['dfr'] = report['dfr']
   return numbers
+
+
+def binary_auc(rows: dict, class_names) -> float | None:
+  """ROC AUC of a two-class benchmark from the per-example probabilities of
+  its positive class (the plug-in's POSITIVE_CLASS, else the second class);
+  None for more classes."""
+  if len(class_names) != 2:
+    return None
+  positive = getattr(compare_runs.benchmark(), 'POSITIVE_CLASS', None)
+  index = list(class_names).index(positive) if positive else 1
+  scores = np.asarray(rows['probabilities'], np.float64)[:, index]
+  return auc.roc_auc(scores, np.asarray(rows['label']) == index)
 
 
 def collect(out, chosen_at, seeds, steps, dfr_variants) -> dict:

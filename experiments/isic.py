@@ -1,27 +1,32 @@
-r"""The ISIC table: CE control vs ACE vs ACE + divergence, seeds, figures.
+r"""The ISIC table: six objectives scored by the challenge's AUCs, seeds, figures.
 
     python -m experiments.isic --out=/tmp/isic \
         --data_dir=../shared/data/isic-2017-sample
 
 For each variant in --variants (of experiments/configs/isic.py; default the
-CPU trio cpu_ce, cpu_ace, cpu) and each seed in --seeds it
+six CPU objectives: CE control, CE, ACE, ACE + divergence, BCE and ablated
+BCE) and each seed in --seeds it
   1. prepares the data once into OUT/tfds (`experiments.prepare`, images
      stored at the config's data.store_size);
   2. trains `python -m experiments.pets --config=...isic.py:VARIANT` into
      OUT/<variant>_s<seed> (log in train.log, wall time in wall_time.json),
      --parallel runs at a time, unless final_metrics.json exists (an
      unfinished run resumes from its last checkpoint);
-  3. evaluates the best checkpoint (by validation accuracy) on the test split
-     into OUT/<run>/evaluation/report_isic.json, unless it exists
-     (--reevaluate): classification, interventions (flip rates, background
-     swap), localisation (`cco_jax.evaluation`) and class-wise recall and
-     balanced accuracy, clean and under background swap
+  3. evaluates the best checkpoint (the config's best_metric: validation mean
+     AUC of the two challenge tasks) on the test split into
+     OUT/<run>/evaluation/report_isic.json, unless it exists (--reevaluate):
+     ROC AUC per task with bootstrap intervals (`cco_jax.evaluation.auc`),
+     classification, interventions (flip rates, background swap),
+     localisation (`cco_jax.evaluation`) and class-wise recall and balanced
+     accuracy, clean and under background swap
      (`cco_jax.evaluation.classwise`);
-  4. writes OUT/table.md and OUT/table.json (mean and sample std, ddof=1, over
-     seeds) and, with --figures, OUT/figures/isic_<variant>.png: the test
-     images at --figure_positions with their lesion masks and the true
-     class's evidence map of the first seed's model, one colour scale shared
-     by all variants.
+  4. writes OUT/table.md and OUT/table.json (mean, sample std (ddof=1) and a
+     95 % t interval over seeds; each run's bootstrap intervals over test
+     images in table.json) and, with --figures, OUT/figures/isic_<variant>.png
+     (the test images at --figure_positions with their lesion masks and the
+     true class's evidence map of the first seed's model, one colour scale
+     shared by all variants) and OUT/figures/isic_curves.png (validation mean
+     AUC of every run against steps, its best step marked).
 
 --epochs and --override (`KEY=VALUE`, no "config.") change training, e.g.
 `--override=data.image_size=32` for a smoke run.
@@ -39,20 +44,35 @@ from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
+from scipy import stats
 
 from experiments import cli
+from experiments import isic_figures
 from experiments import results_tables
 from experiments import runs
 
 CONFIG = 'experiments/configs/isic.py'
 LABELS = {
   'cpu_ce': 'CE control',
+  'cpu_ce_faithful': 'CE',
   'cpu_ace': 'ACE',
   'cpu': 'ACE + divergence',
+  'cpu_bce': 'BCE (two tasks)',
+  'cpu_ace_bce': 'ablated BCE (two tasks)',
   'default_ce': 'CE control (ResNet-50)',
   'default_ace': 'ACE (ResNet-50)',
   'default': 'ACE + divergence (ResNet-50)',
+  'default_bce': 'BCE (ResNet-50)',
+  'default_ace_bce': 'ablated BCE (ResNet-50)',
 }
+DEFAULT_VARIANTS = (
+  'cpu_ce',
+  'cpu_ce_faithful',
+  'cpu_ace',
+  'cpu',
+  'cpu_bce',
+  'cpu_ace_bce',
+)
 REPORT = 'report_isic.json'
 CLASSES = ('melanoma', 'nevus', 'seborrheic_keratosis')
 # Test-split positions (labels.csv order of the sample's test rows) shown in
@@ -74,7 +94,7 @@ def define_flags() -> None:
   flags.DEFINE_list('seeds', ['0', '1', '2'], 'Training seeds.')
   flags.DEFINE_list(
     'variants',
-    ['cpu_ce', 'cpu_ace', 'cpu'],
+    list(DEFAULT_VARIANTS),
     f'Variants of {CONFIG}, among {sorted(LABELS)}.',
   )
   flags.DEFINE_float('epochs', None, 'Override num_epochs.')
@@ -169,7 +189,7 @@ def evaluate(workdir: str, reevaluate: bool = False) -> dict:
   config = evaluation.default_config()
   config.split = 'test'
   config.ood = False
-  config.evaluators = ('classification', 'interventions', 'localisation')
+  config.evaluators = ('classification', 'auc', 'interventions', 'localisation')
   report = evaluation.evaluate_checkpoint(workdir, config).report
   run = restore.restore_model(workdir, step='best')
   data = report_lib.resolved_data(run.config, None, out)
@@ -197,17 +217,40 @@ def evaluate(workdir: str, reevaluate: bool = False) -> dict:
   return report
 
 
+def _training_curve(workdir: str) -> dict:
+  """Validation mean AUC by step, the last step trained and whether early
+  stopping ended the run, from WORKDIR/metrics.jsonl."""
+  steps, values, last, stopped = [], [], 0, False
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        record = json.loads(line)
+        last = max(last, int(record.get('step', 0)))
+        stopped = stopped or bool(record.get('early_stopped'))
+        if record.get('eval_mean_auc') is not None:
+          steps.append(int(record['step']))
+          values.append(float(record['eval_mean_auc']))
+  return {'steps': steps, 'mean_auc': values, 'last': last, 'stopped': stopped}
+
+
 def run_record(variant: str, seed: int, workdir: str, report: dict) -> dict:
   """The table's numbers of one run."""
   clean = report['classwise']['clean']
   swap = report['classwise']['background_swap']
   perturbations = report['perturbations']
+  scores = report['auc']
+  curve = _training_curve(workdir)
   record = {
     'run': run_name(variant, seed),
     'variant': variant,
     'seed': seed,
     'step': report['step'],
-    'validation_accuracy': report['checkpoint_metrics'].get('eval_accuracy'),
+    'steps_trained': curve['last'],
+    'early_stopped': curve['stopped'],
+    'validation_mean_auc': report['checkpoint_metrics'].get('eval_mean_auc'),
+    'mean_auc': scores['mean_auc'],
+    'mean_auc_interval': scores['mean_auc_interval'],
     'accuracy': clean['accuracy'],
     'balanced_accuracy': clean['balanced_accuracy'],
     'bg_share': report['bg_share'],
@@ -219,22 +262,33 @@ def run_record(variant: str, seed: int, workdir: str, report: dict) -> dict:
     'train_seconds': runs.train_seconds(workdir),
     'evaluation_seconds': report.get('evaluation_seconds'),
   }
+  for task, values in scores['tasks'].items():
+    record[f'auc/{task}'] = values['auc']
+    record[f'auc_interval/{task}'] = values['auc_interval']
+    for specificity in (0.8, 0.9):
+      key = f'sensitivity_at_specificity_{specificity}'
+      record[f'{key}/{task}'] = values[key]
   for name, value in clean['recall'].items():
     record[f'recall/{name}'] = value
   return record
 
 
+TASKS = ('melanoma', 'seborrheic_keratosis')
 COLUMNS = (
-  ('accuracy', 'test acc'),
+  ('mean_auc', 'test mean AUC'),
+  *((f'auc/{t}', f'AUC {t.replace("_", " ")}') for t in TASKS),
+  *(
+    (f'sensitivity_at_specificity_0.8/{t}', f'sens. @ spec. 0.8, {t[:3]}')
+    for t in TASKS
+  ),
   ('balanced_accuracy', 'balanced acc'),
   *((f'recall/{c}', f'recall {c.replace("_", " ")}') for c in CLASSES),
   ('bg_share', 'bg share of influence'),
-  ('background_noise_flip', 'bg-noise flip'),
   ('background_swap_flip', 'bg-swap flip'),
-  ('background_swap_accuracy', 'acc, bg swapped'),
-  ('background_swap_balanced_accuracy', 'balanced acc, bg swapped'),
   ('pointing_game', 'pointing game'),
-  ('validation_accuracy', 'valid acc'),
+  ('validation_mean_auc', 'valid mean AUC'),
+  ('step', 'best step'),
+  ('steps_trained', 'steps trained'),
   ('train_seconds', 'train time (s)'),
 )
 
@@ -251,94 +305,34 @@ def aggregate(records: list[dict]) -> list[dict]:
     }
     for key, _ in COLUMNS:
       row[key] = results_tables.seed_stat(r.get(key) for r in group)
+    row['mean_auc_t_interval'] = t_interval([r.get('mean_auc') for r in group])
     rows.append(row)
   return rows
 
 
+def t_interval(values, level: float = 0.95) -> list[float] | None:
+  """The `level` Student-t interval of the mean over seeds (None below two)."""
+  values = np.array([v for v in values if v is not None], np.float64)
+  if len(values) < 2:
+    return None
+  half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1)
+  half /= np.sqrt(len(values))
+  return [float(values.mean() - half), float(values.mean() + half)]
+
+
 def markdown_table(rows: list[dict]) -> str:
-  header = ['objective', 'seeds'] + [title for _, title in COLUMNS]
+  header = ['objective', 'seeds', 'test mean AUC, 95 % t interval']
+  header += [title for _, title in COLUMNS]
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for row in rows:
+    interval = row.get('mean_auc_t_interval')
     cells = [row['objective'], str(len(row['seeds']))]
+    cells.append(
+      '—' if interval is None else f'[{interval[0]:.3f}, {interval[1]:.3f}]'
+    )
     cells += [results_tables.cell(row[key], key) for key, _ in COLUMNS]
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
-
-
-def figure_maps(workdir: str, positions: list[int]) -> dict:
-  """Images, pixel masks, labels, predictions and true-class evidence maps
-  (`figures.evidence`) of the test positions, by the run's best checkpoint."""
-  # pylint: disable=g-import-not-at-top
-  from cco_jax import figures
-  from cco_jax import restore
-  from cco_jax.data import sources
-  from cco_jax.evaluation import interventions
-  from cco_jax.evaluation import report as report_lib
-
-  run = restore.restore_model(workdir, step='best')
-  scratch = os.path.join(workdir, 'evaluation')
-  data = report_lib.resolved_data(run.config, None, scratch)
-  test = sources.load_split_sources(data, ['test'])['test']
-  reader = interventions.SplitReader(data, test, cam_size=run.cam_size)
-  examples = [reader.example(p) for p in positions]
-  images = np.stack([e['image'] for e in examples])
-  labels = np.array([int(e['label']) for e in examples])
-  logits, cams = (np.asarray(x) for x in run.predict_fn()(images))
-  return {
-    'image': images,
-    'pixel_mask': np.stack([e['pixel_mask'] for e in examples]),
-    'label': labels,
-    'prediction': logits.argmax(-1),
-    'map': figures.evidence(cams, labels),
-    'class_names': run.class_names,
-  }
-
-
-def save_figures(maps: dict, out: str) -> list[str]:
-  """One PNG per variant (rows: image with the lesion outline, evidence map
-  of the true class), all on the colour scale of the largest |map|."""
-  # pylint: disable=g-import-not-at-top
-  from cco_jax import figures
-
-  plt = figures.plt
-  limit = max(float(np.abs(m['map']).max()) for m in maps.values()) or 1.0
-  paths = []
-  for variant, m in maps.items():
-    count = len(m['label'])
-    fig, axes = plt.subplots(2, count, figsize=(1.45 * count + 0.8, 3.4))
-    axes = np.asarray(axes).reshape(2, count)
-    for i in range(count):
-      image = figures.displayable(m['image'][i])
-      ax = axes[0, i]
-      ax.imshow(image)
-      ax.contour(
-        m['pixel_mask'][i], levels=[0.5], colors='yellow', linewidths=0.8
-      )
-      names = m['class_names']
-      ax.set_title(
-        f'{names[m["label"][i]][:10]}\npred {names[m["prediction"][i]][:10]}',
-        fontsize=6,
-      )
-      ax.axis('off')
-      artist = figures.overlay(axes[1, i], image, m['map'][i], limit)
-      axes[1, i].contour(
-        m['pixel_mask'][i], levels=[0.5], colors='black', linewidths=0.5
-      )
-    colorbar = fig.colorbar(
-      artist, ax=axes[1].tolist(), fraction=0.02, pad=0.01
-    )
-    colorbar.set_label('evidence (logits per cell)', fontsize=6)
-    colorbar.ax.tick_params(labelsize=6)
-    fig.suptitle(
-      f'{LABELS[variant]}: lesion outline (top); true-class evidence, one '
-      f'colour scale for all methods ({figures.MAP_LEGEND})',
-      fontsize=7,
-    )
-    path = os.path.join(out, f'isic_{variant}.png')
-    fig.savefig(path, dpi=90, bbox_inches='tight')
-    plt.close(fig)
-    paths.append(path)
-  return paths
 
 
 def main(argv):
@@ -404,13 +398,22 @@ def main(argv):
   print(table, flush=True)
   if flags.FLAGS.figures:
     positions = [int(p) for p in flags.FLAGS.figure_positions]
-    maps = {
-      v: figure_maps(os.path.join(out, run_name(v, seeds[0])), positions)
-      for v in flags.FLAGS.variants
-    }
     figure_dir = os.path.join(out, 'figures')
     os.makedirs(figure_dir, exist_ok=True)
-    for path in save_figures(maps, figure_dir):
+    maps = {
+      v: isic_figures.figure_maps(
+        os.path.join(out, run_name(v, seeds[0])), positions
+      )
+      for v in flags.FLAGS.variants
+    }
+    paths = isic_figures.save_figures(maps, figure_dir, LABELS)
+    curves = {
+      (v, s): _training_curve(os.path.join(out, run_name(v, s)))
+      for v, s in specs
+    }
+    best = {(r['variant'], r['seed']): r['step'] for r in records}
+    paths.append(isic_figures.save_curves(curves, best, figure_dir, LABELS))
+    for path in paths:
       print(path, flush=True)
 
 

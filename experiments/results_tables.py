@@ -8,6 +8,9 @@ import platform
 
 import numpy as np
 
+# Keys whose values are counts or seconds: shown without decimals.
+COUNTS = ('train_seconds', 'step', 'steps_trained')
+
 
 def seed_stat(values) -> dict | None:
   """Mean and sample std (ddof=1; 0 for one seed) of the measured values.
@@ -28,7 +31,7 @@ def cell(stat: dict | None, key: str) -> str:
   """'mean ± std' (the mean alone for one seed), '—' when not measured."""
   if stat is None:
     return '—'
-  digits = 0 if key == 'train_seconds' else 3
+  digits = 0 if key in COUNTS else 3
   text = f'{stat["mean"]:.{digits}f}'
   return text if stat['n'] == 1 else f'{text} ± {stat["std"]:.{digits}f}'
 

@@ -13,6 +13,7 @@ works for the greyscale one), which is what the alignment tests check.
 
 from __future__ import annotations
 
+import csv
 import io
 import os
 from pathlib import Path
@@ -161,3 +162,42 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
   config = data_lib.default_config()
   config.update(dict(image_size=32, prefetch=0), **overrides)
   return config
+
+
+ISIC_DIAGNOSES = ('melanoma', 'nevus', 'seborrheic_keratosis')
+
+
+def write_isic_source(root: Path, n: int = 60, size: int = 64) -> list[dict]:
+  """n skin-coloured images with an elliptic lesion each, in the folder
+  layout, diagnoses and splits in fixed proportions."""
+  (root / 'images').mkdir(parents=True)
+  (root / 'masks').mkdir(parents=True)
+  rows = []
+  for i in range(n):
+    rng = np.random.default_rng(i)
+    y, x = np.mgrid[0:size, 0:size]
+    cy, cx = rng.uniform(0.3, 0.7, 2) * size
+    ry, rx = rng.uniform(0.12, 0.3, 2) * size
+    lesion = ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1
+    pixels = np.where(lesion[..., None], (90, 50, 30), (225, 180, 160))
+    pixels = pixels + rng.integers(-10, 10, pixels.shape)
+    name = f'ISIC_{i:07d}.jpg'
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(
+      root / 'images' / name, quality=95
+    )
+    Image.fromarray(lesion.astype(np.uint8) * 255).save(
+      root / 'masks' / f'ISIC_{i:07d}.png'
+    )
+    diagnosis = ISIC_DIAGNOSES[0 if i % 4 == 0 else 1 + i % 2]
+    rows.append(
+      {
+        'image': name,
+        'label': diagnosis,
+        'split': 'test' if i % 5 == 0 else 'train',
+      }
+    )
+  with open(root / 'labels.csv', 'w', newline='') as f:
+    writer = csv.DictWriter(f, ('image', 'label', 'split'))
+    writer.writeheader()
+    writer.writerows(rows)
+  return rows

@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 import pytest
+import synthetic_data
 
 from cco_jax import errors
 from cco_jax import jtt
@@ -24,6 +25,7 @@ from cco_jax import selection
 from experiments import compare_grid
 from experiments import compare_runs
 from experiments import compare_stats
+from experiments import compare_table
 from experiments.configs import spurious as spurious_configs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -267,3 +269,72 @@ def test_compare_end_to_end(tmp_path, synthetic_pets_dir):
     assert steps['last'] == 4 and set(steps) >= {'worst_group', 'accuracy'}
   text = (out / 'table.md').read_text()
   assert 'ACE + DFR' in text and 'Grid at c100' in text
+  # Two classes: every evaluation has the test AUC of the second class.
+  for r in table['runs']:
+    assert all(0.0 <= n['auc'] <= 1.0 for n in r['rules'].values())
+  assert '| AUC |' in text
+
+
+@pytest.mark.parametrize('names', [('benign', 'melanoma'), ('melanoma', 'x')])
+def test_binary_auc_scores_the_plugins_positive_class(names, monkeypatch):
+  monkeypatch.setattr(compare_runs, 'BENCHMARK', 'isic_shortcut')
+  rng = np.random.default_rng(len(names[1]))
+  labels = rng.integers(0, 2, 40)
+  p = rng.uniform(size=40)
+  rows = {'label': labels.tolist(), 'probabilities': np.c_[1 - p, p].tolist()}
+  positive = names.index('melanoma')
+  scores = np.c_[1 - p, p][:, positive]
+  pos, neg = scores[labels == positive], scores[labels != positive]
+  pairs = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+  assert compare_table.binary_auc(rows, names) == pytest.approx(pairs.mean())
+  assert compare_table.binary_auc(rows, ('a', 'b', 'c')) is None
+
+
+def test_isic_shortcut_plugin_end_to_end(tmp_path):
+  """The skin-lesion plug-in through `experiments.compare`: its own source,
+  correlations and variants by default, the benchmark built balanced, AUC
+  of melanoma in the table; group-size flags refused in one line."""
+  source = tmp_path / 'isic'
+  synthetic_data.write_isic_source(source, n=60, size=64)
+  out = tmp_path / 'compare'
+  common = [
+    sys.executable,
+    '-m',
+    'experiments.compare',
+    '--benchmark=isic_shortcut',
+    f'--out={out}',
+    f'--source_dir={source}',
+  ]
+  refused = subprocess.run(
+    [*common, '--val_per_group=3'],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert refused.returncode != 0 and 'Traceback' not in refused.stderr
+  assert '--val_per_group: the isic_shortcut benchmark' in refused.stderr
+  result = subprocess.run(
+    [
+      *common,
+      '--variants=ace,ce',
+      '--seeds=0',
+      '--dfr_variants=',
+      '--figure_variants=ace',
+      '--steps=4',
+      '--max_widen=0',
+      '--deterministic_threads=1',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=1200,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  meta = json.loads((out / 'c095' / 'data' / 'shortcut.json').read_text())
+  assert meta['test'] == 'balanced' and meta['correlation'] == 0.95
+  table = json.loads((out / 'table.json').read_text())
+  rows = {r['method']: r for r in table['tables']['0.95/groups']}
+  assert set(rows) == {'ace', 'ce'}
+  for r in table['runs']:
+    assert all(0.0 <= n['auc'] <= 1.0 for n in r['rules'].values())

@@ -2,11 +2,13 @@
 the class-wise metrics of its table (cco_jax.evaluation.classwise)."""
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 import pytest
+from scipy import stats
 import synthetic_data as df
 
 from cco_jax import data as data_lib
@@ -38,6 +40,23 @@ def test_variants_differ_only_where_they_should():
       assert other[key] == flat[0][key]
     assert other['num_epochs'] == flat[0]['num_epochs']
     assert other['batch_size'] == flat[0]['batch_size']
+  # The table's six objectives: one budget, chosen and stopped on
+  # validation mean AUC; only the loss (and the control's architecture) differ.
+  table = {v: isic.get_config(v) for v in isic_runner.DEFAULT_VARIANTS}
+  assert {v: (c.loss.name, c.model.cam_faithful) for v, c in table.items()} == {
+    'cpu_ce': ('ce', False),
+    'cpu_ce_faithful': ('ce', True),
+    'cpu_ace': ('ace', True),
+    'cpu': ('ace_kld', True),
+    'cpu_bce': ('bce', True),
+    'cpu_ace_bce': ('ace_bce', True),
+  }
+  for config in table.values():
+    assert config.best_metric == 'mean_auc'
+    assert config.early_stopping_patience > 0
+    assert tuple(config.auc_tasks) == isic_runner.TASKS
+    assert config.to_dict()['data'] == flat[0]['data']
+    assert config.num_epochs == cpu.num_epochs
   default = isic.get_config('default')
   assert default.model.name == 'resnet50' and default.data.image_size == 224
   assert default.model.dtype == 'bfloat16' and default.data.augment_crop
@@ -56,13 +75,48 @@ def test_runner_commands_name_the_variant_and_data():
   assert {'--config.seed=2', '--config.data.manual_dir=/d'} <= set(command)
   assert command[-1] == '--config.a.b=1'
   records = [
-    {'variant': 'cpu', 'seed': s, 'accuracy': a}
+    {'variant': 'cpu', 'seed': s, 'mean_auc': a}
     for s, a in enumerate((0.5, 0.7, 0.9))
   ]
   (row,) = isic_runner.aggregate(records)
-  assert row['accuracy']['mean'] == pytest.approx(0.7)
-  assert row['accuracy']['std'] == pytest.approx(0.2)  # ddof = 1.
+  assert row['mean_auc']['mean'] == pytest.approx(0.7)
+  assert row['mean_auc']['std'] == pytest.approx(0.2)  # ddof = 1.
+  assert row['mean_auc_t_interval'] == pytest.approx(
+    [0.7 - 4.302653 * 0.2 / np.sqrt(3), 0.7 + 4.302653 * 0.2 / np.sqrt(3)]
+  )
   assert row['balanced_accuracy'] is None
+  assert '[0.203, 1.197]' in isic_runner.markdown_table([row])
+
+
+@pytest.mark.parametrize('n', [2, 3, 7])
+def test_seed_interval_is_students_t(n):
+  rng = np.random.default_rng(n)
+  values = rng.normal(0.7, 0.05, n)
+  low, high = isic_runner.t_interval([*values, None])
+  # Covers the mean symmetrically, with the t quantile's half-width.
+  assert (low + high) / 2 == pytest.approx(values.mean())
+  quantile = (high - values.mean()) * np.sqrt(n) / values.std(ddof=1)
+  assert stats.t.cdf(quantile, n - 1) == pytest.approx(0.975)
+  assert isic_runner.t_interval([0.5]) is None
+
+
+def test_training_curve_reads_validation_auc_and_early_stop(tmp_path):
+  lines = [
+    {'step': 24, 'train_loss': 1.0},
+    {'step': 48, 'eval_mean_auc': 0.61, 'eval_accuracy': 0.5},
+    {'step': 96, 'eval_mean_auc': 0.66},
+    {'step': 144, 'eval_mean_auc': 0.64, 'early_stopped': 1},
+  ]
+  (tmp_path / 'metrics.jsonl').write_text(
+    ''.join(json.dumps(line) + '\n' for line in lines)
+  )
+  curve = isic_runner._training_curve(str(tmp_path))
+  assert curve == {
+    'steps': [48, 96, 144],
+    'mean_auc': [0.61, 0.66, 0.64],
+    'last': 144,
+    'stopped': True,
+  }
 
 
 @pytest.mark.parametrize('num_classes,size', [(2, 1), (3, 57), (5, 200)])

@@ -16,49 +16,11 @@ import synthetic_data as df
 from cco_jax import data as data_lib
 from cco_jax.data import isic_shortcut
 
-DIAGNOSES = ('melanoma', 'nevus', 'seborrheic_keratosis')
-
-
-def write_source(root: Path, n: int = 60, size: int = 64) -> list[dict]:
-  """n skin-coloured images with an elliptic lesion each, in the folder
-  layout, diagnoses and splits in fixed proportions."""
-  (root / 'images').mkdir(parents=True)
-  (root / 'masks').mkdir(parents=True)
-  rows = []
-  for i in range(n):
-    rng = np.random.default_rng(i)
-    y, x = np.mgrid[0:size, 0:size]
-    cy, cx = rng.uniform(0.3, 0.7, 2) * size
-    ry, rx = rng.uniform(0.12, 0.3, 2) * size
-    lesion = ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1
-    pixels = np.where(lesion[..., None], (90, 50, 30), (225, 180, 160))
-    pixels = pixels + rng.integers(-10, 10, pixels.shape)
-    name = f'ISIC_{i:07d}.jpg'
-    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(
-      root / 'images' / name, quality=95
-    )
-    Image.fromarray(lesion.astype(np.uint8) * 255).save(
-      root / 'masks' / f'ISIC_{i:07d}.png'
-    )
-    diagnosis = DIAGNOSES[0 if i % 4 == 0 else 1 + i % 2]
-    rows.append(
-      {
-        'image': name,
-        'label': diagnosis,
-        'split': 'test' if i % 5 == 0 else 'train',
-      }
-    )
-  with open(root / 'labels.csv', 'w', newline='') as f:
-    writer = csv.DictWriter(f, ('image', 'label', 'split'))
-    writer.writeheader()
-    writer.writerows(rows)
-  return rows
-
 
 @pytest.fixture(scope='module')
 def source(tmp_path_factory):
   root = tmp_path_factory.mktemp('isic_source')
-  return root, write_source(root)
+  return root, df.write_isic_source(root)
 
 
 @pytest.mark.parametrize('test', isic_shortcut.TEST_MODES)
@@ -84,7 +46,7 @@ def test_assignment_follows_the_shares_and_is_seeded(source, test):
       patched = sum(v[2] for v in members)
       assert patched == np.floor(share * len(members) + 0.5), (split, label)
   # Validation: a quarter of each diagnosis of the source's train split.
-  for diagnosis in DIAGNOSES:
+  for diagnosis in df.ISIC_DIAGNOSES:
     train = [
       r['image']
       for r in rows
