@@ -12,8 +12,11 @@ The benchmark is a plug-in: a config module `experiments/configs/<name>.py`
 `MINORITY_GROUPS` (the groups whose spurious feature disagrees with the label)
 and `build_benchmark(source_dir, out_dir, *, correlation, val_per_group,
 test_per_group, seed)` (writes the folder dataset at a correlation; `seed`
-composes it). A new
-benchmark (e.g. skin lesions with pasted artifacts) supplies only that module.
+composes it); optionally `SOURCE_DIR`, `CORRELATIONS`, `DEFAULT_VARIANTS`
+(defaults of the flags of those names), `POSITIVE_CLASS` (scored by the
+tables' AUC) and `GROUP_SIZES_FROM_FLAGS = False` (sizes fixed by the data).
+A new benchmark supplies only that module (`isic_shortcut`: skin lesions
+with pasted adhesive patches).
 
 Each finished run is evaluated on the test split at the checkpoint each
 selection rule names (`cco_jax.selection`: worst_group, accuracy, last), and
