@@ -123,10 +123,8 @@ def define_flags():
 
 
 def ensure_data(out: str, correlation: float) -> str:
-  """The benchmark at `correlation` (built and prepared once)."""
-  from cco_jax import configuration  # pylint: disable=g-import-not-at-top
-  from cco_jax import data  # pylint: disable=g-import-not-at-top
-
+  """The benchmark at `correlation` (built and prepared once), and its
+  counterfactual test where the plug-in has one."""
   f = flags.FLAGS
   plugin = compare_runs.benchmark()
   data_dir = os.path.join(out, compare_runs.corr_name(correlation), 'data')
@@ -143,7 +141,23 @@ def ensure_data(out: str, correlation: float) -> str:
       seed=f.data_seed,
       **sizes,
     )
-  # Prepared here, once: parallel trainings must not prepare it together.
+  prepare(data_dir)
+  if hasattr(plugin, 'build_counterfactual'):
+    counterfactual = compare_runs.counterfactual_dir(data_dir)
+    if not os.path.exists(os.path.join(counterfactual, 'labels.csv')):
+      plugin.build_counterfactual(
+        plugin_default('source_dir'), data_dir, counterfactual
+      )
+    prepare(counterfactual)
+  return data_dir
+
+
+def prepare(data_dir: str) -> None:
+  """Prepares a folder dataset of the benchmark into DATA_DIR/tfds, here,
+  once: parallel trainings must not prepare it together."""
+  from cco_jax import configuration  # pylint: disable=g-import-not-at-top
+  from cco_jax import data  # pylint: disable=g-import-not-at-top
+
   config = compare_runs.benchmark().get_config('ce')
   configuration.apply_overrides(
     config,
@@ -153,7 +167,6 @@ def ensure_data(out: str, correlation: float) -> str:
     },
   )
   data.prepare_from_config(config.data)
-  return data_dir
 
 
 class Trainer:

@@ -14,7 +14,10 @@ and `build_benchmark(source_dir, out_dir, *, correlation, val_per_group,
 test_per_group, seed)` (writes the folder dataset at a correlation; `seed`
 composes it); optionally `SOURCE_DIR`, `CORRELATIONS`, `DEFAULT_VARIANTS`
 (defaults of the flags of those names), `POSITIVE_CLASS` (scored by the
-tables' AUC) and `GROUP_SIZES_FROM_FLAGS = False` (sizes fixed by the data).
+tables' AUC), `GROUP_SIZES_FROM_FLAGS = False` (sizes fixed by the data) and
+`build_counterfactual(source_dir, data_dir, out_dir)` (the benchmark with
+each test image's spurious feature toggled; every evaluation then adds the
+share of test predictions that flip, `counterfactual`).
 A new benchmark supplies only that module (`isic_shortcut`: skin lesions
 with pasted adhesive patches).
 
@@ -31,6 +34,8 @@ import importlib
 import json
 import os
 
+import numpy as np
+
 from cco_jax import selection
 from experiments import runs
 
@@ -40,6 +45,9 @@ BENCHMARK = 'spurious'
 RULES = tuple(selection.RULES)  # worst_group, accuracy, last
 DFR = 'dfr_last'  # The DFR evaluation's name: DFR on the last checkpoint.
 JTT_FIELDS = ('jtt.first_steps', 'jtt.factor')
+# A correlation's counterfactual test (plug-ins with `build_counterfactual`):
+# OUT/c<corr>/counterfactual, beside OUT/c<corr>/data.
+COUNTERFACTUAL = 'counterfactual'
 
 Setting = tuple[tuple[str, float], ...]
 # The variants' names in tables and figures, in table order.
@@ -218,19 +226,63 @@ def evaluate(workdir: str, rule: str) -> dict:
   if rule == DFR:
     step = selection.select_step(records, 'last')
     refit, info = dfr.refit_head(restore.restore_model(workdir, step=step))
-    report = evaluation.evaluate_checkpoint(
-      workdir, config, trained=refit
-    ).report
-    report['dfr'] = info
+    model = dict(trained=refit)
   else:
     step = selection.select_step(records, rule)
-    report = evaluation.evaluate_checkpoint(workdir, config, step=step).report
+    model, info = dict(step=step), None
+  report = evaluation.evaluate_checkpoint(workdir, config, **model).report
+  if info is not None:
+    report['dfr'] = info
   report['rule'] = rule
+  # runs/<name> -> c<corr>/counterfactual
+  counterfactual = os.path.join(
+    os.path.dirname(os.path.dirname(workdir)), COUNTERFACTUAL
+  )
+  if os.path.exists(os.path.join(counterfactual, 'labels.csv')):
+    config.evaluators = ('per_example',)
+    other = evaluation.evaluate_checkpoint(
+      workdir,
+      config,
+      data_overrides={
+        'manual_dir': counterfactual,
+        'tfds_data_dir': os.path.join(counterfactual, 'tfds'),
+      },
+      **model,
+    ).report
+    report['counterfactual'] = counterfactual_summary(
+      report['per_example'], other['per_example']
+    )
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path + '.tmp', 'w') as f:
     json.dump(report, f)
   os.replace(path + '.tmp', path)
   return report
+
+
+def counterfactual_dir(data_dir: str) -> str:
+  """Where a correlation's counterfactual test lives, beside its data."""
+  return os.path.join(os.path.dirname(data_dir), COUNTERFACTUAL)
+
+
+def counterfactual_summary(factual: dict, counter: dict) -> dict:
+  """Flip rate and accuracy on the counterfactual test, from the two
+  evaluations' per-example predictions (the same images in the same order)."""
+  labels = np.asarray(factual['label'])
+  if factual['index'] != counter['index'] or not np.array_equal(
+    labels, counter['label']
+  ):
+    raise ValueError('The counterfactual test lists other images.')
+  flipped = np.asarray(factual['prediction']) != np.asarray(
+    counter['prediction']
+  )
+  groups = np.asarray(factual['group'])
+  return {
+    'flip_rate': float(flipped.mean()),
+    'accuracy': float((np.asarray(counter['prediction']) == labels).mean()),
+    'flip_rate_by_group': {
+      str(g): float(flipped[groups == g].mean()) for g in np.unique(groups)
+    },
+  }
 
 
 def evaluations(workdir: str, variant: str, dfr_variants) -> dict:

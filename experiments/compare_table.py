@@ -38,6 +38,7 @@ MEASURES = (
   ('worst_group_accuracy', 'worst-group acc'),
   ('minority_accuracy', 'minority acc'),
   ('auc', 'AUC'),
+  ('counterfactual_flip', 'counterfactual flip'),
   ('bg_share', 'bg share'),
   ('bg_noise_flip', 'bg-noise flip'),
 )
@@ -94,6 +95,9 @@ def checkpoint_numbers(report: dict) -> dict:
     'minority_accuracy': float(np.mean(minority)) if minority else None,
     'bg_share': report['bg_share'],
     'bg_noise_flip': report['perturbations']['background_noise']['flip_rate'],
+    'counterfactual_flip': (report.get('counterfactual') or {}).get(
+      'flip_rate'
+    ),
     'groups': {
       k.split('/', 1)[1]: v
       for k, v in report.items()

@@ -337,4 +337,21 @@ def test_isic_shortcut_plugin_end_to_end(tmp_path):
   rows = {r['method']: r for r in table['tables']['0.95/groups']}
   assert set(rows) == {'ace', 'ce'}
   for r in table['runs']:
-    assert all(0.0 <= n['auc'] <= 1.0 for n in r['rules'].values())
+    for n in r['rules'].values():
+      assert 0.0 <= n['auc'] <= 1.0 and 0.0 <= n['counterfactual_flip'] <= 1.0
+
+
+def test_counterfactual_summary_counts_flips_per_group():
+  factual = {
+    'index': [0, 1, 2, 3, 4],
+    'label': [0, 0, 1, 1, 1],
+    'group': ['a', 'a', 'b', 'b', 'b'],
+    'prediction': [0, 1, 1, 1, 0],
+  }
+  counter = {**factual, 'prediction': [0, 0, 0, 1, 0]}
+  summary = compare_runs.counterfactual_summary(factual, counter)
+  assert summary['flip_rate'] == pytest.approx(2 / 5)
+  assert summary['accuracy'] == pytest.approx(3 / 5)
+  assert summary['flip_rate_by_group'] == pytest.approx({'a': 0.5, 'b': 1 / 3})
+  with pytest.raises(ValueError, match='other images'):
+    compare_runs.counterfactual_summary(factual, {**counter, 'index': [4] * 5})

@@ -166,3 +166,43 @@ def test_bad_settings_are_named(source, tmp_path):
     isic_shortcut.make_benchmark(str(root), str(tmp_path / 'full'))
   with pytest.raises(ValueError, match='has no labels.csv'):
     isic_shortcut.make_benchmark(str(tmp_path), str(tmp_path / 'out'))
+
+
+def test_counterfactual_toggles_each_test_patch_and_back(source, tmp_path):
+  """The artifact-swap test: test images with the patch added or removed,
+  the rest linked; toggling twice gives the benchmark's bytes back."""
+  root, rows = source
+  bench = tmp_path / 'bench'
+  isic_shortcut.make_benchmark(
+    str(root), str(bench), correlation=0.9, test='balanced', seed=5
+  )
+  once, twice = tmp_path / 'once', tmp_path / 'twice'
+  meta = isic_shortcut.make_counterfactual(str(root), str(bench), str(once))
+  isic_shortcut.make_counterfactual(str(root), str(once), str(twice))
+  labels = list(csv.DictReader(open(bench / 'labels.csv')))
+  toggled = list(csv.DictReader(open(once / 'labels.csv')))
+  assert [r['image'] for r in toggled] == [r['image'] for r in labels]
+  test = [r for r in labels if r['split'] == 'test']
+  assert meta['toggled'] == len(test) > 0
+  for before, after in zip(labels, toggled):
+    same = before['image'], before['label'], before['split']
+    assert (after['image'], after['label'], after['split']) == same
+    image = before['image']
+    if before['split'] != 'test':
+      assert after['group'] == before['group']
+      assert os.path.samefile(once / 'images' / image, bench / 'images' / image)
+      continue
+    assert after['group'] != before['group']
+    assert after['group'].split('_')[0] == before['group'].split('_')[0]
+    changed = np.abs(
+      np.asarray(Image.open(once / 'images' / image), np.int16)
+      - np.asarray(Image.open(bench / 'images' / image), np.int16)
+    ).max(-1)
+    # Only off the lesion: the patch, plus JPEG ringing around it.
+    lesion = np.asarray(Image.open(bench / 'masks' / (image[:-4] + '.png')))
+    assert changed.max() > 60 and changed[lesion > 0].mean() < 3
+    assert (twice / 'images' / image).read_bytes() == (
+      bench / 'images' / image
+    ).read_bytes()
+  twice_labels = (twice / 'labels.csv').read_text()
+  assert twice_labels == (bench / 'labels.csv').read_text()

@@ -382,3 +382,90 @@ def make_benchmark(
     json.dump(metadata, f, indent=1, sort_keys=True)
     f.write('\n')
   return metadata
+
+
+COUNTERFACTUAL_FILE = 'counterfactual.json'
+
+
+def make_counterfactual(
+  isic_dir: str,
+  benchmark_dir: str,
+  out_dir: str,
+  *,
+  num_threads: int | None = None,
+) -> dict:
+  """The benchmark at `benchmark_dir` with the patch of every test image
+  toggled, for the artifact-swap test.
+
+  Each test image is written again from its source with the patch added
+  (placed as the builder would have placed it: same generator, same
+  `place_patch`) or removed (the source image, encoded as the builder encodes
+  a clean one); its group says which. Training and validation images and
+  every mask are hard links to the benchmark's files, so the folder dataset
+  reads the same splits, and the test split lists the same images in the
+  same order: prediction i here is the counterfactual of prediction i there.
+  Toggling twice gives the benchmark's test images byte for byte.
+
+  Returns:
+    The metadata written to `out_dir/counterfactual.json`: the benchmark's
+    settings, `toggled` (test images) and their counts by new group.
+  """
+  with open(os.path.join(benchmark_dir, METADATA_FILE)) as f:
+    settings = json.load(f)
+  with open(os.path.join(benchmark_dir, 'labels.csv'), newline='') as f:
+    rows = list(csv.DictReader(f))
+  source = {
+    os.path.splitext(r['image'])[0]: r['image'] for r in _read_source(isic_dir)
+  }
+  _prepare_output_dir(isic_dir, out_dir, overwrite=True)
+  toggled = [r for r in rows if r['split'] == 'test']
+  for row in rows:
+    if row['split'] == 'test':
+      continue
+    stem = os.path.splitext(row['image'])[0]
+    for part, name in (('images', row['image']), ('masks', f'{stem}.png')):
+      os.link(
+        os.path.join(benchmark_dir, part, name),
+        os.path.join(out_dir, part, name),
+      )
+  threads = {} if num_threads is None else {'num_threads': num_threads}
+  list(
+    common.ordered_parallel_map(
+      lambda row: _render(
+        isic_dir,
+        out_dir,
+        source[os.path.splitext(row['image'])[0]],
+        row['group'].endswith('_clean'),
+        settings['seed'],
+      ),
+      toggled,
+      **threads,
+    )
+  )
+  counts = {}
+  with open(os.path.join(out_dir, 'labels.csv'), 'w', newline='') as f:
+    writer = csv.writer(f, lineterminator='\n')
+    writer.writerow(('image', 'label', 'split', 'group'))
+    for row in rows:
+      group = row['group']
+      if row['split'] == 'test':
+        label, kind = group.rsplit('_', 1)
+        group = f'{label}_{"patch" if kind == "clean" else "clean"}'
+        counts[group] = counts.get(group, 0) + 1
+      writer.writerow((row['image'], row['label'], row['split'], group))
+  metadata = {
+    **settings,
+    'counterfactual_of': os.path.realpath(benchmark_dir),
+    'toggled': len(toggled),
+    'counts': {'test': dict(sorted(counts.items()))},
+  }
+  for name in (METADATA_FILE, COUNTERFACTUAL_FILE):
+    with open(os.path.join(out_dir, name), 'w') as f:
+      json.dump(
+        metadata if name == COUNTERFACTUAL_FILE else settings,
+        f,
+        indent=1,
+        sort_keys=True,
+      )
+      f.write('\n')
+  return metadata

@@ -21,7 +21,9 @@ labels, seeds, DFR, statistics; docs/results.md describes the protocol):
       --source_dir=../shared/data/isic-2017-sample --out=/tmp/isic_compare
 
 Tables add the test AUC of melanoma vs benign (from the softmax probability
-of 'melanoma', `POSITIVE_CLASS`) to worst-group accuracy, background share
+of 'melanoma', `POSITIVE_CLASS`) and the artifact-swap flip rate (the share
+of test images whose prediction changes when their patch is added or
+removed: `build_counterfactual`) to worst-group accuracy, background share
 and the background-noise flip rate. Group sizes are fixed by the sample:
 `--val_per_group`/`--test_per_group` are refused for this benchmark.
 
@@ -83,6 +85,12 @@ def build_benchmark(
     seed=seed,
     overwrite=True,
   )
+
+
+def build_counterfactual(source_dir: str, data_dir: str, out_dir: str) -> dict:
+  """The benchmark at `data_dir` with every test image's patch toggled
+  (the artifact-swap test: `isic_shortcut.make_counterfactual`)."""
+  return isic_shortcut.make_counterfactual(source_dir, data_dir, out_dir)
 
 
 def _base() -> ml_collections.ConfigDict:
