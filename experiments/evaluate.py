@@ -137,6 +137,17 @@ def summary_lines(report: dict) -> list[str]:
       else f'  balanced accuracy {_fmt(per_class["balanced_accuracy"])} '
       f'({len(per_class["recall"])} classes: per_class in the report)'
     )
+  scores = report.get('auc')
+  if scores:
+    interval = scores.get('mean_auc_interval')
+    tasks = ', '.join(
+      f'{task} {_fmt(t["auc"])}' for task, t in scores['tasks'].items()
+    )
+    lines.append(
+      f'  mean AUC {_fmt(scores["mean_auc"])}'
+      + (f' [{interval[0]:.3f}, {interval[1]:.3f}]' if interval else '')
+      + f'; AUC per task: {tasks}'
+    )
   if 'worst_group_accuracy' in report:
     lines.append(
       f'  worst-group accuracy {report["worst_group_accuracy"]:.3f} '

@@ -412,6 +412,8 @@ def test_evaluate_checkpoint_of_a_tiny_run(
   lines = evaluate_cli.summary_lines(report)
   assert any('Cats-vs-Dogs' in line for line in lines)
   assert any('pointing game' in line for line in lines)
+  mean_auc = report['auc']['mean_auc']
+  assert any(f'mean AUC {mean_auc:.3f} [' in line for line in lines)
 
   # Another checkpoint gets its own report; the first one stays.
   settings = ev.default_config()
