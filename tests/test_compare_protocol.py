@@ -211,32 +211,34 @@ def test_interval_widens_with_fewer_seeds():
   assert width(wide) > width(narrow)
 
 
-def test_compare_end_to_end(tmp_path, synthetic_pets_dir):
-  """`experiments.compare` on a tiny benchmark: grids, seeds, every
-  selection rule, DFR, and tables whose statistics match the runs."""
-  out = tmp_path / 'compare'
-  result = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'experiments.compare',
-      f'--out={out}',
-      f'--source_dir={synthetic_pets_dir}',
-      '--correlations=1.0',
-      '--variants=ace,ace_kld',
-      '--seeds=0,1',
-      '--dfr_variants=ace',
-      '--figure_variants=ace',
-      '--steps=4',
-      '--max_widen=0',
-      '--val_per_group=2',
-      '--test_per_group=3',
-      '--deterministic_threads=1',
-    ],
+def run_compare(*flags: str) -> subprocess.CompletedProcess:
+  """`python -m experiments.compare FLAGS` from the repository root."""
+  return subprocess.run(
+    [sys.executable, '-m', 'experiments.compare', *flags],
     cwd=REPO,
     capture_output=True,
     text=True,
     timeout=1200,
+  )
+
+
+def test_compare_end_to_end(tmp_path, synthetic_pets_dir):
+  """`experiments.compare` on a tiny benchmark: grids, seeds, every
+  selection rule, DFR, and tables whose statistics match the runs."""
+  out = tmp_path / 'compare'
+  result = run_compare(
+    f'--out={out}',
+    f'--source_dir={synthetic_pets_dir}',
+    '--correlations=1.0',
+    '--variants=ace,ace_kld',
+    '--seeds=0,1',
+    '--dfr_variants=ace',
+    '--figure_variants=ace',
+    '--steps=4',
+    '--max_widen=0',
+    '--val_per_group=2',
+    '--test_per_group=3',
+    '--deterministic_threads=1',
   )
   assert result.returncode == 0, result.stderr[-3000:]
   table = json.loads((out / 'table.json').read_text())
@@ -297,38 +299,23 @@ def test_isic_shortcut_plugin_end_to_end(tmp_path):
   source = tmp_path / 'isic'
   synthetic_data.write_isic_source(source, n=60, size=64)
   out = tmp_path / 'compare'
-  common = [
-    sys.executable,
-    '-m',
-    'experiments.compare',
+  common = (
     '--benchmark=isic_shortcut',
     f'--out={out}',
     f'--source_dir={source}',
-  ]
-  refused = subprocess.run(
-    [*common, '--val_per_group=3'],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=300,
   )
+  refused = run_compare(*common, '--val_per_group=3')
   assert refused.returncode != 0 and 'Traceback' not in refused.stderr
   assert '--val_per_group: the isic_shortcut benchmark' in refused.stderr
-  result = subprocess.run(
-    [
-      *common,
-      '--variants=ace,ce',
-      '--seeds=0',
-      '--dfr_variants=',
-      '--figure_variants=ace',
-      '--steps=4',
-      '--max_widen=0',
-      '--deterministic_threads=1',
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=1200,
+  result = run_compare(
+    *common,
+    '--variants=ace,ce',
+    '--seeds=0',
+    '--dfr_variants=',
+    '--figure_variants=ace',
+    '--steps=4',
+    '--max_widen=0',
+    '--deterministic_threads=1',
   )
   assert result.returncode == 0, result.stderr[-3000:]
   meta = json.loads((out / 'c095' / 'data' / 'shortcut.json').read_text())

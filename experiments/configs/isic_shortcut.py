@@ -111,29 +111,7 @@ def _base() -> ml_collections.ConfigDict:
   return config
 
 
-def _objective(name: str, faithful: bool = True, **loss):
-  def make():
-    config = _base()
-    config.model.cam_faithful = faithful
-    config.loss.name = name
-    for key, value in loss.items():
-      config.loss[key] = value
-    return config
-
-  return make
-
-
-VARIANTS = {
-  'ce_control': _objective('ce', faithful=False),
-  'ce': _objective('ce'),
-  'ace': _objective('ace'),
-  'ace_kld': _objective('ace_kld', kld_weight=1e-3),
-  'rrr': _objective('rrr', rrr_weight=10.0),
-  'energy': _objective('energy', energy_weight=0.05),
-  'group_dro': _objective('group_dro', dro_step_size=0.01),
-  'ce_reweighted': _objective('ce_reweighted'),
-  'jtt': _objective('ce'),
-}
+VARIANTS = spurious.variants(_base, DEFAULT_VARIANTS)
 
 # The grids of spurious.py (same reasons), JTT's first stage scaled to this
 # schedule (T of 480 steps).

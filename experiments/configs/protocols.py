@@ -9,6 +9,9 @@ library's schema (`cco_jax.config_schema.default_config()`).
                     stage, 'strided' stem) at 64 px that learns on a CPU.
   as_ce_control(c)  the cross-entropy control (unfaithful architecture).
   as_ace(c)         ACE alone.
+  objective(base, name, faithful=True, **loss)
+                    a variant maker: `base()` trained with objective `name`
+                    and these loss fields (the comparison benchmarks' rows).
   finetune(c)       from ImageNet weights (--config.model.init_from=PATH).
 """
 
@@ -77,6 +80,21 @@ def as_ce_control(
 def as_ace(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.loss.name = 'ace'
   return config
+
+
+def objective(base, name: str, faithful: bool = True, **loss):
+  """A variant maker (no arguments -> config): `base()` with loss `name`,
+  `model.cam_faithful = faithful` and the loss fields `loss`."""
+
+  def make() -> ml_collections.ConfigDict:
+    config = base()
+    config.model.cam_faithful = faithful
+    config.loss.name = name
+    for key, value in loss.items():
+      config.loss[key] = value
+    return config
+
+  return make
 
 
 def finetune(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
