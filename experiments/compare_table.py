@@ -278,17 +278,20 @@ def _p(value) -> str:
 def markdown(rows: list[dict], correlation: float, table: str) -> str:
   """One table (TABLES[table]) at `correlation`."""
   _, _, needs, title = TABLES[table]
+  # A measure the benchmark does not have (no counterfactual test, more than
+  # two classes for AUC) is left out rather than shown as a column of dashes.
+  measures = [m for m in MEASURES if any(r[m[0]] is not None for r in rows)]
   lines = [
     f'\n**Train correlation {correlation:g}: {title}** (needs {needs})\n',
     '| method | supervision | coefficients | '
-    + ' | '.join(name for _, name in MEASURES)
+    + ' | '.join(name for _, name in measures)
     + ' | worst-group 95 % CI | Δ worst-group vs ACE [95 % CI] | p (Holm) '
     '| W/T/L vs ACE |',
-    '|---|---|---|' + '---|' * (len(MEASURES) + 4),
+    '|---|---|---|' + '---|' * (len(measures) + 4),
   ]
   for row in rows:
     base = row['method'].split('+')[0]
-    cells = [results_tables.cell(row[key], key) for key, _ in MEASURES]
+    cells = [results_tables.cell(row[key], key) for key, _ in measures]
     low, high = row['worst_group']['ci']
     versus = row['versus']
     if versus is None:
