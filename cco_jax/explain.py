@@ -40,6 +40,7 @@ import scipy.special
 
 from cco_jax import cams as cams_lib
 from cco_jax import head_features
+from cco_jax import objectives
 from cco_jax import restore
 from cco_jax.data import config as data_config
 from cco_jax.data import transforms
@@ -89,7 +90,8 @@ class Explanation:
 
   Attributes:
     logits: `(B, C)`.
-    probabilities: `(B, C)` softmax of the logits.
+    probabilities: `(B, C)` as the objective read the logits: their softmax,
+      or for a sigmoid head (`bce`, `ace_bce`) each class's own sigmoid.
     predicted: `(B,)` argmax class.
     target: `(B,)` the class the contrastive maps are taken against.
     bias: `(C,)` the head bias (zeros for a bias-free head).
@@ -146,6 +148,15 @@ def softmax(logits: np.ndarray) -> np.ndarray:
   return scipy.special.softmax(np.asarray(logits, np.float64), axis=-1)
 
 
+def probabilities(logits: np.ndarray, head: str = 'softmax') -> np.ndarray:
+  """float64 class probabilities of host logits `(..., C)`: `softmax` over
+  the classes, or `sigmoid` per class (independent heads: they need not sum
+  to one)."""
+  if head == 'sigmoid':
+    return scipy.special.expit(np.asarray(logits, np.float64))
+  return softmax(logits)
+
+
 def _bucket(n: int, batch_size: int) -> int:
   """Padded batch length: the next power of two, at most `batch_size`."""
   return min(batch_size, 1 << max(0, (n - 1).bit_length()))
@@ -186,6 +197,8 @@ class Explainer:
     self.batch_size = batch_size
     self.boundary_is_foreground = boundary_is_foreground
     self.trained = None  # The `restore.TrainedModel`, when restored.
+    # How the objective read the logits ('sigmoid' for bce / ace_bce runs).
+    self.head = 'softmax'
     head = variables['params']['head']  # `models.CamHead`'s parameters.
     bias = head.get('bias')  # None for a bias-free (faithful) head.
     self.kernel = np.asarray(head['kernel'], np.float32)
@@ -219,6 +232,7 @@ class Explainer:
       **kwargs,
     )
     explainer.trained = trained
+    explainer.head = objectives.head(trained.config.loss.name)
     return explainer
 
   def load(self, paths: Sequence[str]) -> np.ndarray:
@@ -318,7 +332,7 @@ class Explainer:
     identity = np.abs(map_sums + self.bias - logits).max(-1)
     explanation = Explanation(
       logits=logits,
-      probabilities=softmax(logits).astype(np.float32),
+      probabilities=probabilities(logits, self.head).astype(np.float32),
       predicted=predicted,
       target=np.asarray(target),
       bias=self.bias,

@@ -333,6 +333,42 @@ def test_restore_chooses_best_last_or_a_step(tiny_run):
     restore.restore_model(str(workdir / 'nope'))
 
 
+def test_probabilities_read_the_logits_as_the_objective_did(tiny_run):
+  """Softmax for softmax objectives; for sigmoid heads (bce, ace_bce) each
+  class's own sigmoid, which need not sum to one."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  from cco_jax import restore  # pylint: disable=g-import-not-at-top
+
+  logits = np.random.default_rng(3).normal(size=(5, 3)) * 4
+  soft = explain_lib.probabilities(logits)
+  np.testing.assert_allclose(soft.sum(-1), 1.0, rtol=1e-12)
+  np.testing.assert_allclose(
+    soft, np.exp(logits) / np.exp(logits).sum(-1, keepdims=True), rtol=1e-12
+  )
+  np.testing.assert_allclose(
+    explain_lib.probabilities(logits, 'sigmoid'),
+    1 / (1 + np.exp(-logits)),
+    rtol=1e-12,
+  )
+  run = restore.restore_model(str(tiny_run[0]), step='last')
+  assert explain_lib.Explainer.from_trained(run).head == 'softmax'
+  config = ml_collections.ConfigDict(run.config.to_dict())
+  config.loss.name = 'ace_bce'
+  sigmoid = explain_lib.Explainer.from_trained(
+    dataclasses.replace(run, config=config)
+  )
+  assert sigmoid.head == 'sigmoid'
+  size = run.record.image_size
+  x = np.random.default_rng(0).normal(size=(2, size, size, 3))
+  result = sigmoid.explain(x.astype(np.float32))
+  np.testing.assert_allclose(
+    result.probabilities, 1 / (1 + np.exp(-result.logits)), rtol=1e-5
+  )
+
+
 def test_explain_entry_point_end_to_end(
   tiny_run, tmp_path, synthetic_pets_dir, capsys
 ):
