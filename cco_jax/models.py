@@ -154,7 +154,8 @@ def create_model(
     num_filters: ResNet: first-stage width (64 standard; 16-32 for a CPU model).
     stem: ResNet: 'imagenet', 'strided' or 'small' (see `resnet.ResNet`).
     stage_sizes: ResNet, ConvNeXt: override the blocks per stage (depth),
-      e.g. (1, 1, 1, 1).
+      e.g. (1, 1, 1, 1); a ViT ignores it (its depth is `depth`), so the
+      small CPU configs' (1, 1, 1, 1) can stay.
     bn_axis_name: ResNet: see `resnet.ResNet`; the train step passes its
       pmap axis name (the other families have no BatchNorm and ignore it).
     pointwise_as_dot: ResNet: see `resnet.ResNet`.
@@ -196,11 +197,6 @@ def create_model(
         f'by {[k for k, f in FAMILIES.items() if option in f.options]} models '
         f'only. Leave --config.model.{option} at {unset}.'
       )
-  if stage_sizes and 'stage_sizes' not in family.options:
-    raise errors.UserError(
-      f'model.stage_sizes={tuple(stage_sizes)} does not apply to {name}; '
-      'set --config.model.depth for a ViT, or leave stage_sizes=().'
-    )
   options = {k: v for k, v in given.items() if k in family.options}
   return family.build(
     name, num_classes, cam_faithful=cam_faithful, dtype=dtype, **options
