@@ -38,6 +38,7 @@ import numpy as np
 
 from cco_jax import errors
 from cco_jax import models
+from cco_jax import vit
 
 # Suffixes of the BatchNorm tensors, and where each goes in the flax tree.
 _BN = {
@@ -423,8 +424,8 @@ def init_train_state(state, model: models.CamModel, path: str, rng: jax.Array):
   """
   if not path:
     return state
-  image_size = 64  # Any size: a ResNet's or ConvNeXt's shapes do not depend on it.
-  if 'pos_embedding' in state.params:
+  image_size = 64  # Any size: a ResNet's or ConvNeXt's shapes ignore it.
+  if isinstance(model, vit.ViT):
     tokens = int(round(state.params['pos_embedding'].shape[1] ** 0.5))
     image_size = tokens * model.patch_size
   variables = load(path, model, image_size=image_size, rng=rng)
