@@ -145,7 +145,7 @@ def build(
   if last_stage_stride not in (1, 2):
     raise errors.UserError(
       f'model.last_stage_stride={last_stage_stride} must be 1 (finer maps), '
-      '2 or 0 (timm\'s downsampling); set --config.model.last_stage_stride.'
+      "2 or 0 (timm's downsampling); set --config.model.last_stage_stride."
     )
   width = width or named_width
   if width < 1:

@@ -208,4 +208,3 @@ def build(
 
 
 NAMES = tuple(SIZES)
-

@@ -163,7 +163,9 @@ def check_against_reference(model, variables, images, train=False):
       ref_logits, timm_pool_then_norm(backbone, params), rtol=1e-12, atol=1e-12
     )
   bias = params['head'].get('bias')
-  assert_logit_sum_identity(logits, maps, head_input, params['head']['kernel'], bias)
+  assert_logit_sum_identity(
+    logits, maps, head_input, params['head']['kernel'], bias
+  )
   recon = np.asarray(maps, np.float64).sum((1, 2))
   recon = recon + (0 if bias is None else np.asarray(bias, np.float64))
   return {
@@ -189,14 +191,18 @@ def _random_vit(seed, faithful):
     num_heads=heads,
   )
   classes, batch = int(rng.integers(2, 6)), int(rng.integers(1, 4))
-  model = models.create_model('vit_ti16', classes, cam_faithful=faithful, **options)
+  model = models.create_model(
+    'vit_ti16', classes, cam_faithful=faithful, **options
+  )
   return model, (batch, grid * patch, grid * patch, 3), (grid, grid)
 
 
 def _random_convnext(seed, faithful):
   rng = np.random.default_rng(seed)
   stride = int(rng.choice([1, 2]))
-  stages = tuple(int(n) for n in rng.integers(1, 3, size=int(rng.integers(2, 5))))
+  stages = tuple(
+    int(n) for n in rng.integers(1, 3, size=int(rng.integers(2, 5)))
+  )
   size = int(rng.choice([32, 48, 64]))
   classes, batch = int(rng.integers(2, 6)), int(rng.integers(1, 4))
   model = models.create_model(
@@ -237,8 +243,12 @@ def test_bfloat16_backbone_keeps_a_float32_head(family):
   model, image_shape, _ = RANDOM[family](5, True)
   model = model.clone(dtype=jnp.bfloat16)
   variables = random_variables(model, image_shape, 5)
-  images = jnp.asarray(np.random.default_rng(6).normal(size=image_shape), jnp.float32)
-  logits, maps, backbone, head_input = forward_with_features(model, variables, images)
+  images = jnp.asarray(
+    np.random.default_rng(6).normal(size=image_shape), jnp.float32
+  )
+  logits, maps, backbone, head_input = forward_with_features(
+    model, variables, images
+  )
   assert backbone.dtype == jnp.bfloat16
   assert logits.dtype == maps.dtype == head_input.dtype == jnp.float32
   check_against_reference(model, variables, images)
@@ -339,7 +349,9 @@ def test_identity_after_ace_steps(family, faithful):
   variables = {'params': state.params}
   if state.batch_stats:
     variables['batch_stats'] = state.batch_stats
-  errors_ = check_against_reference(model, variables, jnp.asarray(batch['image']))
+  errors_ = check_against_reference(
+    model, variables, jnp.asarray(batch['image'])
+  )
   assert errors_['float32'] < 1e-5
 
 
@@ -359,7 +371,9 @@ def test_four_devices_step_without_batch_stats():
   single, single_metrics = jax.jit(
     functools.partial(step_lib.train_step, objective=objective, axis_name=None)
   )(state, batch)
-  np.testing.assert_allclose(metrics['loss'][0], single_metrics['loss'], rtol=1e-5)
+  np.testing.assert_allclose(
+    metrics['loss'][0], single_metrics['loss'], rtol=1e-5
+  )
   chex.assert_trees_all_close(
     step_lib.unreplicate(p_state.params), single.params, rtol=1e-4, atol=1e-6
   )
@@ -379,7 +393,12 @@ def test_registry_names_every_family_once():
   assert not models.has_batch_norm('convnext_tiny')
   assert models.has_batch_norm('resnet50')
   big = models.create_model('vit_b16', 2)
-  assert (big.width, big.depth, big.num_heads, big.mlp_dim) == (768, 12, 12, 3072)
+  assert (big.width, big.depth, big.num_heads, big.mlp_dim) == (
+    768,
+    12,
+    12,
+    3072,
+  )
   small = models.create_model('convnext_small', 2)
   assert small.stage_sizes == (3, 3, 27, 3) and small.width == 96
 
@@ -439,8 +458,58 @@ def test_trainer_restore_and_explain_a_vit(
   run = restore.restore_model(str(workdir), step='last')
   assert run.step == 4 and run.cam_size == (4, 4)
   assert run.variables['batch_stats'] == {}
-  images = np.random.default_rng(0).normal(size=(3, 32, 32, 3)).astype(np.float32)
+  images = (
+    np.random.default_rng(0).normal(size=(3, 32, 32, 3)).astype(np.float32)
+  )
   result = explain_lib.Explainer(run.model, run.variables).explain(images)
   assert result.cams.shape == (3, 4, 4, 2)
-  np.testing.assert_allclose(result.map_sums, result.logits, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    result.map_sums, result.logits, rtol=1e-5, atol=1e-5
+  )
   check_against_reference(run.model, run.variables, jnp.asarray(images))
+
+
+# ---------------------------------------------------------------------------
+# The experiment's configs and the benchmark script.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  'variant', ['resnet_ace', 'vit_ce_control', 'convnext_ace']
+)
+def test_backbone_variants_have_the_benchmarks_map_grid(variant):
+  from cco_jax import configuration  # pylint: disable=g-import-not-at-top
+  from cco_jax import model_config  # pylint: disable=g-import-not-at-top
+  from experiments.configs import (
+    backbones,  # pylint: disable=g-import-not-at-top
+  )
+
+  config = backbones.get_config(variant)
+  configuration.check_training_config(config)
+  model = model_config.create_model(config, 2)
+  assert models.cam_size(model, config.data.image_size) == (6, 6)
+  assert model.cam_faithful == (not variant.endswith('control'))
+  assert set(backbones.VARIANTS) == {
+    f'{b}_{r}' for b in backbones.BACKBONES for r in backbones.RUNS
+  }
+
+
+def test_benchmark_script_smoke(monkeypatch):
+  from experiments.benchmarks import (
+    backbones as bench,  # pylint: disable=g-import-not-at-top
+  )
+
+  _, _, entries = bench.PRESETS['smoke']
+  monkeypatch.setitem(
+    bench.PRESETS, 'smoke', (16, 2, {'vit_ti16': entries['vit_ti16']})
+  )
+  timed = bench.measure_time('smoke', repeats=1)
+  assert set(timed['rows']) == {'vit_ti16 ce_control', 'vit_ti16 ace_kld'}
+  for row in timed['rows'].values():
+    assert row['median_s'] > 0 and row['cam_size'] == [2, 2]
+  identity = bench.measure_identity('smoke', steps=1)
+  for row in identity['rows'].values():
+    for errors_ in row.values():
+      assert errors_['float32'] < 1e-5 and errors_['float64'] < 1e-5
+  bench.print_results(timed)
+  bench.print_results(identity)

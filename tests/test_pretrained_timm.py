@@ -63,7 +63,9 @@ def _random_state_dict(family, classes, seed=0):
   )['params']
   flat = pretrained_timm._flat(shapes)
   if family == 'vit':
-    rules = pretrained_timm.vit_rules(control, flat[('pos_embedding',)].shape[1], [])
+    rules = pretrained_timm.vit_rules(
+      control, flat[('pos_embedding',)].shape[1], []
+    )
   else:
     rules = pretrained_timm.convnext_rules(control)
   out = {}
@@ -135,7 +137,9 @@ def test_fresh_head_headless_and_named_problems():
   assert report.fresh == ['params/head/kernel']
   assert set(report.dropped) == {'head.fc.weight', 'head.fc.bias'}
   assert variables['params']['head']['kernel'].shape == (64, 3)
-  headless = {k: v for k, v in state_dict.items() if not k.startswith('head.fc')}
+  headless = {
+    k: v for k, v in state_dict.items() if not k.startswith('head.fc')
+  }
   _, report = pretrained_timm.convert(headless, model, image_size=SIZE)
   assert 'the file has no head (head.fc.weight).' in report.notes
   broken = dict(state_dict, cls_token=np.zeros((1, 1, 8), np.float32))
@@ -153,8 +157,12 @@ def test_class_token_vit_is_refused_by_name():
   state_dict = _random_state_dict('vit', 5)
   state_dict['cls_token'] = np.zeros((1, 1, 24), np.float32)
   state_dict['norm.weight'] = np.ones(24, np.float32)
-  with pytest.raises(errors.UserError, match="unexpected keys: cls_token, norm"):
-    pretrained_timm.convert(state_dict, _model('vit', 5, False), image_size=SIZE)
+  with pytest.raises(
+    errors.UserError, match='unexpected keys: cls_token, norm'
+  ):
+    pretrained_timm.convert(
+      state_dict, _model('vit', 5, False), image_size=SIZE
+    )
 
 
 def test_position_embeddings_are_resampled_to_the_grid():
@@ -165,16 +173,18 @@ def test_position_embeddings_are_resampled_to_the_grid():
   resampled = np.asarray(variables['params']['pos_embedding']).reshape(8, 8, 24)
   assert any('resampled from 16 to 64 tokens' in n for n in report.notes)
   # Bilinear upsampling by 2 keeps the mean and stays within the range.
-  np.testing.assert_allclose(resampled.mean((0, 1)), grid.mean((0, 1)), atol=1e-5)
+  np.testing.assert_allclose(
+    resampled.mean((0, 1)), grid.mean((0, 1)), atol=1e-5
+  )
   assert resampled.max() <= grid.max() + 1e-6
   assert resampled.min() >= grid.min() - 1e-6
 
 
 def test_load_dispatches_and_init_train_state_reads_the_grid(tmp_path):
+  import optax
   from safetensors import numpy as st_numpy
 
   from cco_jax import train_step as step_lib
-  import optax
 
   state_dict = _random_state_dict('vit', 5)
   path = str(tmp_path / 'vit.safetensors')
@@ -201,10 +211,14 @@ def test_control_equals_timm(family):
   timm = pytest.importorskip('timm')
   _, _, timm_name, timm_options = TINY[family]
   torch.manual_seed(0)
-  net = timm.create_model(
-    timm_name, pretrained=False, num_classes=5, img_size=SIZE, **timm_options
-  ) if family == 'vit' else timm.create_model(
-    timm_name, pretrained=False, num_classes=5, **timm_options
+  net = (
+    timm.create_model(
+      timm_name, pretrained=False, num_classes=5, img_size=SIZE, **timm_options
+    )
+    if family == 'vit'
+    else timm.create_model(
+      timm_name, pretrained=False, num_classes=5, **timm_options
+    )
   )
   with torch.no_grad():  # Non-trivial values everywhere (biases, norms, gamma).
     for tensor in net.state_dict().values():
@@ -217,12 +231,16 @@ def test_control_equals_timm(family):
   with torch.no_grad():
     expected = net(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
   model = _model(family, 5, False)
-  variables, report = pretrained_timm.convert(state_dict, model, image_size=SIZE)
+  variables, report = pretrained_timm.convert(
+    state_dict, model, image_size=SIZE
+  )
   assert sorted(report.loaded) == sorted(state_dict)
   logits, maps = model.apply(variables, jnp.asarray(images), train=False)
   err = float(np.abs(np.asarray(logits) - expected).max())
-  print(f'{family}: max |logits - timm| = {err:.2e} (|logits| <= '
-        f'{np.abs(expected).max():.1f})')
+  print(
+    f'{family}: max |logits - timm| = {err:.2e} (|logits| <= '
+    f'{np.abs(expected).max():.1f})'
+  )
   assert err < 1e-4
   recon = maps.sum((1, 2)) + variables['params']['head']['bias']
   np.testing.assert_allclose(recon, logits, rtol=1e-5, atol=1e-5)

@@ -44,7 +44,6 @@ import optax
 from cco_jax import models
 from cco_jax import objectives
 from cco_jax import train_step as step_lib
-from experiments.benchmarks import objectives as objectives_bench
 
 _PRESET = flags.DEFINE_enum('preset', 'cpu', ['cpu', 'small', 'smoke'], '')
 _MEASURE = flags.DEFINE_enum('measure', 'time', ['time', 'identity'], '')
@@ -90,7 +89,10 @@ PRESETS = {
         'resnet18',
         dict(num_filters=4, stem='small', stage_sizes=(1, 1)),
       ),
-      'vit_ti16': ('vit_ti16', dict(patch_size=8, width=8, depth=1, num_heads=2)),
+      'vit_ti16': (
+        'vit_ti16',
+        dict(patch_size=8, width=8, depth=1, num_heads=2),
+      ),
       'convnext_tiny': ('convnext_tiny', dict(width=4, stage_sizes=(1, 1))),
     },
   ),
@@ -100,6 +102,23 @@ RUNS = (
   ('ce_control', False, {'name': 'ce'}),
   ('ace_kld', True, {'name': 'ace_kld'}),
 )
+
+
+def synthetic_batch(model, image_size: int, batch: int, seed: int = 0):
+  """Images, labels (2 classes) and a foreground mask on the model's grid
+  (the top-left quarter)."""
+  rng = np.random.default_rng(seed)
+  height, width = models.cam_size(model, image_size)
+  mask = np.zeros((batch, height, width), np.float32)
+  mask[:, : max(height // 2, 1), : max(width // 2, 1)] = 1
+  return jax.tree.map(
+    jnp.asarray,
+    {
+      'image': rng.random((batch, image_size, image_size, 3), np.float32),
+      'label': rng.integers(0, 2, batch).astype(np.int32),
+      'mask': mask,
+    },
+  )
 
 
 def _compile(model, image_size, batch, loss):
@@ -130,7 +149,7 @@ def measure_time(preset: str, repeats: int) -> dict:
   for label, (name, options) in entries.items():
     for column, faithful, loss in RUNS:
       model = models.create_model(name, 2, cam_faithful=faithful, **options)
-      batch = objectives_bench.synthetic_batch(model, image_size, batch_size)
+      batch = synthetic_batch(model, image_size, batch_size)
       compiled, state, compile_s, flops = _compile(
         model, image_size, batch, loss
       )
@@ -220,7 +239,7 @@ def measure_identity(preset: str, steps: int) -> dict:
   for label, (name, options) in entries.items():
     for faithful in (True, False):
       model = models.create_model(name, 2, cam_faithful=faithful, **options)
-      batch = objectives_bench.synthetic_batch(model, image_size, batch_size)
+      batch = synthetic_batch(model, image_size, batch_size)
       objective = objectives.create({'name': 'ace'})
       state = step_lib.create_train_state(
         jax.random.key(0, impl='rbg'), model, image_size, optax.adam(1e-3)
@@ -263,7 +282,9 @@ def print_results(results: dict) -> None:
     f'on {results["device"]} ({results["cpus"]} CPUs)'
   )
   if 'loadavg_start' in results:
-    print(f'{head}, load {results["loadavg_start"]} -> {results["loadavg_end"]}')
+    print(
+      f'{head}, load {results["loadavg_start"]} -> {results["loadavg_end"]}'
+    )
     print(
       f'  {"model / run":34s} {"maps":>6s} {"GFLOP/img":>9s} '
       f'{"median s":>9s} {"img/s":>7s} {"compile s":>9s}'
