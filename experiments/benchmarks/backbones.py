@@ -251,13 +251,15 @@ def measure_identity(preset: str, steps: int) -> dict:
           step_lib.train_step, objective=objective, axis_name=None
         )
       )
-      for _ in range(steps):
-        state, _ = step(state, batch)
-      trained = identity_errors(model, variables(state), batch['image'])
-      rows[f'{label} {"faithful" if faithful else "control"}'] = {
-        'init': init,
-        f'after_{steps}_ace_steps': trained,
+      row = rows[f'{label} {"faithful" if faithful else "control"}'] = {
+        'init': init
       }
+      if steps:
+        for _ in range(steps):
+          state, _ = step(state, batch)
+        row[f'after_{steps}_ace_steps'] = identity_errors(
+          model, variables(state), batch['image']
+        )
   return _environment(preset, image_size, batch_size) | {
     'ace_steps': steps,
     'rows': rows,
