@@ -37,6 +37,7 @@ import numpy as np
 from cco_jax import cam_head
 from cco_jax import convnext
 from cco_jax import errors
+from cco_jax import pretrained
 from cco_jax import vit
 
 Transform = Callable[[np.ndarray], np.ndarray]
@@ -235,8 +236,6 @@ def convert(
   Raises:
     errors.UserError: naming every missing, unexpected or mis-shaped tensor.
   """
-  from cco_jax import pretrained  # The shared report and fresh head.
-
   images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   shapes = jax.eval_shape(
     lambda x: model.init(jax.random.key(0), x, train=False), images
