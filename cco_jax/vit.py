@@ -142,6 +142,7 @@ class ViT(cam_head.CamModel):
     )(x.astype(self.dtype))
     batch, height, width, channels = x.shape
     tokens = x.reshape(batch, height * width, channels)
+    self._check_grid(height * width, x.shape[1:3])
     position = self.param(
       'pos_embedding',
       nn.initializers.normal(stddev=1 / np.sqrt(channels)),
@@ -157,6 +158,23 @@ class ViT(cam_head.CamModel):
       name='Transformer',
     )(tokens)
     return tokens.reshape(batch, height, width, channels)
+
+  def _check_grid(self, tokens: int, grid: tuple[int, int]) -> None:
+    """A UserError unless the position embeddings (if any) have `tokens` rows.
+
+    They are sized at `init` from the images, so a model applied to images
+    of another size would otherwise fail with a shape error deep in Flax.
+    """
+    if not self.has_variable('params', 'pos_embedding'):
+      return
+    stored = self.get_variable('params', 'pos_embedding').shape[1]
+    if stored != tokens:
+      raise errors.UserError(
+        f'images of {grid[0] * self.patch_size}x{grid[1] * self.patch_size} '
+        f'px give {grid[0]}x{grid[1]} = {tokens} tokens, but the ViT was '
+        f'initialised for {stored} (its position embeddings); resize the '
+        'images to the size it was trained at (data.image_size).'
+      )
 
 
 def build(

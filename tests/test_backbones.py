@@ -338,6 +338,15 @@ def test_every_objective_trains_every_family_through_one_step(family, name):
   state, losses, _ = _train(model, objective, steps=1)
   assert state.batch_stats == {} and np.isfinite(losses).all()
   assert int(state.step) == 1
+  initial = step_lib.create_train_state(
+    jax.random.key(0), model, IMAGE_SIZE, optax.adam(3e-3)
+  )
+  moved = jax.tree.map(
+    lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+    state.params,
+    initial.params,
+  )
+  assert moved['head']['kernel'] and moved['head_norm']['scale']
 
 
 @pytest.mark.parametrize('faithful', [True, False])
@@ -401,6 +410,13 @@ def test_registry_names_every_family_once():
   )
   small = models.create_model('convnext_small', 2)
   assert small.stage_sizes == (3, 3, 27, 3) and small.width == 96
+
+
+def test_vit_applied_to_another_image_size_names_the_grids():
+  model = _tiny('vit')
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), False)
+  with pytest.raises(errors.UserError, match=r'give 3x3 = 9 tokens.*for 4'):
+    model.apply(variables, jnp.zeros((1, 24, 24, 3)), train=False)
 
 
 @pytest.mark.parametrize(
