@@ -2,9 +2,13 @@
 
 Modules, in data-flow order (docs/architecture.md tells the whole path):
   data              datasets, preparation, transforms and input pipelines.
-  models            Flax ResNets whose logits decompose exactly into maps.
+  models            the model registry: classifiers whose logits decompose
+                    exactly into maps (create_model, every family).
+  cam_head          the backbone interface (CamModel) and the shared head.
+  resnet, vit, convnext  the backbone families.
   ops               faster CPU kernels with the values of Flax's own.
-  pretrained        torchvision/timm ResNet weights in and out.
+  pretrained        torchvision/timm ResNet weights in and out; any family in.
+  pretrained_timm   timm ViT and ConvNeXt weights in.
   cams              HiResCAM / ContrastiveCAM arithmetic (pure functions).
   losses            CE, ablated CE, CAM divergence (pure functions).
   baseline_losses   the field's baselines (RRR, CAM penalty, Group DRO, ...).

@@ -8,7 +8,7 @@ reads them:
                cadences of logging, evaluation, checkpoints and figures
                (`_cadence`), the checks and evaluations (`_checks`);
   data         `cco_jax.data.config.default_config()` (its own schema);
-  model        the ResNet and its initialisation (`_model`);
+  model        the model and its initialisation (`_model`);
   loss         the objective and its coefficients (`_loss`);
   optimizer    optax optimizer and learning-rate schedule (`_optimizer`).
 
@@ -47,15 +47,27 @@ def _seed(config: ml_collections.ConfigDict) -> None:
 
 
 def _model() -> ml_collections.ConfigDict:
-  """`config.model`: the ResNet of `cco_jax.models`."""
+  """`config.model`: the model of `cco_jax.models` (every family)."""
   model = ml_collections.ConfigDict()
-  model.name = 'resnet50'  # A depth of cco_jax.models (resnet18 ... resnet152).
-  # The method's three changes (no head bias, final BN + ReLU, /32 maps at
-  # the last stage); False = the cross-entropy control's architecture.
+  # A name of cco_jax.models.names(): resnet18 ... resnet152, vit_ti16,
+  # vit_s16, vit_b16, convnext_tiny, convnext_small (docs/backbones.md).
+  model.name = 'resnet50'
+  # The method's architecture (no head bias; ResNet: no final BN + ReLU, no
+  # /32 at the last stage; ViT/ConvNeXt: the head's LayerNorm per position
+  # before pooling); False = the cross-entropy control's architecture.
   model.cam_faithful = True
-  model.num_filters = 64  # Width of the first stage.
-  model.stem = 'imagenet'  # 'imagenet' (7x7/2 + max-pool) or 'strided'.
-  model.stage_sizes = ()  # Blocks per stage; () = the named depth.
+  model.num_filters = 64  # ResNet: width of the first stage.
+  model.stem = 'imagenet'  # ResNet: 'imagenet' (7x7/2 + max-pool), 'strided'.
+  # ResNet, ConvNeXt: blocks per stage; () = the named depth.
+  model.stage_sizes = ()
+  model.patch_size = 0  # ViT: patch side; 0 = 16. Must divide image_size.
+  # ViT: token width; ConvNeXt: first-stage channels; 0 = the named size.
+  model.width = 0
+  model.depth = 0  # ViT: encoder blocks; 0 = the named size (12).
+  model.num_heads = 0  # ViT: attention heads; 0 = the named size.
+  # ConvNeXt: 1 = the last stage keeps the resolution (finer maps, as the
+  # faithful ResNet); 0 = 2, timm's downsampling.
+  model.last_stage_stride = 0
   model.dtype = 'float32'  # 'bfloat16' for mixed precision.
   # 1x1 convolutions as matrix products (faster on CPU; same parameters).
   model.pointwise_as_dot = True

@@ -83,7 +83,7 @@ def check_training_config(config: ml_collections.ConfigDict) -> None:
   for field, names in (
     ('optimizer.name', optimizers.OPTIMIZERS),
     ('optimizer.schedule', optimizers.SCHEDULES),
-    ('model.name', sorted(models.STAGE_SIZES)),
+    ('model.name', models.names()),
     ('model.stem', ['imagenet', *sorted(models.STEM_STRIDES)]),
     ('model.dtype', sorted(model_config.DTYPES)),
   ):

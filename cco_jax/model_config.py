@@ -24,12 +24,13 @@ def create_model(
   config: ml_collections.ConfigDict,
   num_classes: int,
   bn_axis_name: str | None = None,
-) -> models.ResNet:
+) -> models.CamModel:
   """The model of `config.model`.
 
   `bn_axis_name`: the pmap axis over which BatchNorm averages its batch
   statistics in training; ignored (None: statistics per device) when
-  `config.model.sync_batch_norm` is False.
+  `config.model.sync_batch_norm` is False, and by families without
+  BatchNorm (ViT, ConvNeXt).
   """
   if not config.model.get('sync_batch_norm', True):
     bn_axis_name = None
@@ -48,4 +49,9 @@ def create_model(
     stage_sizes=tuple(config.model.stage_sizes) or None,
     bn_axis_name=bn_axis_name,
     pointwise_as_dot=config.model.get('pointwise_as_dot', True),
+    patch_size=config.model.patch_size,
+    width=config.model.width,
+    depth=config.model.depth,
+    num_heads=config.model.num_heads,
+    last_stage_stride=config.model.last_stage_stride,
   )

@@ -1,244 +1,129 @@
-"""ResNets whose logits decompose exactly into per-pixel maps (docs/method.md §5).
+"""Classifiers whose logits decompose exactly into per-position maps.
 
-`create_model(name, num_classes, cam_faithful=True)` builds a Flax linen ResNet
-whose `apply(variables, images, train=...)` returns `(logits, cams)`:
+`create_model(name, num_classes, cam_faithful=True)` builds a Flax linen
+module whose `apply(variables, images, train=...)` returns `(logits, cams)`:
 `logits` `(B, C)` from global average pooling and a dense head, and `cams`
 `(B, H, W, C)` = `cco_jax.cams.hirescam(features, head_kernel)`, so that
-`cams.sum((1, 2)) + bias == logits`.
+`cams.sum((1, 2)) + bias == logits`, for every family.
 
-`cam_faithful=True` applies the method's three changes:
-  1. the last stage does not downsample (224 px in -> 14 x 14 maps, not 7 x 7);
-  2. the head has no bias;
-  3. the last block ends without BatchNorm and ReLU (activations may be < 0).
-`cam_faithful=False` is the cross-entropy control with all three put back; its
-maps are still exact once the bias is added.
+One interface (`cco_jax.cam_head.CamModel`): a family's backbone returns the
+spatial feature map `(B, H, W, F)`; the head (average + dense, maps by one
+einsum, float32) is shared. `name` picks the family from one registry,
+`FAMILIES`:
 
-The head always runs in float32, whatever `dtype` the backbone computes in, so
-the identity holds to float32 rounding even for bfloat16 backbones.
+  resnet    resnet18 ... resnet152  (`cco_jax.resnet`; BatchNorm)
+  vit       vit_ti16, vit_s16, vit_b16  (`cco_jax.vit`; no class token,
+            maps at token resolution)
+  convnext  convnext_tiny, convnext_small  (`cco_jax.convnext`)
+
+`cam_faithful=True` is the method's architecture (no head bias, and each
+family's surgery: docs/backbones.md); `cam_faithful=False` the family's
+standard architecture with its bias (the cross-entropy control). The head
+always runs in float32, whatever `dtype` the backbone computes in, so the
+identity holds to float32 rounding even for bfloat16 backbones.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-import functools
+from collections.abc import Callable, Sequence
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cco_jax import cams as cams_lib
-from cco_jax import ops
+from cco_jax import cam_head
+from cco_jax import convnext
+from cco_jax import errors
+from cco_jax import resnet
+from cco_jax import vit
 
-ModuleDef = Any
-
-STAGE_SIZES = {
-  'resnet18': (2, 2, 2, 2),
-  'resnet34': (3, 4, 6, 3),
-  'resnet50': (3, 4, 6, 3),
-  'resnet101': (3, 4, 23, 3),
-  'resnet152': (3, 8, 36, 3),
-}
-# Single 3x3-conv stems for low-resolution inputs, by their stride.
-STEM_STRIDES = {'small': 1, 'strided': 2}
-# Convolutions and the stem's max-pool pad symmetrically, as torchvision does
-# (3x3: 1 on every side; 7x7 stem: 3). Flax's 'SAME' would pad a stride-2
-# window of an even size only on the high side, shifting every sample by one
-# pixel, so torchvision's weights would compute something else.
-PAD_3X3 = ((1, 1), (1, 1))
-BOTTLENECK = {
-  'resnet18': False,
-  'resnet34': False,
-  'resnet50': True,
-  'resnet101': True,
-  'resnet152': True,
-}
+# The names other modules have always imported from here.
+CamHead = cam_head.CamHead
+CamModel = cam_head.CamModel
+ResNet = resnet.ResNet
+ResidualBlock = resnet.ResidualBlock
+BottleneckBlock = resnet.BottleneckBlock
+STAGE_SIZES = resnet.STAGE_SIZES
+STEM_STRIDES = resnet.STEM_STRIDES
+BOTTLENECK = resnet.BOTTLENECK
 
 
-def _residual_output(
-  block: nn.Module, residual: jax.Array, y: jax.Array
-) -> jax.Array:
-  """A block's tail: final BN (zero-initialised scale), projection shortcut, add, ReLU.
-
-  Called inside `block`'s compact `__call__`, so the submodules it creates are
-  the block's (`BatchNorm_k`, `conv_proj`, `norm_proj`). The final BN and ReLU
-  are skipped where `block.final_norm_and_relu` is False (the faithful last block).
-  """
-  if block.final_norm_and_relu:
-    y = block.norm(scale_init=nn.initializers.zeros_init())(y)
-  if residual.shape != y.shape:
-    residual = block.conv(
-      y.shape[-1], (1, 1), (block.strides, block.strides), name='conv_proj'
-    )(residual)
-    residual = block.norm(name='norm_proj')(residual)
-  y = residual + y
-  return nn.relu(y) if block.final_norm_and_relu else y
-
-
-class ResidualBlock(nn.Module):
-  """Basic two-conv residual block (ResNet-18/34)."""
-
-  filters: int
-  conv: ModuleDef
-  norm: ModuleDef
-  strides: int = 1
-  final_norm_and_relu: bool = True
-
-  @nn.compact
-  def __call__(self, x):
-    residual = x
-    y = self.conv(
-      self.filters, (3, 3), (self.strides, self.strides), padding=PAD_3X3
-    )(x)
-    y = nn.relu(self.norm()(y))
-    y = self.conv(self.filters, (3, 3), padding=PAD_3X3)(y)
-    return _residual_output(self, residual, y)
-
-
-class BottleneckBlock(nn.Module):
-  """Bottleneck residual block (ResNet-50/101/152); output has 4x filters."""
-
-  filters: int
-  conv: ModuleDef
-  norm: ModuleDef
-  strides: int = 1
-  final_norm_and_relu: bool = True
-
-  @nn.compact
-  def __call__(self, x):
-    residual = x
-    y = nn.relu(self.norm()(self.conv(self.filters, (1, 1))(x)))
-    y = self.conv(
-      self.filters, (3, 3), (self.strides, self.strides), padding=PAD_3X3
-    )(y)
-    y = nn.relu(self.norm()(y))
-    y = self.conv(self.filters * 4, (1, 1))(y)
-    return _residual_output(self, residual, y)
-
-
-class CamHead(nn.Module):
-  """Global average pooling + dense, returning logits and all-class HiResCAMs.
-
-  The logits are computed the ordinary way (pool, then dense) and the maps by
-  `cams.hirescam`, so the logit-sum identity is a property of the model that
-  tests can check, not a definition.
-  """
-
-  num_classes: int
-  use_bias: bool
-
-  @nn.compact
-  def __call__(self, features):
-    features = features.astype(jnp.float32)
-    kernel = self.param(
-      'kernel',
-      nn.initializers.lecun_normal(),
-      (features.shape[-1], self.num_classes),
-      jnp.float32,
-    )
-    logits = jnp.matmul(
-      features.mean((1, 2)), kernel, precision=cams_lib.HEAD_PRECISION
-    )
-    if self.use_bias:
-      logits = logits + self.param(
-        'bias', nn.initializers.zeros_init(), (self.num_classes,), jnp.float32
-      )
-    return logits, cams_lib.hirescam(features, kernel)
-
-
-class ResNet(nn.Module):
-  """ResNet v1.5 with a CAM head; torchvision's layout and padding.
-
-  With `cam_faithful=False` and the 'imagenet' stem it computes torchvision's
-  `resnet18`...`resnet152` in eval mode (`cco_jax.pretrained` loads weights).
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """A backbone family: its model names and how to build one.
 
   Attributes:
-    stage_sizes: blocks per stage.
-    block_cls: `ResidualBlock` or `BottleneckBlock`.
-    num_classes: classes of the head.
-    num_filters: width of the first stage (64 for the standard nets).
-    cam_faithful: apply the method's three changes (module docstring).
-    stem: 'imagenet' (7x7/2 conv + 3x3/2 max-pool, /4), 'strided' (3x3/2
-      conv, /2) or 'small' (3x3/1 conv, /1); the last two suit small inputs.
-    dtype: computation dtype of the backbone (parameters stay float32).
-    bn_axis_name: mapped axis over which BatchNorm averages batch statistics
-      in training (e.g. 'batch' inside `pmap`), so replicas stay identical and
-      a sharded batch normalises exactly like the whole batch; None outside.
-    pointwise_as_dot: run 1x1 convolutions as matrix products (`Conv`); the
-      parameters are the same either way.
+    names: the `model.name`s it provides.
+    build: `build(name, num_classes, *, cam_faithful, dtype, **options)`.
+    options: the `create_model` keywords its `build` reads (beyond
+      `cam_faithful` and `dtype`); a new option given to another family is
+      refused (`NEW_OPTIONS`).
+    batch_norm: whether the variables have `batch_stats`.
   """
 
-  stage_sizes: Sequence[int]
-  block_cls: ModuleDef
-  num_classes: int
-  num_filters: int = 64
-  cam_faithful: bool = True
-  stem: str = 'imagenet'
-  dtype: Any = jnp.float32
-  bn_axis_name: str | None = None
-  pointwise_as_dot: bool = True
+  names: tuple[str, ...]
+  build: Callable[..., nn.Module]
+  options: tuple[str, ...]
+  batch_norm: bool
 
-  @nn.compact
-  def __call__(self, x, train: bool = True):
-    conv = functools.partial(
-      ops.Conv,
-      use_bias=False,
-      dtype=self.dtype,
-      param_dtype=jnp.float32,
-      pointwise_as_dot=self.pointwise_as_dot,
-    )
-    norm = functools.partial(
-      nn.BatchNorm,
-      use_running_average=not train,
-      momentum=0.9,
-      epsilon=1e-5,
-      dtype=self.dtype,
-      param_dtype=jnp.float32,
-      axis_name=self.bn_axis_name if train else None,
-    )
-    x = x.astype(self.dtype)
-    if self.stem == 'imagenet':
-      x = conv(
-        self.num_filters,
-        (7, 7),
-        (2, 2),
-        padding=[(3, 3), (3, 3)],
-        name='conv_init',
-      )(x)
-      x = nn.relu(norm(name='bn_init')(x))
-      x = ops.max_pool(x, 3, 2, 1)
-    elif self.stem in STEM_STRIDES:
-      stride = STEM_STRIDES[self.stem]
-      x = conv(
-        self.num_filters,
-        (3, 3),
-        (stride, stride),
-        padding=PAD_3X3,
-        name='conv_init',
-      )(x)
-      x = nn.relu(norm(name='bn_init')(x))
-    else:
-      raise ValueError(
-        f"stem must be one of 'imagenet', {sorted(STEM_STRIDES)}; "
-        f'got {self.stem!r}.'
-      )
-    last_stage = len(self.stage_sizes) - 1
-    for i, block_size in enumerate(self.stage_sizes):
-      for j in range(block_size):
-        downsample = (
-          i > 0 and j == 0 and not (self.cam_faithful and i == last_stage)
-        )
-        is_last_block = i == last_stage and j == block_size - 1
-        x = self.block_cls(
-          self.num_filters * 2**i,
-          conv=conv,
-          norm=norm,
-          strides=2 if downsample else 1,
-          final_norm_and_relu=not (self.cam_faithful and is_last_block),
-        )(x)
-    return CamHead(
-      self.num_classes, use_bias=not self.cam_faithful, name='head'
-    )(x)
+
+FAMILIES = {
+  'resnet': Family(
+    resnet.NAMES,
+    resnet.build,
+    (
+      'num_filters',
+      'stem',
+      'stage_sizes',
+      'bn_axis_name',
+      'pointwise_as_dot',
+    ),
+    batch_norm=True,
+  ),
+  'vit': Family(
+    vit.NAMES,
+    vit.build,
+    ('patch_size', 'width', 'depth', 'num_heads'),
+    batch_norm=False,
+  ),
+  'convnext': Family(
+    convnext.NAMES,
+    convnext.build,
+    ('stage_sizes', 'width', 'last_stage_stride'),
+    batch_norm=False,
+  ),
+}
+# Options only some families read, with their "not set" value: setting one
+# for a family that ignores it is a mistake worth an error. (The ResNet's
+# older options have non-zero defaults and are ignored by the others.)
+NEW_OPTIONS = {
+  'patch_size': 0,
+  'width': 0,
+  'depth': 0,
+  'num_heads': 0,
+  'last_stage_stride': 0,
+}
+
+
+def names() -> list[str]:
+  """Every model name, sorted."""
+  return sorted(n for family in FAMILIES.values() for n in family.names)
+
+
+def family_of(name: str) -> str:
+  """The family (a key of `FAMILIES`) of the model `name`.
+
+  Raises:
+    errors.UserError: an unknown name, listing the choices.
+  """
+  for key, family in FAMILIES.items():
+    if name in family.names:
+      return key
+  raise errors.UserError(
+    f'Unknown model {name!r} (model.name); choose one of {names()}.'
+  )
 
 
 def create_model(
@@ -252,45 +137,78 @@ def create_model(
   stage_sizes: Sequence[int] | None = None,
   bn_axis_name: str | None = None,
   pointwise_as_dot: bool = True,
-) -> ResNet:
-  """Builds a ResNet by name.
+  patch_size: int = 0,
+  width: int = 0,
+  depth: int = 0,
+  num_heads: int = 0,
+  last_stage_stride: int = 0,
+) -> cam_head.CamModel:
+  """Builds a model by name.
 
   Args:
-    name: one of `STAGE_SIZES` ('resnet18', 'resnet34', 'resnet50', ...).
+    name: one of `names()` ('resnet18' ... 'resnet152', 'vit_ti16',
+      'vit_s16', 'vit_b16', 'convnext_tiny', 'convnext_small').
     num_classes: number of output classes (2 for species, 37 for breeds).
     cam_faithful: the method's architecture (True) or the CE control (False).
     dtype: backbone computation dtype, e.g. `jnp.bfloat16`; params are float32.
-    num_filters: first-stage width (64 standard; 16-32 for a CPU model).
-    stem: 'imagenet', 'strided' or 'small' (see `ResNet`).
-    stage_sizes: override the blocks per stage (depth), e.g. (1, 1, 1, 1).
-    bn_axis_name: see `ResNet`; the train step passes its pmap axis name.
-    pointwise_as_dot: see `ResNet` (False: every convolution is `nn.Conv`).
+    num_filters: ResNet: first-stage width (64 standard; 16-32 for a CPU model).
+    stem: ResNet: 'imagenet', 'strided' or 'small' (see `resnet.ResNet`).
+    stage_sizes: ResNet, ConvNeXt: override the blocks per stage (depth),
+      e.g. (1, 1, 1, 1); a ViT ignores it (its depth is `depth`), so the
+      small CPU configs' (1, 1, 1, 1) can stay.
+    bn_axis_name: ResNet: see `resnet.ResNet`; the train step passes its
+      pmap axis name (the other families have no BatchNorm and ignore it).
+    pointwise_as_dot: ResNet: see `resnet.ResNet`.
+    patch_size: ViT: patch side (0 = 16).
+    width: ViT: token width; ConvNeXt: first-stage channels (0 = named).
+    depth: ViT: encoder blocks (0 = named, 12).
+    num_heads: ViT: attention heads (0 = named).
+    last_stage_stride: ConvNeXt: 1 (finer maps) or 2 (0 = 2, timm's).
 
   Returns:
-    An un-initialised `ResNet` module. Initialise with
+    An un-initialised module. Initialise with
     `model.init(rng, images, train=False)`.
+
+  Raises:
+    errors.UserError: an unknown name, a bad class count, or an option set
+      for a family that does not read it.
   """
-  if name not in STAGE_SIZES:
-    raise ValueError(
-      f'Unknown model {name!r}; choose one of {sorted(STAGE_SIZES)}.'
-    )
+  family = FAMILIES[family_of(name)]
   if num_classes < 1:
-    raise ValueError(f'num_classes must be >= 1; got {num_classes}.')
-  block = BottleneckBlock if BOTTLENECK[name] else ResidualBlock
-  return ResNet(
-    stage_sizes=tuple(stage_sizes or STAGE_SIZES[name]),
-    block_cls=block,
-    num_classes=num_classes,
+    raise errors.UserError(
+      f'num_classes must be >= 1; got {num_classes} (the data has no classes?).'
+    )
+  given = dict(
     num_filters=num_filters,
-    cam_faithful=cam_faithful,
     stem=stem,
-    dtype=dtype,
+    stage_sizes=stage_sizes,
     bn_axis_name=bn_axis_name,
     pointwise_as_dot=pointwise_as_dot,
+    patch_size=patch_size,
+    width=width,
+    depth=depth,
+    num_heads=num_heads,
+    last_stage_stride=last_stage_stride,
+  )
+  for option, unset in NEW_OPTIONS.items():
+    if option not in family.options and given[option] != unset:
+      raise errors.UserError(
+        f'model.{option}={given[option]} does not apply to {name}; it is read '
+        f'by {[k for k, f in FAMILIES.items() if option in f.options]} models '
+        f'only. Leave --config.model.{option} at {unset}.'
+      )
+  options = {k: v for k, v in given.items() if k in family.options}
+  return family.build(
+    name, num_classes, cam_faithful=cam_faithful, dtype=dtype, **options
   )
 
 
-def cam_size(model: ResNet, image_size: int) -> tuple[int, int]:
+def has_batch_norm(name: str) -> bool:
+  """Whether models of `name` carry `batch_stats`."""
+  return FAMILIES[family_of(name)].batch_norm
+
+
+def cam_size(model: nn.Module, image_size: int) -> tuple[int, int]:
   """The `(H, W)` of the model's maps for square `image_size` inputs (no FLOPs)."""
   images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   (_, cams), _ = jax.eval_shape(

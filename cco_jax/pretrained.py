@@ -1,4 +1,4 @@
-"""Torchvision/timm ResNet weights in and out of `cco_jax.models.ResNet`.
+"""Torchvision/timm ResNet weights into `cco_jax.models.ResNet`; any family: `load`.
 
 `load_resnet(path, model, rng=...)` reads a ResNet-18/34/50/101/152 state dict
 in torchvision's naming (timm's `resnet*` models use the same names) from
@@ -18,6 +18,10 @@ stage runs at stride 1 with its weights unchanged, the head bias and the last
 block's final BatchNorm are dropped. A head whose class count differs from
 the file's is initialised fresh from `rng`. `LoadReport` says what was
 dropped or fresh, and `load_resnet` logs it.
+
+`load(path, model, image_size=...)` loads any family: ResNets here, timm's
+ViT (`global_pool='avg'`, `class_token=False`) and ConvNeXt in
+`cco_jax.pretrained_timm`, with the same `LoadReport`.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import numpy as np
 
 from cco_jax import errors
 from cco_jax import models
+from cco_jax import vit
 
 # Suffixes of the BatchNorm tensors, and where each goes in the flax tree.
 _BN = {
@@ -145,7 +150,7 @@ def variable_shapes(model: models.ResNet):
   )
 
 
-def _strip_prefix(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def strip_prefix(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Drops a `module.` (DistributedDataParallel) prefix shared by every key."""
   for prefix in ('module.', 'model.'):
     if state_dict and all(k.startswith(prefix) for k in state_dict):
@@ -182,7 +187,7 @@ def convert(
       f'and max-pool); the model has stem={model.stem!r}. Create it with '
       "stem='imagenet' (config: --config.model.stem=imagenet)."
     )
-  state_dict = _strip_prefix(dict(state_dict))
+  state_dict = strip_prefix(dict(state_dict))
   shapes = variable_shapes(model)
   target = {
     (collection, *path): leaf
@@ -270,12 +275,9 @@ def convert(
   return variables, report
 
 
-def _problem_message(source, model, problems) -> str:
-  lines = [
-    f'{source} does not fit the model ({len(model.stage_sizes)} stages of '
-    f'{tuple(model.stage_sizes)} {model.block_cls.__name__}s, '
-    f'{model.num_filters} filters, {model.num_classes} classes):'
-  ]
+def problem_lines(head: str, problems: dict[str, list[str]], hint: str) -> str:
+  """`head:` then one line per kind of problem (20 names at most), then `hint`."""
+  lines = [f'{head}:']
   labels = {
     'missing': 'missing keys',
     'unexpected': 'unexpected keys',
@@ -285,12 +287,20 @@ def _problem_message(source, model, problems) -> str:
     if items:
       shown = ', '.join(items[:20]) + (' ...' if len(items) > 20 else '')
       lines.append(f'  {len(items)} {labels[kind]}: {shown}')
-  lines.append(
-    '  Expected a torchvision/timm resnet18/34/50/101/152 state dict whose '
-    'depth matches model.name and with model.num_filters=64, '
-    'stage_sizes=() (the named depth).'
-  )
+  lines.append(f'  {hint}')
   return '\n'.join(lines)
+
+
+def _problem_message(source, model, problems) -> str:
+  return problem_lines(
+    f'{source} does not fit the model ({len(model.stage_sizes)} stages of '
+    f'{tuple(model.stage_sizes)} {model.block_cls.__name__}s, '
+    f'{model.num_filters} filters, {model.num_classes} classes)',
+    problems,
+    'Expected a torchvision/timm resnet18/34/50/101/152 state dict whose '
+    'depth matches model.name and with model.num_filters=64, '
+    'stage_sizes=() (the named depth).',
+  )
 
 
 def _fresh_head(model, target, rng) -> dict:
@@ -378,17 +388,49 @@ def load_resnet(
   return variables
 
 
-def init_train_state(state, model: models.ResNet, path: str, rng: jax.Array):
+def load(
+  path: str,
+  model: models.CamModel,
+  *,
+  image_size: int,
+  rng: jax.Array | None = None,
+) -> dict:
+  """Reads a pretrained file into the variables of `model`, any family.
+
+  ResNets: `load_resnet` (torchvision/timm names); ViT and ConvNeXt:
+  `cco_jax.pretrained_timm.convert` (timm names; `image_size` sets the
+  ViT's token grid). What was dropped, fresh or changed is logged.
+
+  Returns:
+    `{'params': ...}` plus `'batch_stats'` for a ResNet.
+  """
+  if isinstance(model, models.ResNet):
+    return load_resnet(path, model, rng=rng)
+  from cco_jax import pretrained_timm  # pylint: disable=import-outside-toplevel
+
+  variables, report = pretrained_timm.convert(
+    read_state_dict(path), model, image_size=image_size, rng=rng, source=path
+  )
+  logging.info('Loaded %s:\n%s', path, report)
+  return variables
+
+
+def init_train_state(state, model: models.CamModel, path: str, rng: jax.Array):
   """`state` with parameters and statistics from `path` ('' = unchanged).
 
   The trainer's hook for `config.model.init_from`: the optimizer state is
   re-initialised for the loaded parameters; `rng` initialises a fresh head.
+  A ViT's token grid is read from the state's `pos_embedding`.
   """
   if not path:
     return state
-  variables = load_resnet(path, model, rng=rng)
+  image_size = 64  # Any size: a ResNet's or ConvNeXt's shapes ignore it.
+  if isinstance(model, vit.ViT):
+    tokens = int(round(state.params['pos_embedding'].shape[1] ** 0.5))
+    image_size = tokens * model.patch_size
+  variables = load(path, model, image_size=image_size, rng=rng)
   return state.replace(
     params=variables['params'],
-    batch_stats=variables['batch_stats'],
+    batch_stats=variables.get('batch_stats', {}),
     opt_state=state.tx.init(variables['params']),
   )

@@ -48,7 +48,8 @@ AXIS_NAME = 'batch'
 
 
 class TrainState(train_state.TrainState):
-  """Parameters, optimizer state and step, plus BatchNorm statistics and the
+  """Parameters, optimizer state and step, plus BatchNorm statistics (`{}`
+  for models without BatchNorm: ViT, ConvNeXt) and the
   objective's state (`Objective.init_state`: Group DRO's weights `(G,)`, None
   for the others; the field keeps its name so that checkpoints restore)."""
 
@@ -140,7 +141,9 @@ def train_step(
       train=True,
       mutable=['batch_stats'],
     )
-    return logits, cams, updates['batch_stats']
+    # A model without BatchNorm (ViT, ConvNeXt) updates no collection: its
+    # `batch_stats` stay the empty dict `create_train_state` gave it.
+    return logits, cams, updates.get('batch_stats', state.batch_stats)
 
   def loss_fn(params):
     input_grads = None
