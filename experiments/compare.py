@@ -158,7 +158,9 @@ def prepare(data_dir: str) -> None:
   from cco_jax import configuration  # pylint: disable=g-import-not-at-top
   from cco_jax import data  # pylint: disable=g-import-not-at-top
 
-  config = compare_runs.benchmark().get_config('ce')
+  plugin = compare_runs.benchmark()
+  variants = getattr(plugin, 'DEFAULT_VARIANTS', None) or list(plugin.VARIANTS)
+  config = plugin.get_config(variants[0])  # Every variant reads the same data.
   configuration.apply_overrides(
     config,
     {
@@ -264,6 +266,8 @@ PLUGIN_DEFAULTS = {
   'source_dir': 'SOURCE_DIR',
   'variants': 'DEFAULT_VARIANTS',
   'correlations': 'CORRELATIONS',
+  'dfr_variants': 'DFR_VARIANTS',
+  'figure_variants': 'FIGURE_VARIANTS',
 }
 
 
@@ -341,9 +345,11 @@ def main(argv):
       after=lambda w: compare_runs.evaluations(w, '', ()),
     )
   records = compare_table.collect(
-    out, chosen_at, seeds, f.steps, tuple(f.dfr_variants)
+    out, chosen_at, seeds, f.steps, tuple(plugin_default('dfr_variants'))
   )
-  compare_table.write_outputs(out, records, chosen_at, f.figure_variants)
+  compare_table.write_outputs(
+    out, records, chosen_at, plugin_default('figure_variants')
+  )
   print(json.dumps({'table': os.path.join(out, 'table.md')}), flush=True)
 
 

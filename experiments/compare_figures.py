@@ -18,7 +18,8 @@ def save_curves(path: str, records: list[dict], correlation: float) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   fig, (ax, linear) = plt.subplots(1, 2, figsize=(11, 4.2))
-  for variant in compare_runs.LABELS:
+  names = compare_runs.labels()
+  for variant in names:
     curves = [
       dict(r['loss_curve'])
       for r in records
@@ -28,7 +29,7 @@ def save_curves(path: str, records: list[dict], correlation: float) -> None:
       continue
     steps = sorted(set.intersection(*(set(c) for c in curves)))
     mean = [np.mean([c[s] for c in curves]) for s in steps]
-    ax.plot(steps, mean, label=compare_runs.LABELS[variant])
+    ax.plot(steps, mean, label=names[variant])
     linear.plot(steps, mean)
   ax.set_yscale('log')
   linear.set_ylim(0, 1.5)

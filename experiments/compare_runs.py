@@ -12,9 +12,11 @@ The benchmark is a plug-in: a config module `experiments/configs/<name>.py`
 `MINORITY_GROUPS` (the groups whose spurious feature disagrees with the label)
 and `build_benchmark(source_dir, out_dir, *, correlation, val_per_group,
 test_per_group, seed)` (writes the folder dataset at a correlation; `seed`
-composes it); optionally `SOURCE_DIR`, `CORRELATIONS`, `DEFAULT_VARIANTS`
-(defaults of the flags of those names), `POSITIVE_CLASS` (scored by the
-tables' AUC), `GROUP_SIZES_FROM_FLAGS = False` (sizes fixed by the data) and
+composes it); optionally `SOURCE_DIR`, `CORRELATIONS`, `DEFAULT_VARIANTS`,
+`DFR_VARIANTS`, `FIGURE_VARIANTS` (defaults of the flags of those names),
+`POSITIVE_CLASS` (scored by the tables' AUC), `REFERENCE` (the variant every
+row is compared with; default 'ace'), `LABELS` (names of its variants in
+tables), `GROUP_SIZES_FROM_FLAGS = False` (sizes fixed by the data) and
 `build_counterfactual(source_dir, data_dir, out_dir)` (the benchmark with
 each test image's spurious feature toggled; every evaluation then adds the
 share of test predictions that flip, `counterfactual`).
@@ -65,6 +67,12 @@ LABELS = {
   'ce_reweighted': 'CE reweighted by group',
   'jtt': 'JTT',
 }
+
+
+def labels() -> dict:
+  """Variant -> its name in tables and figures, in table order: the
+  plug-in's `LABELS` (if any) first, then `LABELS`."""
+  return {**getattr(benchmark(), 'LABELS', {}), **LABELS}
 
 
 def benchmark():

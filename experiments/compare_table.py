@@ -63,15 +63,22 @@ TABLES = {
     'coefficients chosen on validation accuracy, last checkpoint',
   ),
 }
-REFERENCE = 'ace'
+REFERENCE = 'ace'  # A plug-in's REFERENCE replaces it.
 DFR_SUFFIX = '+dfr'
 LABELS = compare_runs.LABELS
 
 
+def reference() -> str:
+  """The method every row is compared with: the plug-in's REFERENCE, else
+  ACE."""
+  return getattr(compare_runs.benchmark(), 'REFERENCE', REFERENCE)
+
+
 def label(method: str) -> str:
+  names = compare_runs.labels()
   if method.endswith(DFR_SUFFIX):
-    return LABELS.get(method[: -len(DFR_SUFFIX)], method) + ' + DFR'
-  return LABELS.get(method, method)
+    return names.get(method[: -len(DFR_SUFFIX)], method) + ' + DFR'
+  return names.get(method, method)
 
 
 def checkpoint_numbers(report: dict) -> dict:
@@ -217,7 +224,7 @@ def table_rows(collected: dict, correlation: float, table: str) -> list[dict]:
       by_method.setdefault(r['variant'] + DFR_SUFFIX, []).append(
         (r, compare_runs.DFR)
       )
-  order = list(LABELS)
+  order = list(compare_runs.labels())
   methods = sorted(
     by_method,
     key=lambda m: (
@@ -232,7 +239,7 @@ def table_rows(collected: dict, correlation: float, table: str) -> list[dict]:
     }
     for m in methods
   }
-  stats = compare_stats.compare_rows(correct, test['group'], REFERENCE)
+  stats = compare_stats.compare_rows(correct, test['group'], reference())
   rows = []
   for m in methods:
     runs = by_method[m]
@@ -281,12 +288,13 @@ def markdown(rows: list[dict], correlation: float, table: str) -> str:
   # A measure the benchmark does not have (no counterfactual test, more than
   # two classes for AUC) is left out rather than shown as a column of dashes.
   measures = [m for m in MEASURES if any(r[m[0]] is not None for r in rows)]
+  versus = label(reference())
   lines = [
     f'\n**Train correlation {correlation:g}: {title}** (needs {needs})\n',
     '| method | supervision | coefficients | '
     + ' | '.join(name for _, name in measures)
-    + ' | worst-group 95 % CI | Δ worst-group vs ACE [95 % CI] | p (Holm) '
-    '| W/T/L vs ACE |',
+    + f' | worst-group 95 % CI | Δ worst-group vs {versus} [95 % CI] '
+    f'| p (Holm) | W/T/L vs {versus} |',
     '|---|---|---|' + '---|' * (len(measures) + 4),
   ]
   for row in rows:
@@ -398,7 +406,7 @@ def write_outputs(out, collected, chosen_at, figure_variants) -> None:
         and 'worst_group' in r['protocols']
       ]
       if v in chosen and match:
-        workdirs[LABELS.get(v, v)] = sorted(match)[0]
+        workdirs[label(v)] = sorted(match)[0]
     if workdirs:
       compare_figures.save_maps_figure(
         os.path.join(out, f'maps_{name}.png'),

@@ -342,3 +342,33 @@ def test_counterfactual_summary_counts_flips_per_group():
   assert summary['flip_rate_by_group'] == pytest.approx({'a': 0.5, 'b': 1 / 3})
   with pytest.raises(ValueError, match='other images'):
     compare_runs.counterfactual_summary(factual, {**counter, 'index': [4] * 5})
+
+
+@pytest.mark.parametrize('name', ['spurious', 'isic_shortcut', 'backbones'])
+def test_benchmark_plugins_keep_the_contract(name, monkeypatch):
+  """What `experiments.compare` reads of a plug-in is there and consistent:
+  every named variant exists and builds, every grid field is a config field
+  (or JTT's), the reference is a variant, group names are the builder's."""
+  import importlib  # pylint: disable=g-import-not-at-top
+
+  plugin = importlib.import_module(f'experiments.configs.{name}')
+  monkeypatch.setattr(compare_runs, 'BENCHMARK', name)
+  variants = set(plugin.VARIANTS)
+  for attribute in ('DEFAULT_VARIANTS', 'DFR_VARIANTS', 'FIGURE_VARIANTS'):
+    assert set(getattr(plugin, attribute, ())) <= variants, attribute
+  assert getattr(plugin, 'REFERENCE', 'ace') in variants
+  assert set(getattr(plugin, 'LABELS', {})) <= variants
+  assert set(plugin.GRIDS) <= variants
+  for variant, axes in plugin.GRIDS.items():
+    config = plugin.get_config(variant).to_dict()
+    for field, values in axes:
+      if field in compare_runs.JTT_FIELDS:
+        continue
+      section, key = field.split('.')
+      assert key in config[section] and len(values) >= 2, field
+  for variant in variants:
+    assert plugin.get_config(variant).data.name == 'folder'
+  assert callable(plugin.build_benchmark) and len(plugin.MINORITY_GROUPS) == 2
+  for correlation in getattr(plugin, 'CORRELATIONS', ('1.0',)):
+    assert 0.5 <= float(correlation) <= 1.0
+  assert variants <= set(compare_runs.labels())  # Every row has a name.

@@ -26,6 +26,13 @@ Backbones (docs/backbones.md):
             last stage at stride 1 (48 px -> 12 -> 6 -> 6: 6 x 6 maps)
             (control: timm's pool-then-norm head with bias).
 
+All of them, 3 seeds, with the comparison's statistics (paired by seed
+against the ResNet with ACE) and its three selection rules:
+
+  CCO_DETERMINISTIC=2 python -m experiments.compare --benchmark=backbones \
+      --out=/tmp/backbones --seeds=0,1,2 \
+      --source_dir=../shared/data/oxford-iiit-pet-sample
+
 Expected results: not yet measured (no run has been made with these
 variants). ViTs trained from scratch on 431 images often want a smaller
 learning rate and warm-up; this config keeps the benchmark's optimizer so that
@@ -74,6 +81,23 @@ VARIANTS = {
   f'{backbone}_{run}': _variant(backbone, run)
   for backbone in BACKBONES
   for run in RUNS
+}
+
+# A plug-in of `experiments.compare` (experiments/compare_runs.py): the
+# spurious benchmark's data, no grid (no variant has a coefficient), every row
+# compared with the ResNet trained with ACE.
+MINORITY_GROUPS = spurious.MINORITY_GROUPS
+build_benchmark = spurious.build_benchmark
+GRIDS = {}
+REFERENCE = 'resnet_ace'
+DEFAULT_VARIANTS = tuple(VARIANTS)
+CORRELATIONS = ('1.0',)
+DFR_VARIANTS = ()
+FIGURE_VARIANTS = ('resnet_ace', 'vit_ace', 'convnext_ace')
+_NAMES = {'resnet': 'ResNet-18', 'vit': 'ViT', 'convnext': 'ConvNeXt'}
+_RUN_NAMES = {'ce_control': 'CE control', 'ce': 'CE', 'ace': 'ACE'}
+LABELS = {
+  f'{b}_{r}': f'{_NAMES[b]}, {_RUN_NAMES[r]}' for b in BACKBONES for r in RUNS
 }
 
 
