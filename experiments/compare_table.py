@@ -363,7 +363,8 @@ def grid_markdown(out: str) -> str:
 def write_outputs(out, collected, chosen_at, figure_variants) -> None:
   """OUT/table.json, OUT/table.md, OUT/curves_c<corr>.png, OUT/maps_*.png."""
   tables = {}
-  text = ['# Grouped spurious-background benchmark\n']
+  plugin = compare_runs.benchmark()
+  text = [f'# {plugin.__doc__.strip().splitlines()[0].rstrip(".")}\n']
   for correlation in sorted(collected['test'], reverse=True):
     for table in TABLES:
       rows = table_rows(collected, correlation, table)
