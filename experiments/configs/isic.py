@@ -34,7 +34,7 @@ Variants (`--config=experiments/configs/isic.py:VARIANT`):
                  --config.data.tfds_data_dir=/tmp/isic_tfds
              The table (six objectives x 3 seeds, evaluated, with curves and
              maps): `python -m experiments.isic --out=/tmp/isic`
-             (docs/results_isic.md gives what it measured, and the time).
+             (docs/results_isic.md: the setting and, once run, the table).
   cpu_ce     the `cpu` model's cross-entropy control (the unfaithful
              architecture: bias, downsampling last stage, final BatchNorm).
   cpu_ce_faithful  cross-entropy on the faithful architecture.
@@ -119,7 +119,8 @@ def _cpu() -> ml_collections.ConfigDict:
   config.eval_batch_size = 64
   # Until validation mean AUC has stopped improving: one validation per epoch
   # (48 steps of 32), six without a better one end the run, 30 epochs at
-  # most. 72 steps (the first budget) learned nothing (docs/results_isic.md).
+  # most. 72 steps (the first budget) learned nothing
+  # (docs/results_isic_first_budget.md).
   config.num_epochs = 30
   config.eval_every_steps = 48
   config.log_every_steps = 48
