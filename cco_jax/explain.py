@@ -40,7 +40,6 @@ import scipy.special
 
 from cco_jax import cams as cams_lib
 from cco_jax import head_features
-from cco_jax import objectives
 from cco_jax import restore
 from cco_jax.data import config as data_config
 from cco_jax.data import transforms
@@ -157,6 +156,15 @@ def probabilities(logits: np.ndarray, head: str = 'softmax') -> np.ndarray:
   return softmax(logits)
 
 
+def _registry_head(loss_name: str) -> str:
+  """How objective `loss_name` reads the logits, for run records written
+  before they recorded it (imports the objectives, which explaining a run
+  whose record says otherwise never does)."""
+  from cco_jax import objectives  # pylint: disable=g-import-not-at-top
+
+  return objectives.head(loss_name)
+
+
 def _bucket(n: int, batch_size: int) -> int:
   """Padded batch length: the next power of two, at most `batch_size`."""
   return min(batch_size, 1 << max(0, (n - 1).bit_length()))
@@ -232,7 +240,7 @@ class Explainer:
       **kwargs,
     )
     explainer.trained = trained
-    explainer.head = objectives.head(trained.config.loss.name)
+    explainer.head = record.head or _registry_head(trained.config.loss.name)
     return explainer
 
   def load(self, paths: Sequence[str]) -> np.ndarray:

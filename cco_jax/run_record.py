@@ -63,6 +63,9 @@ class RunRecord:
     mean, std: the per-channel normalisation (identity when not normalised):
       model input = (pixels in [0, 1] - mean) / std.
     boundary_is_foreground: whether the trimap boundary counts as object.
+    head: how the objective read the logits, 'softmax' or 'sigmoid' (one
+      per class); None in records written before it was recorded (readers
+      then ask the objective registry, `objectives.head(config.loss.name)`).
     schema: the file format's version (`SCHEMA`).
   """
 
@@ -81,6 +84,7 @@ class RunRecord:
   mean: tuple[float, float, float]
   std: tuple[float, float, float]
   boundary_is_foreground: bool
+  head: str | None = None
   schema: int = SCHEMA
 
   @property
@@ -94,6 +98,7 @@ class RunRecord:
     splits: Mapping[str, SplitSource],
     *,
     cam_size: tuple[int, int],
+    head: str | None = None,
   ) -> RunRecord:
     """The record of a run on `splits` (already open; must hold 'train').
 
@@ -102,6 +107,7 @@ class RunRecord:
       splits: {split: SplitSource} of the primary dataset, as training opened
         them ('train', 'validation'[, 'test']).
       cam_size: (h, w) of the model's maps at `data_config.image_size`.
+      head: 'softmax' or 'sigmoid', as the objective reads the logits.
     """
     train = splits['train']
     builder = train.builder
@@ -132,6 +138,7 @@ class RunRecord:
       mean=_floats(data_config_lib.IMAGENET_MEAN if normalize else (0, 0, 0)),
       std=_floats(data_config_lib.IMAGENET_STD if normalize else (1, 1, 1)),
       boundary_is_foreground=bool(data_config.boundary_is_foreground),
+      head=head,
     )
 
   def to_json(self) -> dict:
@@ -164,7 +171,8 @@ class RunRecord:
         f'reads schema {SCHEMA}; {FIX}'
       )
     fields = {f.name for f in dataclasses.fields(cls)}
-    missing, unknown = fields - set(values), set(values) - fields
+    missing = fields - set(values) - _OPTIONAL
+    unknown = set(values) - fields
     if missing or unknown:
       raise RecordError(
         f'{path}: run record fields missing {sorted(missing)}, unknown '
@@ -188,12 +196,18 @@ def derive(config: ml_collections.ConfigDict) -> RunRecord:
   builder = primary['train'].builder
   names = info.class_names_of(builder, config.data.name, config.data.task)
   model = model_config.create_model(config, len(names))
+  from cco_jax import objectives  # pylint: disable=g-import-not-at-top
+
   return RunRecord.from_data(
     config.data,
     primary,
     cam_size=models.cam_size(model, config.data.image_size),
+    head=objectives.head(config.loss.name),
   )
 
+
+# Fields that records written before them lack (their default applies).
+_OPTIONAL = frozenset({'head'})
 
 # The tuple fields, which JSON stores as lists.
 _TUPLES = (

@@ -334,7 +334,10 @@ def build(
   objective = create_objective(config)
   cam_size = models.cam_size(model, config.data.image_size)
   record = run_record.RunRecord.from_data(
-    config.data, primary, cam_size=cam_size
+    config.data,
+    primary,
+    cam_size=cam_size,
+    head=objectives.head(config.loss.name),
   )
   group_names = record.group_names
   schedule = resolve_schedule(config, len(train), len(primary['validation']))

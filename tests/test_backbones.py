@@ -331,8 +331,9 @@ OPTIONS['ce_reweighted'] = OPTIONS['group_dro']
 
 
 # Every objective on a ViT or a ConvNeXt (alternating, to keep the suite's
-# time), and the method's own objectives and the input-gradient one on both.
-BOTH = ('ace', 'ace_kld', 'rrr')
+# time), and ACE on both (test_identity_after_ace_steps trains ACE on each
+# family for 4 steps as well).
+BOTH = ('ace',)
 FAMILY_OBJECTIVES = [
   (family, name)
   for i, name in enumerate(sorted(objectives.names()))
@@ -363,8 +364,9 @@ def test_every_objective_trains_a_vit_or_convnext_through_one_step(
 
 
 @pytest.mark.parametrize('faithful', [True, False])
-@pytest.mark.parametrize('family', sorted(TINY))
+@pytest.mark.parametrize('family', ['convnext', 'vit'])
 def test_identity_after_ace_steps(family, faithful):
+  # The ResNets' identity after training: test_train_step, test_train.
   model = _tiny(family, faithful)
   state, losses, batch = _train(model, objectives.create({'name': 'ace'}), 4)
   assert min(losses[1:]) < losses[0], losses
@@ -536,7 +538,7 @@ def test_benchmark_script_smoke(monkeypatch):
   assert set(timed['rows']) == {'vit_ti16 ce_control', 'vit_ti16 ace_kld'}
   for row in timed['rows'].values():
     assert row['median_s'] > 0 and row['cam_size'] == [2, 2]
-  identity = bench.measure_identity('smoke', steps=1)
+  identity = bench.measure_identity('smoke', steps=0)  # At init (cheap).
   for row in identity['rows'].values():
     for errors_ in row.values():
       assert errors_['float32'] < 1e-5 and errors_['float64'] < 1e-5

@@ -121,6 +121,7 @@ def test_run_json_holds_what_the_data_says(trained_run):
   assert record.dataset_version == str(splits['train'].builder.version)
   assert record.prepare_options['store_size'] == config.data.store_size
   assert record.image_size == 32 and record.cam_size == (4, 4)
+  assert record.head == 'softmax' and config.loss.name != 'bce'
   assert record.normalize == config.data.normalize
   if record.normalize:
     np.testing.assert_allclose(record.mean, [0.485, 0.456, 0.406])
@@ -258,11 +259,20 @@ def test_record_round_trip_and_one_line_errors(tmp_path):
     mean=(0.5, 0.5, 0.5),
     std=(0.25, 0.25, 0.25),
     boundary_is_foreground=False,
+    head='sigmoid',
   )
   path = tmp_path / 'run.json'
   record.save(path)
   assert run_record.RunRecord.load(path) == record
   assert record.num_classes == 3
+  # A record written before `head` was recorded still loads (head None).
+  older = record.to_json()
+  del older['head']
+  path.write_text(json.dumps(older))
+  assert run_record.RunRecord.load(path) == dataclasses.replace(
+    record, head=None
+  )
+  record.save(path)
 
   def error(text):
     if text is None:

@@ -45,11 +45,16 @@ from cco_jax import models
 from cco_jax import objectives
 from cco_jax import train_step as step_lib
 
-_PRESET = flags.DEFINE_enum('preset', 'cpu', ['cpu', 'small', 'smoke'], '')
-_MEASURE = flags.DEFINE_enum('measure', 'time', ['time', 'identity'], '')
-_REPEATS = flags.DEFINE_integer('repeats', 10, 'Timed steps per run.')
-_STEPS = flags.DEFINE_integer('steps', 5, 'ACE steps before the identity.')
-_OUT = flags.DEFINE_string('out', '', 'Where to write the JSON results.')
+
+def define_flags() -> None:
+  """The script's flags (defined only when run, so that tests can import it
+  beside other benchmarks that define flags of the same names)."""
+  flags.DEFINE_enum('preset', 'cpu', ['cpu', 'small', 'smoke'], '')
+  flags.DEFINE_enum('measure', 'time', ['time', 'identity'], '')
+  flags.DEFINE_integer('repeats', 10, 'Timed steps per run.')
+  flags.DEFINE_integer('steps', 5, 'ACE steps before the identity.')
+  flags.DEFINE_string('out', '', 'Where to write the JSON results.')
+
 
 # preset -> (image size, batch, {label: (model.name, create_model options)}).
 PRESETS = {
@@ -311,15 +316,17 @@ def print_results(results: dict) -> None:
 
 def main(argv):
   del argv
-  if _MEASURE.value == 'time':
-    results = measure_time(_PRESET.value, _REPEATS.value)
+  options = flags.FLAGS
+  if options.measure == 'time':
+    results = measure_time(options.preset, options.repeats)
   else:
-    results = measure_identity(_PRESET.value, _STEPS.value)
+    results = measure_identity(options.preset, options.steps)
   print_results(results)
-  if _OUT.value:
-    with open(_OUT.value, 'w') as f:
+  if options.out:
+    with open(options.out, 'w') as f:
       json.dump(results, f, indent=1)
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
