@@ -355,12 +355,19 @@ def test_probabilities_read_the_logits_as_the_objective_did(tiny_run):
   )
   run = restore.restore_model(str(tiny_run[0]), step='last')
   assert explain_lib.Explainer.from_trained(run).head == 'softmax'
+  assert run.record.head == 'softmax'
   config = ml_collections.ConfigDict(run.config.to_dict())
   config.loss.name = 'ace_bce'
-  sigmoid = explain_lib.Explainer.from_trained(
-    dataclasses.replace(run, config=config)
-  )
-  assert sigmoid.head == 'sigmoid'
+  # The run record says how to read the logits; a record written before it
+  # did (head None) is read by the objective registry from the config.
+  for record in (
+    dataclasses.replace(run.record, head='sigmoid'),
+    dataclasses.replace(run.record, head=None),
+  ):
+    sigmoid = explain_lib.Explainer.from_trained(
+      dataclasses.replace(run, config=config, record=record)
+    )
+    assert sigmoid.head == 'sigmoid'
   size = run.record.image_size
   x = np.random.default_rng(0).normal(size=(2, size, size, 3))
   result = sigmoid.explain(x.astype(np.float32))
