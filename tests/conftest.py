@@ -167,3 +167,24 @@ def real_config(real_data_dir):
     )
 
   return make
+
+
+# Files whose tests train in subprocesses for a minute or more each (the
+# comparison, preemption, multi-host and reproducibility end-to-end runs),
+# collected first: with two workers, a long test collected last would leave
+# one worker running it alone at the end of the suite. Within a file, and for
+# every other file, the order is pytest's.
+_FIRST = (
+  'test_compare_protocol.py',
+  'test_preemption.py',
+  'test_multihost.py',
+  'test_reproducibility.py',
+)
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    name = item.path.name
+    return _FIRST.index(name) if name in _FIRST else len(_FIRST)
+
+  items.sort(key=rank)
