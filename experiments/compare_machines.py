@@ -29,10 +29,10 @@ from __future__ import annotations
 import json
 import math
 
-from absl import app
 from absl import flags
 import numpy as np
 
+from cco_jax import errors
 from experiments import cli
 
 RULES = ('worst_group', 'accuracy', 'last', 'dfr_last')
@@ -73,7 +73,7 @@ def _same_test(a: dict, b: dict) -> None:
   for corr, test in a['test'].items():
     other = b['test'].get(corr)
     if other is not None and other != test:
-      raise app.UsageError(
+      raise errors.UserError(
         f'The two tables were evaluated on different test sets at '
         f'correlation {corr}: compare runs of the same benchmark (the same '
         '--data_seed and group sizes).'
@@ -217,15 +217,16 @@ def main(argv):
   del argv
   f = flags.FLAGS
   if len(f.names) != 2:
-    raise app.UsageError('--names: two names, e.g. --names=Intel,AMD.')
+    raise errors.UserError('--names: two names, e.g. --names=Intel,AMD.')
   tables = []
   for path in (f.a, f.b):
     try:
       with open(path) as fh:
         tables.append(json.load(fh))
     except (OSError, json.JSONDecodeError) as e:
-      raise app.UsageError(
-        f'{path}: not a readable table.json ({e}); give the file that '
+      reason = e.strerror if isinstance(e, OSError) else f'not JSON: {e}'
+      raise errors.UserError(
+        f'{path}: not a readable table.json ({reason}); give the file that '
         'experiments.compare wrote (OUT/table.json).'
       ) from None
   entries = pairs(*tables)

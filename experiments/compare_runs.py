@@ -238,6 +238,10 @@ def evaluate(workdir: str, rule: str) -> dict:
   else:
     step = selection.select_step(records, rule)
     model, info = dict(step=step), None
+    same = _report_of_step(os.path.dirname(path), step)
+    if same is not None:  # Another rule chose this checkpoint: its report.
+      _write_json(path, {**same, 'rule': rule})
+      return {**same, 'rule': rule}
   report = evaluation.evaluate_checkpoint(workdir, config, **model).report
   if info is not None:
     report['dfr'] = info
@@ -260,11 +264,28 @@ def evaluate(workdir: str, rule: str) -> dict:
     report['counterfactual'] = counterfactual_summary(
       report['per_example'], other['per_example']
     )
+  _write_json(path, report)
+  return report
+
+
+def _report_of_step(directory: str, step: int) -> dict | None:
+  """A cached report of checkpoint `step` under another selection rule (not
+  DFR's, whose head differs), or None."""
+  for rule in RULES:
+    path = os.path.join(directory, f'compare_{rule}.json')
+    if os.path.exists(path):
+      with open(path) as f:
+        report = json.load(f)
+      if report.get('step') == step:
+        return report
+  return None
+
+
+def _write_json(path: str, value: dict) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path + '.tmp', 'w') as f:
-    json.dump(report, f)
+    json.dump(value, f)
   os.replace(path + '.tmp', path)
-  return report
 
 
 def counterfactual_dir(data_dir: str) -> str:

@@ -223,7 +223,7 @@ RANDOM = {'vit': _random_vit, 'convnext': _random_convnext}
 
 
 @pytest.mark.parametrize('faithful', [True, False])
-@pytest.mark.parametrize('seed', [0, 1, 2])
+@pytest.mark.parametrize('seed', [0, 1])
 @pytest.mark.parametrize('family', sorted(RANDOM))
 def test_identity_on_random_shapes_against_float64(family, seed, faithful):
   model, image_shape, grid = RANDOM[family](seed, faithful)

@@ -473,6 +473,12 @@ MISTAKES = [
     ["--seeds: 'one' is not an integer"],
   ),
   (
+    'compare machines with a missing table',
+    'experiments.compare_machines',
+    lambda w: [f'--a={w["tmp"] / "none.json"}', f'--b={w["tmp"] / "b.json"}'],
+    ['none.json: not a readable table.json', 'OUT/table.json'],
+  ),
+  (
     'ISIC shortcut benchmark without ISIC',
     'experiments.make_isic_shortcut',
     lambda w: ['--isic_dir=/nowhere', f'--out_dir={w["tmp"] / "isc"}'],
