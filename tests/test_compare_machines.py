@@ -122,3 +122,28 @@ def test_tables_of_different_test_sets_are_refused(tmp_path):
   )
   assert result.returncode != 0 and 'Traceback' not in result.stderr
   assert 'different test sets' in result.stderr
+
+
+def test_environment_records_the_cpu_caches(tmp_path):
+  """Cache sizes, read from a Linux-style sysfs tree (and the real one)."""
+  from cco_jax.runtime import environment  # pylint: disable=g-import-not-at-top
+
+  for index, (level, kind, size) in enumerate(
+    [
+      ('1', 'Data', '32K'),
+      ('1', 'Instruction', '32K'),
+      ('2', 'Unified', '1024K'),
+    ]
+  ):
+    entry = tmp_path / f'index{index}'
+    entry.mkdir()
+    for name, value in (('level', level), ('type', kind), ('size', size)):
+      (entry / name).write_text(value + '\n')
+  (tmp_path / 'uevent').write_text('')
+  assert environment.caches(str(tmp_path)) == {
+    'L1 Data': '32K',
+    'L1 Instruction': '32K',
+    'L2 Unified': '1024K',
+  }
+  assert environment.caches(str(tmp_path / 'missing')) == {}
+  assert isinstance(environment.describe()['cpu']['caches'], dict)

@@ -1,7 +1,7 @@
 """What a run ran on, so a reader can tell whether two runs could match.
 
 `describe()` returns the CPU (model, the vector-instruction flags XLA and
-YNNPACK choose kernels by, the CPUs the process may use), the accelerators,
+YNNPACK choose kernels by, its cache sizes, the CPUs the process may use), the accelerators,
 the XLA flags, `CCO_DETERMINISTIC` (`cco_jax.runtime.deterministic`) and the
 versions of Python and the numerical libraries. The training loop appends it
 to `WORKDIR/environment.json` (a list: one entry per start, so a run resumed
@@ -44,11 +44,36 @@ def _cpu() -> dict:
   return {
     'model': model,
     'vector_flags': vector,
+    'caches': caches(),
     'cpu_count': os.cpu_count(),
     'usable_cpus': len(os.sched_getaffinity(0))
     if hasattr(os, 'sched_getaffinity')
     else os.cpu_count(),
   }
+
+
+def caches(root: str = '/sys/devices/system/cpu/cpu0/cache') -> dict:
+  """The first CPU's caches as Linux reports them, e.g. {'L1 Data': '32K',
+  'L2 Unified': '1024K'} ({} where unknown). Eigen sizes its matrix-product
+  blocks from them, which changes the order of sums between CPUs
+  (docs/reproducibility.md)."""
+  found = {}
+  try:
+    entries = sorted(os.listdir(root))
+  except OSError:
+    return found
+  for entry in entries:
+    if not entry.startswith('index'):
+      continue
+    try:
+      values = [
+        epath.Path(root, entry, name).read_text().strip()
+        for name in ('level', 'type', 'size')
+      ]
+    except OSError:
+      continue
+    found[f'L{values[0]} {values[1]}'] = values[2]
+  return found
 
 
 def describe() -> dict:
