@@ -16,10 +16,12 @@ every 20 steps, every evaluated checkpoint kept; 'best' is the one with the
 highest validation worst-group accuracy (`best_metric`), and
 `cco_jax.selection` applies the rules that need no group labels. The whole
 table, its grids and seeds: `CCO_DETERMINISTIC=2 python -m experiments.compare` (docs/results.md).
-Expected test worst-group accuracy at correlation 1.0 (paired benchmark, 3
-seeds, coefficients and checkpoint chosen on validation accuracy): ACE 0.417
-± 0.097, CE 0.254 ± 0.051; with the checkpoint chosen on validation
-worst-group accuracy: ACE 0.496 ± 0.109, CE 0.329 ± 0.088.
+Expected test worst-group accuracy at correlation 1.0 (paired benchmark, 5
+seeds, measured on an AMD EPYC; coefficients and checkpoint chosen on
+validation accuracy): ACE 0.497 ± 0.106, CE 0.222 ± 0.065; with the
+checkpoint chosen on validation worst-group accuracy: ACE 0.515 ± 0.076, CE
+0.300 ± 0.073. A single run moves by about 0.03-0.04 on a CPU of another
+vendor (docs/reproducibility.md).
 
 Variants (the objective's supervision in brackets):
   ce_control     CE on the unfaithful architecture (its last stage
