@@ -17,7 +17,8 @@ backbone's own features) of each model, at initialisation and after
 
   python -m experiments.benchmarks.backbones --measure=identity --preset=cpu
 
-Presets (all with 8x8 maps at their image size):
+Presets (8x8 maps of the faithful models, except `small`'s ConvNeXt: 4x4,
+its stem downsamples by 4):
   cpu    128 px, batch 16: resnet18 (full width, 'imagenet' stem), vit_ti16
          and vit_s16 (patch 16), convnext_tiny (last_stage_stride=1).
   small  64 px, batch 32: the `pets.py:cpu` ResNet-18 (width 16, one block
