@@ -45,6 +45,7 @@ import optax
 from cco_jax import models
 from cco_jax import objectives
 from cco_jax import train_step as step_lib
+from experiments.benchmarks import steps
 
 
 def define_flags() -> None:
@@ -128,24 +129,7 @@ def synthetic_batch(model, image_size: int, batch: int, seed: int = 0):
 
 
 def _compile(model, image_size, batch, loss):
-  objective = objectives.create(loss)
-  state = step_lib.create_train_state(
-    jax.random.key(0, impl='rbg'),
-    model,
-    image_size,
-    optax.adam(1e-3),
-    objective_state=objective.init_state(),
-  )
-  step = jax.jit(
-    functools.partial(step_lib.train_step, objective=objective, axis_name=None),
-    donate_argnums=(0,),
-  )
-  start = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
-  seconds = time.perf_counter() - start
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  return compiled, state, seconds, float((cost or {}).get('flops', 0.0))
+  return steps.compile_step(model, objectives.create(loss), image_size, batch)
 
 
 def measure_time(preset: str, repeats: int) -> dict:

@@ -13,7 +13,6 @@ gradient again (a double backward), which the ratio shows.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import platform
@@ -24,12 +23,11 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from cco_jax import model_config
 from cco_jax import models
 from cco_jax import objectives
-from cco_jax import train_step as step_lib
+from experiments.benchmarks import steps
 from experiments.configs import pets
 
 _VARIANT = flags.DEFINE_string('variant', 'cpu', 'A pets config variant.')
@@ -76,20 +74,10 @@ def compile_objective(model, config, batch, name, overrides):
   objective = objectives.create(
     {**config.loss, 'name': name, 'log_all_terms': False, **overrides}
   )
-  state = step_lib.create_train_state(
-    jax.random.key(0, impl='rbg'),
-    model,
-    config.data.image_size,
-    optax.adam(1e-3),
-    objective_state=objective.init_state(),
+  compiled, state, seconds, _ = steps.compile_step(
+    model, objective, config.data.image_size, batch
   )
-  step = jax.jit(
-    functools.partial(step_lib.train_step, objective=objective, axis_name=None),
-    donate_argnums=(0,),
-  )
-  start = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
-  return compiled, state, time.perf_counter() - start
+  return compiled, state, seconds
 
 
 def main(argv):
