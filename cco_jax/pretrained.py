@@ -132,11 +132,12 @@ def _to_flax(value: np.ndarray, kind: str) -> np.ndarray:
   return value
 
 
-def _flat(tree, prefix=()) -> dict[tuple[str, ...], Any]:
+def flatten(tree, prefix=()) -> dict[tuple[str, ...], Any]:
+  """A nested dict of arrays -> `{path tuple: leaf}`."""
   out = {}
   for key, value in tree.items():
     if isinstance(value, dict) or hasattr(value, 'items'):
-      out.update(_flat(value, (*prefix, key)))
+      out.update(flatten(value, (*prefix, key)))
     else:
       out[(*prefix, key)] = value
   return out
@@ -192,7 +193,7 @@ def convert(
   target = {
     (collection, *path): leaf
     for collection in shapes
-    for path, leaf in _flat(shapes[collection]).items()
+    for path, leaf in flatten(shapes[collection]).items()
   }
   tensors = tensor_map(
     torch_names(
@@ -310,7 +311,7 @@ def _fresh_head(model, target, rng) -> dict:
   params = head.init(rng, jnp.zeros((1, 1, 1, features), jnp.float32))
   return {
     ('params', 'head', *k): np.asarray(v)
-    for k, v in _flat(params['params']).items()
+    for k, v in flatten(params['params']).items()
   }
 
 

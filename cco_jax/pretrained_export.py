@@ -1,10 +1,22 @@
-"""`cco_jax.models.ResNet` weights out, in torchvision's naming: the inverse of
-`cco_jax.pretrained.load_resnet`.
+"""Weights out, in PyTorch's naming: the inverse of the loaders.
 
-`save_resnet(variables, path)` writes a `.safetensors` state dict (the names
-and layouts of `pretrained.torch_names` / `pretrained.tensor_map`, conv
-`HWIO` -> `OIHW`, head `(F, C)` -> `(C, F)`); a `cam_faithful=False` model
-loads into torchvision's `resnetXX` and computes the same function.
+  * `save_resnet(variables, path)`: a `cco_jax.models.ResNet` as a
+    torchvision state dict (the names and layouts of `pretrained.torch_names`
+    / `pretrained.tensor_map`, conv `HWIO` -> `OIHW`, head `(F, C)` ->
+    `(C, F)`), the inverse of `pretrained.load_resnet`;
+  * `save_timm(variables, model, path)`: a `vit.ViT` or `convnext.ConvNeXt`
+    as a timm state dict, the inverse of `pretrained_timm.convert` (each of
+    its rules run backwards; the query/key/value kernels fused into
+    `attn.qkv` again);
+  * `save(variables, model, path)`: whichever fits the model.
+
+A `cam_faithful=False` model (the control) loads into the PyTorch model it
+came from (torchvision's `resnetXX`; timm's ViT with `global_pool='avg',
+class_token=False` or ConvNeXt) with a strict `load_state_dict` and computes
+the same function. A faithful model's file has no head bias (and, for a
+ResNet, no final BatchNorm), and its head norm runs per position before the
+pooling where timm's runs after it: the weights load back here exactly, but
+not into the PyTorch model as the same function.
 """
 
 from __future__ import annotations
@@ -13,7 +25,10 @@ import re
 
 import numpy as np
 
+from cco_jax import models
 from cco_jax import pretrained
+from cco_jax import pretrained_timm
+from cco_jax import vit
 
 
 def _to_torch(value: np.ndarray, kind: str) -> np.ndarray:
@@ -81,8 +96,65 @@ def save_resnet(variables, path: str) -> None:
   the same function. `load_resnet(path, model)` into the model the variables
   came from gives them back exactly.
   """
+  _write(to_state_dict(variables), path)
+
+
+def to_timm_state_dict(variables, model) -> dict[str, np.ndarray]:
+  """A `vit.ViT` / `convnext.ConvNeXt`'s variables -> timm-named numpy arrays.
+
+  Every rule of `pretrained_timm.vit_rules` / `convnext_rules` backwards: a
+  parameter the tree lacks (the faithful head's bias) is not written; the
+  ViT's position embeddings are written at the model's own grid.
+
+  Raises:
+    ValueError: a parameter no rule names (the tree is not `model`'s).
+  """
+  params = pretrained.flatten(variables['params'])
+  if isinstance(model, vit.ViT):
+    tokens = np.shape(params[('pos_embedding',)])[1]
+    rules = pretrained_timm.vit_rules(model, tokens, notes=[])
+  else:
+    rules = pretrained_timm.convnext_rules(model)
+  unnamed = sorted(
+    '/'.join(p) for p in set(params) - {rule.path for rule in rules}
+  )
+  if unnamed:
+    raise ValueError(
+      f'variables are not a {type(model).__name__} tree of this size: no '
+      f'timm name for {unnamed}.'
+    )
+  parts: dict[str, list[np.ndarray]] = {}
+  for rule in rules:
+    if rule.path in params:
+      value = rule.inverse(np.asarray(params[rule.path], np.float32))
+      parts.setdefault(rule.key, []).append(value)
+  return {
+    key: np.ascontiguousarray(np.concatenate(values, axis=0))
+    for key, values in parts.items()
+  }
+
+
+def save_timm(variables, model, path: str) -> None:
+  """Writes a ViT / ConvNeXt's `variables` as a timm `.safetensors` state dict.
+
+  `pretrained.load(path, model, image_size=...)` gives them back exactly; a
+  control model (`cam_faithful=False`) loads strictly into the timm model of
+  the same size (`docs/backbones.md`) and computes the same logits.
+  """
+  _write(to_timm_state_dict(variables, model), path)
+
+
+def save(variables, model, path: str) -> None:
+  """`save_resnet` or `save_timm`, whichever family `model` is."""
+  if isinstance(model, models.ResNet):
+    save_resnet(variables, path)
+  else:
+    save_timm(variables, model, path)
+
+
+def _write(state_dict: dict[str, np.ndarray], path: str) -> None:
   if not path.endswith('.safetensors'):
-    raise ValueError(f'{path}: save_resnet writes .safetensors files only.')
+    raise ValueError(f'{path}: weights are written as .safetensors only.')
   from safetensors import numpy as st_numpy
 
-  st_numpy.save_file(to_state_dict(variables), path)
+  st_numpy.save_file(state_dict, path)

@@ -45,36 +45,49 @@ Transform = Callable[[np.ndarray], np.ndarray]
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-  """One file tensor (or a slice of it) -> one flax parameter."""
+  """One file tensor (or a slice of it) -> one flax parameter.
+
+  `inverse` maps the parameter back to the file's layout
+  (`cco_jax.pretrained_export.to_timm_state_dict`); the rules of one fused
+  tensor (`attn.qkv`) give its parts in order along axis 0.
+  """
 
   key: str
   path: tuple[str, ...]
   transform: Transform
-
-
-def _conv(value: np.ndarray) -> np.ndarray:
-  return value.transpose(2, 3, 1, 0)  # OIHW -> HWIO (depthwise: (7,7,1,C)).
-
-
-def _dense(value: np.ndarray) -> np.ndarray:
-  return value.T  # (out, in) -> (in, out).
+  inverse: Transform
 
 
 def _copy(value: np.ndarray) -> np.ndarray:
   return value
 
 
+def _conv(value: np.ndarray) -> np.ndarray:
+  return value.transpose(2, 3, 1, 0)  # OIHW -> HWIO (depthwise: (7,7,1,C)).
+
+
+def _conv_inverse(value: np.ndarray) -> np.ndarray:
+  return value.transpose(3, 2, 0, 1)  # HWIO -> OIHW.
+
+
+def _dense(value: np.ndarray) -> np.ndarray:
+  return value.T  # (out, in) -> (in, out); its own inverse.
+
+
+_INVERSE = {_conv: _conv_inverse, _dense: _dense, _copy: _copy}
+
+
 def _linear(torch_key: str, path: tuple[str, ...], kernel) -> list[Rule]:
   return [
-    Rule(f'{torch_key}.weight', (*path, 'kernel'), kernel),
-    Rule(f'{torch_key}.bias', (*path, 'bias'), _copy),
+    Rule(f'{torch_key}.weight', (*path, 'kernel'), kernel, _INVERSE[kernel]),
+    Rule(f'{torch_key}.bias', (*path, 'bias'), _copy, _copy),
   ]
 
 
 def _norm(torch_key: str, path: tuple[str, ...]) -> list[Rule]:
   return [
-    Rule(f'{torch_key}.weight', (*path, 'scale'), _copy),
-    Rule(f'{torch_key}.bias', (*path, 'bias'), _copy),
+    Rule(f'{torch_key}.weight', (*path, 'scale'), _copy, _copy),
+    Rule(f'{torch_key}.bias', (*path, 'bias'), _copy, _copy),
   ]
 
 
@@ -96,11 +109,13 @@ def _attention(prefix: str, path, width: int, heads: int) -> list[Rule]:
         f'{prefix}.qkv.weight',
         (*path, name, 'kernel'),
         lambda v, r=rows: v[r].T.reshape(width, heads, per_head),
+        lambda p: p.reshape(width, width).T,
       ),
       Rule(
         f'{prefix}.qkv.bias',
         (*path, name, 'bias'),
         lambda v, r=rows: v[r].reshape(heads, per_head),
+        lambda p: p.reshape(width),
       ),
     ]
   rules += [
@@ -108,8 +123,9 @@ def _attention(prefix: str, path, width: int, heads: int) -> list[Rule]:
       f'{prefix}.proj.weight',
       (*path, 'out', 'kernel'),
       lambda v: v.T.reshape(heads, per_head, width),
+      lambda p: p.reshape(width, width).T,
     ),
-    Rule(f'{prefix}.proj.bias', (*path, 'out', 'bias'), _copy),
+    Rule(f'{prefix}.proj.bias', (*path, 'out', 'bias'), _copy, _copy),
   ]
   return rules
 
@@ -142,7 +158,7 @@ def vit_rules(model: vit.ViT, tokens: int, notes: list[str]) -> list[Rule]:
 
   rules = [
     *_linear('patch_embed.proj', ('embedding',), _conv),
-    Rule('pos_embed', ('pos_embedding',), posemb),
+    Rule('pos_embed', ('pos_embedding',), posemb, _copy),
     *_head('head', 'fc_norm'),
   ]
   for k in range(model.depth):
@@ -184,19 +200,9 @@ def convnext_rules(model: convnext.ConvNeXt) -> list[Rule]:
         *_norm(f'{src}.norm', (*dst, 'norm')),
         *_linear(f'{src}.mlp.fc1', (*dst, 'fc1'), _dense),
         *_linear(f'{src}.mlp.fc2', (*dst, 'fc2'), _dense),
-        Rule(f'{src}.gamma', (*dst, 'gamma'), _copy),
+        Rule(f'{src}.gamma', (*dst, 'gamma'), _copy, _copy),
       ]
   return rules
-
-
-def _flat(tree, prefix=()) -> dict[tuple[str, ...], object]:
-  out = {}
-  for key, value in tree.items():
-    if hasattr(value, 'items'):
-      out.update(_flat(value, (*prefix, key)))
-    else:
-      out[(*prefix, key)] = value
-  return out
 
 
 def _unflatten(flat: dict[tuple[str, ...], np.ndarray]) -> dict:
@@ -240,7 +246,7 @@ def convert(
   shapes = jax.eval_shape(
     lambda x: model.init(jax.random.key(0), x, train=False), images
   )
-  target = _flat(shapes['params'])
+  target = pretrained.flatten(shapes['params'])
   report = pretrained.LoadReport()
   if isinstance(model, vit.ViT):
     tokens = target[('pos_embedding',)].shape[1]
@@ -304,7 +310,7 @@ def convert(
     head = cam_head.CamHead(classes, use_bias=not model.cam_faithful)
     features = target[('head', 'kernel')].shape[0]
     fresh = head.init(rng, jnp.zeros((1, 1, 1, features), jnp.float32))
-    for path, value in _flat(fresh['params']).items():
+    for path, value in pretrained.flatten(fresh['params']).items():
       values[('head', *path)] = np.asarray(value)
       report.fresh.append('/'.join(('params', 'head', *path)))
   norm = 'fc_norm' if isinstance(model, vit.ViT) else 'head.norm'
