@@ -27,10 +27,7 @@ misspelt key or config file, num_train_steps=0, ...) end with one line
 
 from absl import flags
 from absl import logging
-import jax
 
-from cco_jax import preemption
-from cco_jax import train
 from experiments import cli
 
 FLAGS = flags.FLAGS
@@ -64,6 +61,14 @@ def summary_lines(metrics: dict, workdir: str) -> list[str]:
 
 def main(argv: list[str]) -> None:
   cli.no_arguments(argv)
+  # Imported here, after the flags and the config are checked, so that a
+  # mistyped flag or config key is reported at once (cli), not after the
+  # seconds JAX, TFDS, orbax and matplotlib take to import.
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from cco_jax import preemption  # pylint: disable=g-import-not-at-top
+  from cco_jax import train  # pylint: disable=g-import-not-at-top
+
   try:
     metrics = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except preemption.Preempted as e:  # SIGTERM/SIGINT: saved, then stopped.

@@ -24,35 +24,57 @@ One job per module:
 The names below are the public API the trainer and the experiments use.
 """
 
-from cco_jax.data.config import IMAGENET_MEAN
-from cco_jax.data.config import IMAGENET_STD
-from cco_jax.data.config import default_config  # noqa: I001
-from cco_jax.data.eval_pipeline import create_eval_iterator
-from cco_jax.data.info import class_counts_of
-from cco_jax.data.info import class_labels_of
-from cco_jax.data.info import class_names
-from cco_jax.data.info import class_names_of
-from cco_jax.data.info import group_counts
-from cco_jax.data.info import group_counts_of
-from cco_jax.data.info import group_names
-from cco_jax.data.info import group_names_of
-from cco_jax.data.info import num_classes
-from cco_jax.data.info import num_examples
-from cco_jax.data.info import split_sizes
-from cco_jax.data.pipeline import TrainIterator
-from cco_jax.data.pipeline import create_train_iterator
-from cco_jax.data.preparation import prepare_dataset
-from cco_jax.data.preparation import prepare_from_config
-from cco_jax.data.preparation import prepare_options
-from cco_jax.data.preparation import prepared_source
-from cco_jax.data.preparation import resolve_data_dir
-from cco_jax.data.sources import OOD_DATASET
-from cco_jax.data.sources import OpenSplits
-from cco_jax.data.sources import carve_validation
-from cco_jax.data.sources import check_config
-from cco_jax.data.sources import load_split_sources
-from cco_jax.data.transforms import decode
-from cco_jax.data.transforms import to_model_input
+import importlib
+
+# name -> the module that defines it. Imported on first use (PEP 562), so
+# that reading a config (`cco_jax.data.config`) does not load grain, JAX and
+# TFDS: a mistyped flag is reported in a second, not after every import.
+_PUBLIC = {
+  'IMAGENET_MEAN': 'config',
+  'IMAGENET_STD': 'config',
+  'default_config': 'config',
+  'create_eval_iterator': 'eval_pipeline',
+  'class_counts_of': 'info',
+  'class_labels_of': 'info',
+  'class_names': 'info',
+  'class_names_of': 'info',
+  'group_counts': 'info',
+  'group_counts_of': 'info',
+  'group_names': 'info',
+  'group_names_of': 'info',
+  'num_classes': 'info',
+  'num_examples': 'info',
+  'split_sizes': 'info',
+  'TrainIterator': 'pipeline',
+  'create_train_iterator': 'pipeline',
+  'prepare_dataset': 'preparation',
+  'prepare_from_config': 'preparation',
+  'prepare_options': 'preparation',
+  'prepared_source': 'preparation',
+  'resolve_data_dir': 'preparation',
+  'OOD_DATASET': 'sources',
+  'OpenSplits': 'sources',
+  'carve_validation': 'sources',
+  'check_config': 'sources',
+  'load_split_sources': 'sources',
+  'decode': 'transforms',
+  'to_model_input': 'transforms',
+}
+
+
+def __getattr__(name: str):
+  if name in _PUBLIC:
+    value = getattr(
+      importlib.import_module(f'cco_jax.data.{_PUBLIC[name]}'), name
+    )
+    globals()[name] = value
+    return value
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def __dir__():
+  return sorted({*globals(), *_PUBLIC})
+
 
 __all__ = [
   'IMAGENET_MEAN',
