@@ -68,8 +68,7 @@ def test_same_losses_on_two_cpus_and_on_one(tmp_path, synthetic_pets_dir):
     str(synthetic_pets_dir), str(data_dir), correlation=0.9, val_per_group=2,
     test_per_group=2,
   )  # fmt: skip
-  # Prepared once, before the runs (they would otherwise race to prepare).
-  _train(tmp_path / 'warm', str(data_dir), CPUS, {})
+  # The first run prepares the data (TFDS), the second reads it.
   env = {deterministic.ENV: '1'}
   two, env_two = _train(tmp_path / 'two', str(data_dir), CPUS[:2], env)
   one, env_one = _train(tmp_path / 'one', str(data_dir), CPUS[1:2], env)
