@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import stats as scipy_stats
 
 
 def bootstrap_indices(
@@ -99,6 +98,10 @@ def paired_t(a: Sequence[float], b: Sequence[float]) -> dict:
     out['p'] = 1.0 if d[0] == 0 else 0.0
     out['t'] = 0.0 if d[0] == 0 else float(np.sign(d[0]) * np.inf)
     return out
+  # Imported on use: scipy.stats takes about a second to import, and the
+  # training processes import this module (through the AUC evaluator).
+  from scipy import stats as scipy_stats  # pylint: disable=g-import-not-at-top
+
   result = scipy_stats.ttest_rel(a, b)
   out['t'], out['p'] = float(result.statistic), float(result.pvalue)
   return out

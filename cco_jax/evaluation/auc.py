@@ -28,7 +28,6 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import special
-from scipy import stats as scipy_stats
 
 from cco_jax import statistics
 
@@ -58,6 +57,10 @@ def roc_auc(scores: np.ndarray, positives: np.ndarray) -> float:
   num_neg = len(positives) - num_pos
   if not num_pos or not num_neg:
     return float('nan')
+  # scipy.stats takes about a second to import: only runs that score AUC
+  # pay it, not every training process that imports the evaluators.
+  from scipy import stats as scipy_stats  # pylint: disable=g-import-not-at-top
+
   ranks = scipy_stats.rankdata(scores)
   u = ranks[positives].sum() - num_pos * (num_pos + 1) / 2
   return float(u / (num_pos * num_neg))
