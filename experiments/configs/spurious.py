@@ -20,7 +20,9 @@ Expected test worst-group accuracy at correlation 1.0 (paired benchmark, 5
 seeds, measured on an AMD EPYC; coefficients and checkpoint chosen on
 validation accuracy): ACE 0.497 ± 0.106, CE 0.222 ± 0.065; with the
 checkpoint chosen on validation worst-group accuracy: ACE 0.515 ± 0.076, CE
-0.300 ± 0.073. A single run moves by about 0.03-0.04 on a CPU of another
+0.300 ± 0.073. At correlation 0.95 (same protocol): ACE 0.492 ± 0.097, CE
+0.310 ± 0.061 (validation accuracy); ACE 0.525 ± 0.070, CE 0.395 ± 0.036
+(validation worst-group accuracy). A single run moves by about 0.03-0.04 on a CPU of another
 vendor (docs/reproducibility.md).
 
 Variants (the objective's supervision in brackets):
