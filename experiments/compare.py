@@ -64,6 +64,13 @@ DEFAULT_VARIANTS = (
 )
 
 
+# One run's worst-group accuracy moved with sd(difference)/sqrt(2) = 0.025,
+# 0.040 and 0.039 (worst-group, accuracy and last-checkpoint rules) between
+# an Intel Xeon and an AMD EPYC (33 paired runs, docs/results.md): the
+# largest of the three. DFR rows moved more (0.059, 6 runs).
+MACHINE_SD = 0.04
+
+
 def define_flags():
   flags.DEFINE_string('out', None, 'Output directory (data, runs, table).')
   flags.DEFINE_string(
@@ -118,6 +125,13 @@ def define_flags():
   )
   flags.DEFINE_bool(
     'tables_only', False, 'Write the tables from the runs that exist.'
+  )
+  flags.DEFINE_float(
+    'machine_sd',
+    MACHINE_SD,
+    "One run's cross-machine standard deviation of worst-group accuracy, "
+    'carried into every bootstrap interval (measured: docs/results.md, '
+    '"Runs that repeat"); 0 = intervals about this machine only.',
   )
   flags.mark_flags_as_required(['out'])
 
@@ -310,6 +324,11 @@ def main(argv):
     _number(float, c, '--correlations') for c in plugin_default('correlations')
   ]
   seeds = [_number(int, s, '--seeds') for s in f.seeds]
+  if not f.machine_sd >= 0:
+    raise app.UsageError(
+      f'--machine_sd={f.machine_sd}: give a standard deviation >= 0 (0 = '
+      'intervals about this machine only).'
+    )
   variants = plugin_default('variants')
   unknown = set(variants) - set(compare_runs.benchmark().VARIANTS)
   if unknown:
@@ -348,7 +367,11 @@ def main(argv):
     out, chosen_at, seeds, f.steps, tuple(plugin_default('dfr_variants'))
   )
   compare_table.write_outputs(
-    out, records, chosen_at, plugin_default('figure_variants')
+    out,
+    records,
+    chosen_at,
+    plugin_default('figure_variants'),
+    machine_sd=f.machine_sd,
   )
   print(json.dumps({'table': os.path.join(out, 'table.md')}), flush=True)
 

@@ -210,9 +210,12 @@ def late_fall(curve: list[tuple[int, float]]) -> float | None:
   return float((at_two_thirds - loss[-1]) / total) if total > 0 else None
 
 
-def table_rows(collected: dict, correlation: float, table: str) -> list[dict]:
+def table_rows(
+  collected: dict, correlation: float, table: str, machine_sd: float = 0.0
+) -> list[dict]:
   """The rows of one table: per method, seed statistics and the comparison
-  with ACE (`compare_stats.compare_rows`)."""
+  with ACE (`compare_stats.compare_rows`; `machine_sd` widens the intervals
+  by a run's cross-machine spread)."""
   protocol, rule, _, _ = TABLES[table]
   test = collected['test'][correlation]
   by_method = {}
@@ -239,7 +242,9 @@ def table_rows(collected: dict, correlation: float, table: str) -> list[dict]:
     }
     for m in methods
   }
-  stats = compare_stats.compare_rows(correct, test['group'], reference())
+  stats = compare_stats.compare_rows(
+    correct, test['group'], reference(), machine_sd=machine_sd
+  )
   rows = []
   for m in methods:
     runs = by_method[m]
@@ -360,23 +365,31 @@ def grid_markdown(out: str) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def write_outputs(out, collected, chosen_at, figure_variants) -> None:
+def write_outputs(
+  out, collected, chosen_at, figure_variants, machine_sd: float = 0.0
+) -> None:
   """OUT/table.json, OUT/table.md, OUT/curves_c<corr>.png, OUT/maps_*.png."""
   tables = {}
   plugin = compare_runs.benchmark()
   text = [f'# {plugin.__doc__.strip().splitlines()[0].rstrip(".")}\n']
   for correlation in sorted(collected['test'], reverse=True):
     for table in TABLES:
-      rows = table_rows(collected, correlation, table)
+      rows = table_rows(collected, correlation, table, machine_sd)
       tables[f'{correlation:g}/{table}'] = rows
       text.append(markdown(rows, correlation, table))
   text.append(grid_markdown(out))
   machine = results_tables.machine_info()
+  spread = (
+    f' and, per run, a cross-machine deviation N(0, {machine_sd:g}) (a '
+    "run's spread on a CPU of another vendor)"
+    if machine_sd
+    else ' (one machine: no cross-machine spread)'
+  )
   text.append(
-    '\nMeans ± sample std over seeds. Intervals: 95 %, two-level bootstrap '
+    '\nMeans ± sample std over seeds. Intervals: 95 %, bootstrap '
     f'({compare_stats.NUM_RESAMPLES} draws of seeds and, within each group, '
-    'test images). p: paired t-test over seeds against ACE, Holm-adjusted '
-    f"over each table's rows. Machine: {machine['platform']}, "
+    f'test images{spread}). p: paired t-test over seeds against ACE, '
+    f"Holm-adjusted over each table's rows. Machine: {machine['platform']}, "
     f'{machine["cpu_count"]} CPUs, JAX {machine["jax"]}.\n'
   )
   with open(os.path.join(out, 'table.json'), 'w') as f:
@@ -386,6 +399,7 @@ def write_outputs(out, collected, chosen_at, figure_variants) -> None:
         'runs': collected['runs'],
         'test': {f'{c:g}': t for c, t in collected['test'].items()},
         'machine': machine,
+        'machine_sd': machine_sd,
       },
       f,
     )

@@ -211,6 +211,36 @@ def test_interval_widens_with_fewer_seeds():
   assert width(wide) > width(narrow)
 
 
+@pytest.mark.parametrize('sigma', [0.02, 0.05])
+def test_machine_spread_is_carried_into_the_intervals(sigma):
+  """A run that is the same on every image draw (all images of a group right
+  or wrong alike) has a zero-width interval on one machine; with a
+  cross-machine deviation N(0, sigma) per run, a one-seed interval is that
+  normal's: mean +- 1.96 sigma. Means, t-tests and signs do not move."""
+  groups = np.repeat([0, 1, 2], [10, 12, 14])
+  fixed = np.r_[np.ones(10), np.zeros(12), np.ones(14)].astype(bool)
+  rng = np.random.default_rng(int(sigma * 100))
+  runs = {
+    'ace': {0: fixed},
+    'm': {s: _correct(rng, 36, 0.5) for s in range(4)},
+    'r': {s: _correct(rng, 36, 0.6) for s in range(4)},
+  }
+  flat = compare_stats.compare_rows(runs, groups, 'r')
+  spread = compare_stats.compare_rows(runs, groups, 'r', machine_sd=sigma)
+  assert flat['ace']['worst_group']['ci'] == [0.0, 0.0]
+  low, high = spread['ace']['worst_group']['ci']
+  assert low == pytest.approx(-1.96 * sigma, rel=0.1)
+  assert high == pytest.approx(1.96 * sigma, rel=0.1)
+  for method in ('m', 'r'):
+    a, b = flat[method]['worst_group'], spread[method]['worst_group']
+    assert a['mean'] == b['mean'] and a['per_seed'] == b['per_seed']
+  a, b = flat['m']['versus'], spread['m']['versus']
+  for key in ('mean_difference', 't', 'p', 'p_holm', 'wins', 'ties'):
+    assert a[key] == b[key], key
+  with pytest.raises(ValueError, match='machine_sd=-1'):
+    compare_stats.compare_rows(runs, groups, 'r', machine_sd=-1)
+
+
 def run_compare(*flags: str) -> subprocess.CompletedProcess:
   """`python -m experiments.compare FLAGS` from the repository root."""
   return subprocess.run(
