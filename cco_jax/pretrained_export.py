@@ -28,7 +28,6 @@ import numpy as np
 from cco_jax import models
 from cco_jax import pretrained
 from cco_jax import pretrained_timm
-from cco_jax import vit
 
 
 def _to_torch(value: np.ndarray, kind: str) -> np.ndarray:
@@ -110,11 +109,7 @@ def to_timm_state_dict(variables, model) -> dict[str, np.ndarray]:
     ValueError: a parameter no rule names (the tree is not `model`'s).
   """
   params = pretrained.flatten(variables['params'])
-  if isinstance(model, vit.ViT):
-    tokens = np.shape(params[('pos_embedding',)])[1]
-    rules = pretrained_timm.vit_rules(model, tokens, notes=[])
-  else:
-    rules = pretrained_timm.convnext_rules(model)
+  rules = pretrained_timm.rules_for(model, params, notes=[])
   unnamed = sorted(
     '/'.join(p) for p in set(params) - {rule.path for rule in rules}
   )

@@ -205,6 +205,15 @@ def convnext_rules(model: convnext.ConvNeXt) -> list[Rule]:
   return rules
 
 
+def rules_for(model, params, notes: list[str]) -> list[Rule]:
+  """The rules of a ViT (its grid read from `params`' `pos_embedding`, flat
+  paths as `pretrained.flatten` gives) or of a ConvNeXt."""
+  if isinstance(model, vit.ViT):
+    tokens = np.shape(params[('pos_embedding',)])[1]
+    return vit_rules(model, tokens, notes)
+  return convnext_rules(model)
+
+
 def _unflatten(flat: dict[tuple[str, ...], np.ndarray]) -> dict:
   tree: dict = {}
   for path, value in flat.items():
@@ -248,12 +257,10 @@ def convert(
   )
   target = pretrained.flatten(shapes['params'])
   report = pretrained.LoadReport()
+  rules = rules_for(model, target, report.notes)
   if isinstance(model, vit.ViT):
-    tokens = target[('pos_embedding',)].shape[1]
-    rules = vit_rules(model, tokens, report.notes)
     expected = "timm VisionTransformer(global_pool='avg', class_token=False)"
   else:
-    rules = convnext_rules(model)
     expected = f'timm ConvNeXt with stage sizes {tuple(model.stage_sizes)}'
   state_dict = pretrained.strip_prefix(dict(state_dict))
   fc = _head_fc_key(model)

@@ -76,34 +76,4 @@ def __dir__():
   return sorted({*globals(), *_PUBLIC})
 
 
-__all__ = [
-  'IMAGENET_MEAN',
-  'IMAGENET_STD',
-  'OOD_DATASET',
-  'OpenSplits',
-  'TrainIterator',
-  'carve_validation',
-  'check_config',
-  'class_counts_of',
-  'class_labels_of',
-  'class_names',
-  'class_names_of',
-  'create_eval_iterator',
-  'create_train_iterator',
-  'decode',
-  'default_config',
-  'group_counts',
-  'group_counts_of',
-  'group_names',
-  'group_names_of',
-  'load_split_sources',
-  'num_classes',
-  'num_examples',
-  'prepare_dataset',
-  'prepare_from_config',
-  'prepare_options',
-  'prepared_source',
-  'resolve_data_dir',
-  'split_sizes',
-  'to_model_input',
-]
+__all__ = sorted(_PUBLIC)
