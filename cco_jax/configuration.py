@@ -93,6 +93,24 @@ def check_training_config(config: ml_collections.ConfigDict) -> None:
         field,
         f'unknown; choose one of {list(names)} (--config.{field}=NAME).',
       )
+  # Class-balanced sampling already draws every class equally often; a static
+  # reweighting on top counts the imbalance twice (ce_reweighted's group
+  # weights, from the data's counts, include the class share).
+  if config.data.get('sampling', 'natural') == 'class_balanced':
+    if config.loss.get('class_weights', 'none') != 'none':
+      fail(
+        'loss.class_weights',
+        'with data.sampling=class_balanced the classes would be balanced '
+        'twice; choose one (--config.loss.class_weights=none or '
+        '--config.data.sampling=natural).',
+      )
+    if config.loss.name == 'ce_reweighted':
+      fail(
+        'data.sampling',
+        "loss.name='ce_reweighted' weights groups by their training share, "
+        'which class-balanced sampling changes; group weights already '
+        'balance the classes: set --config.data.sampling=natural.',
+      )
   if not 0 < config.data.validation_fraction < 1:
     fail(
       'data.validation_fraction',

@@ -8,6 +8,7 @@ from test_data_multilabel import ROWS
 from test_data_multilabel import write_folder
 
 from cco_jax import configuration
+from cco_jax import errors
 from cco_jax import data as data_lib
 from cco_jax import train_setup
 from cco_jax.data import order
@@ -125,3 +126,28 @@ def test_class_counts_filled_from_the_training_split(imbalanced):
   assert tuple(filled.loss.class_counts) == (3, 2, 1)
   config = configuration.apply_overrides(config, {'loss.class_weights': 'none'})
   assert tuple(train_setup.with_data_fields(config).loss.class_counts) == ()
+
+
+@pytest.mark.parametrize(
+  'overrides, field',
+  [
+    ({'loss.class_weights': 'inverse_frequency'}, 'loss.class_weights'),
+    ({'loss.name': 'ce_reweighted'}, 'data.sampling'),
+  ],
+)
+def test_balancing_twice_is_refused_in_one_line(overrides, field):
+  """Class-balanced sampling with a static reweighting that already
+  includes the class share would count the imbalance twice."""
+  config = pets_config.get_config('cpu')
+  config = configuration.apply_overrides(
+    config, {'data.sampling': 'class_balanced', **overrides}
+  )
+  with pytest.raises(errors.UserError, match=rf'^config\.{field}=') as e:
+    configuration.check_training_config(config)
+  assert '\n' not in str(e.value) and 'natural' in str(e.value)
+  # Either alone is accepted.
+  for alone in ({'data.sampling': 'natural'}, overrides):
+    ok = configuration.apply_overrides(
+      pets_config.get_config('cpu'), {**overrides, **alone}
+    )
+    configuration.check_training_config(ok)

@@ -62,7 +62,6 @@ def _config(synthetic_pets_dir, synthetic_cvd_dir, synthetic_data_dir):
       'best_metric': 'mean_auc',
       'early_stopping_patience': 2,
       'data.sampling': 'class_balanced',
-      'loss.class_weights': 'inverse_frequency',
     },
   )
 
