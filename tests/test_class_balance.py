@@ -8,8 +8,8 @@ from test_data_multilabel import ROWS
 from test_data_multilabel import write_folder
 
 from cco_jax import configuration
-from cco_jax import errors
 from cco_jax import data as data_lib
+from cco_jax import errors
 from cco_jax import train_setup
 from cco_jax.data import order
 from experiments.configs import pets as pets_config
