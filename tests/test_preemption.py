@@ -42,7 +42,9 @@ from cco_jax import peers
 from cco_jax import preemption
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 24
+# Long enough that a signal sent at a logged step in the first half always
+# arrives before the run ends, however fast the machine (~150 steps/s here).
+STEPS = 96
 
 
 def _free_port() -> int:
@@ -175,8 +177,10 @@ def test_preempted_run_resumes_bit_identically(
   reference = uninterrupted(num_processes)
   workdir = tmp_path / 'run'
   processes, logs = launch(workdir, num_processes)
-  _wait_for_line(logs[signalled[0]], 'step 4/', processes[signalled[0]])
-  time.sleep(random.Random(fault).uniform(0.0, 0.5))
+  # A random logged step in the first half, then the signal at once (a
+  # random sleep instead let a fast machine finish the run first).
+  at = random.Random(fault).randrange(4, STEPS // 2 + 1, 4)
+  _wait_for_line(logs[signalled[0]], f'step {at}/', processes[signalled[0]])
   for index in signalled:
     processes[index].send_signal(signal.SIGTERM)
   codes = _wait(processes)
@@ -190,7 +194,7 @@ def test_preempted_run_resumes_bit_identically(
     stops.add(int(line.split('checkpoint of step ')[1].split()[0]))
   assert len(stops) == 1, texts  # Every process saved the same step.
   (stop,) = stops
-  assert 4 <= stop < STEPS
+  assert at <= stop < STEPS
   assert (workdir / 'checkpoints' / str(stop) / 'integrity').is_dir()
 
   processes, logs = launch(workdir, num_processes)
