@@ -193,7 +193,7 @@ def log_validation(step: int, results: dict) -> None:
 def final_evaluation(run, state, step: int) -> dict:
   """Phase 5: validation, test and, for species models, Cats-vs-Dogs
   accuracy of `run` (a `train.Run`), logged, recorded and written to
-  `final_metrics.json`."""
+  `final_metrics.json`; returns what it wrote (`step` and the metrics)."""
   results = {}
   splits = list(FINAL_SPLITS[:2])
   if run.config.eval_ood and run.config.data.task == 'species':
@@ -209,9 +209,10 @@ def final_evaluation(run, state, step: int) -> dict:
     )
     results.update({f'{split}_{k}': v for k, v in metrics.items()})
   run.writer.write(step, results)
+  final = {'step': step, **results}
   path = run.workdir / 'final_metrics.json'
   if run.is_chief:
-    path.write_text(json.dumps({'step': step, **results}, indent=2))
+    path.write_text(json.dumps(final, indent=2))
     logging.info(
       'Final metrics in %s; records in %s; checkpoints in %s; figures in %s.',
       path,
@@ -219,4 +220,4 @@ def final_evaluation(run, state, step: int) -> dict:
       run.manager.directory,
       run.figure_dir,
     )
-  return results
+  return final

@@ -94,6 +94,10 @@ def test_short_training_stops_early_on_validation_auc_and_stays_stopped(
   assert since == 2 and stopped[0]['early_stopping_best_step'] == best_step
   assert 'test_mean_auc' in final and 'validation_mean_auc' in final
   assert 'test_auc_balanced_accuracy' in final
+  # What training returns is what it wrote, step included (the end-of-run
+  # summary of `experiments.pets` prints that step).
+  assert final['step'] == last_step
+  assert final == json.loads((tmp_path / 'final_metrics.json').read_text())
   # Resuming a stopped run trains no further.
   train.train_and_evaluate(config, str(tmp_path))
   again = metric_writers.read_metrics(tmp_path)
