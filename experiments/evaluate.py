@@ -27,6 +27,7 @@ other than the one a data dir was prepared from is prepared under
 `WORKDIR/evaluation/tfds_<hash>` instead of being refused.
 """
 
+import math
 import os
 import textwrap
 
@@ -110,8 +111,13 @@ def save_perturbation_grid(
   return figures._save(fig, path)  # pylint: disable=protected-access
 
 
+def _undefined(value) -> bool:
+  """NaN in a report in memory, None once written as JSON."""
+  return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def _fmt(value, spec='.3f') -> str:
-  return 'n/a' if value is None else format(value, spec)
+  return 'n/a' if _undefined(value) else format(value, spec)
 
 
 def summary_lines(report: dict) -> list[str]:
@@ -141,11 +147,19 @@ def summary_lines(report: dict) -> list[str]:
   if scores:
     interval = scores.get('mean_auc_interval')
     tasks = ', '.join(
-      f'{task} {_fmt(t["auc"])}' for task, t in scores['tasks'].items()
+      f'{task} {_fmt(t["auc"])}'
+      # Undefined (NaN, None in the JSON) where a split lacks one side.
+      + (
+        f' ({t["num_positives"]} positive, {t["num_negatives"]} negative '
+        'images)'
+        if _undefined(t['auc'])
+        else ''
+      )
+      for task, t in scores['tasks'].items()
     )
     lines.append(
       f'  mean AUC {_fmt(scores["mean_auc"])}'
-      + (f' [{interval[0]:.3f}, {interval[1]:.3f}]' if interval else '')
+      + (f' [{_fmt(interval[0])}, {_fmt(interval[1])}]' if interval else '')
       + f'; AUC per task: {tasks}'
     )
   if 'worst_group_accuracy' in report:

@@ -550,3 +550,33 @@ def test_grouped_dataset_reports_worst_group_accuracy(tmp_path):
     'worst-group accuracy' in line
     for line in evaluate_cli.summary_lines(report)
   )
+
+
+@pytest.mark.parametrize('undefined', [float('nan'), None])
+def test_summary_names_a_task_without_positives_instead_of_failing(undefined):
+  """A split without one diagnosis (a subset of ISIC without seborrheic
+  keratoses) has no AUC for that task: NaN in memory, None in the JSON."""
+  report = {
+    'workdir': '/w',
+    'step': 3,
+    'checkpoint': 'best',
+    'split': 'test',
+    'count': 60,
+    'auc': {
+      'mean_auc': undefined,
+      'mean_auc_interval': [undefined, undefined],
+      'tasks': {
+        'melanoma': {'auc': 0.71, 'num_positives': 9, 'num_negatives': 51},
+        'seborrheic_keratosis': {
+          'auc': undefined,
+          'num_positives': 0,
+          'num_negatives': 60,
+        },
+      },
+    },
+  }
+  (line,) = [x for x in evaluate_cli.summary_lines(report) if 'AUC' in x]
+  assert line == (
+    '  mean AUC n/a [n/a, n/a]; AUC per task: melanoma 0.710, '
+    'seborrheic_keratosis n/a (0 positive, 60 negative images)'
+  )
